@@ -1,0 +1,271 @@
+"""The tool-calling loop: ask the backend, run the tools it calls, feed results back, until `report_suspects`.
+
+Why it is shaped like this:
+- The conversation is plain OpenAI-format messages, so any backend (API model, local model, the no-LLM policy) runs the
+  same loop, and a transcript is a faithful replay.
+- Models misbehave (bad JSON, unknown tools, invented patch ids, chatting instead of calling, calling forever, timing
+  out). The loop never raises on that: the first problem gets ONE repair prompt that names it; a second problem, an
+  exceeded budget or a backend exception hands the task to the fallback backend (the deterministic policy), which starts
+  again from the original messages on a fresh toolbox, and the outcome says so (`fallback_used`, `fallback_reason`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+
+from agent.backends.base import Backend, LLMReply, ToolCall, Usage
+from agent.transcript import Transcript
+
+TERMINAL_TOOL = "report_suspects"
+
+
+class ToolBoxLike(Protocol):
+    """What the loop needs from tools.agent_tools.ToolBox."""
+
+    def openai_schemas(self) -> list[dict]: ...
+
+    def call(self, name: str, arguments: str | dict) -> Any: ...
+
+
+class AgentBudget(BaseModel):
+    max_turns: int = Field(8, ge=1)  # backend.chat calls
+    max_tool_calls: int = Field(16, ge=1)
+    max_total_tokens: int = Field(60_000, ge=1)  # prompt + completion tokens summed over turns
+    max_repairs: int = Field(1, ge=0)  # repair prompts before the fallback takes over
+    max_seconds: float | None = None  # wall time, checked between turns
+
+
+class AgentOutcome(BaseModel):
+    regions: list[dict] = Field(default_factory=list)  # validated report_suspects regions
+    fallback_used: bool = False
+    fallback_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)  # summed over every turn, the failed LLM attempt included
+    n_tool_calls: int = 0  # summed over both attempts when the fallback ran
+    turns: int = 0
+    error: str | None = None  # set when no report could be made at all
+    backend: str = ""  # the backend whose report this is
+    repairs: int = 0
+    messages: list[dict] = Field(default_factory=list)  # the final conversation of the reporting backend
+
+    @property
+    def reported(self) -> bool:
+        return self.error is None
+
+
+class _Stop(Exception):
+    """Internal: the current attempt must end and hand over to the fallback."""
+
+
+def _default_render() -> Callable[[str, dict], str]:
+    try:
+        from verbalize.render import render_tool_result
+    except ImportError:  # verbalize.render not present (minimal installs): compact JSON, the documented default
+        return lambda name, data: json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+    return render_tool_result
+
+
+def _result_fields(result: Any) -> tuple[bool, dict, str | None]:
+    """(ok, data, error text) of a ToolResult, tolerant of `error` or `content` carrying the message."""
+    ok = bool(getattr(result, "ok", False))
+    data = getattr(result, "data", None) or {}
+    error = getattr(result, "error", None)
+    if not ok and not error:
+        error = getattr(result, "content", None) or "the tool call failed"
+    return ok, data, error
+
+
+class _Attempt:
+    """One backend's run over one conversation. Holds the counters the budget checks."""
+
+    def __init__(self, backend: Backend, toolbox: ToolBoxLike, messages: list[dict], budget: AgentBudget,
+                 transcript: Transcript | None, render: Callable[[str, dict], str] | None):
+        self.backend = backend
+        self.toolbox = toolbox
+        self.messages = messages
+        self.budget = budget
+        self.transcript = transcript
+        self.render = render
+        self.usage = Usage()
+        self.turns = 0
+        self.n_tool_calls = 0
+        self.repairs = 0
+        self.regions: list[dict] | None = None
+        self._logged = 0
+        self._start = time.perf_counter()
+
+    def log(self, event: str, **fields: Any) -> None:
+        if self.transcript is not None:
+            self.transcript.log(event, backend=self.backend.name, **fields)
+
+    def run(self) -> None:
+        tools = self.toolbox.openai_schemas()
+        allowed = [t["function"]["name"] for t in tools]
+        while self.regions is None:
+            self._check_budget_before_turn()
+            self.turns += 1
+            self.log("request", turn=self.turns, messages=self.messages[self._logged:])
+            self._logged = len(self.messages)
+            started = time.perf_counter()
+            try:
+                reply = self.backend.chat(copy.deepcopy(self.messages), tools)
+            except Exception as err:  # a backend failure of any kind is the fallback's job, never the caller's
+                self.log("backend_error", turn=self.turns, error=f"{type(err).__name__}: {err}")
+                raise _Stop(f"backend error: {type(err).__name__}: {err}") from err
+            seconds = time.perf_counter() - started
+            self.usage = self.usage + reply.usage
+            self.log("reply", turn=self.turns, text=reply.text, raw=reply.raw,
+                     tool_calls=[c.model_dump() for c in reply.tool_calls], usage=reply.usage.model_dump(),
+                     seconds=round(seconds, 4),
+                     tokens_per_s=round(reply.usage.completion_tokens / seconds, 2) if seconds > 0 else None)
+            self.messages.append(reply.to_message())
+            self._logged = len(self.messages)
+            if self.usage.total_tokens > self.budget.max_total_tokens:
+                raise self._budget(f"max_total_tokens={self.budget.max_total_tokens} exceeded "
+                                   f"({self.usage.total_tokens} tokens)")
+            self._handle(reply, allowed)
+
+    def _check_budget_before_turn(self) -> None:
+        if self.turns >= self.budget.max_turns:
+            raise self._budget(f"max_turns={self.budget.max_turns} reached without {TERMINAL_TOOL}")
+        if self.budget.max_seconds is not None and time.perf_counter() - self._start > self.budget.max_seconds:
+            raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded")
+
+    def _budget(self, what: str) -> _Stop:
+        self.log("budget_exceeded", detail=what)
+        return _Stop(f"budget: {what}")
+
+    def _handle(self, reply: LLMReply, allowed: list[str]) -> None:
+        if not reply.tool_calls:
+            snippet = (reply.text or "").strip().replace("\n", " ")[:80]
+            self._problem(f"the reply was text with no tool call ({snippet!r}); every turn must call a tool", allowed)
+            return
+        problems: list[str] = []
+        for call in reply.tool_calls:
+            if self.regions is not None:
+                self._answer(call, "skipped: the report was already made", ok=False)
+                continue
+            if self.n_tool_calls >= self.budget.max_tool_calls:
+                self._answer(call, "skipped: tool-call budget exhausted", ok=False)
+                raise self._budget(f"max_tool_calls={self.budget.max_tool_calls} exceeded")
+            self.n_tool_calls += 1
+            problem = self._execute(call, allowed)
+            if problem:
+                problems.append(problem)
+        if problems:
+            self._problem("; ".join(problems), allowed)
+
+    def _execute(self, call: ToolCall, allowed: list[str]) -> str | None:
+        """Run one tool call and append its tool message; returns the problem when the call was malformed."""
+        self.log("tool_call", id=call.id, name=call.name, arguments=call.arguments)
+        if call.name not in allowed:
+            return self._answer(call, f"unknown tool {call.name!r}; available tools: {', '.join(allowed)}")
+        try:
+            arguments = json.loads(call.arguments) if call.arguments.strip() else {}
+        except json.JSONDecodeError as err:
+            return self._answer(call, f"arguments of {call.name} are not valid JSON ({err.msg} at char {err.pos})")
+        if not isinstance(arguments, dict):
+            return self._answer(call, f"arguments of {call.name} must be a JSON object")
+        started = time.perf_counter()
+        try:
+            result = self.toolbox.call(call.name, arguments)
+        except Exception as err:  # the toolbox promises not to raise; if it does, the call still counts as failed
+            return self._answer(call, f"{call.name} failed: {type(err).__name__}: {err}")
+        ok, data, error = _result_fields(result)
+        if not ok:
+            return self._answer(call, f"{call.name} rejected the arguments: {error}")
+        content = self.render(call.name, data) if self.render is not None else (
+            getattr(result, "content", "") or _default_render()(call.name, data))
+        self._answer(call, content, ok=True, seconds=time.perf_counter() - started)
+        if call.name == TERMINAL_TOOL:
+            # The validated regions: as the tool returned them, else as the toolbox recorded them, else the arguments
+            # (which the tool just accepted).
+            regions = data.get("regions")
+            if not isinstance(regions, list):
+                regions = getattr(self.toolbox, "report", None)
+            if not isinstance(regions, list):
+                regions = arguments.get("regions")
+            self.regions = copy.deepcopy(list(regions or []))
+        return None
+
+    def _answer(self, call: ToolCall, content: str, *, ok: bool = False, seconds: float | None = None) -> str | None:
+        """Append the `role: tool` message answering `call`; for failures the content is the problem itself."""
+        text = content if ok else f"error: {content}"
+        self.messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
+        self.log("tool_result", id=call.id, name=call.name, ok=ok, content=text,
+                 seconds=round(seconds, 4) if seconds is not None else None)
+        self._logged = len(self.messages)
+        return None if ok else content
+
+    def _problem(self, problem: str, allowed: list[str]) -> None:
+        """One repair prompt per allowance; past it, the attempt stops and the fallback runs."""
+        if self.repairs >= self.budget.max_repairs:
+            self.log("repair_refused", problem=problem)
+            raise _Stop(f"malformed output after {self.repairs} repair(s): {problem}")
+        self.repairs += 1
+        prompt = (f"Your last reply could not be used: {problem}. Reply with exactly one tool call to one of "
+                  f"{', '.join(allowed)}, with JSON arguments that match the tool's schema and patch ids taken from "
+                  f"the tool results. Finish with {TERMINAL_TOOL}.")
+        self.messages.append({"role": "user", "content": prompt})
+        self.log("repair", problem=problem, prompt=prompt)
+
+
+def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *, budget: AgentBudget | None = None,
+              transcript: Transcript | None = None, fallback: Backend | None = None,
+              toolbox_factory: Callable[[], ToolBoxLike] | None = None,
+              render: Callable[[str, dict], str] | None = None,
+              fallback_budget: AgentBudget | None = None) -> AgentOutcome:
+    """Run `backend` until it reports suspects; hand over to `fallback` on a second malformed reply, an exceeded budget
+    or a backend exception. `messages` is not modified.
+
+    The fallback starts from the original `messages` on a fresh toolbox, with its own `fallback_budget` (default
+    AgentBudget(): the LLM's budget may be tight on purpose, the policy's needs are small and fixed): `toolbox_factory()` when given, else
+    `toolbox.reset()` when the toolbox has one, else the same toolbox (its tools are then assumed stateless).
+    Tool results reach the model as `render(name, data)` when given, else as the ToolResult's own `content` (the
+    toolbox renders it), else as `verbalize.render.render_tool_result(name, data)`.
+    """
+    budget = budget or AgentBudget()
+    initial = copy.deepcopy(messages)
+    attempt = _Attempt(backend, toolbox, copy.deepcopy(initial), budget, transcript, render)
+    attempt.log("run_start", budget=budget.model_dump(), n_messages=len(initial))
+    try:
+        attempt.run()
+    except _Stop as stop:
+        reason = str(stop)
+    else:
+        outcome = AgentOutcome(regions=attempt.regions or [], usage=attempt.usage, n_tool_calls=attempt.n_tool_calls,
+                               turns=attempt.turns, backend=backend.name, repairs=attempt.repairs,
+                               messages=attempt.messages)
+        attempt.log("run_end", regions=outcome.regions, usage=outcome.usage.model_dump(), turns=outcome.turns,
+                    n_tool_calls=outcome.n_tool_calls, fallback_used=False)
+        return outcome
+
+    failed = AgentOutcome(usage=attempt.usage, n_tool_calls=attempt.n_tool_calls, turns=attempt.turns,
+                          backend=backend.name, repairs=attempt.repairs, messages=attempt.messages)
+    if fallback is None:
+        failed.error = reason
+        attempt.log("run_end", error=reason, fallback_used=False)
+        return failed
+
+    attempt.log("fallback", reason=reason, fallback=fallback.name)
+    fresh = toolbox_factory() if toolbox_factory is not None else toolbox
+    if toolbox_factory is None and callable(getattr(toolbox, "reset", None)):
+        toolbox.reset()
+    second = _Attempt(fallback, fresh, copy.deepcopy(initial), fallback_budget or AgentBudget(), transcript, render)
+    try:
+        second.run()
+        error = None
+    except _Stop as stop:
+        error = f"the fallback also failed: {stop} (first failure: {reason})"
+    outcome = AgentOutcome(regions=second.regions or [], fallback_used=True, fallback_reason=reason,
+                           usage=attempt.usage + second.usage, n_tool_calls=attempt.n_tool_calls + second.n_tool_calls,
+                           turns=attempt.turns + second.turns, error=error, backend=fallback.name,
+                           repairs=attempt.repairs + second.repairs, messages=second.messages)
+    second.log("run_end", regions=outcome.regions, usage=outcome.usage.model_dump(), turns=outcome.turns,
+               n_tool_calls=outcome.n_tool_calls, fallback_used=True, fallback_reason=reason, error=error)
+    return outcome

@@ -1,0 +1,345 @@
+"""A fitted class: backbone + memory bank + normalisation + thresholds, saved as one folder.
+
+This is the detector every other stage reads from. It stands on its own as an unsupervised detector (M3DM's recipe:
+PatchCore on Point-MAE patch features) and, because the backbone forward pass (:meth:`FittedClass.analyse`) is
+separate from the memory-bank search (:meth:`FittedClass.score`), the verifier can search the bank for only the
+patches it needs: the analysis is computed once per scan and also feeds the verbalizer's statistics.
+
+Why the bank is built from several *views* of each template: normal test scans differ from the templates by fresh
+surface sampling and a small pose change; patching each template a few times with different subsamples and FPS
+starts puts that sampling variance into the bank, so it is not mistaken for an anomaly.
+
+Thresholds are calibrated on normal data only, leave-one-template-out: each template's patches are scored against
+the bank rows that came from the *other* templates, which is what a normal test scan sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from tools.bank import MemoryBank
+from tools.pointmae import (
+    PatchFeatures,
+    PointMAE,
+    PointMAEConfig,
+    backbone_hash,
+    estimate_scale,
+    extract_patch_features,
+    interpolate_to_points,
+    load_backbone,
+    save_backbone,
+)
+
+DETECTOR_VERSION = 1
+FORMAT_NAME = "scanagent-fitted-class"
+META_FILE = "fitted.json"
+FeatureKind = Literal["pointmae", "fpfh"]
+ProgressFn = Callable[[str, int, int], None]
+
+
+class FitError(ValueError):
+    """A class cannot be fitted or loaded; the message names the folder or input and the problem."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """What a class fit does. Saved with the fit; the defaults fit one class in well under two minutes on 2 cores."""
+
+    feature: FeatureKind = "pointmae"
+    backbone: PointMAEConfig = field(default_factory=PointMAEConfig.small)
+    train_steps: int = 300
+    train_batch: int = 8
+    bank_views: int = 4           # patchings per template put into the bank (sampling variance, see module doc)
+    coreset_ratio: float = 0.25
+    recon_rounds: int = 2
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["backbone"] = json.loads(self.backbone.to_json())
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DetectorConfig:
+        data = dict(data)
+        data["backbone"] = PointMAEConfig.from_json(data["backbone"])
+        return cls(**data)
+
+
+@dataclass
+class ScanAnalysis:
+    """Everything the backbone says about one scan, before any memory-bank search.
+
+    Per patch: centres, member indices, features and the Point-MAE statistics; per point: the same statistics spread
+    by inverse-distance 3-NN interpolation (what the verbalizer aggregates)."""
+
+    points: np.ndarray                 # float32 (N,3), the input's order
+    patches: PatchFeatures             # detector patches (G of them)
+    feature_deviation: np.ndarray      # float32 (G,) distance of each patch feature to the class's mean feature
+    point_stats: dict[str, np.ndarray]  # name -> float32 (N,)
+    seconds: float = 0.0
+
+    @property
+    def n_patches(self) -> int:
+        return len(self.patches.centers)
+
+    def patches_for_points(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
+        """Detector patches whose scores decide the given points' scores: each point's k nearest patch centres (the
+        interpolation's support). Scoring exactly these patches gives those points the same scores as full scoring."""
+        import faiss
+
+        idx = np.asarray(point_idx, dtype=np.int64)
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        index = faiss.IndexFlatL2(3)
+        index.add(np.ascontiguousarray(self.patches.centers, dtype=np.float32))
+        _, nn = index.search(np.ascontiguousarray(self.points[idx], dtype=np.float32), min(k, self.n_patches))
+        return np.unique(nn.ravel())
+
+
+@dataclass
+class ScanScores:
+    """Memory-bank scores of a scan (or of the patches a verifier asked for)."""
+
+    patch_ids: np.ndarray       # int64 (S,) the detector patches that were searched
+    patch_scores: np.ndarray    # float32 (S,) nearest-neighbour distance of each searched patch
+    point_ids: np.ndarray       # int64 (M,) points that got a bank score
+    point_scores: np.ndarray    # float32 (M,)
+    object_score: float         # PatchCore-reweighted max over the searched patches
+    seconds: float = 0.0
+
+
+class FittedClass:
+    """A class's detector: use :func:`fit_class` to make one, :meth:`load` to read one from disk."""
+
+    def __init__(self, config: DetectorConfig, scale: float, bank: MemoryBank, mean_feature: np.ndarray,
+                 thresholds: dict[str, float], backbone: PointMAE | None, info: dict | None = None) -> None:
+        self.config = config
+        self.scale = float(scale)
+        self.bank = bank
+        self.mean_feature = np.asarray(mean_feature, dtype=np.float32)
+        self.thresholds = dict(thresholds)
+        self.backbone = backbone
+        self.info = dict(info or {})
+
+    # ------------------------------------------------------------------------------------------ analysis
+    def backbone_id(self) -> str:
+        """What the bank's features came from; a bank is only valid with this backbone."""
+        if self.config.feature == "fpfh":
+            return "fpfh-v1"
+        assert self.backbone is not None
+        return backbone_hash(self.backbone)
+
+    def patch_features(self, points: np.ndarray, seed: int | None = None) -> PatchFeatures:
+        """Detector patches of one scan with their features (Point-MAE or FPFH)."""
+        seed = self.config.seed if seed is None else seed
+        cfg = self.config.backbone
+        if self.config.feature == "fpfh":
+            from tools.btf import btf_patch_features
+
+            centers, group_idx, feats = btf_patch_features(points, num_groups=cfg.inference_groups,
+                                                           group_size=cfg.group_size, scale=self.scale, seed=seed)
+            zeros = np.zeros(len(centers), dtype=np.float32)
+            return PatchFeatures(centers=centers, group_idx=group_idx, features=feats, recon_error=zeros,
+                                 feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32))
+        assert self.backbone is not None
+        return extract_patch_features(self.backbone, points, num_groups=cfg.inference_groups,
+                                      group_size=cfg.group_size, seed=seed, scale=self.scale,
+                                      recon_rounds=self.config.recon_rounds)
+
+    def analyse(self, points: np.ndarray) -> ScanAnalysis:
+        """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""
+        start = time.perf_counter()
+        pts = np.ascontiguousarray(points, dtype=np.float32)
+        patches = self.patch_features(pts)
+        deviation = np.linalg.norm(patches.features - self.mean_feature, axis=1).astype(np.float32)
+        per_patch = {"feature_norm": patches.feature_norm, "feature_deviation": deviation}
+        if self.config.feature == "pointmae":
+            per_patch["recon_error"] = patches.recon_error
+        stacked = np.stack(list(per_patch.values()), axis=1)
+        spread = interpolate_to_points(pts, patches.centers, stacked)
+        point_stats = {name: spread[:, i].copy() for i, name in enumerate(per_patch)}
+        return ScanAnalysis(points=pts, patches=patches, feature_deviation=deviation, point_stats=point_stats,
+                            seconds=time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------------------------- scoring
+    def score(self, analysis: ScanAnalysis, point_ids: np.ndarray | None = None) -> ScanScores:
+        """Bank scores for all points (``point_ids=None``, the full-bank baseline) or only the given points.
+
+        Only the detector patches that support the requested points are searched, so the cost follows the subset and
+        the requested points' scores equal those of full scoring by construction (same patches, same interpolation)."""
+        start = time.perf_counter()
+        if point_ids is None:
+            pids = np.arange(len(analysis.points), dtype=np.int64)
+            patch_ids = np.arange(analysis.n_patches, dtype=np.int64)
+        else:
+            pids = np.unique(np.asarray(point_ids, dtype=np.int64))
+            if pids.size and (pids[0] < 0 or pids[-1] >= len(analysis.points)):
+                raise IndexError(f"point ids must lie in [0, {len(analysis.points)})")
+            patch_ids = analysis.patches_for_points(pids)
+        if patch_ids.size == 0:
+            return ScanScores(patch_ids, np.zeros(0, np.float32), pids, np.zeros(0, np.float32), 0.0,
+                              time.perf_counter() - start)
+        feats = analysis.patches.features[patch_ids]
+        dist, nn_idx = self.bank.score(feats)
+        point_scores = interpolate_to_points(analysis.points[pids], analysis.patches.centers[patch_ids], dist)
+        obj = float(self.bank.object_score(feats, dist, nn_idx))
+        return ScanScores(patch_ids=patch_ids, patch_scores=dist.astype(np.float32), point_ids=pids,
+                          point_scores=point_scores.astype(np.float32), object_score=obj,
+                          seconds=time.perf_counter() - start)
+
+    def score_full(self, points: np.ndarray) -> tuple[np.ndarray, float]:
+        """Convenience: (per-point scores in input order, object score) with the whole bank, the M3DM recipe."""
+        analysis = self.analyse(points)
+        scores = self.score(analysis)
+        out = np.empty(len(points), dtype=np.float32)
+        out[scores.point_ids] = scores.point_scores
+        return out, scores.object_score
+
+    # ------------------------------------------------------------------------------------------- save/load
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the fit as one folder (written beside, then renamed: never half-written)."""
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            if self.backbone is not None:
+                save_backbone(self.backbone, tmp / "backbone")
+            self.bank.save(tmp / "bank")
+            np.save(tmp / "mean_feature.npy", self.mean_feature, allow_pickle=False)
+            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
+                    "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
+                    "info": self.info}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> FittedClass:
+        """Read a fit; refuses another format/version, or a bank made with another backbone, naming the folder."""
+        root = Path(directory)
+        meta_path = root / META_FILE
+        if not meta_path.is_file():
+            raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FitError(f"{meta_path}: unreadable ({exc})") from exc
+        if meta.get("format") != FORMAT_NAME or meta.get("version") != DETECTOR_VERSION:
+            raise FitError(f"{root}: fitted with format {meta.get('format')!r} version {meta.get('version')!r}; "
+                           f"this build reads {FORMAT_NAME!r} version {DETECTOR_VERSION} — refit the class")
+        try:
+            config = DetectorConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FitError(f"{root}: invalid detector config ({exc})") from exc
+        backbone = None
+        if config.feature == "pointmae":
+            try:
+                backbone = load_backbone(root / "backbone", expect=config.backbone)
+            except (OSError, ValueError) as exc:
+                raise FitError(f"{root}: backbone does not load ({exc})") from exc
+            found = backbone_hash(backbone)
+            if found != meta.get("backbone_id"):
+                raise FitError(f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
+                               f"({str(meta.get('backbone_id'))[:12]}); the bank belongs to another backbone")
+        expect = {"feature_name": config.feature, "backbone_hash": meta.get("backbone_id")}
+        try:
+            bank = MemoryBank.load(root / "bank", expect_meta=expect)
+            mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FitError(f"{root}: {exc}") from exc
+        return cls(config=config, scale=float(meta["scale"]), bank=bank, mean_feature=mean_feature,
+                   thresholds=meta.get("thresholds", {}), backbone=backbone, info=meta.get("info", {}))
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray, k: int = 16) -> np.ndarray:
+    """Each template's patch distances to the nearest bank row from another template (normal-data calibration)."""
+    import faiss
+
+    rows = np.ascontiguousarray(bank.features, dtype=np.float32)
+    index = faiss.IndexFlatL2(rows.shape[1])
+    index.add(rows)
+    out = []
+    for template, feats in enumerate(features):
+        d2, nn = index.search(np.ascontiguousarray(feats, dtype=np.float32), min(k, len(rows)))
+        other = bank_source[nn] != template
+        first = np.where(other.any(axis=1), other.argmax(axis=1), -1)
+        d = np.sqrt(np.maximum(d2[np.arange(len(feats)), np.maximum(first, 0)], 0.0))
+        d[first < 0] = np.nan  # every close row came from the same template: no honest estimate
+        out.append(d)
+    scores = np.concatenate(out)
+    return scores[np.isfinite(scores)]
+
+
+def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,
+              init_backbone: PointMAE | None = None, progress: ProgressFn | None = None,
+              names: list[str] | None = None) -> FittedClass:
+    """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank of
+    patch features with a k-center greedy coreset, and normal-data thresholds."""
+    names = names or [f"scan {i}" for i in range(len(train_scans))]
+    if not train_scans:
+        raise FitError("no training scans given: a class needs at least one normal scan")
+    min_points = config.backbone.group_size * 4
+    for name, scan in zip(names, train_scans):
+        if scan.ndim != 2 or scan.shape[1] != 3 or len(scan) < min_points:
+            raise FitError(f"{name}: needs a (N,3) scan of at least {min_points} points, got shape {scan.shape}")
+    timings: dict[str, float] = {}
+    scale = estimate_scale(train_scans)
+    backbone: PointMAE | None = None
+    t0 = time.perf_counter()
+    if config.feature == "pointmae":
+        from tools.pointmae_train import train_pointmae
+
+        def report(step: int, loss: float) -> None:
+            if progress is not None:
+                progress("train", step + 1, config.train_steps)
+
+        backbone = train_pointmae(train_scans, config.backbone, steps=config.train_steps, seed=config.seed,
+                                  init=init_backbone, progress=report, batch_size=config.train_batch, scale=scale)
+    timings["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probe = FittedClass(config, scale, MemoryBank(), np.zeros(1, np.float32), {}, backbone)
+    bank = MemoryBank(feature_name=config.feature, backbone_hash=probe.backbone_id())
+    per_template: list[np.ndarray] = []
+    total = len(train_scans) * config.bank_views
+    for i, scan in enumerate(train_scans):
+        views = [probe.patch_features(scan, seed=config.seed + 1000 * i + v).features for v in range(config.bank_views)]
+        per_template.append(np.concatenate(views))
+        if progress is not None:
+            progress("features", (i + 1) * config.bank_views, total)
+    timings["features_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    all_feats = np.concatenate(per_template)
+    source = np.concatenate([np.full(len(f), i) for i, f in enumerate(per_template)])
+    bank.fit(all_feats, coreset_ratio=config.coreset_ratio, seed=config.seed)
+    kept = bank.coreset_idx
+    assert kept is not None
+    bank_source = source[kept]
+    timings["bank_s"] = time.perf_counter() - t0
+    mean_feature = all_feats.mean(axis=0).astype(np.float32)
+    thresholds: dict[str, float] = {}
+    if len(train_scans) > 1:
+        normal = _loo_patch_scores(per_template, bank, bank_source)
+        if normal.size:
+            thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
+            thresholds["patch_max"] = float(normal.max())
+    info = {"n_train": len(train_scans), "n_train_patches": int(len(all_feats)), "bank_size": int(len(kept)),
+            "scale": scale, **{k: round(v, 3) for k, v in timings.items()}}
+    return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
+                       backbone=backbone, info=info)

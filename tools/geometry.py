@@ -1,0 +1,261 @@
+"""Point-cloud geometry: kNN, farthest point sampling, voxel downsampling, normals, local shape statistics,
+FPFH descriptors and rigid registration.
+
+Everything takes and returns plain numpy arrays so callers (Point-MAE grouping, the BTF baseline, the verbaliser)
+never touch open3d objects. Open3D is used only where it is the well-kept implementation (normals, FPFH, RANSAC,
+ICP); the rest is vectorised numpy/scipy so it can be checked against brute force in the tests.
+
+kNN uses scipy's cKDTree rather than faiss: measured on this machine for 3-D points (30k points, 30k queries,
+k=20, 2 threads) cKDTree took 0.34 s and faiss IndexFlatL2 6.6 s; for 512 queries k=32 0.025 s vs 0.13 s. A k-d
+tree is the right structure for 3 dimensions; faiss is kept for the high-dimensional memory bank (tools/bank.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import open3d as o3d
+from scipy.spatial import cKDTree
+
+__all__ = [
+    "KNN_WORKERS",
+    "curvature",
+    "estimate_normals",
+    "fpfh",
+    "fps",
+    "knn",
+    "local_pca",
+    "register",
+    "roughness",
+    "voxel_downsample",
+]
+
+# cKDTree query threads. Each query is answered independently, so results do not depend on this number.
+KNN_WORKERS = 2
+
+
+def _as_points(points: np.ndarray, name: str = "points", min_rows: int = 1) -> np.ndarray:
+    """Validate an (N, 3) finite array and return it as float64 (the precision the k-d tree and PCA use)."""
+    arr = np.asarray(points)
+    if arr.ndim != 2 or arr.shape[1] != 3:
+        raise ValueError(f"{name}: expected an (N, 3) array, got shape {arr.shape}")
+    if arr.shape[0] < min_rows:
+        raise ValueError(f"{name}: need at least {min_rows} points, got {arr.shape[0]}")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: contains NaN or infinite coordinates")
+    return arr
+
+
+def knn(points: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest neighbours of each query among `points`.
+
+    Returns (dist, idx): `dist` float32 (Q, k) holds *Euclidean* distances (not squared), ascending;
+    `idx` int64 (Q, k) indexes `points`. A query that is itself in `points` gets itself first (distance 0).
+    """
+    pts = _as_points(points, "points")
+    qry = _as_points(queries, "queries", min_rows=0)
+    if not 1 <= k <= pts.shape[0]:
+        raise ValueError(f"knn: k={k} must be between 1 and the number of points ({pts.shape[0]})")
+    if qry.shape[0] == 0:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    dist, idx = cKDTree(pts).query(qry, k=k, workers=KNN_WORKERS)
+    if k == 1:  # cKDTree drops the k axis for k=1
+        dist, idx = dist[:, None], idx[:, None]
+    return dist.astype(np.float32), idx.astype(np.int64)
+
+
+def fps(points: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Exact farthest point sampling: `n` indices into `points`, in pick order.
+
+    The first index is drawn from `seed`; each next pick is the point whose distance to the already picked set is
+    largest (first index wins ties, as numpy's argmax does). O(N * n) time and O(N) memory.
+    """
+    pts = _as_points(points)
+    num = pts.shape[0]
+    if not 1 <= n <= num:
+        raise ValueError(f"fps: n={n} must be between 1 and the number of points ({num})")
+    picked = np.empty(n, dtype=np.int64)
+    picked[0] = np.random.default_rng(seed).integers(num)
+    min_sq = np.full(num, np.inf)
+    for i in range(1, n):
+        diff = pts - pts[picked[i - 1]]
+        np.minimum(min_sq, np.einsum("ij,ij->i", diff, diff), out=min_sq)
+        picked[i] = int(np.argmax(min_sq))
+    return picked
+
+
+def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
+    """Indices (ascending) of one representative point per occupied voxel of edge `voxel`.
+
+    The representative is the real input point closest to its voxel's mean (ties: lowest index), so the result
+    is a subset of the scan (labels and per-point values carry over by indexing), unlike open3d's averaging.
+    """
+    pts = _as_points(points)
+    if not voxel > 0:
+        raise ValueError(f"voxel_downsample: voxel must be > 0, got {voxel}")
+    keys = np.floor((pts - pts.min(axis=0)) / voxel).astype(np.int64)
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n_vox = int(inverse.max()) + 1
+    counts = np.bincount(inverse, minlength=n_vox).astype(np.float64)
+    means = np.stack([np.bincount(inverse, weights=pts[:, d], minlength=n_vox) for d in range(3)], 1)
+    means /= counts[:, None]
+    sq = np.einsum("ij,ij->i", pts - means[inverse], pts - means[inverse])
+    order = np.lexsort((np.arange(len(pts)), sq, inverse))  # by voxel, then distance, then index
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = inverse[order[1:]] != inverse[order[:-1]]
+    return np.sort(order[first])
+
+
+def _to_o3d(points: np.ndarray) -> o3d.geometry.PointCloud:
+    return o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.ascontiguousarray(points, dtype=np.float64)))
+
+
+def _orient_outwards(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Flip normals to point away from the centroid: a cheap, deterministic sign convention that is right for
+    closed, roughly star-shaped parts (most industrial objects); the sign does not matter to FPFH or curvature."""
+    flip = np.einsum("ij,ij->i", normals, points - points.mean(axis=0)) < 0
+    normals[flip] *= -1
+    return normals
+
+
+def estimate_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
+    """Unit normals (N, 3) float32 from the k-neighbour covariance (open3d), oriented away from the centroid."""
+    pts = _as_points(points, min_rows=3)
+    if k < 3:
+        raise ValueError(f"estimate_normals: k={k} must be at least 3")
+    pcd = _to_o3d(pts)
+    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(knn=min(k, len(pts))))
+    return _orient_outwards(pts, np.asarray(pcd.normals).copy()).astype(np.float32)
+
+
+def local_pca(points: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PCA of each point's k-neighbourhood (the point included).
+
+    Returns (centroids (N,3), eigenvalues (N,3) ascending, eigenvectors (N,3,3) with column j for eigenvalue j).
+    Shared by curvature and roughness so both describe the same neighbourhood.
+    """
+    pts = _as_points(points, min_rows=3)
+    if not 3 <= k <= len(pts):
+        raise ValueError(f"local_pca: k={k} must be between 3 and the number of points ({len(pts)})")
+    _, idx = knn(pts, pts, k)
+    nbrs = pts[idx]  # (N, k, 3)
+    centroids = nbrs.mean(axis=1)
+    centred = nbrs - centroids[:, None, :]
+    cov = np.einsum("nki,nkj->nij", centred, centred) / k
+    eigval, eigvec = np.linalg.eigh(cov)
+    return centroids, np.clip(eigval, 0.0, None), eigvec
+
+
+def curvature(points: np.ndarray, k: int = 20) -> np.ndarray:
+    """Surface variation lambda0 / (lambda0 + lambda1 + lambda2) of the k-neighbourhood, (N,) float32 in [0, 1/3].
+
+    0 on a plane, growing with bending; scale-free, so it reads the same for any object size.
+    """
+    _, eigval, _ = local_pca(points, k)
+    total = eigval.sum(axis=1)
+    out = np.divide(eigval[:, 0], total, out=np.zeros_like(total), where=total > 0)
+    return out.astype(np.float32)
+
+
+def roughness(points: np.ndarray, k: int = 20) -> np.ndarray:
+    """Distance (N,) float32 of each point to the least-squares plane of its k-neighbourhood, in input units.
+
+    Unlike curvature this keeps the scale: a 0.1 mm bump reads as 0.1 mm, which is what a dent or burr looks like.
+    """
+    pts = _as_points(points, min_rows=3)
+    centroids, _, eigvec = local_pca(pts, k)
+    plane_normal = eigvec[:, :, 0]
+    return np.abs(np.einsum("ij,ij->i", pts - centroids, plane_normal)).astype(np.float32)
+
+
+def fpfh(
+    points: np.ndarray,
+    radius_normal: float,
+    radius_feature: float,
+    *,
+    max_nn_normal: int = 30,
+    max_nn_feature: int = 100,
+) -> np.ndarray:
+    """Fast Point Feature Histograms (N, 33) float32 via open3d, with normals estimated at `radius_normal` and
+    oriented away from the centroid.
+
+    The usual choice (open3d's registration tutorial, BTF) is radius_normal = 2 * voxel and
+    radius_feature = 5 * voxel for a cloud downsampled at `voxel`. A point with no neighbour inside
+    radius_feature gets an all-zero histogram.
+    """
+    pts = _as_points(points, min_rows=3)
+    if not (radius_normal > 0 and radius_feature > 0):
+        raise ValueError(f"fpfh: radii must be > 0, got {radius_normal}, {radius_feature}")
+    pcd = _to_o3d(pts)
+    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=radius_normal, max_nn=max_nn_normal))
+    # FPFH angles depend on the normals' signs; orienting them outwards makes the descriptor the same for the
+    # same surface in any pose (open3d's default sign follows the coordinate axes, so it changes with rotation).
+    pcd.normals = o3d.utility.Vector3dVector(_orient_outwards(pts, np.asarray(pcd.normals).copy()))
+    feat = o3d.pipelines.registration.compute_fpfh_feature(
+        pcd, o3d.geometry.KDTreeSearchParamHybrid(radius=radius_feature, max_nn=max_nn_feature)
+    )
+    return np.asarray(feat.data).T.astype(np.float32)
+
+
+def register(
+    source: np.ndarray,
+    target: np.ndarray,
+    voxel: float,
+    *,
+    seed: int = 0,
+    ransac_iterations: int = 100_000,
+) -> tuple[np.ndarray, float]:
+    """Rigidly align `source` to `target`: returns (4x4 float64 transform T with target ~ T @ source, fitness).
+
+    For scans that are not pre-aligned (as Reg3D-AD does): both clouds are voxel-downsampled at `voxel`, described
+    by FPFH (radii 2 and 5 voxels), coarsely aligned by RANSAC on feature matches (seeded through
+    o3d.utility.random.seed), then refined by point-to-plane ICP on the downsampled clouds. `fitness` is ICP's
+    share of source points with a target point within 1.5 voxels (1.0 = fully overlapping).
+    """
+    src = _as_points(source, "source", min_rows=3)
+    tgt = _as_points(target, "target", min_rows=3)
+    if not voxel > 0:
+        raise ValueError(f"register: voxel must be > 0, got {voxel}")
+    reg = o3d.pipelines.registration
+    src_d = src[voxel_downsample(src, voxel)]
+    tgt_d = tgt[voxel_downsample(tgt, voxel)]
+    if len(src_d) < 3 or len(tgt_d) < 3:
+        raise ValueError(f"register: voxel={voxel} leaves fewer than 3 points; use a smaller voxel")
+    src_f, tgt_f = fpfh(src_d, 2 * voxel, 5 * voxel), fpfh(tgt_d, 2 * voxel, 5 * voxel)
+    src_pcd, tgt_pcd = _to_o3d(src_d), _to_o3d(tgt_d)
+    for pcd, pts in ((src_pcd, src_d), (tgt_pcd, tgt_d)):  # normals for point-to-plane ICP
+        pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=2 * voxel, max_nn=30))
+        pcd.normals = o3d.utility.Vector3dVector(_orient_outwards(pts, np.asarray(pcd.normals).copy()))
+
+    def features(arr: np.ndarray) -> o3d.pipelines.registration.Feature:
+        feat = reg.Feature()
+        feat.data = np.ascontiguousarray(arr.T, dtype=np.float64)
+        return feat
+
+    o3d.utility.random.seed(seed)
+    match_dist = 1.5 * voxel
+    coarse = reg.registration_ransac_based_on_feature_matching(
+        src_pcd,
+        tgt_pcd,
+        features(src_f),
+        features(tgt_f),
+        True,  # mutual filter: keeps only reciprocal feature matches, far fewer outliers
+        match_dist,
+        reg.TransformationEstimationPointToPoint(False),
+        3,
+        [
+            reg.CorrespondenceCheckerBasedOnEdgeLength(0.9),
+            reg.CorrespondenceCheckerBasedOnDistance(match_dist),
+        ],
+        reg.RANSACConvergenceCriteria(ransac_iterations, 0.999),
+    )
+    fine = reg.registration_icp(
+        src_pcd,
+        tgt_pcd,
+        match_dist,
+        coarse.transformation,
+        reg.TransformationEstimationPointToPlane(),
+        reg.ICPConvergenceCriteria(max_iteration=50),
+    )
+    return np.asarray(fine.transformation, dtype=np.float64).copy(), float(fine.fitness)
