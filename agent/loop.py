@@ -125,10 +125,10 @@ class _Attempt:
                      tokens_per_s=round(reply.usage.completion_tokens / seconds, 2) if seconds > 0 else None)
             self.messages.append(reply.to_message())
             self._logged = len(self.messages)
-            if self.usage.total_tokens > self.budget.max_total_tokens:
+            self._handle(reply, allowed)
+            if self.regions is None and self.usage.total_tokens > self.budget.max_total_tokens:
                 raise self._budget(f"max_total_tokens={self.budget.max_total_tokens} exceeded "
                                    f"({self.usage.total_tokens} tokens)")
-            self._handle(reply, allowed)
 
     def _check_budget_before_turn(self) -> None:
         if self.turns >= self.budget.max_turns:
@@ -157,7 +157,7 @@ class _Attempt:
             problem = self._execute(call, allowed)
             if problem:
                 problems.append(problem)
-        if problems:
+        if problems and self.regions is None:
             self._problem("; ".join(problems), allowed)
 
     def _execute(self, call: ToolCall, allowed: list[str]) -> str | None:

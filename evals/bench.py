@@ -11,7 +11,7 @@ and tested on data with per-point ground truth. The builder writes
     <root>/manifest.json                                     every file with its point count and sha256
 
 Sources (all optional except the procedural parts): the parts of `evals.parts`; the real scans in
-/work/shared/data/scans (bunny mesh sampled; PCL single-view clouds resampled, skipped when too small); meshes shipped by
+../shared/data/scans (bunny mesh sampled; PCL single-view clouds resampled, skipped when too small); meshes shipped by
 pip packages (`pymeshlab` sample meshes, `pybullet_data` objects) when those are installed.
 
 A sample of a class differs from its siblings by surface sampling, sensor noise along the normal and a small pose
@@ -39,9 +39,10 @@ import numpy as np
 
 from evals import defects as defect_lib
 from evals import parts as part_lib
+from tools.shared_data import shared_scans_dir
 
 RECIPE_VERSION = 1
-DEFAULT_SCANS = Path("/work/shared/data/scans")
+DEFAULT_SCANS = shared_scans_dir()
 PCL_CANDIDATES = ("rops_cloud.pcd", "milk.pcd", "car6.pcd", "cturtle.pcd")
 PYBULLET_CANDIDATES = ("duck.obj", "teddy2_VHACD_CHs.obj", "teddy.obj", "cube.obj", "sphere2.obj", "torus.obj")
 MIN_SOURCE_POINTS = 8000  # Anomaly-ShapeNet's smallest samples have ~8k points
@@ -190,7 +191,7 @@ def build_class(source: Source, class_dir: Path, config: BenchConfig) -> list[di
         if mask is not None:
             _write_gt(class_dir / "GT" / f"{stem}.txt", points32, mask)
         records.append({"file": f"pcd/{name}/{split}/{stem}.pcd", "split": split, "seed": seed,
-                        "points": int(len(points32)), "defect": info})
+                        "points": len(points32), "defect": info})
 
     jobs = [("train", f"{name}_template{i}", None) for i in range(config.templates)]
     jobs += [("test", f"{name}_positive{i}", None) for i in range(config.normal_per_class)]

@@ -146,7 +146,7 @@ def _deform(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, k
     # (1-u^2)^2 > 0.1 for u < 0.827, which holds ~68 % of a disc's area: enlarge the region so the labelled share
     # matches the target
     facing = normals @ direction > 0.2  # do not bend the far side of a thin wall or the back of a small cylinder
-    region = _rank_region(np.where(facing, geodesic, np.inf), int(round(share / 0.68 * len(points))))
+    region = _rank_region(np.where(facing, geodesic, np.inf), round(share / 0.68 * len(points)))
     radius = float(geodesic[region].max()) if len(region) else 0.0
     amplitude = float(min(rng.uniform(0.03, 0.06) * size, 0.6 * radius))
     u = geodesic[region] / max(radius, 1e-12)
@@ -175,7 +175,7 @@ def _groove(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, k
     # skip points on the far side of thin walls: their normal disagrees with the surface under the curve
     facing = np.einsum("ij,ij->i", normals, normals[curve_nearest[nearest_sample]]) > 0.3
     distance = np.where(facing, distance, np.inf)
-    region = _rank_region(distance, int(round(share / 0.9 * len(points))))
+    region = _rank_region(distance, round(share / 0.9 * len(points)))
     width = float(distance[region].max())
     u = distance[region] / max(width, 1e-12)
     profile = (1 - u) if kind == "crack" else np.cos(0.5 * np.pi * u)  # V-shaped crack, rounded scratch
@@ -198,8 +198,8 @@ def _hole(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, sha
     centre, _ = _pick_centre(points, normals, rng)
     geodesic = geodesic_from(points, centre)
     removed_share = rng.uniform(0.02, 0.05)
-    order = _rank_region(geodesic, int(round((removed_share + share) * len(points))))
-    n_removed = int(round(removed_share * len(points)))
+    order = _rank_region(geodesic, round((removed_share + share) * len(points)))
+    n_removed = round(removed_share * len(points))
     removed, ring = order[:n_removed], order[n_removed:]
     keep = np.ones(len(points), dtype=bool)
     keep[removed] = False
@@ -256,7 +256,7 @@ def _broken(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, s
             band = keep & (height > offset - 0.75 * spacing)
         else:  # no cut face on an open surface: label the points along the break, as many as the target share
             band = np.zeros(len(points), dtype=bool)
-            band[_rank_region(np.where(keep, offset - height, np.inf), int(round(share * keep.sum())))] = True
+            band[_rank_region(np.where(keep, offset - height, np.inf), round(share * keep.sum()))] = True
         labelled = len(face) + int(band.sum())
         total = int(keep.sum()) + len(face)
         best = (keep, face, band, origin, cut_share)
@@ -268,7 +268,7 @@ def _broken(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, s
     new_normals = np.concatenate([normals[keep], np.tile(axis, (len(face), 1))])
     mask = np.concatenate([band[keep], np.ones(len(face), dtype=bool)])
     info = {"centre": origin.tolist(), "size": extent(new_points[mask]) if mask.any() else 0.0,
-            "plane_normal": axis.tolist(), "removed_points": int((~keep).sum()), "cut_face_points": int(len(face)),
+            "plane_normal": axis.tolist(), "removed_points": int((~keep).sum()), "cut_face_points": len(face),
             "cut_share": cut_share}
     return new_points, mask, new_normals, info
 

@@ -252,3 +252,15 @@ def test_llm_reply_to_message():
     reply = LLMReply(text=None, tool_calls=[ToolCall(id="c", name="t", arguments="{}")])
     assert reply.to_message() == {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "t", "arguments": "{}"}}]}
+
+
+def test_fold_tool_results_for_servers_that_drop_tool_messages():
+    from agent.backends.base import fold_tool_results
+
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "a", "type": "function", "function": {"name": "list_patches", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "a", "content": '{"patches": []}'}]
+    folded = fold_tool_results(messages)
+    assert folded[:2] == messages[:2]
+    assert folded[2] == {"role": "user", "content": 'Result of list_patches: {"patches": []}'}

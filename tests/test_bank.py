@@ -136,8 +136,10 @@ def test_thread_count_does_not_change_scores(fitted_flat):
     assert all(np.array_equal(a, b) for a, b in zip(two, bank.score(many)))
 
 
-def test_score_rejects_wrong_width(fitted_flat):
+def test_score_rejects_wrong_width_and_takes_empty_input(fitted_flat):
     bank, _, _ = fitted_flat
+    dist, nn_idx = bank.score(np.zeros((0, 96), np.float32))
+    assert dist.shape == nn_idx.shape == (0,)
     with pytest.raises(ValueError, match="width 5"):
         bank.score(np.zeros((3, 5), np.float32))
 

@@ -40,7 +40,7 @@ def test_deterministic_by_seed(kind: str, flange_cloud) -> None:
     points, normals = flange_cloud
     a_points, a_mask, a_info = make_defect(points, normals, kind, seed=7)
     b_points, b_mask, b_info = make_defect(points, normals, kind, seed=7)
-    c_points, c_mask, _ = make_defect(points, normals, kind, seed=8)
+    _c_points, c_mask, _ = make_defect(points, normals, kind, seed=8)
     assert np.array_equal(a_points, b_points) and np.array_equal(a_mask, b_mask) and a_info == b_info
     assert len(a_mask) != len(c_mask) or not np.array_equal(a_mask, c_mask)
 
@@ -77,7 +77,7 @@ def test_broken_labels_the_cut(flange_cloud) -> None:
 
 def test_directions_on_the_sphere(sphere_cloud) -> None:
     points, normals = sphere_cloud
-    radius = lambda p: np.linalg.norm(p, axis=1)  # noqa: E731
+    radius = lambda p: np.linalg.norm(p, axis=1)
     bulged, mask, _ = make_defect(points, normals, "bulge", seed=5)
     assert radius(bulged[mask]).min() > 1.0
     for kind in ("concavity", "crack", "scratch"):

@@ -12,6 +12,7 @@ import tifffile
 import trimesh
 from PIL import Image
 
+from tools.shared_data import shared_scans_dir
 from tools.io import (
     MIN_POINTS,
     SUPPORTED_EXTENSIONS,
@@ -25,7 +26,7 @@ from tools.io import (
 from tools.pcd import lzf_decompress
 from tools.ply import parse_ply_header, read_ply_vertices
 
-SCANS = Path("/work/shared/data/scans")
+SCANS = shared_scans_dir()
 needs_scans = pytest.mark.skipif(
     not SCANS.is_dir(), reason=f"real scans folder {SCANS} is not on this machine"
 )

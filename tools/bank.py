@@ -90,9 +90,9 @@ def _faiss_settings(threads: int, per_query: bool = True) -> Iterator[None]:
         faiss.omp_set_num_threads(old_threads)
 
 
-def _as_features(features: np.ndarray, dim: int | None, what: str) -> np.ndarray:
+def _as_features(features: np.ndarray, dim: int | None, what: str, allow_empty: bool = False) -> np.ndarray:
     arr = features if isinstance(features, np.ndarray) else np.asarray(features)  # keeps np.memmap lazy
-    if arr.ndim != 2 or arr.shape[0] == 0:
+    if arr.ndim != 2 or (arr.shape[0] == 0 and not allow_empty):
         raise ValueError(f"{what}: expected a non-empty (rows, dim) array, got shape {arr.shape}")
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{what}: features have width {arr.shape[1]} but the bank holds width {dim}")
@@ -275,7 +275,7 @@ class MemoryBank:
         subset gives exactly the same numbers as scoring everything and indexing.
         """
         self._require_fitted()
-        feats = _as_features(features, self.features.shape[1], "MemoryBank.score")
+        feats = _as_features(features, self.features.shape[1], "MemoryBank.score", allow_empty=True)
         dist = np.empty(len(feats), dtype=np.float32)
         nn_idx = np.empty(len(feats), dtype=np.int64)
         # Small batches run on one thread: waking an OpenMP team costs more than it saves on a shared 2-core box

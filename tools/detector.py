@@ -269,22 +269,25 @@ class FittedClass:
 
 # ---------------------------------------------------------------------------------------------------- fitting
 def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray, k: int = 16) -> np.ndarray:
-    """Each template's patch distances to the nearest bank row from another template (normal-data calibration)."""
+    """Each template's patch distances to the nearest bank row from another template (normal-data calibration).
+
+    Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
+    exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between
+    normal patches to cancellation."""
     import faiss
 
     rows = np.ascontiguousarray(bank.features, dtype=np.float32)
+    centre = rows.mean(axis=0)
     index = faiss.IndexFlatL2(rows.shape[1])
-    index.add(rows)
+    index.add(rows - centre)
     out = []
     for template, feats in enumerate(features):
-        d2, nn = index.search(np.ascontiguousarray(feats, dtype=np.float32), min(k, len(rows)))
-        other = bank_source[nn] != template
-        first = np.where(other.any(axis=1), other.argmax(axis=1), -1)
-        d = np.sqrt(np.maximum(d2[np.arange(len(feats)), np.maximum(first, 0)], 0.0))
-        d[first < 0] = np.nan  # every close row came from the same template: no honest estimate
-        out.append(d)
+        _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
+        exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
+        exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
+        out.append(exact.min(axis=1))
     scores = np.concatenate(out)
-    return scores[np.isfinite(scores)]
+    return scores[np.isfinite(scores)]  # every candidate from the same template: no honest estimate
 
 
 def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,

@@ -19,7 +19,8 @@ Decoding, chosen because a 135M instruct model cannot be trusted to write a tool
   conversation's tool results (so ids cannot be invented); other integers/numbers by greedy decoding restricted to digit
   tokens, then clamped to the schema's bounds; strings (reasons) by free greedy decoding, stopped at a quote;
   arrays item by item, continuing while "," is likelier than "]" (bounded by maxItems and `max_items`). Optional
-  properties without an enum/boolean type keep their defaults. The result is checked against the JSON schema with
+  properties without an enum/boolean type keep their defaults. Once `report_after` tool results are in the
+  conversation only the terminal tool (report_suspects) may be chosen: a 135M model otherwise keeps looking forever. The result is checked against the JSON schema with
   `jsonschema` when that package is importable.
 - constrained=False: plain greedy generation (max_new_tokens), then the first `<tool_call>`/JSON object is parsed; this
   mode measures how often the model writes a valid call by itself.
@@ -206,7 +207,7 @@ class HFBackend:
     def __init__(self, model: str | None = None, *, gguf_file: str | None = None, constrained: bool = True,
                  max_new_tokens: int = 160, max_items: int = 3, max_string_tokens: int = 24,
                  max_prompt_tokens: int = 6000, patch_ids: list[int] | None = None, seed: int = 0,
-                 threads: int | None = None):
+                 threads: int | None = None, report_after: int | None = 3, terminal_tool: str = "report_suspects"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
@@ -225,6 +226,8 @@ class HFBackend:
         self.max_string_tokens = max_string_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.fixed_patch_ids = patch_ids
+        self.report_after = report_after
+        self.terminal_tool = terminal_tool
         self.template_has_tools = "tools" in (self.tokenizer.chat_template or "")
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         decoded = {i: self.tokenizer.decode([i]) for i, t in enumerate(vocab) if t is not None and len(t) <= 4}
@@ -465,13 +468,18 @@ class HFBackend:
             reply = self._constrained_call(dec, messages, tools, call_id)
         else:
             reply = self._free_reply(dec, tools, call_id)
-        reply.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max(dec.generated, 1))
+        # Like a server's count: every token of the reply (forced JSON punctuation included), not only the decided ones.
+        reply_tokens = len(dec.ids) - prompt_tokens
+        reply.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max(reply_tokens, 1))
         return reply
 
     def _constrained_call(self, dec: _Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
         start = len(dec.text)
         dec.extend(CALL_OPEN + '{"name": "')
         names = [t["function"]["name"] for t in tools]
+        n_results = sum(1 for m in messages if m.get("role") == "tool")
+        if self.report_after is not None and n_results >= self.report_after and self.terminal_tool in names:
+            names = [self.terminal_tool]  # a small model tends to look forever; after enough look-ups it must answer
         name = dec.choose(names, ('"',))
         dec.extend(name + '", "arguments": ')
         args_start = len(dec.text)

@@ -1,0 +1,188 @@
+"""One scan through the whole product: analyse -> verbalize -> agent loop -> verifier.
+
+`inspect_scan` is what `agent.run` calls per scan and what the eval harness calls per (backend, scan); it knows no
+dataset layout and no metric. The backbone runs once per scan (`FittedClass.analyse`), its statistics feed the
+verbalizer, the agent's bank look-ups and the verifier draw on the same analysis, and bank look-ups made during the
+conversation count towards the share of points verified.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from agent.backends import Backend, get_backend
+from agent.loop import AgentBudget, AgentOutcome, run_agent
+from agent.transcript import Transcript
+from agent.verifier import Verification, verify, verify_zero_shot
+from tools.agent_tools import ScanContext, ToolBox
+from tools.detector import FittedClass, ScanAnalysis
+from tools.patches import Patches, PatchTable
+from verbalize import describe_scan, render_overview, render_system, render_tool_result
+
+VerifyMode = Literal["suspects", "all"]
+
+
+@dataclass(frozen=True)
+class InspectionConfig:
+    """Knobs of one inspection; defaults keep the bank's share of points <= 20%."""
+
+    verify: VerifyMode = "suspects"
+    max_verify_fraction: float = 0.2     # bank-scored points / all points, agent look-ups included
+    lookup_fraction: float = 0.1         # of which the agent's feature_lookup calls may spend at most this
+    margin: float = 0.0                  # extra radius around suspect regions, in scan units (0 = patch borders)
+    token_budget: int = 3000             # for the scan overview
+    guidance: str | None = None
+    templates: str | None = None         # user template folder overriding prompts/*.j2 by file name
+    budget: AgentBudget = field(default_factory=AgentBudget)
+    seed: int = 0
+
+
+@dataclass
+class Inspection:
+    """The result of one scan: scores, regions with verdicts, and what it cost."""
+
+    points: np.ndarray
+    verification: Verification
+    outcome: AgentOutcome
+    patches: Patches
+    table: PatchTable
+    backend: str
+    seconds: dict[str, float]
+
+    @property
+    def point_scores(self) -> np.ndarray:
+        return self.verification.point_scores
+
+    @property
+    def object_score(self) -> float:
+        return self.verification.object_score
+
+    def flagged_regions(self) -> list[np.ndarray]:
+        """Point indices of each region the agent named (what region recall is measured on)."""
+        return [self.patches.points_of(r.patch_ids) for r in self.verification.regions]
+
+    def report(self) -> dict:
+        """The `report.json` document (the contract other tools read)."""
+        v, o = self.verification, self.outcome
+        regions = [r.to_dict() for r in v.regions]
+        return {
+            "object_score": float(v.object_score),
+            "verified_fraction": round(v.verified_fraction, 6),
+            "verify_mode": "all" if v.verified_fraction == 1.0 and v.mode == "bank" else "suspects",
+            "mode": v.mode,
+            "backend": self.backend,
+            "reporting_backend": o.backend,
+            "fallback": {"used": o.fallback_used, "reason": o.fallback_reason},
+            "error": o.error,
+            "usage": o.usage.model_dump(),
+            "tool_calls": o.n_tool_calls,
+            "turns": o.turns,
+            "repairs": o.repairs,
+            "n_points": int(len(self.points)),
+            "n_patches": int(self.patches.n_patches),
+            "patches_searched": v.patches_searched,
+            "detector_patches": v.patches_total,
+            "regions": regions,
+            "seconds": {k: round(s, 3) for k, s in self.seconds.items()},
+        }
+
+
+def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
+                 scored: np.ndarray) -> Callable[[list[int]], dict[int, dict]]:
+    """The agent's window on the memory bank: per verbalizer patch, its bank distances vs the normal range."""
+    p99 = fitted.thresholds.get("patch_p99")
+    p50 = fitted.thresholds.get("patch_p50")
+
+    def lookup(patch_ids: list[int]) -> dict[int, dict]:
+        answer = {}
+        for pid in patch_ids:
+            members = patches.points_of([pid])
+            result = fitted.score(analysis, members)
+            scored[result.point_ids] = True
+            top = float(result.point_scores.max()) if result.point_scores.size else 0.0
+            info = {"bank_distance_max": top,
+                    "bank_distance_mean": float(result.point_scores.mean()) if result.point_scores.size else 0.0}
+            if p99:
+                info["normal_p99"] = float(p99)
+                info["ratio_to_normal_p99"] = top / float(p99)
+            if p50:
+                info["normal_median"] = float(p50)
+            answer[int(pid)] = info
+        return answer
+
+    return lookup
+
+
+def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,
+                       config: InspectionConfig, scored: np.ndarray) -> tuple[Patches, PatchTable, Callable[[], ToolBox],
+                                                                              list[dict]]:
+    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages."""
+    stats = analysis.point_stats if analysis is not None else None
+    patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
+    lookup = _bank_lookup(fitted, analysis, patches, scored) if fitted is not None and analysis is not None else None
+    lookup_points = int(config.lookup_fraction * len(points)) if lookup is not None else 0
+
+    def make_toolbox() -> ToolBox:
+        context = ScanContext(points=points, patches=patches, table=table, bank_lookup=lookup,
+                              verify_budget_points=lookup_points)
+        return ToolBox(context, render=lambda name, data: render_tool_result(name, data, templates=config.templates))
+
+    toolbox = make_toolbox()
+    messages = [
+        {"role": "system", "content": render_system(toolbox.tools_summary(), templates=config.templates)},
+        {"role": "user", "content": render_overview(table, config.guidance, config.token_budget,
+                                                    templates=config.templates)},
+    ]
+    return patches, table, make_toolbox, messages
+
+
+def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backend, *,
+                 config: InspectionConfig = InspectionConfig(), transcript_path: str | Path | None = None,
+                 fallback: Backend | None = None, analysis: ScanAnalysis | None = None) -> Inspection:
+    """Run one scan end to end. `fitted=None` runs the labelled zero-shot mode (geometry only)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    pts = np.ascontiguousarray(points, dtype=np.float32)
+    if fitted is not None and analysis is None:
+        analysis = fitted.analyse(pts)
+    timings["analyse"] = time.perf_counter() - t0
+    scored = np.zeros(len(pts), dtype=bool)
+    t0 = time.perf_counter()
+    patches, table, make_toolbox, messages = build_conversation(pts, fitted, analysis, config, scored)
+    timings["verbalize"] = time.perf_counter() - t0
+    fallback = fallback if fallback is not None else get_backend("policy")
+    transcript = Transcript(transcript_path) if transcript_path is not None else None
+    t0 = time.perf_counter()
+    try:
+        if transcript is not None:
+            transcript.log("scan", n_points=int(len(pts)), backend=backend.name, verify=config.verify,
+                           mode="bank" if fitted is not None else "zero-shot")
+        toolbox = make_toolbox()
+        outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
+                            fallback=None if backend is fallback else fallback, toolbox_factory=make_toolbox)
+        timings["agent"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if fitted is not None and analysis is not None:
+            verification = verify(fitted, analysis, patches, outcome.regions,
+                                  max_fraction=config.max_verify_fraction, margin=config.margin,
+                                  already_scored=scored, verify_all=config.verify == "all")
+        else:
+            verification = verify_zero_shot(pts, patches, outcome.regions,
+                                             max_fraction=config.max_verify_fraction, seed=config.seed)
+        timings["verify"] = time.perf_counter() - t0
+        if transcript is not None:
+            transcript.log("verification", mode=verification.mode, object_score=verification.object_score,
+                           verified_fraction=verification.verified_fraction,
+                           regions=[r.to_dict() for r in verification.regions])
+    finally:
+        if transcript is not None:
+            transcript.close()
+    timings["total"] = sum(timings.values())
+    return Inspection(points=pts, verification=verification, outcome=outcome, patches=patches, table=table,
+                      backend=backend.name, seconds=timings)

@@ -1,0 +1,155 @@
+"""`python -m agent.run scan.ply [more scans | a folder] [--bank DIR] [--backend ...] [--out DIR]`.
+
+Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report). The model
+and the bank load once for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
+3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline, no key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agent.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("scans", nargs="*", help="scan files or folders of scans")
+    p.add_argument("--bank", help="fitted class folder from `python -m agent.fit` (omit for the zero-shot mode)")
+    p.add_argument("--backend", default="policy", choices=["policy", "hf", "openai", "langchain"])
+    p.add_argument("--model", help="hf: model dir, cached id or .gguf (default: packaged SmolLM2); openai: model name; "
+                                   "langchain: module:Class")
+    p.add_argument("--base-url", help="openai: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--backend-kwargs", default="{}", help="JSON object of extra backend arguments")
+    p.add_argument("--guidance", help="your text guidance for the agent, e.g. 'sharp ridges are normal'")
+    p.add_argument("--verify", choices=["suspects", "all"], default="suspects",
+                   help="suspects: the bank scores only the agent's regions; all: every point (full-bank baseline)")
+    p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
+    p.add_argument("--templates", help="folder of .j2 templates overriding prompts/ by file name")
+    p.add_argument("--max-turns", type=int, default=8)
+    p.add_argument("--max-tool-calls", type=int, default=16)
+    p.add_argument("--out", default="runs", help="output root; one folder per scan")
+    p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-render", action="store_true", help="skip the PNG render")
+    p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
+    return p
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    from tools.io import SUPPORTED_EXTENSIONS
+
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS))
+        else:
+            out.append(path)
+    return out
+
+
+def make_backend(args: argparse.Namespace):
+    """The chosen backend, constructed once for every scan."""
+    from agent.backends import get_backend
+
+    kwargs = json.loads(args.backend_kwargs)
+    if not isinstance(kwargs, dict):
+        raise ValueError("--backend-kwargs must be a JSON object")
+    if args.model:
+        kwargs.setdefault("model", args.model)
+    if args.base_url:
+        if args.backend != "openai":
+            raise ValueError("--base-url is for --backend openai")
+        kwargs.setdefault("base_url", args.base_url)
+    return get_backend(args.backend, **kwargs)
+
+
+def _unique_dir(root: Path, stem: str, taken: set[str]) -> Path:
+    name, i = stem, 1
+    while name in taken:
+        i += 1
+        name = f"{stem}-{i}"
+    taken.add(name)
+    return root / name
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from agent.backends import BackendUnavailable
+    from agent.loop import AgentBudget
+    from agent.pipeline import InspectionConfig, inspect_scan
+    from agent.report import print_summary, write_outputs
+    from tools.detector import FitError, FittedClass
+    from tools.io import ScanError, read_scan
+
+    out_root = Path(args.out)
+    if args.demo:
+        from evals.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
+
+        console.print("[bold]demo[/bold]: building a flange with a dent, fitting it (Point-MAE + memory bank)...")
+        t0 = time.perf_counter()
+        scan_paths, bank_dir = prepare_demo(out_root / "demo-data", seed=args.seed, console=console)
+        console.print(f"  built and fitted in {time.perf_counter() - t0:.1f} s")
+        args.scans, args.bank = [str(p) for p in scan_paths], str(bank_dir)
+    scans = _expand(args.scans)
+    if not scans:
+        console.print("[red]no scans given[/red] (pass scan files or folders, or --demo)")
+        return EXIT_BAD_INPUT
+    fitted = None
+    if args.bank:
+        try:
+            fitted = FittedClass.load(args.bank)
+        except (FitError, OSError, ValueError) as exc:
+            console.print(f"[red]bad bank:[/red] {exc}")
+            return EXIT_BAD_INPUT
+    try:
+        backend = make_backend(args)
+    except BackendUnavailable as exc:
+        console.print(f"[red]backend unavailable:[/red] {exc}")
+        return EXIT_BACKEND
+    except (ValueError, json.JSONDecodeError) as exc:
+        console.print(f"[red]bad backend options:[/red] {exc}")
+        return EXIT_BAD_INPUT
+    config = InspectionConfig(verify=args.verify, max_verify_fraction=args.max_verify_fraction, guidance=args.guidance,
+                              templates=args.templates, seed=args.seed,
+                              budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls))
+    if fitted is None:
+        console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
+    status, taken = EXIT_OK, set()
+    for path in scans:
+        try:
+            scan = read_scan(path, mesh_points=args.mesh_points, seed=args.seed)
+        except ScanError as exc:
+            console.print(f"[red]bad scan:[/red] {exc}")
+            status = EXIT_BAD_INPUT
+            continue
+        out_dir = _unique_dir(out_root, path.stem, taken)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inspection = inspect_scan(scan.points, fitted, backend, config=config,
+                                  transcript_path=out_dir / "transcript.jsonl")
+        write_outputs(inspection, out_dir, source=str(path), render=not args.no_render)
+        print_summary(inspection, str(path), console)
+        console.print(f"  outputs: {out_dir}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console(stderr=False)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return run(args, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The verifier: rescore only the agent's suspect regions with the memory bank.
+
+Why this exists: the bank search is the trustworthy part of the detector and the agent only says *where* to spend it.
+The verifier takes the suspect regions (verbalizer patches), adds a margin of neighbouring points, searches the bank
+for exactly the detector patches that support those points (:meth:`tools.detector.FittedClass.score`, the same code
+path as ``--verify all``, so a verified point's score equals its full-bank score) and leaves every other point with a
+low prior score below the class's normal range.
+
+The prior keeps the order the backbone's own statistics suggest among unverified points (so a missed defect is not tied
+with the whole surface), but it never rises above ``floor``: the 5th percentile of normal patch distances measured
+leave-one-template-out at fit time, i.e. below almost every verified normal point.
+
+Without a fitted bank, a labelled zero-shot mode compares each suspect patch's FPFH features with those of the scan's
+own far-away patches (a defect is unlike the rest of its own part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from tools.detector import FittedClass, ScanAnalysis
+from tools.patches import Patches
+
+CONFIRM_QUANTILE = "patch_p99"
+
+
+@dataclass
+class RegionVerdict:
+    """One suspect region after verification."""
+
+    patch_ids: list[int]
+    reason: str
+    confidence: float
+    point_count: int
+    verdict: str                      # "confirmed" | "rejected" | "skipped" (verification budget spent)
+    max_distance: float | None = None
+    mean_distance: float | None = None
+    threshold: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class Verification:
+    """Per-point scores (input order), object score and region verdicts of one scan."""
+
+    point_scores: np.ndarray          # float32 (N,)
+    object_score: float
+    verified: np.ndarray              # bool (N,) points that got a bank score
+    regions: list[RegionVerdict] = field(default_factory=list)
+    mode: str = "bank"                # "bank" | "zero-shot"
+    patches_searched: int = 0
+    patches_total: int = 0
+
+    @property
+    def verified_fraction(self) -> float:
+        return float(self.verified.mean()) if self.verified.size else 0.0
+
+
+def _with_margin(points: np.ndarray, region_points: np.ndarray, margin: float) -> np.ndarray:
+    """Indices of the region's points plus every point within `margin` of one of them."""
+    if region_points.size == 0 or margin <= 0:
+        return region_points
+    tree = cKDTree(points[region_points])
+    dist, _ = tree.query(points, k=1, distance_upper_bound=margin)
+    return np.union1d(region_points, np.flatnonzero(np.isfinite(dist)))
+
+
+def prior_scores(analysis: ScanAnalysis | None, n_points: int, floor: float) -> np.ndarray:
+    """Low scores for unverified points: rank of the backbone's cue, squeezed into [0, floor)."""
+    if analysis is None or not analysis.point_stats:
+        return np.zeros(n_points, dtype=np.float32)
+    stats = analysis.point_stats
+    cue = stats.get("feature_deviation", next(iter(stats.values())))
+    ranks = np.argsort(np.argsort(cue, kind="stable"), kind="stable").astype(np.float64)
+    return (floor * 0.999 * ranks / max(n_points - 1, 1)).astype(np.float32)
+
+
+def _budgeted_regions(regions: list[dict], patches: Patches, points: np.ndarray, max_points: int,
+                      margin: float, already: np.ndarray | None = None
+                      ) -> tuple[list[tuple[dict, np.ndarray, np.ndarray | None]], np.ndarray]:
+    """Regions in confidence order with their points (+margin) while the point budget lasts; None = skipped.
+    Points `already` scored (the agent's bank look-ups) count towards the budget."""
+    order = sorted(range(len(regions)), key=lambda i: (-float(regions[i].get("confidence", 0.0)), i))
+    chosen = np.zeros(len(points), dtype=bool) if already is None else already.copy()
+    planned: list[tuple[dict, np.ndarray, np.ndarray | None]] = []
+    for i in order:
+        region = regions[i]
+        own = patches.points_of(region["patch_ids"])
+        grown = _with_margin(points, own, margin)
+        if chosen.sum() + (~chosen[grown]).sum() > max_points:
+            grown = own  # try without margin before giving up on the region
+        if chosen.sum() + (~chosen[grown]).sum() > max_points:
+            planned.append((region, own, None))
+            continue
+        chosen[grown] = True
+        planned.append((region, own, grown))
+    return planned, chosen
+
+
+def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, regions: list[dict], *,
+           max_fraction: float = 0.2, margin: float = 0.0, already_scored: np.ndarray | None = None,
+           verify_all: bool = False) -> Verification:
+    """Bank scores for the suspect regions only (or for every point with ``verify_all``), prior elsewhere."""
+    points = analysis.points
+    n = len(points)
+    floor = float(fitted.thresholds.get("patch_p5", 0.0)) or 1e-6
+    threshold = fitted.thresholds.get(CONFIRM_QUANTILE)
+    scores = prior_scores(analysis, n, floor)
+    planned, chosen = _budgeted_regions(regions, patches, points, int(max_fraction * n) if not verify_all else n,
+                                        margin, already_scored)
+    if verify_all:
+        chosen[:] = True
+    result = fitted.score(analysis, None if verify_all else np.flatnonzero(chosen))
+    scores[result.point_ids] = result.point_scores
+    verified = np.zeros(n, dtype=bool)
+    verified[result.point_ids] = True
+    object_score = result.object_score if result.point_ids.size else float(scores.max(initial=0.0))
+    verdicts = []
+    for region, own, grown in planned:
+        base = dict(patch_ids=[int(p) for p in region["patch_ids"]], reason=str(region.get("reason", "")),
+                    confidence=float(region.get("confidence", 0.0)), point_count=int(own.size))
+        if grown is None or own.size == 0:
+            verdicts.append(RegionVerdict(**base, verdict="skipped"))
+            continue
+        region_scores = scores[own]
+        top = float(region_scores.max())
+        confirmed = threshold is not None and top > threshold
+        verdicts.append(RegionVerdict(**base, verdict="confirmed" if confirmed else "rejected", max_distance=top,
+                                      mean_distance=float(region_scores.mean()),
+                                      threshold=None if threshold is None else float(threshold)))
+    return Verification(point_scores=scores, object_score=float(object_score), verified=verified, regions=verdicts,
+                        mode="bank", patches_searched=int(result.patch_ids.size), patches_total=analysis.n_patches)
+
+
+def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], *, max_fraction: float = 0.2,
+                     far_share: float = 0.25, seed: int = 0) -> Verification:
+    """No fitted class: a suspect patch's FPFH signature against those of the scan's own far-away patches.
+
+    Scores are distances in FPFH space to the nearest far patch (far = beyond ``far_share`` of the bounding-box
+    diagonal); unsuspected points get 0. Labelled ``zero-shot`` in every report because it has no notion of the
+    class's normal variation."""
+    from tools.geometry import fpfh
+
+    n = len(points)
+    diag = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))
+    features = fpfh(points, radius_normal=0.02 * diag, radius_feature=0.05 * diag)
+    pid = patches.patch_of_point
+    sums = np.zeros((patches.n_patches, features.shape[1]))
+    np.add.at(sums, pid, features)
+    patch_feat = sums / np.maximum(patches.counts, 1)[:, None]
+    planned, chosen = _budgeted_regions(regions, patches, points, int(max_fraction * n), 0.0)
+    scores = np.zeros(n, dtype=np.float32)
+    all_dist = np.zeros(patches.n_patches)
+    for p in np.unique(pid[chosen]):
+        far = np.linalg.norm(patches.centers - patches.centers[p], axis=1) > far_share * diag
+        if not far.any():
+            continue
+        all_dist[p] = float(np.min(np.linalg.norm(patch_feat[far] - patch_feat[p], axis=1)))
+        members = np.flatnonzero(pid == p)
+        scores[members[chosen[members]]] = all_dist[p]
+    baseline = float(np.median(all_dist[all_dist > 0])) if (all_dist > 0).any() else 0.0
+    verdicts = []
+    for region, own, grown in planned:
+        base = dict(patch_ids=[int(p) for p in region["patch_ids"]], reason=str(region.get("reason", "")),
+                    confidence=float(region.get("confidence", 0.0)), point_count=int(own.size))
+        if grown is None or own.size == 0:
+            verdicts.append(RegionVerdict(**base, verdict="skipped"))
+            continue
+        top = float(scores[own].max())
+        verdicts.append(RegionVerdict(**base, verdict="confirmed" if top > 1.5 * baseline else "rejected",
+                                      max_distance=top, mean_distance=float(scores[own].mean()),
+                                      threshold=1.5 * baseline))
+    return Verification(point_scores=scores, object_score=float(scores.max(initial=0.0)), verified=chosen,
+                        regions=verdicts, mode="zero-shot", patches_searched=int(len(np.unique(pid[chosen]))),
+                        patches_total=patches.n_patches)
