@@ -174,7 +174,7 @@ class _Attempt:
         started = time.perf_counter()
         try:
             result = self.toolbox.call(call.name, arguments)
-        except Exception as err:  # the toolbox promises not to raise; if it does, the call still counts as failed
+        except Exception as err:  # noqa: BLE001 -- the toolbox promises not to raise; if it does, the call fails
             return self._answer(call, f"{call.name} failed: {type(err).__name__}: {err}")
         ok, data, error = _result_fields(result)
         if not ok:

@@ -13,9 +13,9 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Self, TextIO
 
 # Environment variables whose values are credentials (OPENAI_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...).
 SECRET_ENV = re.compile(r"(API_?KEY|ACCESS_?KEY|SECRET|PASSWORD|PASSWD|(^|_)TOKEN$)", re.IGNORECASE)
@@ -61,7 +61,7 @@ class Transcript:
         record = {
             "event": event,
             "t": round(time.perf_counter() - self._start, 4),
-            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             **self._scrub(fields),
         }
         self.events.append(record)
@@ -79,7 +79,7 @@ class Transcript:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> Transcript:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from tools.bank import MemoryBank
 from tools.btf import btf_patch_features, btf_point_features
+from tools.shared_data import shared_scans_dir
 from tools.geometry import (
     curvature,
     estimate_normals,
@@ -20,7 +21,7 @@ from tools.geometry import (
     voxel_downsample,
 )
 
-BUNNY = Path("/work/shared/data/scans/stanford-bunny/bun000.ply")
+BUNNY = shared_scans_dir() / "stanford-bunny" / "bun000.ply"
 
 
 def sphere(rng: np.random.Generator, n: int, radius: float = 1.0) -> np.ndarray:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from llama_server import llama_server, missing_server_modules
+from test_loop import PATCHES, FakeToolBox
 
 from agent.backends.base import BackendUnavailable
 from agent.backends.policy import PolicyBackend
 from agent.loop import AgentBudget, AgentOutcome, run_agent
 from agent.transcript import Transcript
-from llama_server import llama_server, missing_server_modules
-from test_loop import PATCHES, FakeToolBox
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
@@ -125,7 +125,7 @@ def test_openai_backend_with_llama_server(llama_url, tmp_path):
     from agent.backends.openai_backend import OpenAIBackend
 
     backend = OpenAIBackend(base_url=llama_url, timeout=300, max_retries=1, backoff_base=0.01, max_tokens=200,
-                            fold_tool_results=True)
+                            llama_cpp_compat=True)
     with Transcript(tmp_path / "openai.jsonl") as transcript:
         outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4), transcript=transcript,
                             fallback=PolicyBackend())
@@ -138,7 +138,7 @@ def test_langchain_backend_with_llama_server(llama_url, tmp_path):
 
     backend = LangChainBackend("langchain_openai:ChatOpenAI", base_url=llama_url, api_key="sk-local-no-key",
                                model="SmolLM2-135M-Instruct.Q4_1", temperature=0, max_retries=0, timeout=300,
-                               max_tokens=200, fold_tool_results=True)
+                               max_tokens=200, llama_cpp_compat=True)
     with Transcript(tmp_path / "langchain.jsonl") as transcript:
         outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4), transcript=transcript,
                             fallback=PolicyBackend())

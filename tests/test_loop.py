@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -75,7 +75,7 @@ class FakeToolBox:
     report: list[dict] | None = None
     resets: int = 0
 
-    MODELS = {"list_patches": ListArgs, "patch_geometry": PatchArgs, "neighbourhood": NeighbourArgs,
+    MODELS: ClassVar[dict[str, type[BaseModel]]] = {"list_patches": ListArgs, "patch_geometry": PatchArgs, "neighbourhood": NeighbourArgs,
               "feature_lookup": PatchArgs, "report_suspects": ReportArgs}
 
     def reset(self) -> None:

@@ -93,18 +93,24 @@ class ScanAnalysis:
     def n_patches(self) -> int:
         return len(self.patches.centers)
 
-    def patches_for_points(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
-        """Detector patches whose scores decide the given points' scores: each point's k nearest patch centres (the
-        interpolation's support). Scoring exactly these patches gives those points the same scores as full scoring."""
+    def support_of(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
+        """(M, k) int64: each given point's k nearest detector patch centres, the support of its interpolated score
+        (the same search :func:`tools.pointmae.interpolate_to_points` makes)."""
         import faiss
 
         idx = np.asarray(point_idx, dtype=np.int64)
+        k = min(k, self.n_patches)
         if idx.size == 0:
-            return np.zeros(0, dtype=np.int64)
+            return np.zeros((0, k), dtype=np.int64)
         index = faiss.IndexFlatL2(3)
         index.add(np.ascontiguousarray(self.patches.centers, dtype=np.float32))
-        _, nn = index.search(np.ascontiguousarray(self.points[idx], dtype=np.float32), min(k, self.n_patches))
-        return np.unique(nn.ravel())
+        _, nn = index.search(np.ascontiguousarray(self.points[idx], dtype=np.float32), k)
+        return nn.astype(np.int64)
+
+    def patches_for_points(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
+        """Detector patches whose scores decide the given points' scores: each point's k nearest patch centres (the
+        interpolation's support). Scoring exactly these patches gives those points the same scores as full scoring."""
+        return np.unique(self.support_of(point_idx, k).ravel())
 
 
 @dataclass
@@ -117,6 +123,24 @@ class ScanScores:
     point_scores: np.ndarray    # float32 (M,)
     object_score: float         # PatchCore-reweighted max over the searched patches
     seconds: float = 0.0
+
+
+def _checked_ids(ids: np.ndarray, size: int, what: str) -> np.ndarray:
+    """Sorted unique int64 ids, all in [0, size)."""
+    out = np.unique(np.asarray(ids, dtype=np.int64).ravel())
+    if out.size and (out[0] < 0 or out[-1] >= size):
+        raise IndexError(f"{what} must lie in [0, {size}), got {out[0]}..{out[-1]}")
+    return out
+
+
+def _points_supported_by(analysis: ScanAnalysis, patch_ids: np.ndarray, k: int = 3) -> np.ndarray:
+    """Points (sorted) among the given patches' members whose k nearest patch centres are all in ``patch_ids``."""
+    if patch_ids.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.unique(analysis.patches.group_idx[patch_ids].ravel())
+    support = analysis.support_of(candidates, k)
+    inside = np.isin(support, patch_ids).all(axis=1)
+    return candidates[inside]
 
 
 class FittedClass:
@@ -140,8 +164,11 @@ class FittedClass:
         assert self.backbone is not None
         return backbone_hash(self.backbone)
 
-    def patch_features(self, points: np.ndarray, seed: int | None = None) -> PatchFeatures:
-        """Detector patches of one scan with their features (Point-MAE or FPFH)."""
+    def patch_features(self, points: np.ndarray, seed: int | None = None, *, recon: bool = True) -> PatchFeatures:
+        """Detector patches of one scan with their features (Point-MAE or FPFH).
+
+        ``recon=False`` skips Point-MAE's masked-reconstruction rounds (recon_error comes back NaN): the memory bank
+        only needs features, and the rounds cost about as much as the feature pass itself."""
         seed = self.config.seed if seed is None else seed
         cfg = self.config.backbone
         if self.config.feature == "fpfh":
@@ -155,7 +182,7 @@ class FittedClass:
         assert self.backbone is not None
         return extract_patch_features(self.backbone, points, num_groups=cfg.inference_groups,
                                       group_size=cfg.group_size, seed=seed, scale=self.scale,
-                                      recon_rounds=self.config.recon_rounds)
+                                      recon_rounds=self.config.recon_rounds if recon else 0)
 
     def analyse(self, points: np.ndarray) -> ScanAnalysis:
         """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""
@@ -173,26 +200,38 @@ class FittedClass:
                             seconds=time.perf_counter() - start)
 
     # ------------------------------------------------------------------------------------------- scoring
-    def score(self, analysis: ScanAnalysis, point_ids: np.ndarray | None = None) -> ScanScores:
-        """Bank scores for all points (``point_ids=None``, the full-bank baseline) or only the given points.
+    def score(self, analysis: ScanAnalysis, point_ids: np.ndarray | None = None, *,
+              patch_ids: np.ndarray | None = None) -> ScanScores:
+        """Bank scores for all points (the full-bank baseline), for the given points, or for the given patches.
 
-        Only the detector patches that support the requested points are searched, so the cost follows the subset and
-        the requested points' scores equal those of full scoring by construction (same patches, same interpolation)."""
+        * ``point_ids``: the detector patches that support those points are searched (what the verifier asks).
+        * ``patch_ids``: exactly those patches are searched; point scores come back for the points whose whole
+          interpolation support lies among them (their scores are then final).
+        * neither: every patch and every point.
+
+        Only the chosen patches reach the bank, so the cost follows the subset, and every score returned equals the
+        full scoring's value for the same patch or point exactly: the bank answers each row on its own, and a point's
+        score depends only on its supporting patches."""
         start = time.perf_counter()
-        if point_ids is None:
-            pids = np.arange(len(analysis.points), dtype=np.int64)
-            patch_ids = np.arange(analysis.n_patches, dtype=np.int64)
+        n_points, n_patches = len(analysis.points), analysis.n_patches
+        if point_ids is not None and patch_ids is not None:
+            raise ValueError("score: give point_ids or patch_ids, not both")
+        if patch_ids is not None:
+            patch_ids = _checked_ids(patch_ids, n_patches, "patch ids")
+            pids = _points_supported_by(analysis, patch_ids)
+        elif point_ids is None:
+            pids = np.arange(n_points, dtype=np.int64)
+            patch_ids = np.arange(n_patches, dtype=np.int64)
         else:
-            pids = np.unique(np.asarray(point_ids, dtype=np.int64))
-            if pids.size and (pids[0] < 0 or pids[-1] >= len(analysis.points)):
-                raise IndexError(f"point ids must lie in [0, {len(analysis.points)})")
+            pids = _checked_ids(point_ids, n_points, "point ids")
             patch_ids = analysis.patches_for_points(pids)
         if patch_ids.size == 0:
-            return ScanScores(patch_ids, np.zeros(0, np.float32), pids, np.zeros(0, np.float32), 0.0,
+            return ScanScores(patch_ids, np.zeros(0, np.float32), pids[:0], np.zeros(0, np.float32), 0.0,
                               time.perf_counter() - start)
         feats = analysis.patches.features[patch_ids]
         dist, nn_idx = self.bank.score(feats)
-        point_scores = interpolate_to_points(analysis.points[pids], analysis.patches.centers[patch_ids], dist)
+        point_scores = (interpolate_to_points(analysis.points[pids], analysis.patches.centers[patch_ids], dist)
+                        if pids.size else np.zeros(0, np.float32))
         obj = float(self.bank.object_score(feats, dist, nn_idx))
         return ScanScores(patch_ids=patch_ids, patch_scores=dist.astype(np.float32), point_ids=pids,
                           point_scores=point_scores.astype(np.float32), object_score=obj,
@@ -208,10 +247,12 @@ class FittedClass:
 
     # ------------------------------------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the fit as one folder (written beside, then renamed: never half-written)."""
+        """Write the fit as one folder: written beside the target, then renamed, so a reader sees the old fit or the
+        new one, never a half-written folder (an old fit at the same place is replaced)."""
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        old = None
         try:
             if self.backbone is not None:
                 save_backbone(self.backbone, tmp / "backbone")
@@ -222,31 +263,49 @@ class FittedClass:
                     "info": self.info}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if target.exists():
-                shutil.rmtree(target)
+                if not (target / META_FILE).is_file() and any(target.iterdir()):
+                    raise FitError(f"{target}: exists and is not a fitted class folder; refusing to overwrite it")
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                os.replace(target, old / "fit")
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not target.exists():
+                os.replace(old / "fit", target)  # put the previous fit back
             raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return target
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> FittedClass:
-        """Read a fit; refuses another format/version, or a bank made with another backbone, naming the folder."""
+        """Read a fit; refuses another format/version, a garbled or incomplete folder, or a bank made with another
+        backbone, always naming the folder."""
         root = Path(directory)
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
         try:
             meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FitError(f"{meta_path}: unreadable ({exc})") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FitError(f"{root}: {META_FILE} is unreadable ({exc}); refit the class") from exc
+        if not isinstance(meta, dict):
+            raise FitError(f"{root}: {META_FILE} does not hold a json object; refit the class")
         if meta.get("format") != FORMAT_NAME or meta.get("version") != DETECTOR_VERSION:
             raise FitError(f"{root}: fitted with format {meta.get('format')!r} version {meta.get('version')!r}; "
                            f"this build reads {FORMAT_NAME!r} version {DETECTOR_VERSION} — refit the class")
         try:
             config = DetectorConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FitError(f"{root}: invalid detector config ({exc})") from exc
+            scale = float(meta["scale"])
+            thresholds = {str(k): float(v) for k, v in dict(meta.get("thresholds") or {}).items()}
+            backbone_id = str(meta["backbone_id"])
+            info = dict(meta.get("info") or {})
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FitError(f"{root}: {META_FILE} is incomplete or invalid ({type(exc).__name__}: {exc}); "
+                           "refit the class") from exc
+        if not (np.isfinite(scale) and scale > 0):
+            raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
         backbone = None
         if config.feature == "pointmae":
             try:
@@ -254,17 +313,22 @@ class FittedClass:
             except (OSError, ValueError) as exc:
                 raise FitError(f"{root}: backbone does not load ({exc})") from exc
             found = backbone_hash(backbone)
-            if found != meta.get("backbone_id"):
+            if found != backbone_id:
                 raise FitError(f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
-                               f"({str(meta.get('backbone_id'))[:12]}); the bank belongs to another backbone")
-        expect = {"feature_name": config.feature, "backbone_hash": meta.get("backbone_id")}
+                               f"({backbone_id[:12]}); the bank belongs to another backbone — refit the class")
+        elif backbone_id != "fpfh-v1":
+            raise FitError(f"{root}: feature 'fpfh' but backbone id {backbone_id[:12]!r}; refit the class")
+        expect = {"feature_name": config.feature, "backbone_hash": backbone_id}
         try:
             bank = MemoryBank.load(root / "bank", expect_meta=expect)
             mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise FitError(f"{root}: {exc}") from exc
-        return cls(config=config, scale=float(meta["scale"]), bank=bank, mean_feature=mean_feature,
-                   thresholds=meta.get("thresholds", {}), backbone=backbone, info=meta.get("info", {}))
+        if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
+            raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
+                           f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
+        return cls(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
+                   backbone=backbone, info=info)
 
 
 # ---------------------------------------------------------------------------------------------------- fitting
@@ -290,20 +354,49 @@ def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source:
     return scores[np.isfinite(scores)]  # every candidate from the same template: no honest estimate
 
 
+def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: DetectorConfig) -> list[np.ndarray]:
+    """float32 copies of the scans, or FitError naming the first one that cannot be fitted on."""
+    if not train_scans:
+        raise FitError("no training scans given: a class needs at least one normal scan")
+    if len(names) != len(train_scans):
+        raise FitError(f"{len(names)} names given for {len(train_scans)} training scans")
+    # every patching must find inference_groups patches of group_size points; FPS/kNN need the points distinct
+    min_points = max(config.backbone.group_size * 4, config.backbone.inference_groups)
+    out = []
+    for name, scan in zip(names, train_scans):
+        arr = np.asarray(scan)
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            raise FitError(f"{name}: expected an (N, 3) point array, got shape {arr.shape}")
+        if len(arr) < min_points:
+            raise FitError(f"{name}: has {len(arr)} points; fitting needs at least {min_points} per training scan "
+                           f"(inference_groups={config.backbone.inference_groups}, "
+                           f"group_size={config.backbone.group_size})")
+        if not np.isfinite(arr).all():
+            raise FitError(f"{name}: contains NaN or infinite coordinates (read it with tools.io.read_scan, which "
+                           "drops them)")
+        out.append(np.ascontiguousarray(arr, dtype=np.float32))
+    return out
+
+
 def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,
               init_backbone: PointMAE | None = None, progress: ProgressFn | None = None,
               names: list[str] | None = None) -> FittedClass:
     """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank of
-    patch features with a k-center greedy coreset, and normal-data thresholds."""
-    names = names or [f"scan {i}" for i in range(len(train_scans))]
-    if not train_scans:
-        raise FitError("no training scans given: a class needs at least one normal scan")
-    min_points = config.backbone.group_size * 4
-    for name, scan in zip(names, train_scans):
-        if scan.ndim != 2 or scan.shape[1] != 3 or len(scan) < min_points:
-            raise FitError(f"{name}: needs a (N,3) scan of at least {min_points} points, got shape {scan.shape}")
+    patch features with a k-center greedy coreset, and normal-data thresholds.
+
+    ``progress(stage, done, total)`` is called after every training step (stage "train") and every bank view
+    (stage "features"). ``init_backbone`` starts training from a pretrained backbone of the same config.
+    Bad input raises FitError naming the scan (``names`` gives the scans' names, e.g. their files)."""
+    names = list(names) if names is not None else [f"training scan {i}" for i in range(len(train_scans))]
+    scans = _check_train_scans(list(train_scans), names, config)
+    if config.train_steps < 0 or config.bank_views < 1 or not 0 < config.coreset_ratio <= 1:
+        raise FitError(f"invalid DetectorConfig: train_steps={config.train_steps} (>= 0), bank_views="
+                       f"{config.bank_views} (>= 1), coreset_ratio={config.coreset_ratio} (in (0, 1])")
+    if init_backbone is not None and init_backbone.config != config.backbone:
+        raise FitError("the pretrained backbone given as init has another architecture than the detector config "
+                       f"({init_backbone.config} vs {config.backbone})")
     timings: dict[str, float] = {}
-    scale = estimate_scale(train_scans)
+    scale = estimate_scale(scans)
     backbone: PointMAE | None = None
     t0 = time.perf_counter()
     if config.feature == "pointmae":
@@ -313,36 +406,43 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
             if progress is not None:
                 progress("train", step + 1, config.train_steps)
 
-        backbone = train_pointmae(train_scans, config.backbone, steps=config.train_steps, seed=config.seed,
-                                  init=init_backbone, progress=report, batch_size=config.train_batch, scale=scale)
+        try:
+            backbone = train_pointmae(scans, config.backbone, steps=config.train_steps, seed=config.seed,
+                                      init=init_backbone, progress=report, batch_size=config.train_batch, scale=scale)
+        except ValueError as exc:
+            raise FitError(f"Point-MAE training failed: {exc}") from exc
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     probe = FittedClass(config, scale, MemoryBank(), np.zeros(1, np.float32), {}, backbone)
     bank = MemoryBank(feature_name=config.feature, backbone_hash=probe.backbone_id())
     per_template: list[np.ndarray] = []
-    total = len(train_scans) * config.bank_views
-    for i, scan in enumerate(train_scans):
-        views = [probe.patch_features(scan, seed=config.seed + 1000 * i + v).features for v in range(config.bank_views)]
+    total = len(scans) * config.bank_views
+    for i, (name, scan) in enumerate(zip(names, scans)):
+        views = []
+        for v in range(config.bank_views):
+            try:
+                views.append(probe.patch_features(scan, seed=config.seed + 1000 * i + v, recon=False).features)
+            except ValueError as exc:
+                raise FitError(f"{name}: cannot extract patch features ({exc})") from exc
+            if progress is not None:
+                progress("features", i * config.bank_views + v + 1, total)
         per_template.append(np.concatenate(views))
-        if progress is not None:
-            progress("features", (i + 1) * config.bank_views, total)
     timings["features_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     all_feats = np.concatenate(per_template)
     source = np.concatenate([np.full(len(f), i) for i, f in enumerate(per_template)])
-    bank.fit(all_feats, coreset_ratio=config.coreset_ratio, seed=config.seed)
-    kept = bank.coreset_idx
-    assert kept is not None
+    kept = bank.fit(all_feats, coreset_ratio=config.coreset_ratio, seed=config.seed)
     bank_source = source[kept]
-    timings["bank_s"] = time.perf_counter() - t0
     mean_feature = all_feats.mean(axis=0).astype(np.float32)
     thresholds: dict[str, float] = {}
-    if len(train_scans) > 1:
+    if len(scans) > 1:
         normal = _loo_patch_scores(per_template, bank, bank_source)
         if normal.size:
             thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
             thresholds["patch_max"] = float(normal.max())
-    info = {"n_train": len(train_scans), "n_train_patches": int(len(all_feats)), "bank_size": int(len(kept)),
-            "scale": scale, **{k: round(v, 3) for k, v in timings.items()}}
+    timings["bank_s"] = time.perf_counter() - t0
+    info = {"n_train": len(scans), "train_names": names, "n_train_points": [int(len(s)) for s in scans],
+            "n_train_patches": int(len(all_feats)), "bank_size": int(len(kept)), "scale": scale,
+            **{k: round(v, 3) for k, v in timings.items()}}
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
                        backbone=backbone, info=info)

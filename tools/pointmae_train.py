@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None, help="continue from this backbone directory")
     ap.add_argument("--full-rotation", action="store_true", help="augment with uniform SO(3) rotations")
     ap.add_argument("--mesh-points", type=int, default=30000)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 is much faster than 2 when other jobs share the cores)")
     args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if not args.data.is_dir():
         print(f"{args.data}: not a directory", file=sys.stderr)
         return 2

@@ -35,11 +35,18 @@ def _policy(**kwargs) -> Backend:
     return PolicyBackend(**kwargs)
 
 
+def _random_regions(**kwargs) -> Backend:
+    from agent.backends.random_regions import RandomRegionsBackend
+
+    return RandomRegionsBackend(**kwargs)
+
+
 REGISTRY: dict[str, Callable[..., Backend]] = {
     "openai": _openai,
     "langchain": _langchain,
     "hf": _hf,
     "policy": _policy,
+    "random-regions": _random_regions,
 }
 
 

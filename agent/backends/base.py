@@ -103,15 +103,25 @@ def parse_json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def fold_tool_results(messages: list[dict]) -> list[dict]:
-    """Tool results re-sent as user turns ("Result of <tool>: ...").
+def llama_cpp_compatible(messages: list[dict]) -> list[dict]:
+    """Messages a llama-cpp-python server accepts and shows to the model.
 
-    For servers whose chat template silently drops `role: tool` messages (llama-cpp-python's chatml-function-calling
-    renders only system/user/assistant), so the model would otherwise never see what its tools returned.
+    Its chatml-function-calling template renders only system/user/assistant turns, so `role: tool` results are re-sent
+    as user turns ("Result of <tool>: ...") or the model would never see them. Its request schema rejects
+    `content: null`, which clients send for assistant turns that only call tools, so earlier tool calls are sent as
+    assistant text in the template's own syntax ("functions.<name>:\n<arguments>").
     """
     names = tool_call_names(messages)
-    return [
-        {"role": "user", "content": f"Result of {names.get(m.get('tool_call_id', ''), 'tool')}: {m.get('content') or ''}"}
-        if m.get("role") == "tool" else m
-        for m in messages
-    ]
+    out = []
+    for m in messages:
+        if m.get("role") == "tool":
+            name = names.get(m.get("tool_call_id", ""), "tool")
+            out.append({"role": "user", "content": f"Result of {name}: {m.get('content') or ''}"})
+        elif m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = "".join(f"functions.{c['function']['name']}:\n{c['function']['arguments']}\n" for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": (m.get("content") or "") + calls})
+        elif m.get("content") is None:
+            out.append({**m, "content": ""})
+        else:
+            out.append(m)
+    return out

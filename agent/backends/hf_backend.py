@@ -39,7 +39,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, parse_json_object, tool_call_names
+from agent.backends.base import (
+    BackendUnavailable,
+    LLMReply,
+    ToolCall,
+    Usage,
+    parse_json_object,
+    tool_call_names,
+)
 
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
@@ -421,7 +428,7 @@ class HFBackend:
             value = max(value, lo + (step if "exclusiveMinimum" in schema and "minimum" not in schema else 0))
         if hi is not None:
             value = min(value, hi - (step if "exclusiveMaximum" in schema and "maximum" not in schema else 0))
-        return str(int(round(value))) if kind == "integer" else f"{value:.3g}" if value else "0"
+        return str(round(value)) if kind == "integer" else f"{value:.3g}" if value else "0"
 
     def _array(self, dec: _Decoder, schema: dict, root: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
@@ -520,7 +527,7 @@ def parse_free_tool_call(text: str, call_id: str) -> ToolCall | None:
         return ToolCall(id=call_id, name=match.group(1), arguments="{}")
     raw = rest[args_match.end():]
     try:
-        value, end = json.JSONDecoder().raw_decode(raw)
+        _, end = json.JSONDecoder().raw_decode(raw)
         return ToolCall(id=call_id, name=match.group(1), arguments=raw[:end])
     except json.JSONDecodeError:  # keep the malformed text: the loop names the problem in its repair prompt
         return ToolCall(id=call_id, name=match.group(1), arguments=raw.split("</tool_call>")[0].strip())

@@ -12,7 +12,7 @@ import importlib
 import json
 from typing import Any
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, fold_tool_results
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible
 
 
 def load_chat_model(spec: str, kwargs: dict[str, Any]) -> Any:
@@ -82,15 +82,17 @@ def from_langchain(message: Any) -> LLMReply:
 class LangChainBackend:
     name = "langchain"
 
-    def __init__(self, model: str | Any = "langchain_openai:ChatOpenAI", *, tool_choice: str | None = None,
-                 fold_tool_results: bool = False, **model_kwargs: Any):
+    def __init__(self, chat_model: str | Any = "langchain_openai:ChatOpenAI", *, tool_choice: str | None = "auto",
+                 llama_cpp_compat: bool = False, **model_kwargs: Any):
+        """`chat_model` is `module:Class` (instantiated with `model_kwargs`, e.g. model=..., base_url=...) or a ready
+        LangChain chat model object."""
         try:
             import langchain_core  # noqa: F401
         except ImportError as err:
             raise BackendUnavailable(f"langchain backend needs langchain-core: {err}") from err
-        self.chat_model = load_chat_model(model, model_kwargs) if isinstance(model, str) else model
+        self.chat_model = load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
         self.tool_choice = tool_choice
-        self.fold_tool_results = fold_tool_results  # see base.fold_tool_results (llama-cpp-python servers)
+        self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible
         self._bound: dict[str, Any] = {}
 
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
@@ -101,5 +103,5 @@ class LangChainBackend:
                 kwargs = {"tool_choice": self.tool_choice} if self.tool_choice else {}
                 self._bound[key] = self.chat_model.bind_tools(tools, **kwargs)
             runnable = self._bound[key]
-        sent = fold_tool_results(messages) if self.fold_tool_results else messages
+        sent = llama_cpp_compatible(messages) if self.llama_cpp_compat else messages
         return from_langchain(runnable.invoke(to_langchain(sent)))

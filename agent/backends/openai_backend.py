@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, fold_tool_results
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 DUMMY_KEY = "sk-local-no-key"
@@ -27,7 +27,7 @@ class OpenAIBackend:
     def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
                  timeout: float = 120.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 8.0,
                  temperature: float = 0.0, max_tokens: int | None = 512, tool_choice: str | dict = "auto",
-                 seed: int | None = 0, probe: bool = True, fold_tool_results: bool = False,
+                 seed: int | None = 0, probe: bool = True, llama_cpp_compat: bool = False,
                  sleep: Callable[[float], None] = time.sleep):
         try:
             import openai
@@ -51,7 +51,7 @@ class OpenAIBackend:
         self.max_tokens = max_tokens
         self.tool_choice = tool_choice
         self.seed = seed
-        self.fold_tool_results = fold_tool_results  # see base.fold_tool_results (llama-cpp-python servers)
+        self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible
         self.attempts = 0  # HTTP attempts made, retries included (for tests and reports)
         self._sleep = sleep
         self.model = model
@@ -93,7 +93,7 @@ class OpenAIBackend:
         raise AssertionError("unreachable")
 
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
-        sent = fold_tool_results(messages) if self.fold_tool_results else messages
+        sent = llama_cpp_compatible(messages) if self.llama_cpp_compat else messages
         kwargs: dict = {"model": self.model, "messages": sent, "temperature": self.temperature}
         if tools:
             kwargs.update(tools=tools, tool_choice=self.tool_choice)
