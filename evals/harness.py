@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -47,7 +47,7 @@ RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
 FIT_META = "fitted.json"
 QUICK_CLASSES = ("flange", "gear")
-QUICK_TRAIN_STEPS = 40
+QUICK_TRAIN_STEPS = 24
 
 Executor = Literal["local", "ray"]
 ProgressFn = Callable[[str, int, int, str], None]     # (stage, done, total, detail)
@@ -100,7 +100,7 @@ def quick_detector_config(seed: int = 0) -> DetectorConfig:
     """A small, fast backbone for `--quick` and tests: the pipeline end to end, not the detector's best numbers."""
     backbone = PointMAEConfig(width=96, depth=2, heads=4, decoder_depth=1, decoder_heads=4, embed_dims=(32, 64, 96),
                               inference_groups=256, feature_layers=(0, 1))
-    return DetectorConfig(backbone=backbone, train_steps=QUICK_TRAIN_STEPS, bank_views=2, seed=seed)
+    return DetectorConfig(backbone=backbone, train_steps=QUICK_TRAIN_STEPS, train_batch=4, bank_views=2, seed=seed)
 
 
 def quick_bench_config(seed: int = 0):
@@ -210,7 +210,7 @@ class ResultStore:
         return {k for k, row in self.latest().items()
                 if row.get("status") == "ok" and (self.out / row.get("scores", "")).is_file()}
 
-    def __enter__(self) -> ResultStore:
+    def __enter__(self) -> Self:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
             data = self.path.read_bytes()
@@ -356,7 +356,7 @@ def run_scan(job: ScanJob, ctx: JobContext) -> Iterator[ScanResult]:
     mask = loaded.mask
     if mask is None and label == 0:
         mask = np.zeros(len(points), dtype=bool)
-    base.update(label=label, n_points=int(len(points)))
+    base.update(label=label, n_points=len(points))
 
     analysis, analyse_s = None, 0.0
     if any(METHOD_FEATURE.get(n) == "pointmae" or n in ctx.backends for n in job.names):
@@ -598,9 +598,9 @@ def run_harness(config: HarnessConfig, *, progress: ProgressFn | None = None, on
     propagates after the store is closed: what was stored stays valid and the next run resumes from it."""
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(config.data)
-    classes, tests, limited = plan(config, dataset)
+    classes, tests, limited = plan(config, dataset)  # bad input fails here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
 
     fits: dict[str, dict[str, dict]] = {}
     for cls in classes:

@@ -112,6 +112,8 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
     entry["p_auroc"] = p_auroc(pscores, masks) if pscores else math.nan
     entry["au_pro"] = au_pro_points(pts, pscores, masks, 0.3) if pscores else math.nan
     entry["score_s"] = float(np.mean([r["seconds"] for r in ok])) if ok else math.nan
+    walls = [r["seconds"] for r in rows if "seconds" in r]
+    entry["wall_p50"], entry["wall_p95"] = _quantile(walls, 0.5), _quantile(walls, 0.95)
     entry["verified_fraction"] = float(np.mean([r.get("verified_fraction", 0.0) for r in ok])) if ok else math.nan
     curves = {"object": _roc_points(np.asarray(obj_scores), labels)}
     if pscores:
@@ -139,8 +141,6 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
         for key in ("prompt_tokens", "completion_tokens", "tool_calls"):
             entry[key] = float(np.mean([r[key] for r in answered])) if answered else math.nan
         entry["tokens"] = entry["prompt_tokens"] + entry["completion_tokens"] if answered else math.nan
-        walls = [r["seconds"] for r in rows if "seconds" in r]
-        entry["wall_p50"], entry["wall_p95"] = _quantile(walls, 0.5), _quantile(walls, 0.95)
         entry["n_fallbacks"] = sum(bool(r.get("fallback_used")) for r in rows)
         entry["fallback_reasons"] = dict(Counter(r["fallback_reason"] for r in rows if r.get("fallback_used")))
         costs = [c for c in (_cost(r, prices) for r in answered) if c is not None]
@@ -200,9 +200,8 @@ def summarize(out: str | os.PathLike, progress: ProgressFn | None = None) -> tup
             entry, curve = _class_entry(name, kinds[name], rows, scans, out, _fit_seconds(fit), prices)
             summary[name][cls] = entry
             curves[name][cls] = curve
-    for name in summary:
-        per_class = dict(summary[name])
-        summary[name]["mean"] = _mean_entry(per_class) if per_class else {}
+    for per_class in summary.values():
+        per_class["mean"] = _mean_entry(dict(per_class)) if per_class else {}
     return summary, curves, meta
 
 
@@ -293,8 +292,8 @@ def markdown_report(summary: dict, meta: dict) -> str:
     """The README-ready table (means over classes) plus per-class O-AUROC and per-defect-type tables."""
     columns = _columns(summary)
     lines = [f"Dataset `{meta['data']}`, classes: {', '.join(meta['classes'])}. {limit_note(meta)}",
-             "Means over classes; AUROC/AU-PRO over the scans that succeeded (failures are counted, not scored); "
-             "share verified = points the memory bank scored; seconds include the shared Point-MAE pass.", "",
+             ("Means over classes; AUROC/AU-PRO over the scans that succeeded (failures are counted, not scored); "
+              "share verified = points the memory bank scored; seconds include the shared Point-MAE pass."), "",
              _table([(n, e.get("mean", {})) for n, e in summary.items()], columns, "method / backend")]
     classes = meta["classes"]
     if len(classes) > 1:
@@ -419,8 +418,9 @@ def plot_per_class(summary: dict, classes: list[str], path: Path) -> Path:
         axes.set_ylabel(title)
         axes.grid(axis="y", alpha=0.3)
         if position == 1:
-            axes.legend(fontsize=8, ncol=min(len(names), 4), loc="lower left")
-    figure.tight_layout()
+            handles, labels = axes.get_legend_handles_labels()
+            figure.legend(handles, labels, fontsize=8, ncol=min(len(names), 5), loc="upper center", frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.94))
     figure.savefig(path)
     return path
 
@@ -450,7 +450,7 @@ def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 
         if row["class"] not in {s.cls for s in samples.values()}:
             samples |= {str(s.path): s for s in open_dataset(meta["data"]).test(row["class"])}
         loaded = samples[row["path"]].load()
-        stem = f"{row['class']}_{row['scan']}"
+        stem = row["scan"] if row["scan"].startswith(row["class"]) else f"{row['class']}_{row['scan']}"
         views = ("iso", "top")
         truth = render_points_png(directory / f"{stem}_truth.png", loaded.points, mask=loaded.mask,
                                   title=f"{row['class']}/{row['scan']}: ground truth (red)", views=views)

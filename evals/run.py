@@ -52,8 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(args: argparse.Namespace):
     """The HarnessConfig for parsed arguments (raises HarnessError/ValueError on bad combinations)."""
     from agent.pipeline import InspectionConfig
-    from evals.harness import METHODS, HarnessConfig, HarnessError, ensure_quick_bench, parse_backend, \
-        quick_detector_config
+    from evals.harness import (
+        METHODS,
+        HarnessConfig,
+        HarnessError,
+        ensure_quick_bench,
+        parse_backend,
+        quick_detector_config,
+    )
     from tools.detector import DetectorConfig
 
     out = Path(args.out)

@@ -267,27 +267,32 @@ def test_init_backbone_of_another_architecture_is_refused(fitted, train_scans):
 
 # ------------------------------------------------------------------------------------------- detection (slow)
 @pytest.mark.slow
-def test_a_bulge_scores_higher_than_the_normal_surface():
+def test_bulges_score_higher_than_the_normal_surface():
     """A useful detector: on a procedural part with a bulge (evals.defects), the defect's points outscore the rest.
 
-    The bar (P-AUROC > 0.8) is far above chance (0.5) yet below what PatchCore-style detectors reach on such a clear
-    geometric defect, so it tests that the pipeline works, not a tuned number."""
+    The bar (mean P-AUROC > 0.8 over two bulges) is far above chance (0.5); the backbone is a reduced one (96 wide,
+    3 blocks, 60 steps) so the test runs in well under a minute. Point-level AUROC of a smooth bulge is capped well
+    below 1 by its labels: every point moved by more than 10% of the peak height counts as anomalous, and the
+    gently sloped rim is locally indistinguishable from normal surface."""
     from sklearn.metrics import roc_auc_score
 
     from evals.defects import make_defect
     from evals.parts import extent
 
-    mesh = part_mesh("flange")
-    train = part_scans("flange", 4, 12000, seed=10)
-    clean, normals = sample_surface(mesh, 12000, seed=99)
-    size = extent(clean)
-    bulged, mask, info = make_defect(clean, normals, "bulge", seed=5, share=0.04, scale=size)
-    test, _ = scan_like(bulged, normals, seed=199, scale=size)
+    part = "shaft"
+    mesh = part_mesh(part)
     config = DetectorConfig(backbone=PointMAEConfig(width=96, depth=3, heads=4, decoder_depth=1, decoder_heads=4,
-                                                    embed_dims=(32, 64, 96), inference_groups=256,
+                                                    embed_dims=(32, 64, 96), inference_groups=512,
                                                     feature_layers=(0, 2)),
                             train_steps=60, bank_views=2, seed=0)
-    fitted = fit_class(train, config)
-    scores, _ = fitted.score_full(test.astype(np.float32))
-    assert mask.any() and not mask.all()
-    assert roc_auc_score(mask, scores) > 0.8
+    fitted = fit_class(part_scans(part, 4, 12000, seed=10), config)
+    aurocs = []
+    for defect_seed in (5, 6):
+        clean, normals = sample_surface(mesh, 12000, seed=99 + defect_seed)
+        size = extent(clean)
+        bulged, mask, _ = make_defect(clean, normals, "bulge", seed=defect_seed, share=0.04, scale=size)
+        test, _ = scan_like(bulged, normals, seed=199, scale=size)
+        scores, _ = fitted.score_full(test.astype(np.float32))
+        assert mask.any() and not mask.all()
+        aurocs.append(roc_auc_score(mask, scores))
+    assert np.mean(aurocs) > 0.8, aurocs

@@ -295,6 +295,7 @@ class ToolBox:
         order = sorted(range(self._n), key=lambda i: (sign * float(values[i]), i))[: args.top_k]
         extra = () if args.sort_by in ("x", "y", "z", "n_points", "cue") else (args.sort_by,)
         return {"sort_by": args.sort_by, "descending": args.descending, "total_patches": self._n,
+                "total_points": int(self.context.patches.n_points),
                 "patches": [self._summary_row(i, extra) for i in order]}
 
     def _patch_geometry(self, args: Any) -> dict:
