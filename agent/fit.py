@@ -217,7 +217,7 @@ def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) ->
     seconds = {"read": read_s, "train": info["train_s"], "features": info["features_s"], "bank": info["bank_s"],
                "total": time.perf_counter() - start}
     return FitReport(out=out, class_name=class_name, feature=config.feature, scans=[str(p) for p in files],
-                     points=[int(len(s)) for s in scans], patches=int(info["n_train_patches"]),
+                     points=[len(s) for s in scans], patches=int(info["n_train_patches"]),
                      bank_size=int(info["bank_size"]), feature_dim=int(fitted.bank.features.shape[1]),
                      train_steps=config.train_steps if config.feature == "pointmae" else 0, seconds=seconds,
                      peak_memory_mb=peak_memory_mb(), thresholds=dict(fitted.thresholds))

@@ -441,8 +441,8 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
             thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
             thresholds["patch_max"] = float(normal.max())
     timings["bank_s"] = time.perf_counter() - t0
-    info = {"n_train": len(scans), "train_names": names, "n_train_points": [int(len(s)) for s in scans],
-            "n_train_patches": int(len(all_feats)), "bank_size": int(len(kept)), "scale": scale,
+    info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
+            "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
             **{k: round(v, 3) for k, v in timings.items()}}
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
                        backbone=backbone, info=info)

@@ -7,7 +7,7 @@ what the agent's choice of regions is worth (and a backend that does no better t
 It plays by the same rules as the policy: it sees only the conversation and the tool schemas, calls `list_patches`
 once to learn how many patches the scan has and how large they are, then `report_suspects` with random patches whose
 estimated point count stays within the policy's target share. The random generator is seeded from `seed` and the
-listing it received, so the same scan with the same seed always gets the same regions, while different scans (whose
+patch ids and sizes of the listing it received, so the same scan with the same seed always gets the same regions, while different scans (whose
 listings differ) get different ones; it holds no state between calls.
 """
 
@@ -37,7 +37,7 @@ class RandomRegionsBackend:
             raise ValueError(f"max_regions must be >= 1, got {self.max_regions}")
 
     def _listing(self, messages: list[dict]) -> tuple[dict | None, str]:
-        """The parsed list_patches result (or None) and its raw text (the seed material)."""
+        """The parsed list_patches result (or None) and its raw text (empty until list_patches was answered)."""
         list_ids = {c["id"] for m in messages for c in (m.get("tool_calls") or [])
                     if c["function"]["name"] == "list_patches"}
         for m in messages:
@@ -46,7 +46,7 @@ class RandomRegionsBackend:
                 return parse_json_object(text), text
         return None, ""
 
-    def _choose(self, data: dict | None, text: str) -> list[int]:
+    def _choose(self, data: dict | None) -> list[int]:
         """Random patch ids whose estimated points stay within the target share (at least one patch)."""
         if data is None:
             return []
@@ -58,7 +58,10 @@ class RandomRegionsBackend:
             return []
         # Patches are a Voronoi partition with roughly equal sizes, so the share of patches estimates the share of points.
         count = max(1, min(int(self.target_share * total_patches), self.max_regions, total_patches))
-        rng = random.Random(zlib.crc32(f"{self.seed}:{text}".encode()))
+        # Seeded from the listing's integers only (ids, sizes): they come from the geometry alone, while the learned
+        # statistics in the same rows may differ in the last digit between machines or thread counts.
+        structure = [total_patches] + [[r.get("id"), r.get("n_points")] for r in rows]
+        rng = random.Random(zlib.crc32(f"{self.seed}:{json.dumps(structure)}".encode()))
         return sorted(rng.sample(range(total_patches), count))
 
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
@@ -72,6 +75,6 @@ class RandomRegionsBackend:
                             arguments=json.dumps({"sort_by": "x", "top_k": LISTING_ROWS, "descending": False}))
             return LLMReply(text=None, tool_calls=[call], usage=Usage())
         regions = [{"patch_ids": [pid], "reason": "random patch (baseline)", "confidence": 0.5}
-                   for pid in self._choose(data, text)]
+                   for pid in self._choose(data)]
         call = ToolCall(id=f"random_{n_calls}", name="report_suspects", arguments=json.dumps({"regions": regions}))
         return LLMReply(text=None, tool_calls=[call], usage=Usage())
