@@ -54,6 +54,7 @@ class Inspection:
     table: PatchTable
     backend: str
     seconds: dict[str, float]
+    verify_mode: VerifyMode = "suspects"
 
     @property
     def point_scores(self) -> np.ndarray:
@@ -70,11 +71,16 @@ class Inspection:
     def report(self) -> dict:
         """The `report.json` document (the contract other tools read)."""
         v, o = self.verification, self.outcome
-        regions = [r.to_dict() for r in v.regions]
+        regions = []
+        for verdict, members in zip(v.regions, self.flagged_regions()):
+            entry = verdict.to_dict()
+            if members.size:  # where to look, in the scan's own coordinates
+                entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
+            regions.append(entry)
         return {
             "object_score": float(v.object_score),
             "verified_fraction": round(v.verified_fraction, 6),
-            "verify_mode": "all" if v.verified_fraction == 1.0 and v.mode == "bank" else "suspects",
+            "verify_mode": self.verify_mode,
             "mode": v.mode,
             "backend": self.backend,
             "reporting_backend": o.backend,
@@ -84,13 +90,38 @@ class Inspection:
             "tool_calls": o.n_tool_calls,
             "turns": o.turns,
             "repairs": o.repairs,
-            "n_points": int(len(self.points)),
+            "n_points": len(self.points),
             "n_patches": int(self.patches.n_patches),
             "patches_searched": v.patches_searched,
             "detector_patches": v.patches_total,
             "regions": regions,
             "seconds": {k: round(s, 3) for k, s in self.seconds.items()},
         }
+
+
+class ClassMismatch(ValueError):
+    """A scan and a fitted class that do not belong together (message names the scan, the class folder and why)."""
+
+
+SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is another part or other units
+
+
+def scan_radius(points: np.ndarray) -> float:
+    """Mean distance of a point to the centroid: the same size measure as the class scale (tools.pointmae)."""
+    pts = np.asarray(points, dtype=np.float64)
+    return float(np.linalg.norm(pts - pts.mean(axis=0), axis=1).mean())
+
+
+def check_scan_fits_class(points: np.ndarray, fitted: FittedClass, source: str, bank_dir: str = "the bank") -> None:
+    """Refuse a scan whose size is far from the class's: a bank of another class, or a scan in other units (mm vs m).
+
+    Why: the detector normalises by the class scale, so such a scan gives confident nonsense, not an error. Partial
+    scans of the right part stay well within the tolerance."""
+    radius = scan_radius(points)
+    ratio = radius / fitted.scale
+    if not (1.0 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE):
+        raise ClassMismatch(f"{source}: its size (mean radius {radius:.4g}) is {ratio:.3g} x that of the class fitted "
+                            f"in {bank_dir} ({fitted.scale:.4g}): a bank of another class, or a scan in other units")
 
 
 def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
@@ -126,11 +157,15 @@ def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis:
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
     lookup = _bank_lookup(fitted, analysis, patches, scored) if fitted is not None and analysis is not None else None
-    lookup_points = int(config.lookup_fraction * len(points)) if lookup is not None else 0
+    # the agent's look-ups are part of the verifier's share, never more than all of it
+    lookup_share = min(config.lookup_fraction, config.max_verify_fraction)
+    lookup_points = int(lookup_share * len(points)) if lookup is not None else 0
 
     def make_toolbox() -> ToolBox:
+        # a fallback's fresh toolbox gets only what the failed attempt left: its look-ups were real bank searches
+        left = max(0, lookup_points - int(scored.sum()))
         context = ScanContext(points=points, patches=patches, table=table, bank_lookup=lookup,
-                              verify_budget_points=lookup_points)
+                              verify_budget_points=left)
         return ToolBox(context, render=lambda name, data: render_tool_result(name, data, templates=config.templates))
 
     toolbox = make_toolbox()
@@ -146,6 +181,8 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
                  config: InspectionConfig = InspectionConfig(), transcript_path: str | Path | None = None,
                  fallback: Backend | None = None, analysis: ScanAnalysis | None = None) -> Inspection:
     """Run one scan end to end. `fitted=None` runs the labelled zero-shot mode (geometry only)."""
+    if fitted is None and config.verify == "all":
+        raise ValueError("verify='all' scores every point with the memory bank and needs a fitted class")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     pts = np.ascontiguousarray(points, dtype=np.float32)
@@ -161,7 +198,7 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     t0 = time.perf_counter()
     try:
         if transcript is not None:
-            transcript.log("scan", n_points=int(len(pts)), backend=backend.name, verify=config.verify,
+            transcript.log("scan", n_points=len(pts), backend=backend.name, verify=config.verify,
                            mode="bank" if fitted is not None else "zero-shot")
         toolbox = make_toolbox()
         outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
@@ -185,4 +222,5 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
             transcript.close()
     timings["total"] = sum(timings.values())
     return Inspection(points=pts, verification=verification, outcome=outcome, patches=patches, table=table,
-                      backend=backend.name, seconds=timings)
+                      backend=backend.name, seconds=timings,
+                      verify_mode=config.verify if verification.mode == "bank" else "suspects")

@@ -62,7 +62,7 @@ def make_backend(args: argparse.Namespace):
 
     kwargs = json.loads(args.backend_kwargs)
     if not isinstance(kwargs, dict):
-        raise ValueError("--backend-kwargs must be a JSON object")
+        raise TypeError("--backend-kwargs must be a JSON object")
     if args.model:
         kwargs.setdefault("model", args.model)
     if args.base_url:
@@ -84,23 +84,29 @@ def _unique_dir(root: Path, stem: str, taken: set[str]) -> Path:
 def run(args: argparse.Namespace, console: Console) -> int:
     from agent.backends import BackendUnavailable
     from agent.loop import AgentBudget
-    from agent.pipeline import InspectionConfig, inspect_scan
-    from agent.report import print_summary, write_outputs
+    from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
+    from agent.report import print_summary, staged_dir, write_outputs
     from tools.detector import FitError, FittedClass
-    from tools.io import ScanError, read_scan
+    from tools.io import MIN_POINTS, ScanError, read_scan
 
     out_root = Path(args.out)
+    started = time.perf_counter()
     if args.demo:
         from evals.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
 
-        console.print("[bold]demo[/bold]: building a flange with a dent, fitting it (Point-MAE + memory bank)...")
-        t0 = time.perf_counter()
+        console.print("[bold]demo[/bold]: building a pipe elbow with a dent and fitting its class (memory bank)...")
         scan_paths, bank_dir = prepare_demo(out_root / "demo-data", seed=args.seed, console=console)
-        console.print(f"  built and fitted in {time.perf_counter() - t0:.1f} s")
+        console.print(f"  built and fitted in {time.perf_counter() - started:.1f} s")
         args.scans, args.bank = [str(p) for p in scan_paths], str(bank_dir)
     scans = _expand(args.scans)
     if not scans:
-        console.print("[red]no scans given[/red] (pass scan files or folders, or --demo)")
+        console.print("[red]no scans given[/red] (pass scan files or folders of scans, or --demo)")
+        return EXIT_BAD_INPUT
+    if not 0.0 < args.max_verify_fraction <= 1.0:
+        console.print(f"[red]bad option:[/red] --max-verify-fraction must be in (0, 1], got {args.max_verify_fraction}")
+        return EXIT_BAD_INPUT
+    if args.verify == "all" and not args.bank:
+        console.print("[red]bad option:[/red] --verify all scores every point with a memory bank: give --bank DIR")
         return EXIT_BAD_INPUT
     fitted = None
     if args.bank:
@@ -114,7 +120,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     except BackendUnavailable as exc:
         console.print(f"[red]backend unavailable:[/red] {exc}")
         return EXIT_BACKEND
-    except (ValueError, json.JSONDecodeError) as exc:
+    except (ValueError, TypeError) as exc:  # bad JSON, unknown keyword arguments, wrong flag combination
         console.print(f"[red]bad backend options:[/red] {exc}")
         return EXIT_BAD_INPUT
     config = InspectionConfig(verify=args.verify, max_verify_fraction=args.max_verify_fraction, guidance=args.guidance,
@@ -122,27 +128,48 @@ def run(args: argparse.Namespace, console: Console) -> int:
                               budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls))
     if fitted is None:
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
+    # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
+    min_points = max(MIN_POINTS, 4 * fitted.config.backbone.group_size) if fitted is not None else MIN_POINTS
     status, taken = EXIT_OK, set()
     for path in scans:
         try:
-            scan = read_scan(path, mesh_points=args.mesh_points, seed=args.seed)
-        except ScanError as exc:
+            scan = read_scan(path, mesh_points=args.mesh_points, min_points=min_points, seed=args.seed)
+            if fitted is not None:
+                check_scan_fits_class(scan.points, fitted, str(path), bank_dir=str(args.bank))
+        except (ScanError, ClassMismatch) as exc:
             console.print(f"[red]bad scan:[/red] {exc}")
             status = EXIT_BAD_INPUT
             continue
         out_dir = _unique_dir(out_root, path.stem, taken)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        inspection = inspect_scan(scan.points, fitted, backend, config=config,
-                                  transcript_path=out_dir / "transcript.jsonl")
-        write_outputs(inspection, out_dir, source=str(path), render=not args.no_render)
+        with staged_dir(out_dir) as staging:
+            inspection = inspect_scan(scan.points, fitted, backend, config=config,
+                                      transcript_path=staging / "transcript.jsonl")
+            write_outputs(inspection, staging, source=str(path), render=not args.no_render)
         print_summary(inspection, str(path), console)
         console.print(f"  outputs: {out_dir}")
+        if args.demo:
+            _print_demo_check(inspection, path, console)
+    if args.demo:
+        console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     return status
+
+
+def _print_demo_check(inspection, path: Path, console: Console) -> None:
+    """The demo knows where its dent is: say whether the agent's regions found it."""
+    from evals.demo import check_against_ground_truth, ground_truth_for
+
+    truth = ground_truth_for(path)
+    if truth is None:
+        return
+    check = check_against_ground_truth(inspection.flagged_regions(),
+                                       [r.verdict for r in inspection.verification.regions], truth)
+    colour = "green" if check.found else "red"
+    console.print(f"  [{colour}]{check.summary()}[/{colour}]")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)  # paths in messages stay whole (copyable, greppable)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return run(args, console)

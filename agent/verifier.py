@@ -80,6 +80,12 @@ def prior_scores(analysis: ScanAnalysis | None, n_points: int, floor: float) -> 
     return (floor * 0.999 * ranks / max(n_points - 1, 1)).astype(np.float32)
 
 
+def _region_fields(region: dict, own: np.ndarray) -> dict:
+    """The agent's description of a region, as every verdict carries it."""
+    return {"patch_ids": [int(p) for p in region["patch_ids"]], "reason": str(region.get("reason", "")),
+            "confidence": float(region.get("confidence", 0.0)), "point_count": int(own.size)}
+
+
 def _budgeted_regions(regions: list[dict], patches: Patches, points: np.ndarray, max_points: int,
                       margin: float, already: np.ndarray | None = None
                       ) -> tuple[list[tuple[dict, np.ndarray, np.ndarray | None]], np.ndarray]:
@@ -122,8 +128,7 @@ def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, region
     object_score = result.object_score if result.point_ids.size else float(scores.max(initial=0.0))
     verdicts = []
     for region, own, grown in planned:
-        base = dict(patch_ids=[int(p) for p in region["patch_ids"]], reason=str(region.get("reason", "")),
-                    confidence=float(region.get("confidence", 0.0)), point_count=int(own.size))
+        base = _region_fields(region, own)
         if grown is None or own.size == 0:
             verdicts.append(RegionVerdict(**base, verdict="skipped"))
             continue
@@ -166,8 +171,7 @@ def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], 
     baseline = float(np.median(all_dist[all_dist > 0])) if (all_dist > 0).any() else 0.0
     verdicts = []
     for region, own, grown in planned:
-        base = dict(patch_ids=[int(p) for p in region["patch_ids"]], reason=str(region.get("reason", "")),
-                    confidence=float(region.get("confidence", 0.0)), point_count=int(own.size))
+        base = _region_fields(region, own)
         if grown is None or own.size == 0:
             verdicts.append(RegionVerdict(**base, verdict="skipped"))
             continue
@@ -176,5 +180,5 @@ def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], 
                                       max_distance=top, mean_distance=float(scores[own].mean()),
                                       threshold=1.5 * baseline))
     return Verification(point_scores=scores, object_score=float(scores.max(initial=0.0)), verified=chosen,
-                        regions=verdicts, mode="zero-shot", patches_searched=int(len(np.unique(pid[chosen]))),
+                        regions=verdicts, mode="zero-shot", patches_searched=len(np.unique(pid[chosen])),
                         patches_total=patches.n_patches)

@@ -20,7 +20,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,10 +42,28 @@ from tools.pointmae import (
 )
 
 DETECTOR_VERSION = 1
+# Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
+# inference is many small ops (FPS is a 512-step loop) and an OpenMP team stalls whenever another process holds a
+# core: measured on the 2-core box with one other busy process, analyse of a 30k-point scan took 0.38-0.47 s on one
+# thread and 0.32-2.8 s on two. Fixing the count also keeps features independent of the caller's torch setting.
+INFERENCE_THREADS = 1
 FORMAT_NAME = "scanagent-fitted-class"
 META_FILE = "fitted.json"
 FeatureKind = Literal["pointmae", "fpfh"]
 ProgressFn = Callable[[str, int, int], None]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, restoring the caller's setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class FitError(ValueError):
@@ -180,9 +199,10 @@ class FittedClass:
             return PatchFeatures(centers=centers, group_idx=group_idx, features=feats, recon_error=zeros,
                                  feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32))
         assert self.backbone is not None
-        return extract_patch_features(self.backbone, points, num_groups=cfg.inference_groups,
-                                      group_size=cfg.group_size, seed=seed, scale=self.scale,
-                                      recon_rounds=self.config.recon_rounds if recon else 0)
+        with torch_threads(INFERENCE_THREADS):
+            return extract_patch_features(self.backbone, points, num_groups=cfg.inference_groups,
+                                          group_size=cfg.group_size, seed=seed, scale=self.scale,
+                                          recon_rounds=self.config.recon_rounds if recon else 0)
 
     def analyse(self, points: np.ndarray) -> ScanAnalysis:
         """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""

@@ -1,0 +1,162 @@
+"""agent.pipeline.inspect_scan: the report contract, the fallback recorded with its reason when a model misbehaves
+(invented patch ids, endless tool calls), the agent's bank look-ups counted in the verified share and scored exactly,
+guidance reaching the prompt, the zero-shot mode, and the scan/class size check.
+
+The misbehaving models are scripted fakes (agent.backends.scripted); the fallback is the real policy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agent.backends import get_backend
+from agent.backends.scripted import ScriptedBackend, call
+from agent.loop import AgentBudget
+from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
+from agent.transcript import read_transcript
+from evals.parts import part_mesh, sample_surface, scan_like
+from tools.detector import DetectorConfig, FittedClass, fit_class
+from tools.pointmae import PointMAEConfig
+
+TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 32, 32),
+                      group_size=16, num_groups=16, inference_groups=64, feature_layers=(0, 1), drop_path=0.0)
+TINY_FIT = DetectorConfig(backbone=TINY, train_steps=3, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0)
+REPORT_KEYS = {"object_score", "verified_fraction", "backend", "fallback", "usage", "regions", "mode", "verify_mode"}
+REGION_KEYS = {"patch_ids", "point_count", "reason", "verdict"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def part_scans(count: int, points: int, seed: int) -> list[np.ndarray]:
+    mesh = part_mesh("bracket")
+    out = []
+    for i in range(count):
+        clean, normals = sample_surface(mesh, points, seed=seed + i)
+        out.append(scan_like(clean, normals, seed=seed + 100 + i)[0].astype(np.float32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted() -> FittedClass:
+    return fit_class(part_scans(3, 2500, seed=0), TINY_FIT)
+
+
+@pytest.fixture(scope="module")
+def scan() -> np.ndarray:
+    return part_scans(1, 3000, seed=50)[0]
+
+
+@pytest.fixture(scope="module")
+def analysis(fitted, scan):
+    return fitted.analyse(scan)
+
+
+def report_call(patch_ids, call_id="r"):
+    regions = [{"patch_ids": patch_ids, "reason": "looks odd", "confidence": 0.8}]
+    return call("report_suspects", json.dumps({"regions": regions}), call_id=call_id)
+
+
+def test_policy_run_fills_the_report_contract(fitted, scan, analysis, tmp_path):
+    inspection = inspect_scan(scan, fitted, get_backend("policy"), analysis=analysis,
+                              transcript_path=tmp_path / "t.jsonl")
+    report = inspection.report()
+    assert REPORT_KEYS <= set(report)
+    assert report["fallback"] == {"used": False, "reason": None}
+    assert report["regions"] and all(REGION_KEYS <= set(r) for r in report["regions"])
+    assert 0 < report["verified_fraction"] <= 0.2
+    assert inspection.point_scores.shape == (len(scan),) and np.isfinite(inspection.point_scores).all()
+    json.dumps(report)  # JSON-ready as it is
+    events = {e["event"] for e in read_transcript(tmp_path / "t.jsonl")}
+    assert {"scan", "request", "tool_call", "verification"} <= events
+
+
+def test_invented_patch_ids_fall_back_to_the_policy_with_the_reason(fitted, scan, analysis, tmp_path):
+    liar = ScriptedBackend([report_call([99999], "a"), report_call([99998], "b")])
+    inspection = inspect_scan(scan, fitted, liar, analysis=analysis, transcript_path=tmp_path / "t.jsonl")
+    report = inspection.report()
+    assert report["fallback"]["used"] is True
+    assert "report_suspects" in report["fallback"]["reason"]
+    assert report["backend"] == "scripted" and report["reporting_backend"] == "policy"
+    assert report["regions"] and all(max(r["patch_ids"]) < inspection.patches.n_patches for r in report["regions"])
+    assert len(liar.calls) == 2  # one repair prompt, then the fallback
+    assert any(e["event"] == "fallback" for e in read_transcript(tmp_path / "t.jsonl"))
+
+
+def test_a_model_that_never_stops_calling_tools_hits_the_budget(fitted, scan, analysis):
+    chatty = ScriptedBackend([call("list_patches", json.dumps({"top_k": 3}))], repeat_last=True)
+    config = InspectionConfig(budget=AgentBudget(max_turns=50, max_tool_calls=5))
+    report = inspect_scan(scan, fitted, chatty, analysis=analysis, config=config).report()
+    assert report["fallback"]["used"] is True
+    assert "max_tool_calls=5" in report["fallback"]["reason"]
+    assert len(chatty.calls) <= 6
+    assert report["regions"]  # the policy still reported
+
+
+def test_agent_lookups_are_bank_scores_counted_in_the_verified_share(fitted, scan, analysis):
+    script = [call("feature_lookup", json.dumps({"patch_id": 1}), "l1"),
+              call("feature_lookup", json.dumps({"patch_id": 2}), "l2"),
+              report_call([3])]
+    config = InspectionConfig(max_verify_fraction=0.2, lookup_fraction=0.1)
+    inspection = inspect_scan(scan, fitted, ScriptedBackend(script), analysis=analysis, config=config)
+    assert not inspection.outcome.fallback_used, inspection.outcome.fallback_reason
+    v = inspection.verification
+    looked_up = inspection.patches.points_of([1, 2])
+    region = inspection.patches.points_of([3])
+    assert v.verified[looked_up].all() and v.verified[region].all()
+    assert v.verified.sum() == len(np.union1d(looked_up, region))
+    assert v.verified_fraction <= 0.2
+    full = fitted.score(analysis)
+    full_scores = np.empty(len(scan), dtype=np.float32)
+    full_scores[full.point_ids] = full.point_scores
+    np.testing.assert_array_equal(v.point_scores[looked_up], full_scores[looked_up])
+
+
+def test_lookup_budget_never_exceeds_the_verification_budget(fitted, scan, analysis):
+    lookups = [call("feature_lookup", json.dumps({"patch_id": p}), f"l{p}") for p in range(12)]
+    config = InspectionConfig(max_verify_fraction=0.05, lookup_fraction=0.5, budget=AgentBudget(max_tool_calls=40))
+    inspection = inspect_scan(scan, fitted, ScriptedBackend([*lookups, report_call([0])]), analysis=analysis,
+                              config=config)
+    assert inspection.verification.verified_fraction <= 0.05 + 1e-9
+
+
+def test_guidance_reaches_the_prompt_in_its_own_section(fitted, scan, analysis):
+    model = ScriptedBackend([report_call([0])])
+    config = InspectionConfig(guidance="sharp ridges are normal; look for dents near the bore")
+    inspect_scan(scan, fitted, model, analysis=analysis, config=config)
+    opening = "\n".join(m["content"] for m in model.calls[0] if m["role"] == "user")
+    assert "sharp ridges are normal; look for dents near the bore" in opening
+    assert "guidance" in opening.lower()
+
+
+def test_zero_shot_without_a_bank(scan):
+    inspection = inspect_scan(scan, None, get_backend("policy"))
+    report = inspection.report()
+    assert report["mode"] == "zero-shot" and report["verify_mode"] == "suspects"
+    assert report["regions"] and report["verified_fraction"] <= 0.2
+    with pytest.raises(ValueError, match="fitted class"):
+        inspect_scan(scan, None, get_backend("policy"), config=InspectionConfig(verify="all"))
+
+
+def test_verify_all_matches_score_full(fitted, scan):
+    inspection = inspect_scan(scan, fitted, get_backend("policy"), config=InspectionConfig(verify="all"))
+    scores, object_score = fitted.score_full(scan)
+    np.testing.assert_array_equal(inspection.point_scores, scores)
+    assert inspection.object_score == object_score
+    assert inspection.report()["verify_mode"] == "all" and inspection.report()["verified_fraction"] == 1.0
+
+
+def test_scan_of_another_size_is_refused(fitted, scan):
+    check_scan_fits_class(scan, fitted, "ok.ply")
+    check_scan_fits_class(scan[: len(scan) // 2], fitted, "half.ply")  # a partial scan of the right part passes
+    with pytest.raises(ClassMismatch, match=r"^mm\.ply: .*another class"):
+        check_scan_fits_class(scan * 1000.0, fitted, "mm.ply", bank_dir="banks/bracket")
