@@ -52,7 +52,7 @@ def shapenet_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow  # Point-MAE at the CLI's default size: ~10 s quiet, more on a busy box
+@pytest.mark.slow  # Point-MAE at the CLI's default size: ~4 s quiet, far more on a busy box
 def test_fit_a_training_folder_prints_a_summary_and_writes_a_loadable_fit(train_dir, tmp_path):
     out = tmp_path / "bank"
     code, text = run(["--train", train_dir, "--out", out, "--steps", 2, "--seed", 3])

@@ -47,6 +47,9 @@ DETECTOR_VERSION = 1
 # core: measured on the 2-core box with one other busy process, analyse of a 30k-point scan took 0.38-0.47 s on one
 # thread and 0.32-2.8 s on two. Fixing the count also keeps features independent of the caller's torch setting.
 INFERENCE_THREADS = 1
+# Training is pinned to one thread for the same reason: with two threads a fit stalled whenever another process held a
+# core (benchmarks/bench_detector.py: 88 s on one thread; 108 s to 635 s on two, depending on the machine's load).
+TRAIN_THREADS = 1
 FORMAT_NAME = "scanagent-fitted-class"
 META_FILE = "fitted.json"
 FeatureKind = Literal["pointmae", "fpfh"]
@@ -427,8 +430,10 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
                 progress("train", step + 1, config.train_steps)
 
         try:
-            backbone = train_pointmae(scans, config.backbone, steps=config.train_steps, seed=config.seed,
-                                      init=init_backbone, progress=report, batch_size=config.train_batch, scale=scale)
+            with torch_threads(TRAIN_THREADS):
+                backbone = train_pointmae(scans, config.backbone, steps=config.train_steps, seed=config.seed,
+                                          init=init_backbone, progress=report, batch_size=config.train_batch,
+                                          scale=scale)
         except ValueError as exc:
             raise FitError(f"Point-MAE training failed: {exc}") from exc
     timings["train_s"] = time.perf_counter() - t0
