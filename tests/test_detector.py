@@ -15,45 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from evals.parts import part_mesh, sample_surface, scan_like
 from tools.detector import DetectorConfig, FitError, FittedClass, fit_class
 from tools.pointmae import PointMAEConfig
-
-TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 32, 32),
-                      group_size=16, num_groups=16, inference_groups=64, feature_layers=(0, 1), drop_path=0.0)
-TINY_FIT = DetectorConfig(backbone=TINY, train_steps=4, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0)
+from tests.tiny import TINY, TINY_FIT, part_scans
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread: the box has 2 shared cores, and an OpenMP team waiting on a busy core makes tiny models
-    many times slower. Scores do not depend on it (the same thread count is used for every fit in this module)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def part_scans(name: str, count: int, points: int, seed: int) -> list[np.ndarray]:
-    """Sensor-like scans of one procedural part (fresh surface sampling, noise and pose per scan)."""
-    mesh = part_mesh(name)
-    out = []
-    for i in range(count):
-        clean, normals = sample_surface(mesh, points, seed=seed + i)
-        out.append(scan_like(clean, normals, seed=seed + 100 + i)[0].astype(np.float32))
-    return out
 
 
 @pytest.fixture(scope="module")
 def train_scans() -> list[np.ndarray]:
-    return part_scans("bracket", 3, 3000, seed=0)
+    return part_scans(3, 3000, seed=0)
 
 
 @pytest.fixture(scope="module")
 def test_scan() -> np.ndarray:
-    return part_scans("bracket", 1, 3500, seed=50)[0]
+    return part_scans(1, 3500, seed=50)[0]
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +264,7 @@ def test_bulges_score_higher_than_the_normal_surface():
                                                     embed_dims=(32, 64, 96), inference_groups=512,
                                                     feature_layers=(0, 2)),
                             train_steps=60, bank_views=2, seed=0)
-    fitted = fit_class(part_scans(part, 4, 12000, seed=10), config)
+    fitted = fit_class(part_scans(4, 12000, seed=10, part=part), config)
     aurocs = []
     for defect_seed in (5, 6):
         clean, normals = sample_surface(mesh, 12000, seed=99 + defect_seed)

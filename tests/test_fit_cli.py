@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from rich.console import Console
 
 from agent.fit import EXIT_BAD_INPUT, EXIT_OK, FitInputError, FitOptions, fit_from_options, main
@@ -17,14 +16,6 @@ from tests.fixture_trees import sphere_cloud, write_anomaly_shapenet
 from tools.detector import FittedClass
 from tools.io import write_pcd
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread on the shared 2-core box (an OpenMP team waiting on a busy core is many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run(argv: list[str]) -> tuple[int, str]:

@@ -9,35 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from agent.verifier import verify, verify_zero_shot
-from evals.parts import part_mesh, sample_surface, scan_like
-from tools.detector import DetectorConfig, FittedClass, ScanAnalysis, fit_class
-from tools.pointmae import PointMAEConfig
+from tools.detector import FittedClass, ScanAnalysis, fit_class
 from verbalize import describe_scan
-
-TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 32, 32),
-                      group_size=16, num_groups=16, inference_groups=64, feature_layers=(0, 1), drop_path=0.0)
-TINY_FIT = DetectorConfig(backbone=TINY, train_steps=3, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0)
+from tests.tiny import TINY_FIT, part_scans
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores run faster single-threaded; results do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def part_scans(count: int, points: int, seed: int) -> list[np.ndarray]:
-    mesh = part_mesh("bracket")
-    out = []
-    for i in range(count):
-        clean, normals = sample_surface(mesh, points, seed=seed + i)
-        out.append(scan_like(clean, normals, seed=seed + 100 + i)[0].astype(np.float32))
-    return out
 
 
 @pytest.fixture(scope="module")
