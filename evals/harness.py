@@ -68,8 +68,12 @@ class BackendSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_backend(text: str, *, base_url: str | None = None, seed: int = 0) -> BackendSpec:
-    """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any registry name."""
+def parse_backend(text: str, *, base_url: str | None = None, seed: int = 0,
+                  llm_kwargs: dict[str, Any] | None = None) -> BackendSpec:
+    """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any registry name.
+
+    `llm_kwargs` (from `--backend-kwargs`) go to the server backends (openai, langchain), e.g.
+    `{"llama_cpp_compat": true}` for a llama.cpp server whose chat format drops `role: tool` messages."""
     from agent.backends import REGISTRY
 
     text = text.strip()
@@ -93,6 +97,8 @@ def parse_backend(text: str, *, base_url: str | None = None, seed: int = 0) -> B
         kwargs["seed"] = seed
     elif arg:
         kwargs["model"] = arg
+    if llm_kwargs and name in ("openai", "langchain"):
+        kwargs.update(llm_kwargs)
     return BackendSpec(label=text, name=name, kwargs=kwargs)
 
 

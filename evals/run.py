@@ -8,6 +8,7 @@ into the same --out resumes (skips every finished method/backend x scan). Exit c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", help="Ray cluster address (default: a local Ray with 2 CPUs)")
     p.add_argument("--base-url", help="OpenAI-compatible server for the openai backend, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--backend-kwargs", default="{}",
+                   help='JSON object of extra arguments for the openai and langchain backends, e.g. \'{"llama_cpp_compat": true}\'')
     p.add_argument("--price-per-1k-prompt", type=float, help="cost per 1000 prompt tokens (for the cost column)")
     p.add_argument("--price-per-1k-completion", type=float, help="cost per 1000 completion tokens")
     p.add_argument("--train-steps", type=int, help="Point-MAE training steps per class (default: the detector's)")
@@ -75,7 +78,14 @@ def make_config(args: argparse.Namespace):
     if args.base_url and not any(b.split(":")[0] == "openai" for b in args.backends):
         raise HarnessError("--base-url is for the openai backend; add --backends openai:<model>")
     methods = args.methods if args.methods is not None else ([] if args.backends else list(METHODS))
-    backends = tuple(parse_backend(b, base_url=args.base_url, seed=args.seed) for b in args.backends)
+    try:
+        llm_kwargs = json.loads(args.backend_kwargs)
+    except json.JSONDecodeError as exc:
+        raise HarnessError(f"--backend-kwargs is not JSON: {exc}") from exc
+    if not isinstance(llm_kwargs, dict):
+        raise HarnessError("--backend-kwargs must be a JSON object")
+    backends = tuple(parse_backend(b, base_url=args.base_url, seed=args.seed, llm_kwargs=llm_kwargs)
+                     for b in args.backends)
     return HarnessConfig(
         data=data, out=out, classes=tuple(args.classes) if args.classes else None, methods=tuple(methods),
         backends=backends, limit=args.limit, detector=detector,
