@@ -366,6 +366,7 @@ def plot_tradeoff(summary: dict, path: Path, x_key: str, x_label: str, *, log_x:
         axes.set_ylim(0.0, 1.05)
         if log_x:
             axes.set_xscale("symlog", linthresh=10)
+            axes.set_xlim(left=-1)  # token counts are never negative: no mirrored negative decades
         axes.grid(alpha=0.3)
         axes.set_title(f"{title} vs {x_label}")
     figure.tight_layout()
