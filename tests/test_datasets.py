@@ -12,10 +12,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.datasets import (LAYOUTS, DatasetError, GroundTruthError, Sample, align_gt_rows,
-                            defect_type_from_name, main, open_dataset)
-from tests.fixture_trees import (MVTEC_OBJECT, Expected, Manifest, mvtec_scene, sphere_cloud,
-                                 write_anomaly_shapenet, write_folder, write_mvtec3d, write_real3d_ad)
+from evals.datasets import (
+    LAYOUTS,
+    DatasetError,
+    GroundTruthError,
+    Sample,
+    align_gt_rows,
+    defect_type_from_name,
+    main,
+    open_dataset,
+)
+from tests.fixture_trees import (
+    MVTEC_OBJECT,
+    Expected,
+    Manifest,
+    mvtec_scene,
+    sphere_cloud,
+    write_anomaly_shapenet,
+    write_folder,
+    write_mvtec3d,
+    write_real3d_ad,
+)
 from tools.io import ScanError
 from tools.preprocess import remove_background_plane
 

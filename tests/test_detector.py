@@ -17,12 +17,9 @@ import numpy as np
 import pytest
 
 from evals.parts import part_mesh, sample_surface, scan_like
+from tests.tiny import TINY, TINY_FIT, part_scans
 from tools.detector import DetectorConfig, FitError, FittedClass, fit_class
 from tools.pointmae import PointMAEConfig
-from tests.tiny import TINY, TINY_FIT, part_scans
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from tools.detector import FittedClass
 from tools.io import write_pcd
 
 
-
 def run(argv: list[str]) -> tuple[int, str]:
     buffer = io.StringIO()
     code = main([str(a) for a in argv], console=Console(file=buffer, width=240, force_terminal=False))

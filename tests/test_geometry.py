@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
 from tools.bank import MemoryBank
 from tools.btf import btf_patch_features, btf_point_features
-from tools.shared_data import shared_scans_dir
 from tools.geometry import (
     curvature,
     estimate_normals,
@@ -19,6 +17,7 @@ from tools.geometry import (
     roughness,
     voxel_downsample,
 )
+from tools.shared_data import shared_scans_dir
 
 BUNNY = shared_scans_dir() / "stanford-bunny" / "bun000.ply"
 

@@ -12,7 +12,6 @@ import tifffile
 import trimesh
 from PIL import Image
 
-from tools.shared_data import shared_scans_dir
 from tools.io import (
     MIN_POINTS,
     SUPPORTED_EXTENSIONS,
@@ -25,6 +24,7 @@ from tools.io import (
 )
 from tools.pcd import lzf_decompress
 from tools.ply import parse_ply_header, read_ply_vertices
+from tools.shared_data import shared_scans_dir
 
 SCANS = shared_scans_dir()
 needs_scans = pytest.mark.skipif(
@@ -178,9 +178,9 @@ def test_ply_variable_length_faces_are_stepped_over(tmp_path, rng):
     """Mixed triangles and quads force the item-by-item path; the vertex element after them still parses."""
     points = cloud(rng, 80)
     head = (
-        "ply\nformat binary_little_endian 1.0\nelement face 2\nproperty list uchar int vertex_indices\n"
-        "element vertex 80\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
-    ).encode()
+        b"ply\nformat binary_little_endian 1.0\nelement face 2\nproperty list uchar int vertex_indices\n"
+        b"element vertex 80\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    )
     faces = (
         bytes([3])
         + np.array([0, 1, 2], "<i4").tobytes()

@@ -17,8 +17,8 @@ from agent.backends.scripted import ScriptedBackend, call
 from agent.loop import AgentBudget
 from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
 from agent.transcript import read_transcript
-from tools.detector import FittedClass, fit_class
 from tests.tiny import TINY_FIT, part_scans
+from tools.detector import FittedClass, fit_class
 
 REPORT_KEYS = {"object_score", "verified_fraction", "backend", "fallback", "usage", "regions", "mode", "verify_mode"}
 REGION_KEYS = {"patch_ids", "point_count", "reason", "verdict"}

@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from agent.verifier import verify, verify_zero_shot
+from tests.tiny import TINY_FIT, part_scans
 from tools.detector import FittedClass, ScanAnalysis, fit_class
 from verbalize import describe_scan
-from tests.tiny import TINY_FIT, part_scans
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def parse_pcd_header(data: bytes) -> PCDHeader:
             raise ValueError(f"PCD header has unsupported TYPE {kind} with SIZE {size}")
     width = _ints(entries.get("WIDTH", ["0"]), "WIDTH")[0] if entries.get("WIDTH") else 0
     height = _ints(entries.get("HEIGHT", ["1"]), "HEIGHT")[0] if entries.get("HEIGHT") else 1
-    if "POINTS" in entries and entries["POINTS"]:
+    if entries.get("POINTS"):
         points = _ints(entries["POINTS"], "POINTS")[0]
     else:
         points = width * height
