@@ -108,6 +108,24 @@ def _budgeted_regions(regions: list[dict], patches: Patches, points: np.ndarray,
     return planned, chosen
 
 
+def _verdicts(planned: list[tuple[dict, np.ndarray, np.ndarray | None]], scores: np.ndarray,
+              threshold: float | None) -> list[RegionVerdict]:
+    """Per region: skipped when the budget left it out, else confirmed when its top score passes `threshold`."""
+    verdicts = []
+    for region, own, grown in planned:
+        base = _region_fields(region, own)
+        if grown is None or own.size == 0:
+            verdicts.append(RegionVerdict(**base, verdict="skipped"))
+            continue
+        region_scores = scores[own]
+        top = float(region_scores.max())
+        confirmed = threshold is not None and top > threshold
+        verdicts.append(RegionVerdict(**base, verdict="confirmed" if confirmed else "rejected", max_distance=top,
+                                      mean_distance=float(region_scores.mean()),
+                                      threshold=None if threshold is None else float(threshold)))
+    return verdicts
+
+
 def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, regions: list[dict], *,
            max_fraction: float = 0.2, margin: float = 0.0, already_scored: np.ndarray | None = None,
            verify_all: bool = False) -> Verification:
@@ -126,18 +144,7 @@ def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, region
     verified = np.zeros(n, dtype=bool)
     verified[result.point_ids] = True
     object_score = result.object_score if result.point_ids.size else float(scores.max(initial=0.0))
-    verdicts = []
-    for region, own, grown in planned:
-        base = _region_fields(region, own)
-        if grown is None or own.size == 0:
-            verdicts.append(RegionVerdict(**base, verdict="skipped"))
-            continue
-        region_scores = scores[own]
-        top = float(region_scores.max())
-        confirmed = threshold is not None and top > threshold
-        verdicts.append(RegionVerdict(**base, verdict="confirmed" if confirmed else "rejected", max_distance=top,
-                                      mean_distance=float(region_scores.mean()),
-                                      threshold=None if threshold is None else float(threshold)))
+    verdicts = _verdicts(planned, scores, threshold)
     return Verification(point_scores=scores, object_score=float(object_score), verified=verified, regions=verdicts,
                         mode="bank", patches_searched=int(result.patch_ids.size), patches_total=analysis.n_patches)
 
@@ -169,16 +176,7 @@ def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], 
         members = np.flatnonzero(pid == p)
         scores[members[chosen[members]]] = all_dist[p]
     baseline = float(np.median(all_dist[all_dist > 0])) if (all_dist > 0).any() else 0.0
-    verdicts = []
-    for region, own, grown in planned:
-        base = _region_fields(region, own)
-        if grown is None or own.size == 0:
-            verdicts.append(RegionVerdict(**base, verdict="skipped"))
-            continue
-        top = float(scores[own].max())
-        verdicts.append(RegionVerdict(**base, verdict="confirmed" if top > 1.5 * baseline else "rejected",
-                                      max_distance=top, mean_distance=float(scores[own].mean()),
-                                      threshold=1.5 * baseline))
+    verdicts = _verdicts(planned, scores, 1.5 * baseline)
     return Verification(point_scores=scores, object_score=float(scores.max(initial=0.0)), verified=chosen,
                         regions=verdicts, mode="zero-shot", patches_searched=len(np.unique(pid[chosen])),
                         patches_total=patches.n_patches)
