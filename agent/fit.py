@@ -76,12 +76,9 @@ def peak_memory_mb() -> float:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def _scan_files_in(folder: Path) -> list[Path]:
-    from tools.io import SUPPORTED_EXTENSIONS
+    from tools.io import is_scan_file
 
-    label_suffixes = (".labels.txt", ".labels.npy")  # per-point truth files sit beside scans in the folder layout
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
-                  and not p.name.lower().endswith(label_suffixes))
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_scan_file(p))
 
 
 @dataclass(frozen=True)

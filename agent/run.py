@@ -44,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expand(paths: list[str]) -> list[Path]:
-    from tools.io import SUPPORTED_EXTENSIONS
+    """Scan files as given, and the scans inside given folders (label files beside them are not scans)."""
+    from tools.io import is_scan_file
 
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            out.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS))
+            out.extend(sorted(p for p in path.iterdir() if p.is_file() and is_scan_file(p)))
         else:
             out.append(path)
     return out

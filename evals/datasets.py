@@ -30,12 +30,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tools.io import SUPPORTED_EXTENSIONS, Scan, ScanError, read_scan
+from tools.io import LABEL_SUFFIXES, Scan, ScanError, is_label_file, is_scan_file, read_scan
 
 LAYOUTS = ("anomaly-shapenet", "real3d-ad", "mvtec3d", "folder")
 DEFECT_TYPES = ("bulge", "concavity", "crack", "hole", "broken", "scratch", "other")
 SPLITS = ("train", "validation", "test")
-LABEL_SUFFIXES = (".labels.txt", ".labels.npy")
 # GT xyz may be printed with fewer digits than the scan holds; this share of the bounding-box diagonal (plus a
 # tiny absolute floor) absorbs that rounding; a real disagreement (other file, other pose) is far larger.
 GT_RELATIVE_TOLERANCE = 1e-4
@@ -274,14 +273,6 @@ def _subdirs(directory: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
-def _is_label_file(path: Path) -> bool:
-    return any(path.name.lower().endswith(s) for s in LABEL_SUFFIXES)
-
-
-def _is_scan_file(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED_EXTENSIONS and not _is_label_file(path)
-
-
 # ---------------------------------------------------------------- datasets
 
 class Dataset:
@@ -471,13 +462,13 @@ class FolderDataset(Dataset):
 
     def train(self, cls: str) -> list[Sample]:
         return [Sample(p, cls, "train", 0, "good")
-                for p in _files(self.class_dir(cls) / "train") if _is_scan_file(p)]
+                for p in _files(self.class_dir(cls) / "train") if is_scan_file(p)]
 
     def test(self, cls: str) -> list[Sample]:
         directory = self.class_dir(cls) / "test"
         samples = []
         for path in _files(directory):
-            if not _is_scan_file(path):
+            if not is_scan_file(path):
                 continue
             label_file = next((directory / f"{path.stem}{s}" for s in LABEL_SUFFIXES
                                if (directory / f"{path.stem}{s}").is_file()), None)
@@ -492,9 +483,9 @@ class FolderDataset(Dataset):
     def structure_problems(self, cls: str) -> list[Problem]:
         problems = super().structure_problems(cls)
         directory = self.class_dir(cls) / "test"
-        scans = {p.stem for p in _files(directory) if _is_scan_file(p)}
+        scans = {p.stem for p in _files(directory) if is_scan_file(p)}
         for label_file in _files(directory):
-            if _is_label_file(label_file):
+            if is_label_file(label_file):
                 stem = label_file.name[: -len(next(s for s in LABEL_SUFFIXES
                                                    if label_file.name.lower().endswith(s)))]
                 if stem not in scans:

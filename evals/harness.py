@@ -364,21 +364,31 @@ def run_scan(job: ScanJob, ctx: JobContext) -> Iterator[ScanResult]:
         mask = np.zeros(len(points), dtype=bool)
     base.update(label=label, n_points=len(points))
 
-    analysis, analyse_s = None, 0.0
+    analysis, analyse_s, analyse_error = None, 0.0, None
     if any(METHOD_FEATURE.get(n) == "pointmae" or n in ctx.backends for n in job.names):
-        fitted = _load_fit(ctx.fit_dirs[(job.cls, "pointmae")])
         started = time.perf_counter()
-        analysis = fitted.analyse(points)
+        try:
+            analysis = _load_fit(ctx.fit_dirs[(job.cls, "pointmae")]).analyse(points)
+        except Exception as exc:  # noqa: BLE001 -- recorded for every name that needs the backbone, the run goes on
+            analyse_error = f"backbone pass failed: {_failure(exc)}"
         analyse_s = time.perf_counter() - started
 
     for name in job.names:
         row = {**base, "name": name, "kind": _kind(name, ctx), "status": "ok", "reason": None}
+        needs_backbone = name in ctx.backends or METHOD_FEATURE.get(name) == "pointmae"
+        if analyse_error is not None and needs_backbone:
+            yield ScanResult({**row, "status": "failed", "reason": analyse_error})
+            continue
         started = time.perf_counter()
         if name in ctx.backends:
             result = _run_backend(ctx.backends[name], job, ctx, points, mask, analysis, row)
             shared = analyse_s
         else:
-            scores, object_score = _run_method(name, job, ctx, points, analysis)
+            try:
+                scores, object_score = _run_method(name, job, ctx, points, analysis)
+            except Exception as exc:  # noqa: BLE001 -- a method failing on one scan is recorded, not fatal
+                yield ScanResult({**row, "status": "failed", "reason": f"{name} failed: {_failure(exc)}"})
+                continue
             row.update(object_score=float(object_score), verified_fraction=METHOD_VERIFIED_FRACTION[name])
             result = ScanResult(row, scores=scores)
             shared = analyse_s if METHOD_FEATURE[name] == "pointmae" else 0.0

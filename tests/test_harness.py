@@ -181,6 +181,43 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
     harness.clear_process_caches()
 
 
+@pytest.mark.slow
+def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run: Path, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    from tools.detector import FittedClass
+
+    config = _subset_config(quick_run, tmp_path, methods=("pointmae-bank", "random"), backends=())
+    real_method, real_analyse = harness._run_method, FittedClass.analyse
+    random_scans: list[str] = []
+    analysed: list[int] = []
+
+    def method_fails_on_first_scan(name, job, ctx, points, analysis):
+        if name == "random":
+            random_scans.append(job.scan)
+            if len(random_scans) == 1:
+                raise RuntimeError("disk full")
+        return real_method(name, job, ctx, points, analysis)
+
+    def analyse_fails_on_second_scan(self, points):
+        analysed.append(len(points))
+        if len(analysed) == 2:
+            raise MemoryError("out of memory")
+        return real_analyse(self, points)
+
+    monkeypatch.setattr(harness, "_run_method", method_fails_on_first_scan)
+    monkeypatch.setattr(FittedClass, "analyse", analyse_fails_on_second_scan)
+    harness.clear_process_caches()
+    outcome = run_harness(config, write_report=False)
+    rows = ResultStore(tmp_path).latest()
+    assert len(rows) == 6 and outcome.failed == 2
+    failed = {key: row["reason"] for key, row in rows.items() if row["status"] == "failed"}
+    assert "disk full" in failed.pop(("random", "flange", random_scans[0]))
+    (name, _, _), reason = failed.popitem()
+    assert name == "pointmae-bank" and "backbone pass failed" in reason and "out of memory" in reason
+    assert len(random_scans) == 3  # the random method still ran on the scan whose backbone pass failed
+    harness.clear_process_caches()
+
+
 # ------------------------------------------------------------------------------------------------------ ray
 @pytest.mark.slow
 def test_ray_executor_matches_local(quick_run: Path, tmp_path: Path) -> None:

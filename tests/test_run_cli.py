@@ -216,3 +216,15 @@ def test_demo_as_a_new_user_runs_it(tmp_path):
     assert OUTPUT_FILES <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert any(r["verdict"] == "confirmed" for r in report["regions"]) and report["verified_fraction"] <= 0.2
+
+
+def test_folder_with_label_files_reads_only_the_scans(tmp_path):
+    """A folder holding scans and their `<stem>.labels.npy`/`.labels.txt` truth files (as the demo and the folder
+    layout write them) must not treat the label files as scans."""
+    from agent.run import _expand
+
+    scan = tmp_path / "part.pcd"
+    write_pcd(scan, part_scans(1, 500, seed=3)[0])
+    np.save(tmp_path / "part.labels.npy", np.zeros(500, dtype=np.uint8))
+    (tmp_path / "part.labels.txt").write_text("0\n" * 500)
+    assert _expand([str(tmp_path)]) == [scan]

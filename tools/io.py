@@ -25,6 +25,20 @@ DEFAULT_MAX_POINTS = 50_000_000
 TEXT_EXTENSIONS = (".xyz", ".txt", ".pts")
 MESH_EXTENSIONS = (".obj", ".stl", ".off")
 SUPPORTED_EXTENSIONS = (".ply", ".pcd", *TEXT_EXTENSIONS, ".npy", ".npz", *MESH_EXTENSIONS, ".tiff", ".tif")
+# Per-point truth files that sit beside scans in the folder layout (and the demo): never scans themselves.
+LABEL_SUFFIXES = (".labels.txt", ".labels.npy")
+
+
+def is_label_file(path: Path) -> bool:
+    """A per-point label file (`<stem>.labels.txt|npy`), which shares an extension with scans."""
+    return Path(path).name.lower().endswith(LABEL_SUFFIXES)
+
+
+def is_scan_file(path: Path) -> bool:
+    """A file `read_scan` reads that is not a label file: what a folder of scans is made of."""
+    return Path(path).suffix.lower() in SUPPORTED_EXTENSIONS and not is_label_file(path)
+
+
 # Text column layouts: 3 = xyz, 4 = xyz label, 6 = xyz normals, 7 = xyz normals label.
 _TEXT_LAYOUTS = (3, 4, 6, 7)
 
