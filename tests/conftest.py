@@ -1,12 +1,15 @@
-"""Shared pytest fixtures. Kept small on purpose: each test module owns its own helpers."""
+"""Shared pytest fixtures: a seeded generator, one torch thread, and the tiny fitted class several modules use."""
 
 import os
 
-import numpy as np
-import pytest
-
-# Nothing in the test suite may reach a model hub.
+# Nothing in the test suite may reach a model hub (set before anything imports transformers).
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.tiny import TINY_FIT, part_scans  # noqa: E402
+from tools.detector import FittedClass, ScanAnalysis, fit_class  # noqa: E402
 
 
 @pytest.fixture
@@ -25,3 +28,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# A tiny fit of the bracket, one test scan and its analysis (the verifier and pipeline tests use them; module-scoped, so
+# each module fits once; a module that defines its own fixture of the same name uses its own).
+@pytest.fixture(scope="module")
+def fitted() -> FittedClass:
+    return fit_class(part_scans(3, 2500, seed=0), TINY_FIT)
+
+
+@pytest.fixture(scope="module")
+def scan() -> np.ndarray:
+    return part_scans(1, 3000, seed=50)[0]
+
+
+@pytest.fixture(scope="module")
+def analysis(fitted: FittedClass, scan: np.ndarray) -> ScanAnalysis:
+    return fitted.analyse(scan)

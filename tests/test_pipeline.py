@@ -17,28 +17,11 @@ from agent.backends.scripted import ScriptedBackend, call
 from agent.loop import AgentBudget
 from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
 from agent.transcript import read_transcript
-from tests.tiny import TINY_FIT, part_scans
-from tools.detector import FittedClass, fit_class
 
 REPORT_KEYS = {"object_score", "verified_fraction", "backend", "fallback", "usage", "regions", "mode", "verify_mode"}
 REGION_KEYS = {"patch_ids", "point_count", "reason", "verdict"}
 
 
-
-
-@pytest.fixture(scope="module")
-def fitted() -> FittedClass:
-    return fit_class(part_scans(3, 2500, seed=0), TINY_FIT)
-
-
-@pytest.fixture(scope="module")
-def scan() -> np.ndarray:
-    return part_scans(1, 3000, seed=50)[0]
-
-
-@pytest.fixture(scope="module")
-def analysis(fitted, scan):
-    return fitted.analyse(scan)
 
 
 def report_call(patch_ids, call_id="r"):

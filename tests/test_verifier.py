@@ -11,24 +11,7 @@ import numpy as np
 import pytest
 
 from agent.verifier import verify, verify_zero_shot
-from tests.tiny import TINY_FIT, part_scans
-from tools.detector import FittedClass, ScanAnalysis, fit_class
 from verbalize import describe_scan
-
-
-@pytest.fixture(scope="module")
-def fitted() -> FittedClass:
-    return fit_class(part_scans(3, 2500, seed=0), TINY_FIT)
-
-
-@pytest.fixture(scope="module")
-def scan() -> np.ndarray:
-    return part_scans(1, 3000, seed=50)[0]
-
-
-@pytest.fixture(scope="module")
-def analysis(fitted, scan) -> ScanAnalysis:
-    return fitted.analyse(scan)
 
 
 @pytest.fixture(scope="module")
