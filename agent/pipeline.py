@@ -179,8 +179,12 @@ def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis:
 
 def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backend, *,
                  config: InspectionConfig = InspectionConfig(), transcript_path: str | Path | None = None,
-                 fallback: Backend | None = None, analysis: ScanAnalysis | None = None) -> Inspection:
-    """Run one scan end to end. `fitted=None` runs the labelled zero-shot mode (geometry only)."""
+                 fallback: Backend | None = None, use_fallback: bool = True,
+                 analysis: ScanAnalysis | None = None) -> Inspection:
+    """Run one scan end to end. `fitted=None` runs the labelled zero-shot mode (geometry only).
+
+    When the backend fails, `fallback` (default: the policy) finishes the scan and the report says why;
+    `use_fallback=False` records the failure instead (the harness's `--no-fallback`)."""
     if fitted is None and config.verify == "all":
         raise ValueError("verify='all' scores every point with the memory bank and needs a fitted class")
     timings: dict[str, float] = {}
@@ -193,7 +197,10 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     t0 = time.perf_counter()
     patches, table, make_toolbox, messages = build_conversation(pts, fitted, analysis, config, scored)
     timings["verbalize"] = time.perf_counter() - t0
-    fallback = fallback if fallback is not None else get_backend("policy")
+    if not use_fallback:
+        fallback = None
+    elif fallback is None:
+        fallback = get_backend("policy")
     transcript = Transcript(transcript_path) if transcript_path is not None else None
     t0 = time.perf_counter()
     try:
@@ -202,7 +209,7 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
                            mode="bank" if fitted is not None else "zero-shot")
         toolbox = make_toolbox()
         outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
-                            fallback=None if backend is fallback else fallback, toolbox_factory=make_toolbox)
+                            fallback=fallback, toolbox_factory=make_toolbox)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if fitted is not None and analysis is not None:

@@ -431,9 +431,8 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, points: np.nd
         if ctx.transcript_root is not None:
             transcript = Path(ctx.transcript_root) / safe_name(spec.label) / job.cls / f"{job.scan}.jsonl"
             transcript.parent.mkdir(parents=True, exist_ok=True)
-        extra = {} if ctx.fallback else {"fallback": backend}  # the backend as its own fallback = no fallback
         inspection = inspect_scan(points, fitted, backend, config=ctx.inspection, transcript_path=transcript,
-                                  analysis=analysis, **extra)
+                                  analysis=analysis, use_fallback=ctx.fallback)
     except Exception as exc:  # noqa: BLE001 -- a failing backend is a result, not a crash
         row.update(status="failed", reason=_failure(exc))
         return ScanResult(row)
