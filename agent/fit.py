@@ -48,6 +48,7 @@ class FitOptions:
     init: Path | None = None            # pretrained backbone folder (tools.pointmae_train CLI output)
     preset: str = "small"               # "small" (2 CPU cores) | "paper" (Point-MAE's published size)
     mesh_points: int = DEFAULT_MESH_POINTS
+    register: bool = False              # align scans to the first template + coordinate bank (unaligned scans)
 
 
 @dataclass
@@ -157,7 +158,8 @@ def _detector_config(options: FitOptions):
     if options.mesh_points < 1:
         raise FitInputError(f"--mesh-points must be >= 1, got {options.mesh_points}")
     backbone = PointMAEConfig.paper() if options.preset == "paper" else PointMAEConfig.small()
-    values: dict = {"feature": options.feature, "backbone": backbone, "seed": options.seed}
+    values: dict = {"feature": options.feature, "backbone": backbone, "seed": options.seed,
+                    "register": options.register}
     if options.steps is not None:
         values["train_steps"] = options.steps
     if options.coreset_ratio is not None:
@@ -237,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["small", "paper"], default="small",
                    help="backbone size: small (CPU) or paper (Point-MAE's, wants a GPU)")
     p.add_argument("--mesh-points", type=int, default=DEFAULT_MESH_POINTS, help="points sampled from mesh inputs")
+    p.add_argument("--register", action="store_true",
+                   help="scans are not pre-aligned: register each to the first training scan (FPFH+RANSAC+ICP) "
+                        "and add a bank of registered coordinates")
     return p
 
 
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = FitOptions(out=args.out, data=args.data, cls=args.cls, train=args.train, feature=args.feature,
                          steps=args.steps, coreset_ratio=args.coreset_ratio, seed=args.seed, init=args.init,
-                         preset=args.preset, mesh_points=args.mesh_points)
+                         preset=args.preset, mesh_points=args.mesh_points, register=args.register)
     labels = {"read": "reading scans", "train": "training Point-MAE", "features": "bank feature views"}
     with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as bars:

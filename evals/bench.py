@@ -73,6 +73,9 @@ class BenchConfig:
     defects_per_type: int = 1
     defect_types: tuple[str, ...] = defect_lib.DEFECT_TYPES
     seed: int = 0
+    # Largest rotation (degrees, random axis) between two samples of a class. The default is a fixture's play; a large
+    # value makes a benchmark of scans that are not pre-aligned, as Real3D-AD's test scans are (see tools.registration).
+    pose_deg: float = 4.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,7 +207,8 @@ def build_class(source: Source, class_dir: Path, config: BenchConfig) -> list[di
         if kind is not None:
             points, mask, info, normals = defect_lib.make_defect(points, normals, kind, seed + 1, solid=source.solid,
                                                                  scale=size, return_normals=True)
-        points, _ = part_lib.scan_like(points, normals, seed + 2, noise=noise, scale=size)
+        points, _ = part_lib.scan_like(points, normals, seed + 2, noise=noise, scale=size,
+                                        max_rotation_deg=config.pose_deg)
         emit(split, stem, points, mask, info, seed)
     return records
 
@@ -278,6 +282,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             "recipe_version": RECIPE_VERSION, "seed": config.seed, "points": config.points,
             "templates": config.templates, "normal_per_class": config.normal_per_class,
             "defects_per_type": config.defects_per_type, "defect_types": list(config.defect_types),
+            "pose_deg": config.pose_deg,
             "noise": {"mesh": MESH_NOISE, "pcd": SCAN_NOISE}, "sources": used, "skipped": skipped,
             "samples": samples,
         }
@@ -365,12 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defects", nargs="+", default=list(defect_lib.DEFECT_TYPES),
                         choices=defect_lib.DEFECT_TYPES)
     parser.add_argument("--scans", type=Path, default=DEFAULT_SCANS, help="real scans folder (skipped if absent)")
+    parser.add_argument("--pose-deg", type=float, default=4.0,
+                        help="largest rotation between two samples of a class (default 4: pre-aligned scans; "
+                             "e.g. 30 for scans that need registration)")
     parser.add_argument("--pictures", action="store_true", help="also write <out>/examples.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--workers", type=int, default=2, help="processes building classes in parallel (default 2)")
     args = parser.parse_args(argv)
     config = BenchConfig(points=args.points, templates=args.templates, normal_per_class=args.normal,
-                         defects_per_type=args.per_defect, defect_types=tuple(args.defects), seed=args.seed)
+                         defects_per_type=args.per_defect, defect_types=tuple(args.defects), seed=args.seed,
+                         pose_deg=args.pose_deg)
     try:
         summary = build_benchmark(args.out, classes=args.classes, config=config, scans_dir=args.scans,
                                   overwrite=args.overwrite, workers=args.workers,

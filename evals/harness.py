@@ -136,6 +136,7 @@ class HarnessConfig:
     backends: tuple[BackendSpec, ...] = ()
     limit: int | None = None                        # test scans per class (a balanced, deterministic subset)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
+    init_backbone: Path | None = None               # pretrained Point-MAE folder the class fits start from
     inspection: InspectionConfig = field(default_factory=InspectionConfig)
     executor: Executor = "local"
     ray_address: str | None = None
@@ -513,23 +514,35 @@ def _run_ray(jobs: list[ScanJob], ctx: JobContext, address: str | None) -> Itera
 
 
 # ------------------------------------------------------------------------------------------------------ fits
-def fit_dir(out: Path, cls: str, feature: str, config: DetectorConfig, train: list[Sample]) -> Path:
-    """`<out>/fits/<class>/<feature>-<hash>`: the hash covers the config and the training files (name, size, mtime)."""
+def fit_dir(out: Path, cls: str, feature: str, config: DetectorConfig, train: list[Sample],
+            init_hash: str | None = None) -> Path:
+    """`<out>/fits/<class>/<feature>-<hash>`: the hash covers the config, the training files (name, size, mtime) and
+    the pretrained backbone a Point-MAE fit starts from."""
     payload = {"config": replace(config, feature=feature).to_dict(),
                "train": [[s.path.name, s.path.stat().st_size, int(s.path.stat().st_mtime)] for s in train]}
+    if init_hash is not None and feature == "pointmae":
+        payload["init"] = init_hash
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return Path(out) / "fits" / cls / f"{feature}-{digest}"
 
 
 def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: DetectorConfig,
-               progress: ProgressFn | None = None) -> dict:
-    """Fit a class (or reuse its cached fit); returns {"dir", "fit_s", "reused"}."""
+               progress: ProgressFn | None = None, init_backbone: Path | None = None) -> dict:
+    """Fit a class (or reuse its cached fit); returns {"dir", "fit_s", "reused"}. ``init_backbone``: a pretrained
+    backbone folder (``python -m tools.pointmae_train``) that Point-MAE fits start from."""
     from tools.detector import fit_class
+    from tools.pointmae import backbone_hash, load_backbone
 
     train = list(dataset.train(cls))
     if not train:
         raise HarnessError(f"{dataset_root(dataset)}: class {cls!r} has no training scans")
-    directory = fit_dir(out, cls, feature, config, train)
+    init = None
+    if init_backbone is not None and feature == "pointmae":
+        try:
+            init = load_backbone(init_backbone, expect=config.backbone)
+        except (OSError, ValueError) as exc:
+            raise HarnessError(f"{init_backbone}: pretrained backbone does not load ({exc})") from exc
+    directory = fit_dir(out, cls, feature, config, train, None if init is None else backbone_hash(init))
     meta_path = directory / FIT_META
     if meta_path.is_file():
         info = json.loads(meta_path.read_text()).get("info", {})
@@ -541,7 +554,8 @@ def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: Dete
         if progress is not None:
             progress(f"fit {cls} ({feature})", done, total, stage)
 
-    fitted = fit_class(scans, replace(config, feature=feature), progress=report, names=[str(s.path) for s in train])
+    fitted = fit_class(scans, replace(config, feature=feature), progress=report, names=[str(s.path) for s in train],
+                       init_backbone=init)
     fitted.info["fit_s"] = round(time.perf_counter() - started, 3)
     fitted.save(directory)
     return {"dir": str(directory), "fit_s": fitted.info["fit_s"], "reused": False}
@@ -620,7 +634,8 @@ def run_harness(config: HarnessConfig, *, progress: ProgressFn | None = None, on
     fits: dict[str, dict[str, dict]] = {}
     for cls in classes:
         for feature in config.features():
-            fits.setdefault(cls, {})[feature] = ensure_fit(out, dataset, cls, feature, config.detector, progress)
+            fits.setdefault(cls, {})[feature] = ensure_fit(out, dataset, cls, feature, config.detector, progress,
+                                                           config.init_backbone)
     _write_run_meta(out, config, classes, limited, fits)
 
     store = ResultStore(out)

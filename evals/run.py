@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record a backend failure as failed instead of letting the policy finish the scan")
     p.add_argument("--no-transcripts", action="store_true", help="do not write per-scan agent transcripts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path,
+                   help="pretrained Point-MAE backbone folder (python -m tools.pointmae_train) the class fits start from")
+    p.add_argument("--register", action="store_true",
+                   help="fit every class with registration to its first template + a coordinate bank (scans that "
+                        "are not pre-aligned)")
     return p
 
 
@@ -75,6 +80,8 @@ def make_config(args: argparse.Namespace):
         raise HarnessError("--data <layout>:<root> is required (or --quick)")
     if args.train_steps is not None:
         detector = replace(detector, train_steps=args.train_steps)
+    if args.register:
+        detector = replace(detector, register=True)
     if args.base_url and not any(b.split(":")[0] == "openai" for b in args.backends):
         raise HarnessError("--base-url is for the openai backend; add --backends openai:<model>")
     methods = args.methods if args.methods is not None else ([] if args.backends else list(METHODS))
@@ -88,7 +95,7 @@ def make_config(args: argparse.Namespace):
                      for b in args.backends)
     return HarnessConfig(
         data=data, out=out, classes=tuple(args.classes) if args.classes else None, methods=tuple(methods),
-        backends=backends, limit=args.limit, detector=detector,
+        backends=backends, limit=args.limit, detector=detector, init_backbone=args.init,
         inspection=InspectionConfig(max_verify_fraction=args.max_verify_fraction, seed=args.seed),
         executor=args.executor, ray_address=args.ray_address, price_prompt=args.price_per_1k_prompt,
         price_completion=args.price_per_1k_completion, fallback=not args.no_fallback,

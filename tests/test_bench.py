@@ -48,6 +48,11 @@ def test_scan_like_is_noise_plus_a_small_rigid_motion() -> None:
     noisy, _ = scan_like(points, normals, seed=1, noise=0.003, max_rotation_deg=0.0, max_shift=0.0)
     along_normal = np.einsum("ij,ij->i", noisy - points, normals)
     assert np.std(along_normal) == pytest.approx(0.003 * 80, rel=0.15)
+    # --pose-deg: a large pose change (an unaligned benchmark) turns the part by more than the fixture's play
+    far, _ = scan_like(points, normals, seed=1, noise=0.0, max_rotation_deg=60.0, max_shift=0.0)
+    turned_by = np.degrees(np.arccos(np.clip((np.trace(np.linalg.lstsq(points - points.mean(0), far - far.mean(0),
+                                                                       rcond=None)[0]) - 1) / 2, -1, 1)))
+    assert 4.0 < turned_by <= 60.0
 
 
 # ---------------------------------------------------------------------------------------------------------- builder
@@ -84,6 +89,7 @@ def test_gt_rows_are_the_pcd_points(tiny_bench: Path) -> None:
 def test_recipe_and_manifest_describe_the_files(tiny_bench: Path) -> None:
     recipe = json.loads((tiny_bench / "recipe.json").read_text())
     assert recipe["recipe_version"] == bench.RECIPE_VERSION and recipe["seed"] == 3
+    assert recipe["pose_deg"] == TINY.pose_deg == 4.0  # pre-aligned unless --pose-deg asks for more
     assert set(recipe["sources"]) == {"flange", "gear"}
     defects = [r["defect"] for r in recipe["samples"]["gear"] if r["defect"]]
     assert sorted(d["type"] for d in defects) == sorted(DEFECT_TYPES)

@@ -293,3 +293,22 @@ def test_random_regions_is_seeded_and_stays_within_the_policy_budget() -> None:
     assert all(0 <= pid < 40 for pid in first)
     other_scan = {**listing, "patches": listing["patches"][::-1]}
     assert {tuple(regions(s, listing)) for s in range(5)} | {tuple(regions(0, other_scan))} != {tuple(first)}
+
+
+def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run: Path, tmp_path: Path) -> None:
+    """--init: fits that start from a pretrained backbone are cached apart from fits from scratch; a backbone of another
+    architecture is refused with the folder named."""
+    from evals.datasets import open_dataset
+    from tools.detector import FittedClass
+    from tools.pointmae import PointMAE, PointMAEConfig, save_backbone
+
+    dataset = open_dataset(f"anomaly-shapenet:{quick_run / 'quick-bench'}")
+    config = quick_detector_config()
+    pretrained = save_backbone(PointMAE(config.backbone), tmp_path / "pretrained")
+    scratch = harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config)
+    started = harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=pretrained)
+    assert scratch["dir"] != started["dir"] and not started["reused"]
+    assert FittedClass.load(started["dir"]).backbone is not None
+    other = save_backbone(PointMAE(PointMAEConfig.small()), tmp_path / "other")
+    with pytest.raises(harness.HarnessError, match="other.*does not load"):
+        harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=other)

@@ -22,13 +22,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from tools.bank import MemoryBank
+from tools.registration import IDENTITY, Alignment, CoordinateBank, align
 from tools.pointmae import (
     PatchFeatures,
     PointMAE,
@@ -85,6 +86,9 @@ class DetectorConfig:
     coreset_ratio: float = 0.25
     recon_rounds: int = 2
     seed: int = 0
+    # Align every scan to the first template and add the bank of registered coordinates (tools.registration), for
+    # scans that are not pre-aligned. Costs one registration per scan (a few seconds on 2 cores).
+    register: bool = False
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -94,6 +98,7 @@ class DetectorConfig:
     @classmethod
     def from_dict(cls, data: dict) -> DetectorConfig:
         data = dict(data)
+        data.setdefault("register", False)  # fits saved before registration existed
         data["backbone"] = PointMAEConfig.from_json(data["backbone"])
         return cls(**data)
 
@@ -110,6 +115,8 @@ class ScanAnalysis:
     feature_deviation: np.ndarray      # float32 (G,) distance of each patch feature to the class's mean feature
     point_stats: dict[str, np.ndarray]  # name -> float32 (N,)
     seconds: float = 0.0
+    alignment: Alignment = IDENTITY    # how the points were moved onto the class's reference (register=True)
+    registered: np.ndarray | None = None  # float32 (N,3) the points after that move; None without registration
 
     @property
     def n_patches(self) -> int:
@@ -169,8 +176,18 @@ class FittedClass:
     """A class's detector: use :func:`fit_class` to make one, :meth:`load` to read one from disk."""
 
     def __init__(self, config: DetectorConfig, scale: float, bank: MemoryBank, mean_feature: np.ndarray,
-                 thresholds: dict[str, float], backbone: PointMAE | None, info: dict | None = None) -> None:
+                 thresholds: dict[str, float], backbone: PointMAE | None, info: dict | None = None, *,
+                 reference: np.ndarray | None = None, coord_bank: CoordinateBank | None = None,
+                 score_norms: dict[str, float] | None = None) -> None:
         self.config = config
+        # register=True: the template every scan is aligned to, the registered training points, and the normal-data
+        # scales (feature, coord) that put the two banks' distances in one unit before they are added
+        self.reference = reference
+        self.coord_bank = coord_bank
+        self.score_norms = dict(score_norms or {})
+        if config.register and (reference is None or coord_bank is None or
+                                not {"feature", "coord"} <= self.score_norms.keys()):
+            raise ValueError("a registered fit needs its reference, coordinate bank and score norms")
         self.scale = float(scale)
         self.bank = bank
         self.mean_feature = np.asarray(mean_feature, dtype=np.float32)
@@ -211,7 +228,14 @@ class FittedClass:
         """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""
         start = time.perf_counter()
         pts = np.ascontiguousarray(points, dtype=np.float32)
-        patches = self.patch_features(pts)
+        alignment, registered = IDENTITY, None
+        if self.reference is not None:
+            alignment = align(pts, self.reference, self.scale, seed=self.config.seed)
+            registered = alignment.apply(pts)
+            patches = self.patch_features(registered)
+            patches.centers = alignment.undo(patches.centers)  # back to the input's frame (a rigid move: same order)
+        else:
+            patches = self.patch_features(pts)
         deviation = np.linalg.norm(patches.features - self.mean_feature, axis=1).astype(np.float32)
         per_patch = {"feature_norm": patches.feature_norm, "feature_deviation": deviation}
         if self.config.feature == "pointmae":
@@ -220,7 +244,19 @@ class FittedClass:
         spread = interpolate_to_points(pts, patches.centers, stacked)
         point_stats = {name: spread[:, i].copy() for i, name in enumerate(per_patch)}
         return ScanAnalysis(points=pts, patches=patches, feature_deviation=deviation, point_stats=point_stats,
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start, alignment=alignment, registered=registered)
+
+    def patch_distances(self, analysis: ScanAnalysis, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(score, nearest bank row) of the given patches. With registration the score adds the coordinate bank's
+        distance, each part divided by its normal-data 99th percentile (so 1 + 1 is a patch at both limits)."""
+        feats = analysis.patches.features[patch_ids]
+        dist, nn_idx = self.bank.score(feats)
+        if self.coord_bank is not None:
+            if analysis.registered is None:
+                raise ValueError("this fit registers scans; analyse the scan with the same fit first")
+            coord = self.coord_bank.patch_scores(analysis.registered, analysis.patches.group_idx[patch_ids])
+            dist = (dist / self.score_norms["feature"] + coord / self.score_norms["coord"]).astype(np.float32)
+        return dist, nn_idx
 
     # ------------------------------------------------------------------------------------------- scoring
     def score(self, analysis: ScanAnalysis, point_ids: np.ndarray | None = None, *,
@@ -252,7 +288,7 @@ class FittedClass:
             return ScanScores(patch_ids, np.zeros(0, np.float32), pids[:0], np.zeros(0, np.float32), 0.0,
                               time.perf_counter() - start)
         feats = analysis.patches.features[patch_ids]
-        dist, nn_idx = self.bank.score(feats)
+        dist, nn_idx = self.patch_distances(analysis, patch_ids)
         point_scores = (interpolate_to_points(analysis.points[pids], analysis.patches.centers[patch_ids], dist)
                         if pids.size else np.zeros(0, np.float32))
         obj = float(self.bank.object_score(feats, dist, nn_idx))
@@ -281,7 +317,11 @@ class FittedClass:
                 save_backbone(self.backbone, tmp / "backbone")
             self.bank.save(tmp / "bank")
             np.save(tmp / "mean_feature.npy", self.mean_feature, allow_pickle=False)
-            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
+            if self.coord_bank is not None and self.reference is not None:
+                np.save(tmp / "reference.npy", self.reference, allow_pickle=False)
+                np.save(tmp / "coord_points.npy", self.coord_bank.points, allow_pickle=False)
+                np.save(tmp / "coord_source.npy", self.coord_bank.source, allow_pickle=False)
+            meta = {"score_norms": self.score_norms, "format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
                     "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
                     "info": self.info}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -350,12 +390,27 @@ class FittedClass:
         if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
             raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
                            f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
+        reference, coord_bank, norms = None, None, {}
+        if config.register:
+            try:
+                reference = np.load(root / "reference.npy", allow_pickle=False)
+                coord_bank = CoordinateBank(np.load(root / "coord_points.npy", allow_pickle=False),
+                                            np.load(root / "coord_source.npy", allow_pickle=False))
+                norms = {str(k): float(v) for k, v in dict(meta["score_norms"]).items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise FitError(f"{root}: registered fit without a readable reference / coordinate bank ({exc}); "
+                               "refit the class") from exc
+            if reference.ndim != 2 or reference.shape[1:] != (3,) or len(reference) < 3:
+                raise FitError(f"{root}: reference.npy has shape {reference.shape}, expected (N,3); refit the class")
+            if not all(np.isfinite(v) and v > 0 for v in norms.values()) or not {"feature", "coord"} <= norms.keys():
+                raise FitError(f"{root}: invalid score norms {norms}; refit the class")
         return cls(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                   backbone=backbone, info=info)
+                   backbone=backbone, info=info, reference=reference, coord_bank=coord_bank, score_norms=norms)
 
 
 # ---------------------------------------------------------------------------------------------------- fitting
-def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray, k: int = 16) -> np.ndarray:
+def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
+                      k: int = 16) -> list[np.ndarray]:
     """Each template's patch distances to the nearest bank row from another template (normal-data calibration).
 
     Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
@@ -372,9 +427,8 @@ def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source:
         _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
         exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
         exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
-        out.append(exact.min(axis=1))
-    scores = np.concatenate(out)
-    return scores[np.isfinite(scores)]  # every candidate from the same template: no honest estimate
+        out.append(exact.min(axis=1))  # inf: every candidate came from the same template, no honest estimate
+    return out
 
 
 def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: DetectorConfig) -> list[np.ndarray]:
@@ -421,7 +475,12 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     timings: dict[str, float] = {}
     scale = estimate_scale(scans)
     backbone: PointMAE | None = None
+    reference, fitness = None, []
     t0 = time.perf_counter()
+    if config.register:
+        reference, scans, fitness = _register_templates(scans, names, scale, config.seed)
+        timings["register_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
     if config.feature == "pointmae":
         from tools.pointmae_train import train_pointmae
 
@@ -438,20 +497,23 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
             raise FitError(f"Point-MAE training failed: {exc}") from exc
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    probe = FittedClass(config, scale, MemoryBank(), np.zeros(1, np.float32), {}, backbone)
+    # features only: the probe never aligns (the scans are aligned already) nor searches a bank
+    probe = FittedClass(replace(config, register=False), scale, MemoryBank(), np.zeros(1, np.float32), {}, backbone)
     bank = MemoryBank(feature_name=config.feature, backbone_hash=probe.backbone_id())
     per_template: list[np.ndarray] = []
+    members: list[np.ndarray] = []   # each bank row's patch members (point indices into its template)
     total = len(scans) * config.bank_views
     for i, (name, scan) in enumerate(zip(names, scans)):
         views = []
         for v in range(config.bank_views):
             try:
-                views.append(probe.patch_features(scan, seed=config.seed + 1000 * i + v, recon=False).features)
+                views.append(probe.patch_features(scan, seed=config.seed + 1000 * i + v, recon=False))
             except ValueError as exc:
                 raise FitError(f"{name}: cannot extract patch features ({exc})") from exc
             if progress is not None:
                 progress("features", i * config.bank_views + v + 1, total)
-        per_template.append(np.concatenate(views))
+        per_template.append(np.concatenate([view.features for view in views]))
+        members.append(np.concatenate([view.group_idx for view in views]))
     timings["features_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     all_feats = np.concatenate(per_template)
@@ -460,8 +522,20 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     bank_source = source[kept]
     mean_feature = all_feats.mean(axis=0).astype(np.float32)
     thresholds: dict[str, float] = {}
+    coord_bank, norms = None, {}
+    if config.register:
+        coord_bank = CoordinateBank.from_templates(scans, scale)
+        if len(scans) < 2:
+            raise FitError("registration needs at least two training scans: the coordinate bank's scale is measured "
+                           "on one template against the others")
     if len(scans) > 1:
-        normal = _loo_patch_scores(per_template, bank, bank_source)
+        loo = _loo_patch_scores(per_template, bank, bank_source)
+        if coord_bank is not None:
+            coord_loo = coord_bank.leave_one_out_patch_scores(scans, members)
+            norms = _score_norms(loo, coord_loo)
+            loo = [f / norms["feature"] + c / norms["coord"] for f, c in zip(loo, coord_loo)]
+        normal = np.concatenate(loo)
+        normal = normal[np.isfinite(normal)]
         if normal.size:
             thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
             thresholds["patch_max"] = float(normal.max())
@@ -469,5 +543,39 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
             "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
             **{k: round(v, 3) for k, v in timings.items()}}
+    if config.register:
+        info["registration_fitness"] = [round(f, 4) for f in fitness]
+        info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                       backbone=backbone, info=info)
+                       backbone=backbone, info=info, reference=reference, coord_bank=coord_bank, score_norms=norms)
+
+
+def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
+                        seed: int) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+    """(reference, the scans aligned onto it, ICP fitness of each). The first scan is the reference."""
+    from tools.geometry import voxel_downsample
+    from tools.registration import COORD_VOXEL_SHARE
+
+    first = scans[0]
+    reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
+    aligned, fitness = [first], [1.0]
+    for name, scan in zip(names[1:], scans[1:]):
+        try:
+            alignment = align(scan, reference, scale, seed=seed)
+        except ValueError as exc:
+            raise FitError(f"{name}: cannot be registered to {names[0]} ({exc})") from exc
+        aligned.append(alignment.apply(scan))
+        fitness.append(alignment.fitness)
+    return reference, aligned, fitness
+
+
+def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray]) -> dict[str, float]:
+    """Normal-data 99th percentiles of both banks' patch scores: the units in which registered scores are added."""
+    norms = {}
+    for name, parts in (("feature", feature_loo), ("coord", coord_loo)):
+        values = np.concatenate(parts)
+        values = values[np.isfinite(values)]
+        norms[name] = float(np.percentile(values, 99)) if values.size else 1.0
+        if not norms[name] > 0:
+            norms[name] = 1.0  # identical templates: any distance is unusual, keep raw units
+    return norms

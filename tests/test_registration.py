@@ -1,0 +1,104 @@
+"""Registration to the class template and the coordinate bank (DetectorConfig(register=True))."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from tests.tiny import TINY_FIT, part_scans
+from tools.detector import FitError, FittedClass, fit_class
+from tools.registration import Alignment, CoordinateBank
+
+
+def turned(points: np.ndarray, degrees: float, axis=(0.3, 1.0, 0.2), shift=(0.5, -0.2, 0.1)) -> np.ndarray:
+    """The scan rotated about its centroid and shifted: a part put down on the fixture another way."""
+    from scipy.spatial.transform import Rotation
+
+    axis = np.asarray(axis, dtype=np.float64) / np.linalg.norm(axis)
+    rot = Rotation.from_rotvec(np.radians(degrees) * axis).as_matrix()
+    centre = points.mean(axis=0)
+    return ((points - centre) @ rot.T + centre + np.asarray(shift)).astype(np.float32)
+
+
+def test_alignment_apply_and_undo_are_inverse(rng):
+    from scipy.spatial.transform import Rotation
+
+    transform = np.eye(4)
+    transform[:3, :3] = Rotation.from_rotvec([0.2, -0.4, 0.9]).as_matrix()
+    transform[:3, 3] = [1.0, -2.0, 0.5]
+    pts = rng.normal(size=(50, 3)).astype(np.float32)
+    alignment = Alignment(transform, 0.9)
+    np.testing.assert_allclose(alignment.undo(alignment.apply(pts)), pts, atol=1e-5)
+    np.testing.assert_allclose(alignment.apply(pts), pts @ transform[:3, :3].T + transform[:3, 3], atol=1e-5)
+    assert not alignment.doubtful and Alignment(transform, 0.2).doubtful
+
+
+def test_coordinate_bank_scores_patches_off_the_normal_surface(rng):
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, 1, 40)), -1).reshape(-1, 2)
+    plane = lambda z: np.column_stack([grid, np.full(len(grid), z)]).astype(np.float32)  # noqa: E731
+    bank = CoordinateBank(np.concatenate([plane(0.0), plane(0.001)]), np.repeat([0, 1], len(grid)))
+    scan = plane(0.0005)
+    scan[:16, 2] += 0.2  # a bulge: these points left the surface
+    members = np.array([np.arange(16), np.arange(100, 116)])
+    bulge, flat = bank.patch_scores(scan, members)
+    assert bulge == pytest.approx(0.2, abs=0.01) and flat < 0.001
+    # leave-one-template-out: template 0's points are measured against template 1's only (0.001 away), not itself
+    loo = bank.leave_one_out_patch_scores([plane(0.0), plane(0.001)], [members, members])
+    np.testing.assert_allclose(loo[0], 0.001, atol=1e-6)
+    np.testing.assert_allclose(loo[1], 0.001, atol=1e-6)
+    with pytest.raises(ValueError, match="coordinate bank"):
+        CoordinateBank(np.zeros((5, 3)), np.zeros(4))
+
+
+def turned_templates() -> list[np.ndarray]:
+    scans = part_scans(3, 2500, seed=0)
+    return [scans[0], turned(scans[1], 35.0), turned(scans[2], -50.0, axis=(1.0, 0.0, 0.4))]
+
+
+@pytest.fixture(scope="module")
+def registered_fit() -> FittedClass:
+    return fit_class(turned_templates(), dataclasses.replace(TINY_FIT, register=True))
+
+
+def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp_path):
+    info = registered_fit.info
+    assert len(info["registration_fitness"]) == 3 and min(info["registration_fitness"]) > 0.8
+    assert info["coord_bank_size"] > 0 and set(registered_fit.score_norms) == {"feature", "coord"}
+    scan = turned(part_scans(1, 3000, seed=50)[0], 70.0, axis=(0.0, 0.3, 1.0))
+    analysis = registered_fit.analyse(scan)
+    assert analysis.registered is not None and analysis.alignment.fitness > 0.8
+    # a normal scan in a new pose, once registered, lies on the templates: its patches score in the normal range
+    full = registered_fit.score(analysis)
+    assert np.median(full.patch_scores) < registered_fit.thresholds["patch_p99"]
+    # the subset contract holds with two banks: a patch subset scores exactly as in the full scoring
+    some = np.arange(0, analysis.n_patches, 5)
+    part = registered_fit.score(analysis, patch_ids=some)
+    np.testing.assert_array_equal(part.patch_scores, full.patch_scores[some])
+    # patch centres are reported in the input's frame (the verbalizer and renders read them)
+    nearest = np.min(np.linalg.norm(scan[None, :, :] - analysis.patches.centers[:20, None, :], axis=2), axis=1)
+    assert nearest.max() < 1e-3
+    saved = registered_fit.save(tmp_path / "fit")
+    again = FittedClass.load(saved)
+    np.testing.assert_array_equal(again.score(again.analyse(scan)).patch_scores, full.patch_scores)
+    (saved / "coord_points.npy").unlink()
+    with pytest.raises(FitError, match="coordinate bank"):
+        FittedClass.load(saved)
+
+
+def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_misses(registered_fit):
+    """Templates and test scan in different poses: the registered fit ranks the bulge's points high, the same fit
+    without registration (its bank knows each template in its own pose only) does not."""
+    from sklearn.metrics import roc_auc_score
+
+    from evals.defects import make_defect
+    from evals.parts import part_mesh, sample_surface
+
+    clean, normals = sample_surface(part_mesh("bracket"), 3000, seed=77)
+    bulged, mask, _, _ = make_defect(clean, normals, "bulge", 5, scale=None, return_normals=True)
+    scan = turned(bulged.astype(np.float32), 60.0)
+    registered = roc_auc_score(mask, registered_fit.score_full(scan)[0])
+    unaligned_fit = fit_class(turned_templates(), TINY_FIT)
+    unaligned = roc_auc_score(mask, unaligned_fit.score_full(scan)[0])
+    assert registered > 0.85 and registered > unaligned + 0.2
