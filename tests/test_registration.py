@@ -37,7 +37,7 @@ def test_alignment_apply_and_undo_are_inverse(rng):
 
 def test_coordinate_bank_scores_patches_off_the_normal_surface(rng):
     grid = np.stack(np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, 1, 40)), -1).reshape(-1, 2)
-    plane = lambda z: np.column_stack([grid, np.full(len(grid), z)]).astype(np.float32)  # noqa: E731
+    plane = lambda z: np.column_stack([grid, np.full(len(grid), z)]).astype(np.float32)
     bank = CoordinateBank(np.concatenate([plane(0.0), plane(0.001)]), np.repeat([0, 1], len(grid)))
     scan = plane(0.0005)
     scan[:16, 2] += 0.2  # a bulge: these points left the surface

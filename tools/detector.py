@@ -29,7 +29,6 @@ from typing import Literal
 import numpy as np
 
 from tools.bank import MemoryBank
-from tools.registration import IDENTITY, Alignment, CoordinateBank, align
 from tools.pointmae import (
     PatchFeatures,
     PointMAE,
@@ -41,6 +40,7 @@ from tools.pointmae import (
     load_backbone,
     save_backbone,
 )
+from tools.registration import IDENTITY, Alignment, CoordinateBank, align
 
 DETECTOR_VERSION = 1
 # Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
