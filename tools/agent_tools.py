@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tools.geometry import fps
-from tools.patches import Patches, PatchTable
+from tools.patches import Patches, PatchTable, robust_spread
 
 BankLookup = Callable[[list[int]], dict[int, dict]]
 MAX_REGIONS = 10
@@ -35,7 +35,6 @@ MAX_TOP_K = 50
 MAX_SAMPLE_POINTS = 64
 MAX_NEIGHBOURS = 12
 _SIGNIFICANT = 3               # numbers in tool results carry 3 significant digits
-_MAD_TO_SD = 1.4826
 
 
 @dataclass
@@ -130,13 +129,6 @@ def _sig(value: float) -> float | None:
         return None
     rounded = float(f"{value:.{_SIGNIFICANT}g}")
     return 0.0 if rounded == 0 else rounded
-
-
-def _robust_spread(values: np.ndarray) -> float:
-    spread = _MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
-    if not spread > 1e-12:
-        spread = float(values.std())
-    return spread if spread > 1e-12 else 1.0
 
 
 class ToolBox:
@@ -329,7 +321,7 @@ class ToolBox:
             for col in signals:
                 nb_median = float(np.median(cols[col][within]))
                 diffs[col] = {"value": _sig(cols[col][pid]), "neighbour_median": _sig(nb_median),
-                              "diff_sd": _sig((cols[col][pid] - nb_median) / _robust_spread(cols[col]))}
+                              "diff_sd": _sig((cols[col][pid] - nb_median) / (robust_spread(cols[col]) or 1.0))}
             data["differences"] = diffs
             normal = np.array([cols[f"n{a}"][pid] for a in "xyz"])
             nb_normal = np.stack([cols[f"n{a}"][within] for a in "xyz"], axis=1).mean(axis=0)

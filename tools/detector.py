@@ -36,7 +36,8 @@ from tools.pointmae import (
     backbone_hash,
     estimate_scale,
     extract_patch_features,
-    interpolate_to_points,
+    interpolate_with,
+    interpolation_support,
     load_backbone,
     save_backbone,
 )
@@ -117,24 +118,23 @@ class ScanAnalysis:
     seconds: float = 0.0
     alignment: Alignment = IDENTITY    # how the points were moved onto the class's reference (register=True)
     registered: np.ndarray | None = None  # float32 (N,3) the points after that move; None without registration
+    # each point's 3 nearest patch centres and their interpolation weights, found once: statistics and bank scores
+    # are spread over the same support, so a point's score depends on exactly these patches
+    support: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_patches(self) -> int:
         return len(self.patches.centers)
 
     def support_of(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
-        """(M, k) int64: each given point's k nearest detector patch centres, the support of its interpolated score
-        (the same search :func:`tools.pointmae.interpolate_to_points` makes)."""
-        import faiss
+        """(M, k) int64: each given point's k nearest detector patch centres, the support of its interpolated score."""
+        return self.interpolation(k)[0][np.asarray(point_idx, dtype=np.int64)]
 
-        idx = np.asarray(point_idx, dtype=np.int64)
-        k = min(k, self.n_patches)
-        if idx.size == 0:
-            return np.zeros((0, k), dtype=np.int64)
-        index = faiss.IndexFlatL2(3)
-        index.add(np.ascontiguousarray(self.patches.centers, dtype=np.float32))
-        _, nn = index.search(np.ascontiguousarray(self.points[idx], dtype=np.float32), k)
-        return nn.astype(np.int64)
+    def interpolation(self, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+        """(nearest centres (N,k), weights (N,k)) of every point, computed once (analyse fills it)."""
+        if self.support is None or self.support[0].shape[1] != min(k, self.n_patches):
+            self.support = interpolation_support(self.points, self.patches.centers, k)
+        return self.support
 
     def patches_for_points(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
         """Detector patches whose scores decide the given points' scores: each point's k nearest patch centres (the
@@ -241,10 +241,12 @@ class FittedClass:
         if self.config.feature == "pointmae":
             per_patch["recon_error"] = patches.recon_error
         stacked = np.stack(list(per_patch.values()), axis=1)
-        spread = interpolate_to_points(pts, patches.centers, stacked)
+        support = interpolation_support(pts, patches.centers)
+        spread = interpolate_with(support, stacked)
         point_stats = {name: spread[:, i].copy() for i, name in enumerate(per_patch)}
         return ScanAnalysis(points=pts, patches=patches, feature_deviation=deviation, point_stats=point_stats,
-                            seconds=time.perf_counter() - start, alignment=alignment, registered=registered)
+                            seconds=time.perf_counter() - start, alignment=alignment, registered=registered,
+                            support=support)
 
     def patch_distances(self, analysis: ScanAnalysis, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(score, nearest bank row) of the given patches. With registration the score adds the coordinate bank's
@@ -289,8 +291,12 @@ class FittedClass:
                               time.perf_counter() - start)
         feats = analysis.patches.features[patch_ids]
         dist, nn_idx = self.patch_distances(analysis, patch_ids)
-        point_scores = (interpolate_to_points(analysis.points[pids], analysis.patches.centers[patch_ids], dist)
-                        if pids.size else np.zeros(0, np.float32))
+        point_scores = np.zeros(0, np.float32)
+        if pids.size:
+            by_patch = np.zeros(n_patches, dtype=np.float32)  # only searched patches are read: pids' support
+            by_patch[patch_ids] = dist
+            support_idx, weights = analysis.interpolation()
+            point_scores = interpolate_with((support_idx[pids], weights[pids]), by_patch)
         obj = float(self.bank.object_score(feats, dist, nn_idx))
         return ScanScores(patch_ids=patch_ids, patch_scores=dist.astype(np.float32), point_ids=pids,
                           point_scores=point_scores.astype(np.float32), object_score=obj,

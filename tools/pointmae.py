@@ -505,22 +505,34 @@ def extract_patch_features(model: PointMAE, points: np.ndarray, *, num_groups: i
     )
 
 
-def interpolate_to_points(points: np.ndarray, centers: np.ndarray, values: np.ndarray, k: int = 3) -> np.ndarray:
-    """Spread per-patch values to every point: weights 1/d^2 over the k nearest centres (PointNet++ feature
-    propagation, as M3DM's ``interpolating_points``). values (G,) or (G,D) -> (N,) or (N,D) float32."""
+def interpolation_support(points: np.ndarray, centers: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Each point's k nearest centres and their weights 1/d^2 (normalised): the support of
+    :func:`interpolate_to_points`. int64 (N,k), float32 (N,k)."""
     import faiss
 
     pts = np.ascontiguousarray(points, dtype=np.float32)
     ctr = np.ascontiguousarray(centers, dtype=np.float32)
-    vals = np.asarray(values, dtype=np.float32)
-    if len(ctr) != len(vals):
-        raise ValueError(f"{len(ctr)} centres but {len(vals)} values")
     k = min(k, len(ctr))
     index = faiss.IndexFlatL2(3)
     index.add(ctr)
     d2, nn_idx = index.search(pts, k)
     w = 1.0 / (np.maximum(d2, 0.0) + 1e-8)
     w /= w.sum(axis=1, keepdims=True)
+    return nn_idx.astype(np.int64), w.astype(np.float32)
+
+
+def interpolate_with(support: tuple[np.ndarray, np.ndarray], values: np.ndarray) -> np.ndarray:
+    """Spread per-centre values (G,) or (G,D) over a precomputed support -> (N,) or (N,D) float32."""
+    nn_idx, w = support
+    vals = np.asarray(values, dtype=np.float32)
     flat = vals.reshape(len(vals), -1)
     out = np.einsum("nk,nkd->nd", w, flat[nn_idx])
-    return out.reshape((len(pts),) + vals.shape[1:]).astype(np.float32)
+    return out.reshape((len(nn_idx),) + vals.shape[1:]).astype(np.float32)
+
+
+def interpolate_to_points(points: np.ndarray, centers: np.ndarray, values: np.ndarray, k: int = 3) -> np.ndarray:
+    """Spread per-patch values to every point: weights 1/d^2 over the k nearest centres (PointNet++ feature
+    propagation, as M3DM's ``interpolating_points``). values (G,) or (G,D) -> (N,) or (N,D) float32."""
+    if len(centers) != len(values):
+        raise ValueError(f"{len(centers)} centres but {len(values)} values")
+    return interpolate_with(interpolation_support(points, centers, k), values)

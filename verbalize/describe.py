@@ -16,12 +16,18 @@ from __future__ import annotations
 import numpy as np
 
 from tools.geometry import knn
-from tools.patches import Normalisation, Patches, PatchTable, adaptive_patch_count, build_patches
+from tools.patches import (
+    Normalisation,
+    Patches,
+    PatchTable,
+    adaptive_patch_count,
+    build_patches,
+    robust_spread,
+)
 
 SPACING_SAMPLE_CAP = 20_000    # nearest-neighbour spacing is measured on at most this many points
 Z_CLIP = 10.0                  # z-scores are clipped so that one extreme patch cannot swamp the cue of all others
 GEOMETRY_WEIGHT_WITH_STATS = 0.25  # weight of each geometric outlier signal in the cue when learned stats exist
-_MAD_TO_SD = 1.4826            # scales the median absolute deviation to a standard deviation for normal data
 
 GEOMETRY_SIGNALS = ("curvature", "roughness", "spacing")
 # below these spreads a column counts as constant (see robust_z): curvature is a ratio in [0, 1/3], roughness is in
@@ -54,10 +60,7 @@ def robust_z(values: np.ndarray, floor: float = 0.0) -> np.ndarray:
     """
     values = np.asarray(values, dtype=np.float64)
     median = np.median(values)
-    spread = _MAD_TO_SD * float(np.median(np.abs(values - median)))
-    if not spread > 1e-12:
-        spread = float(values.std())
-    spread = max(spread, floor)
+    spread = max(robust_spread(values), floor)
     if not spread > 1e-12:
         return np.zeros_like(values)
     return np.clip((values - median) / spread, -Z_CLIP, Z_CLIP)

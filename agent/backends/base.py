@@ -77,14 +77,6 @@ def tool_names(tools: list[dict]) -> list[str]:
     return [t["function"]["name"] for t in tools]
 
 
-def tool_schema(tools: list[dict], name: str) -> dict:
-    """The JSON schema of one tool's parameters (empty object schema if it declares none)."""
-    for t in tools:
-        if t["function"]["name"] == name:
-            return t["function"].get("parameters") or {"type": "object", "properties": {}}
-    raise KeyError(name)
-
-
 def tool_call_names(messages: list[dict]) -> dict[str, str]:
     """Map tool_call_id -> tool name over the assistant messages, so a `role: tool` message can be attributed."""
     names: dict[str, str] = {}
