@@ -99,6 +99,9 @@ def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_mis
     bulged, mask, _, _ = make_defect(clean, normals, "bulge", 5, scale=None, return_normals=True)
     scan = turned(bulged.astype(np.float32), 60.0)
     registered = roc_auc_score(mask, registered_fit.score_full(scan)[0])
+    # the verbalizer's cheap cue: distance to the one reference template after alignment (not a bank search)
+    cue = registered_fit.analyse(scan).point_stats["template_distance"]
+    assert roc_auc_score(mask, cue) > 0.8
     unaligned_fit = fit_class(turned_templates(), TINY_FIT)
     unaligned = roc_auc_score(mask, unaligned_fit.score_full(scan)[0])
     assert registered > 0.85 and registered > unaligned + 0.2
