@@ -67,6 +67,8 @@ class FitReport:
     seconds: dict[str, float] = field(default_factory=dict)   # read, train, features, bank, total
     peak_memory_mb: float = 0.0
     thresholds: dict[str, float] = field(default_factory=dict)
+    registration_fitness: list[float] = field(default_factory=list)  # per training scan; empty without --register
+    coord_bank_size: int = 0
 
 
 def peak_memory_mb() -> float:
@@ -219,7 +221,9 @@ def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) ->
                      points=[len(s) for s in scans], patches=int(info["n_train_patches"]),
                      bank_size=int(info["bank_size"]), feature_dim=int(fitted.bank.features.shape[1]),
                      train_steps=config.train_steps if config.feature == "pointmae" else 0, seconds=seconds,
-                     peak_memory_mb=peak_memory_mb(), thresholds=dict(fitted.thresholds))
+                     peak_memory_mb=peak_memory_mb(), thresholds=dict(fitted.thresholds),
+                     registration_fitness=list(info.get("registration_fitness", [])),
+                     coord_bank_size=int(info.get("coord_bank_size", 0)))
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -255,6 +259,10 @@ def summary_table(report: FitReport) -> Table:
     table.add_row("bank", f"{report.bank_size:,} x {report.feature_dim}")
     if report.train_steps:
         table.add_row("Point-MAE steps", str(report.train_steps))
+    if report.registration_fitness:
+        fit = report.registration_fitness
+        table.add_row("registration", f"onto {Path(report.scans[0]).name}; ICP fitness {min(fit):.2f}-{max(fit):.2f}; "
+                                      f"coordinate bank {report.coord_bank_size:,} points")
     s = report.seconds
     table.add_row("time", f"{s['total']:.1f} s (read {s['read']:.1f}, train {s['train']:.1f}, "
                           f"features {s['features']:.1f}, bank {s['bank']:.1f})")

@@ -151,3 +151,13 @@ def test_conflicting_or_missing_sources_and_bad_options(train_dir, shapenet_root
 def test_function_raises_for_callers(tmp_path):
     with pytest.raises(FitInputError, match="does not exist"):
         fit_from_options(FitOptions(out=tmp_path / "x", train=tmp_path / "nope"))
+
+
+def test_register_flag_fits_a_registered_class_and_reports_the_alignment(train_dir, tmp_path):
+    out = tmp_path / "registered"
+    code, text = run(["--train", train_dir, "--out", out, "--feature", "fpfh", "--register"])
+    assert code == 0, text
+    assert "registration" in text and "flange_0.pcd" in text and "coordinate bank" in text
+    loaded = FittedClass.load(out)
+    assert loaded.config.register and loaded.coord_bank is not None and loaded.reference is not None
+    assert min(loaded.info["registration_fitness"]) > 0.8
