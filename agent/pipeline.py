@@ -55,6 +55,7 @@ class Inspection:
     backend: str
     seconds: dict[str, float]
     verify_mode: VerifyMode = "suspects"
+    registration: dict | None = None     # how the scan was aligned onto the class template (registered fits only)
 
     @property
     def point_scores(self) -> np.ndarray:
@@ -95,6 +96,7 @@ class Inspection:
             "patches_searched": v.patches_searched,
             "detector_patches": v.patches_total,
             "regions": regions,
+            "registration": self.registration,
             "seconds": {k: round(s, 3) for k, s in self.seconds.items()},
         }
 
@@ -230,4 +232,14 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     timings["total"] = sum(timings.values())
     return Inspection(points=pts, verification=verification, outcome=outcome, patches=patches, table=table,
                       backend=backend.name, seconds=timings,
-                      verify_mode=config.verify if verification.mode == "bank" else "suspects")
+                      verify_mode=config.verify if verification.mode == "bank" else "suspects",
+                      registration=_registration_summary(analysis))
+
+
+def _registration_summary(analysis: ScanAnalysis | None) -> dict | None:
+    """ICP fitness and the 4x4 transform onto the class template; a doubtful alignment makes every score suspect."""
+    if analysis is None or analysis.registered is None:
+        return None
+    a = analysis.alignment
+    return {"fitness": round(a.fitness, 4), "doubtful": a.doubtful,
+            "transform": [[round(float(v), 8) for v in row] for row in a.transform]}

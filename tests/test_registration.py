@@ -105,3 +105,19 @@ def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_mis
     unaligned_fit = fit_class(turned_templates(), TINY_FIT)
     unaligned = roc_auc_score(mask, unaligned_fit.score_full(scan)[0])
     assert registered > 0.85 and registered > unaligned + 0.2
+
+
+def test_policy_inspection_of_a_turned_scan_reports_the_alignment(registered_fit):
+    """agent.run on a registered fit: report.json says how the scan was aligned, and the agent's cue table carries
+    the template distance."""
+    from agent.backends import get_backend
+    from agent.pipeline import inspect_scan
+
+    scan = turned(part_scans(1, 3000, seed=51)[0], 40.0)
+    inspection = inspect_scan(scan, registered_fit, get_backend("policy"))
+    report = inspection.report()
+    assert report["registration"]["fitness"] > 0.8 and not report["registration"]["doubtful"]
+    transform = np.array(report["registration"]["transform"])
+    assert transform.shape == (4, 4) and np.allclose(transform[:3, :3] @ transform[:3, :3].T, np.eye(3), atol=1e-5)
+    assert "template_distance_mean" in inspection.table.columns
+    assert 0 < report["verified_fraction"] <= 0.2
