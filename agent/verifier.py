@@ -80,6 +80,11 @@ def prior_scores(analysis: ScanAnalysis | None, n_points: int, floor: float) -> 
     return (floor * 0.999 * ranks / max(n_points - 1, 1)).astype(np.float32)
 
 
+def prior_floor(fitted: FittedClass) -> float:
+    """The ceiling of the prior: the class's 5th-percentile normal patch distance (leave-one-template-out)."""
+    return float(fitted.thresholds.get("patch_p5", 0.0)) or 1e-6
+
+
 def _region_fields(region: dict, own: np.ndarray) -> dict:
     """The agent's description of a region, as every verdict carries it."""
     return {"patch_ids": [int(p) for p in region["patch_ids"]], "reason": str(region.get("reason", "")),
@@ -132,7 +137,7 @@ def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, region
     """Bank scores for the suspect regions only (or for every point with ``verify_all``), prior elsewhere."""
     points = analysis.points
     n = len(points)
-    floor = float(fitted.thresholds.get("patch_p5", 0.0)) or 1e-6
+    floor = prior_floor(fitted)
     threshold = fitted.thresholds.get(CONFIRM_QUANTILE)
     scores = prior_scores(analysis, n, floor)
     planned, chosen = _budgeted_regions(regions, patches, points, int(max_fraction * n) if not verify_all else n,

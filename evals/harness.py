@@ -38,11 +38,12 @@ from evals.datasets import Dataset, Sample, open_dataset
 from tools.detector import DetectorConfig
 from tools.pointmae import PointMAEConfig
 
-METHODS = ("pointmae-bank", "btf", "recon", "random")
+METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
 METHOD_FEATURE: dict[str, str | None] = {"pointmae-bank": "pointmae", "btf": "fpfh", "recon": "pointmae",
-                                         "random": None}
+                                         "random": None, "oracle-regions": "pointmae"}
 # Share of points the memory bank scores for each method (the x axis of "accuracy vs share verified").
-METHOD_VERIFIED_FRACTION = {"pointmae-bank": 1.0, "btf": 1.0, "recon": 0.0, "random": 0.0}
+# oracle-regions searches the whole bank to know which points to keep, so it counts as 1.0.
+METHOD_VERIFIED_FRACTION = {"pointmae-bank": 1.0, "btf": 1.0, "recon": 0.0, "random": 0.0, "oracle-regions": 1.0}
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
 FIT_META = "fitted.json"
@@ -418,7 +419,26 @@ def _run_method(name: str, job: ScanJob, ctx: JobContext, points: np.ndarray, an
     if name == "random":
         rng = np.random.default_rng(scan_seed(ctx.seed, "random", job.cls, job.scan))
         return rng.random(n, dtype=np.float32), float(rng.random())
+    if name == "oracle-regions":
+        return _oracle_regions(_load_fit(ctx.fit_dirs[(job.cls, "pointmae")]), analysis,
+                               ctx.inspection.max_verify_fraction)
     raise HarnessError(f"unknown method {name!r}")
+
+
+def _oracle_regions(fitted, analysis, budget: float) -> tuple[np.ndarray, float]:
+    """The ceiling of any agent under the verifier: the points the full bank scores highest, up to the verification
+    budget, keep their bank scores and every other point gets the verifier's low prior. Not a usable method (it
+    searched the whole bank to choose), it tells how much of the full bank's accuracy a perfect agent could keep."""
+    from agent.verifier import prior_floor, prior_scores
+
+    n = len(analysis.points)
+    result = fitted.score(analysis)
+    full = np.empty(n, dtype=np.float32)
+    full[result.point_ids] = result.point_scores
+    scores = prior_scores(analysis, n, prior_floor(fitted))
+    top = np.argsort(-full, kind="stable")[: int(budget * n)]
+    scores[top] = full[top]
+    return scores, result.object_score
 
 
 def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, points: np.ndarray, mask: np.ndarray | None,

@@ -312,3 +312,22 @@ def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run
     other = save_backbone(PointMAE(PointMAEConfig.small()), tmp_path / "other")
     with pytest.raises(harness.HarnessError, match="other.*does not load"):
         harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=other)
+
+
+def test_oracle_regions_keeps_the_full_banks_top_points_and_the_prior_elsewhere(quick_run: Path, tmp_path: Path):
+    """The ceiling row: per scan, the budget's worth of points carry their full-bank scores, all others sit below the
+    verifier's prior floor, and the object score is the full bank's."""
+    config = _subset_config(quick_run, tmp_path / "oracle", methods=("pointmae-bank", "oracle-regions"), backends=())
+    run_harness(config, write_report=False)
+    rows = ResultStore(config.out).latest()
+    by_scan: dict[str, dict] = {}
+    for row in rows.values():
+        by_scan.setdefault(row["scan"], {})[row["name"]] = row
+    assert len(by_scan) == 3
+    for pair in by_scan.values():
+        full_row, oracle_row = pair["pointmae-bank"], pair["oracle-regions"]
+        assert oracle_row["object_score"] == full_row["object_score"] and oracle_row["verified_fraction"] == 1.0
+        full, oracle = np.load(config.out / full_row["scores"]), np.load(config.out / oracle_row["scores"])
+        kept = oracle == full
+        assert kept.sum() >= int(0.2 * len(full)) and kept.mean() < 0.25
+        assert oracle[~kept].max() < full[kept].min()  # the prior stays below every kept bank score
