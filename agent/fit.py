@@ -215,8 +215,8 @@ def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) ->
     except FitError as exc:
         raise FitInputError(str(exc)) from None
     info = fitted.info
-    seconds = {"read": read_s, "train": info["train_s"], "features": info["features_s"], "bank": info["bank_s"],
-               "total": time.perf_counter() - start}
+    seconds = {"read": read_s, "register": info.get("register_s", 0.0), "train": info["train_s"],
+               "features": info["features_s"], "bank": info["bank_s"], "total": time.perf_counter() - start}
     return FitReport(out=out, class_name=class_name, feature=config.feature, scans=[str(p) for p in files],
                      points=[len(s) for s in scans], patches=int(info["n_train_patches"]),
                      bank_size=int(info["bank_size"]), feature_dim=int(fitted.bank.features.shape[1]),
@@ -261,10 +261,12 @@ def summary_table(report: FitReport) -> Table:
         table.add_row("Point-MAE steps", str(report.train_steps))
     if report.registration_fitness:
         fit = report.registration_fitness
-        table.add_row("registration", f"onto {Path(report.scans[0]).name}; ICP fitness {min(fit):.2f}-{max(fit):.2f}; "
+        table.add_row("registration", f"onto {Path(report.scans[0]).name}; fitness of the others "
+                                      f"{min(fit):.2f}-{max(fit):.2f}; "
                                       f"coordinate bank {report.coord_bank_size:,} points")
     s = report.seconds
-    table.add_row("time", f"{s['total']:.1f} s (read {s['read']:.1f}, train {s['train']:.1f}, "
+    registering = f"register {s['register']:.1f}, " if s.get("register") else ""
+    table.add_row("time", f"{s['total']:.1f} s (read {s['read']:.1f}, {registering}train {s['train']:.1f}, "
                           f"features {s['features']:.1f}, bank {s['bank']:.1f})")
     table.add_row("peak memory", f"{report.peak_memory_mb:,.0f} MB")
     if report.thresholds:

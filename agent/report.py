@@ -72,6 +72,10 @@ def print_summary(inspection: Inspection, source: str, console: Console | None =
     console.print(head)
     if fallback["used"]:
         console.print(f"  [yellow]fallback:[/yellow] {fallback['reason']}")
+    registration = report.get("registration")
+    if registration and registration["doubtful"]:
+        console.print(f"  [yellow]registration doubtful[/yellow] (fitness {registration['fitness']:.2f}): the scan "
+                      "does not align with the class template, so every score is suspect — is it the same part?")
     table = Table(show_header=True, header_style="bold")
     for col in ("verdict", "patches", "points", "max dist", "conf", "reason"):
         table.add_column(col)

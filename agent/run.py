@@ -89,6 +89,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from agent.report import print_summary, staged_dir, write_outputs
     from tools.detector import FitError, FittedClass
     from tools.io import MIN_POINTS, ScanError, read_scan
+    from tools.registration import RegistrationError
 
     out_root = Path(args.out)
     started = time.perf_counter()
@@ -142,10 +143,15 @@ def run(args: argparse.Namespace, console: Console) -> int:
             status = EXIT_BAD_INPUT
             continue
         out_dir = _unique_dir(out_root, path.stem, taken)
-        with staged_dir(out_dir) as staging:
-            inspection = inspect_scan(scan.points, fitted, backend, config=config,
-                                      transcript_path=staging / "transcript.jsonl")
-            write_outputs(inspection, staging, source=str(path), render=not args.no_render)
+        try:
+            with staged_dir(out_dir) as staging:
+                inspection = inspect_scan(scan.points, fitted, backend, config=config,
+                                          transcript_path=staging / "transcript.jsonl")
+                write_outputs(inspection, staging, source=str(path), render=not args.no_render)
+        except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
+            console.print(f"[red]bad scan:[/red] {path}: {exc}")
+            status = EXIT_BAD_INPUT
+            continue
         print_summary(inspection, str(path), console)
         console.print(f"  outputs: {out_dir}")
         if args.demo:

@@ -75,7 +75,8 @@ def prior_scores(analysis: ScanAnalysis | None, n_points: int, floor: float) -> 
     if analysis is None or not analysis.point_stats:
         return np.zeros(n_points, dtype=np.float32)
     stats = analysis.point_stats
-    cue = stats.get("feature_deviation", next(iter(stats.values())))
+    # the most specific cheap statistic: distance to the aligned class template when the fit registers scans
+    cue = stats.get("template_distance", stats.get("feature_deviation", next(iter(stats.values()))))
     ranks = np.argsort(np.argsort(cue, kind="stable"), kind="stable").astype(np.float64)
     return (floor * 0.999 * ranks / max(n_points - 1, 1)).astype(np.float32)
 

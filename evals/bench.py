@@ -73,9 +73,14 @@ class BenchConfig:
     defects_per_type: int = 1
     defect_types: tuple[str, ...] = defect_lib.DEFECT_TYPES
     seed: int = 0
-    # Largest rotation (degrees, random axis) between two samples of a class. The default is a fixture's play; a large
-    # value makes a benchmark of scans that are not pre-aligned, as Real3D-AD's test scans are (see tools.registration).
+    # Largest rotation (degrees, random axis) of each sample away from the part's own pose, so two samples differ by
+    # up to twice this. The default is a fixture's play; a large value makes a benchmark of scans that are not
+    # pre-aligned, as Real3D-AD's test scans are (see tools.registration).
     pose_deg: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.pose_deg <= 180.0:
+            raise ValueError(f"pose_deg must be in [0, 180] degrees, got {self.pose_deg}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -371,16 +376,16 @@ def main(argv: list[str] | None = None) -> int:
                         choices=defect_lib.DEFECT_TYPES)
     parser.add_argument("--scans", type=Path, default=DEFAULT_SCANS, help="real scans folder (skipped if absent)")
     parser.add_argument("--pose-deg", type=float, default=4.0,
-                        help="largest rotation between two samples of a class (default 4: pre-aligned scans; "
-                             "e.g. 30 for scans that need registration)")
+                        help="largest rotation of a sample away from the part's pose, in degrees (default 4: "
+                             "pre-aligned scans; e.g. 30 for scans that need registration)")
     parser.add_argument("--pictures", action="store_true", help="also write <out>/examples.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--workers", type=int, default=2, help="processes building classes in parallel (default 2)")
     args = parser.parse_args(argv)
-    config = BenchConfig(points=args.points, templates=args.templates, normal_per_class=args.normal,
-                         defects_per_type=args.per_defect, defect_types=tuple(args.defects), seed=args.seed,
-                         pose_deg=args.pose_deg)
     try:
+        config = BenchConfig(points=args.points, templates=args.templates, normal_per_class=args.normal,
+                             defects_per_type=args.per_defect, defect_types=tuple(args.defects), seed=args.seed,
+                             pose_deg=args.pose_deg)
         summary = build_benchmark(args.out, classes=args.classes, config=config, scans_dir=args.scans,
                                   overwrite=args.overwrite, workers=args.workers,
                                   progress=lambda name, n: print(f"  {name}: {n} samples", flush=True))

@@ -39,10 +39,12 @@ from tools.detector import DetectorConfig
 from tools.pointmae import PointMAEConfig
 
 METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
+DEFAULT_METHODS = ("pointmae-bank", "btf", "recon", "random")  # oracle-regions is a diagnostic: asked for by name
 METHOD_FEATURE: dict[str, str | None] = {"pointmae-bank": "pointmae", "btf": "fpfh", "recon": "pointmae",
                                          "random": None, "oracle-regions": "pointmae"}
 # Share of points the memory bank scores for each method (the x axis of "accuracy vs share verified").
-# oracle-regions searches the whole bank to know which points to keep, so it counts as 1.0.
+# oracle-regions searches the whole bank to choose which points keep their scores, so it counts as 1.0 (read it at
+# the verification budget, not at its x position).
 METHOD_VERIFIED_FRACTION = {"pointmae-bank": 1.0, "btf": 1.0, "recon": 0.0, "random": 0.0, "oracle-regions": 1.0}
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -133,7 +135,7 @@ class HarnessConfig:
     data: str                                       # "<layout>:<root>"
     out: Path
     classes: tuple[str, ...] | None = None          # None: every class of the dataset
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     backends: tuple[BackendSpec, ...] = ()
     limit: int | None = None                        # test scans per class (a balanced, deterministic subset)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -426,9 +428,11 @@ def _run_method(name: str, job: ScanJob, ctx: JobContext, points: np.ndarray, an
 
 
 def _oracle_regions(fitted, analysis, budget: float) -> tuple[np.ndarray, float]:
-    """The ceiling of any agent under the verifier: the points the full bank scores highest, up to the verification
-    budget, keep their bank scores and every other point gets the verifier's low prior. Not a usable method (it
-    searched the whole bank to choose), it tells how much of the full bank's accuracy a perfect agent could keep."""
+    """The top-B full-bank points under the verifier's prior: the points the full bank scores highest, up to the
+    verification budget B, keep their bank scores and every other point gets the verifier's low prior. Not a usable
+    method (it searched the whole bank to choose) and not a strict ceiling (an agent that named exactly the defect's
+    points would beat it); it shows how much of the full bank's accuracy survives the low prior at that budget when
+    the budget goes where the bank itself would put it."""
     from agent.verifier import prior_floor, prior_scores
 
     n = len(analysis.points)
@@ -538,7 +542,10 @@ def fit_dir(out: Path, cls: str, feature: str, config: DetectorConfig, train: li
             init_hash: str | None = None) -> Path:
     """`<out>/fits/<class>/<feature>-<hash>`: the hash covers the config, the training files (name, size, mtime) and
     the pretrained backbone a Point-MAE fit starts from."""
-    payload = {"config": replace(config, feature=feature).to_dict(),
+    settings = replace(config, feature=feature).to_dict()
+    if not settings["register"]:
+        del settings["register"]  # fits cached before registration existed stay valid
+    payload = {"config": settings,
                "train": [[s.path.name, s.path.stat().st_size, int(s.path.stat().st_mtime)] for s in train]}
     if init_hash is not None and feature == "pointmae":
         payload["init"] = init_hash
@@ -577,6 +584,8 @@ def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: Dete
     fitted = fit_class(scans, replace(config, feature=feature), progress=report, names=[str(s.path) for s in train],
                        init_backbone=init)
     fitted.info["fit_s"] = round(time.perf_counter() - started, 3)
+    if init is not None:
+        fitted.info["init_backbone"] = {"path": str(init_backbone), "hash": backbone_hash(init)}
     fitted.save(directory)
     return {"dir": str(directory), "fit_s": fitted.info["fit_s"], "reused": False}
 
@@ -705,6 +714,7 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "prices_per_1k": {"prompt": config.price_prompt, "completion": config.price_completion},
         "detector": config.detector.to_dict(), "inspection": _inspection_dict(config.inspection),
         "command": config.command,
+        "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default))

@@ -369,7 +369,7 @@ def scan_like(points: np.ndarray, normals: np.ndarray, seed: int, *, noise: floa
     noisy = points + rng.normal(0.0, noise * size, size=(len(points), 1)) * normals
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
-    angle = np.radians(rng.uniform(1.0, max_rotation_deg)) if max_rotation_deg > 0 else 0.0
+    angle = np.radians(rng.uniform(min(1.0, max_rotation_deg), max_rotation_deg)) if max_rotation_deg > 0 else 0.0
     rotation = trimesh.transformations.rotation_matrix(angle, axis)[:3, :3]
     centre = points.mean(axis=0)
     shift = rng.uniform(-max_shift, max_shift, size=3) * size

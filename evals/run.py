@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="<layout>:<root>, e.g. anomaly-shapenet:data/dev-bench (not needed with --quick)")
     p.add_argument("--classes", type=_csv, help="comma-separated classes (default: all)")
-    p.add_argument("--methods", type=_csv, help="comma-separated: pointmae-bank,btf,recon,random "
-                                                "(default: all four when --backends is not given)")
+    p.add_argument("--methods", type=_csv, help="comma-separated: pointmae-bank,btf,recon,random (default: these "
+                                                "four when --backends is not given), oracle-regions (the top "
+                                                "--max-verify-fraction of the full bank's points under the "
+                                                "verifier's prior: a diagnostic for the agents' budget)")
     p.add_argument("--backends", type=_csv, default=[],
                    help="comma-separated: policy, random-regions, hf[:model], openai:<model>, langchain:<module:Class>")
     p.add_argument("--out", default="eval-out", help="output folder (a rerun into it resumes)")
@@ -50,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transcripts", action="store_true", help="do not write per-scan agent transcripts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path,
-                   help="pretrained Point-MAE backbone folder (python -m tools.pointmae_train) the class fits start from")
+                   help="pretrained Point-MAE backbone folder (python -m tools.pointmae_train) the Point-MAE class "
+                        "fits start from (FPFH fits need none)")
     p.add_argument("--register", action="store_true",
                    help="fit every class with registration to its first template + a coordinate bank (scans that "
                         "are not pre-aligned)")
@@ -61,7 +64,7 @@ def make_config(args: argparse.Namespace):
     """The HarnessConfig for parsed arguments (raises HarnessError/ValueError on bad combinations)."""
     from agent.pipeline import InspectionConfig
     from evals.harness import (
-        METHODS,
+        DEFAULT_METHODS,
         HarnessConfig,
         HarnessError,
         ensure_quick_bench,
@@ -84,7 +87,7 @@ def make_config(args: argparse.Namespace):
         detector = replace(detector, register=True)
     if args.base_url and not any(b.split(":")[0] == "openai" for b in args.backends):
         raise HarnessError("--base-url is for the openai backend; add --backends openai:<model>")
-    methods = args.methods if args.methods is not None else ([] if args.backends else list(METHODS))
+    methods = args.methods if args.methods is not None else ([] if args.backends else list(DEFAULT_METHODS))
     try:
         llm_kwargs = json.loads(args.backend_kwargs)
     except json.JSONDecodeError as exc:

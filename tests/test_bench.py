@@ -145,6 +145,25 @@ def test_cli_builds_and_refuses_unknown_classes(tmp_path: Path, capsys) -> None:
     assert (out / "pcd/hex_nut/GT/hex_nut_hole0.txt").is_file()
     assert main(["--out", str(tmp_path / "x"), "--classes", "teapot", "--scans", str(tmp_path)]) == 2
     assert "teapot" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "y"), "--pose-deg", "-5"]) == 2 and not (tmp_path / "y").exists()
+    assert "pose_deg" in capsys.readouterr().err
+
+
+def test_pose_deg_reaches_every_sample(tmp_path: Path, monkeypatch) -> None:
+    """--pose-deg is the rotation every sample of the build gets (templates and tests alike)."""
+    seen: list[float] = []
+    real = bench.part_lib.scan_like
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["max_rotation_deg"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.part_lib, "scan_like", recording)
+    assert main(["--out", str(tmp_path / "turned"), "--classes", "hex_nut", "--points", "800", "--normal", "1",
+                 "--defects", "hole", "--workers", "1", "--scans", str(tmp_path / "none"), "--pose-deg", "45"]) == 0
+    assert seen and set(seen) == {45.0}
+    recipe = json.loads((tmp_path / "turned" / "recipe.json").read_text())
+    assert recipe["pose_deg"] == 45.0
 
 
 @pytest.mark.slow

@@ -303,12 +303,19 @@ def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run
     from tools.pointmae import PointMAE, PointMAEConfig, save_backbone
 
     dataset = open_dataset(f"anomaly-shapenet:{quick_run / 'quick-bench'}")
-    config = quick_detector_config()
-    pretrained = save_backbone(PointMAE(config.backbone), tmp_path / "pretrained")
+    from dataclasses import replace
+
+    from tools.pointmae import backbone_hash
+
+    config = replace(quick_detector_config(), train_steps=0)  # no training: the fit keeps the pretrained weights
+    model = PointMAE(config.backbone)
+    pretrained = save_backbone(model, tmp_path / "pretrained")
     scratch = harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config)
     started = harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=pretrained)
     assert scratch["dir"] != started["dir"] and not started["reused"]
-    assert FittedClass.load(started["dir"]).backbone is not None
+    fitted = FittedClass.load(started["dir"])
+    assert fitted.backbone_id() == backbone_hash(model) != FittedClass.load(scratch["dir"]).backbone_id()
+    assert fitted.info["init_backbone"]["hash"] == backbone_hash(model)
     other = save_backbone(PointMAE(PointMAEConfig.small()), tmp_path / "other")
     with pytest.raises(harness.HarnessError, match="other.*does not load"):
         harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=other)

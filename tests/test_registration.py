@@ -64,7 +64,7 @@ def registered_fit() -> FittedClass:
 
 def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp_path):
     info = registered_fit.info
-    assert len(info["registration_fitness"]) == 3 and min(info["registration_fitness"]) > 0.8
+    assert len(info["registration_fitness"]) == 2 and min(info["registration_fitness"]) > 0.8  # scans 2 and 3
     assert info["coord_bank_size"] > 0 and set(registered_fit.score_norms) == {"feature", "coord"}
     scan = turned(part_scans(1, 3000, seed=50)[0], 70.0, axis=(0.0, 0.3, 1.0))
     analysis = registered_fit.analyse(scan)
@@ -121,3 +121,28 @@ def test_policy_inspection_of_a_turned_scan_reports_the_alignment(registered_fit
     assert transform.shape == (4, 4) and np.allclose(transform[:3, :3] @ transform[:3, :3].T, np.eye(3), atol=1e-5)
     assert "template_distance_mean" in inspection.table.columns
     assert 0 < report["verified_fraction"] <= 0.2
+
+
+def test_scans_that_do_not_align_are_refused_or_flagged(registered_fit, tmp_path):
+    """A training scan of another shape is refused naming it; at test time a fragment is flagged doubtful, and a scan
+    too small to register exits 2 from agent.run with the file named and nothing written."""
+    from agent.run import main as run_main
+    from tools.io import write_pcd
+
+    scans = part_scans(2, 2500, seed=0)
+    line = np.column_stack([np.linspace(0, 80, 2500), np.zeros(2500), np.zeros(2500)]).astype(np.float32)
+    with pytest.raises(FitError, match="training scan 2: .*(doubtful|cannot be registered)"):
+        fit_class([*scans, line], dataclasses.replace(TINY_FIT, register=True))
+    scan = part_scans(1, 3000, seed=52)[0]
+    corner = scan[np.argsort(scan[:, 0])[:300]]  # a tenth of the part
+    assert registered_fit.analyse(corner).alignment.doubtful
+    fit_dir = registered_fit.save(tmp_path / "fit")
+    tiny = tmp_path / "tiny.pcd"
+    # the part's size (passes the class-size check) but only two clumps of points: nothing to register
+    clumps = np.random.default_rng(0).normal(scale=1e-3 * registered_fit.scale, size=(80, 3))
+    clumps[:40, 0] += registered_fit.scale
+    clumps[40:, 0] -= registered_fit.scale
+    write_pcd(tiny, clumps.astype(np.float32))
+    out = tmp_path / "runs"
+    assert run_main([str(tiny), "--bank", str(fit_dir), "--out", str(out), "--no-render"]) == 2
+    assert not (out / "tiny").exists()

@@ -41,7 +41,7 @@ from tools.pointmae import (
     load_backbone,
     save_backbone,
 )
-from tools.registration import IDENTITY, Alignment, CoordinateBank, align
+from tools.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
 
 DETECTOR_VERSION = 1
 # Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
@@ -131,8 +131,10 @@ class ScanAnalysis:
         return self.interpolation(k)[0][np.asarray(point_idx, dtype=np.int64)]
 
     def interpolation(self, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
-        """(nearest centres (N,k), weights (N,k)) of every point, computed once (analyse fills it)."""
-        if self.support is None or self.support[0].shape[1] != min(k, self.n_patches):
+        """(nearest centres (N,k), weights (N,k)) of every point; the k=3 support (the scores') is computed once."""
+        if k != 3:
+            return interpolation_support(self.points, self.patches.centers, k)
+        if self.support is None:
             self.support = interpolation_support(self.points, self.patches.centers, k)
         return self.support
 
@@ -147,7 +149,10 @@ class ScanScores:
     """Memory-bank scores of a scan (or of the patches a verifier asked for)."""
 
     patch_ids: np.ndarray       # int64 (S,) the detector patches that were searched
-    patch_scores: np.ndarray    # float32 (S,) nearest-neighbour distance of each searched patch
+    # float32 (S,) each searched patch's nearest-neighbour distance in the bank; for a registered fit the unitless
+    # feature/f99 + coord/c99 (FittedClass.patch_distances). The object score's PatchCore reweighting always uses
+    # the feature bank's neighbours of the worst patch, scaling that patch's (combined) score.
+    patch_scores: np.ndarray
     point_ids: np.ndarray       # int64 (M,) points that got a bank score
     point_scores: np.ndarray    # float32 (M,)
     object_score: float         # PatchCore-reweighted max over the searched patches
@@ -339,7 +344,8 @@ class FittedClass:
                 np.save(tmp / "reference.npy", self.reference, allow_pickle=False)
                 np.save(tmp / "coord_points.npy", self.coord_bank.points, allow_pickle=False)
                 np.save(tmp / "coord_source.npy", self.coord_bank.source, allow_pickle=False)
-            meta = {"score_norms": self.score_norms, "format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
+            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
+                    "score_norms": self.score_norms,
                     "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
                     "info": self.info}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -484,6 +490,9 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     Bad input raises FitError naming the scan (``names`` gives the scans' names, e.g. their files)."""
     names = list(names) if names is not None else [f"training scan {i}" for i in range(len(train_scans))]
     scans = _check_train_scans(list(train_scans), names, config)
+    if config.register and len(scans) < 2:
+        raise FitError("registration needs at least two training scans: the coordinate bank's scale is measured on "
+                       "one template against the others")
     if config.train_steps < 0 or config.bank_views < 1 or not 0 < config.coreset_ratio <= 1:
         raise FitError(f"invalid DetectorConfig: train_steps={config.train_steps} (>= 0), bank_views="
                        f"{config.bank_views} (>= 1), coreset_ratio={config.coreset_ratio} (in (0, 1])")
@@ -543,9 +552,6 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     coord_bank, norms = None, {}
     if config.register:
         coord_bank = CoordinateBank.from_templates(scans, scale)
-        if len(scans) < 2:
-            raise FitError("registration needs at least two training scans: the coordinate bank's scale is measured "
-                           "on one template against the others")
     if len(scans) > 1:
         loo = _loo_patch_scores(per_template, bank, bank_source)
         if coord_bank is not None:
@@ -562,7 +568,7 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
             "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
             **{k: round(v, 3) for k, v in timings.items()}}
     if config.register:
-        info["registration_fitness"] = [round(f, 4) for f in fitness]
+        info["registration_fitness"] = [round(f, 4) for f in fitness]  # of scans 2.. onto the first
         info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
                        backbone=backbone, info=info, reference=reference, coord_bank=coord_bank, score_norms=norms)
@@ -570,18 +576,21 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
 
 def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
                         seed: int) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """(reference, the scans aligned onto it, ICP fitness of each). The first scan is the reference."""
+    """(reference, the scans aligned onto it, fitness of scans 2.. onto it). The first scan is the reference."""
     from tools.geometry import voxel_downsample
     from tools.registration import COORD_VOXEL_SHARE
 
     first = scans[0]
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
-    aligned, fitness = [first], [1.0]
+    aligned, fitness = [first], []
     for name, scan in zip(names[1:], scans[1:]):
         try:
             alignment = align(scan, reference, scale, seed=seed)
         except ValueError as exc:
-            raise FitError(f"{name}: cannot be registered to {names[0]} ({exc})") from exc
+            raise FitError(f"{name}: {exc} (reference {names[0]})") from exc
+        if alignment.doubtful:
+            raise FitError(f"{name}: registration onto {names[0]} is doubtful (fitness {alignment.fitness:.2f} < "
+                           f"{MIN_FITNESS}): is it the same part? Remove it or fit without --register")
         aligned.append(alignment.apply(scan))
         fitness.append(alignment.fitness)
     return reference, aligned, fitness

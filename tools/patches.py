@@ -34,7 +34,9 @@ def robust_spread(values: np.ndarray) -> float:
     z-scores that one outlying patch cannot inflate."""
     values = np.asarray(values, dtype=np.float64)
     spread = MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
-    return spread if spread > 1e-12 else float(values.std())
+    if not spread > 1e-12:
+        spread = float(values.std())
+    return spread if spread > 1e-12 else 0.0
 
 
 @dataclass(frozen=True)

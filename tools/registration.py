@@ -26,8 +26,13 @@ REGISTER_VOXEL_SHARE = 0.05
 # (a 30k-point part of scale 1 has ~0.01-0.02 between neighbours) without storing every point of every template.
 COORD_VOXEL_SHARE = 0.01
 RANSAC_ITERATIONS = 50_000
-# Below this ICP fitness the alignment is reported as doubtful (the scan's points mostly found no partner).
+# Below this fitness the alignment is doubtful: fewer than half of the scan's points found a reference point nearby,
+# or fewer than half of the reference's points found a scan point (a line, a fragment or another part "fits" one way).
 MIN_FITNESS = 0.5
+
+
+class RegistrationError(ValueError):
+    """A scan cannot be aligned onto the class template at all (too few points or no structure at its voxel size)."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,8 @@ class Alignment:
     """How one scan was moved onto the reference: registered = points @ rotation.T + translation."""
 
     transform: np.ndarray   # float64 (4,4)
-    fitness: float          # ICP share of points with a reference point within 1.5 voxels
+    fitness: float          # the smaller of: share of scan points with a reference point within 1.5 voxels after
+                            # the move, and share of reference points with a moved scan point within 1.5 voxels
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         t = self.transform
@@ -54,10 +60,22 @@ IDENTITY = Alignment(np.eye(4), 1.0)
 
 
 def align(points: np.ndarray, reference: np.ndarray, scale: float, seed: int = 0) -> Alignment:
-    """Rigid alignment of ``points`` onto ``reference`` (both in the input's units; ``scale`` is the class scale)."""
-    transform, fitness = register(points, reference, REGISTER_VOXEL_SHARE * scale, seed=seed,
-                                  ransac_iterations=RANSAC_ITERATIONS)
-    return Alignment(transform, fitness)
+    """Rigid alignment of ``points`` onto ``reference`` (both in the input's units; ``scale`` is the class scale).
+
+    Raises RegistrationError when the scan is too small or too degenerate to be registered at the class's voxel."""
+    from scipy.spatial import cKDTree
+
+    voxel = REGISTER_VOXEL_SHARE * scale
+    try:
+        transform, _ = register(points, reference, voxel, seed=seed, ransac_iterations=RANSAC_ITERATIONS)
+    except ValueError as exc:
+        raise RegistrationError("cannot be registered to the class template: too few points or too little "
+                                f"structure at the registration voxel {voxel:.3g} (5% of the class scale)") from exc
+    moved = Alignment(transform, 1.0).apply(points)
+    reach = 1.5 * voxel
+    forward = float(np.mean(cKDTree(reference).query(moved, k=1)[0] <= reach))
+    backward = float(np.mean(cKDTree(moved).query(reference, k=1)[0] <= reach))
+    return Alignment(transform, min(forward, backward))
 
 
 class CoordinateBank:
