@@ -190,7 +190,6 @@ class FittedClass:
         self.reference = reference
         self.coord_bank = coord_bank
         self.score_norms = dict(score_norms or {})
-        self._reference_tree = None
         if config.register and (reference is None or coord_bank is None or
                                 not {"feature", "coord"} <= self.score_norms.keys()):
             raise ValueError("a registered fit needs its reference, coordinate bank and score norms")
@@ -250,20 +249,11 @@ class FittedClass:
         support = interpolation_support(pts, patches.centers)
         spread = interpolate_with(support, stacked)
         point_stats = {name: spread[:, i].copy() for i, name in enumerate(per_patch)}
-        if registered is not None:
-            point_stats["template_distance"] = self._reference_distances(registered)
+        if alignment.template_distance is not None:  # distance to the one reference template, found while aligning
+            point_stats["template_distance"] = alignment.template_distance
         return ScanAnalysis(points=pts, patches=patches, feature_deviation=deviation, point_stats=point_stats,
                             seconds=time.perf_counter() - start, alignment=alignment, registered=registered,
                             support=support)
-
-    def _reference_distances(self, registered: np.ndarray) -> np.ndarray:
-        """Each registered point's distance to the reference template (one normal scan, like the mean feature a class
-        statistic, not the bank): a cheap geometric cue for the verbalizer; the coordinate bank is the verdict."""
-        from scipy.spatial import cKDTree
-
-        if self._reference_tree is None:
-            self._reference_tree = cKDTree(self.reference)
-        return self._reference_tree.query(registered, k=1)[0].astype(np.float32)
 
     def patch_distances(self, analysis: ScanAnalysis, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(score, nearest bank row) of the given patches. With registration the score adds the coordinate bank's

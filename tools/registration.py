@@ -35,13 +35,16 @@ class RegistrationError(ValueError):
     """A scan cannot be aligned onto the class template at all (too few points or no structure at its voxel size)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Alignment:
     """How one scan was moved onto the reference: registered = points @ rotation.T + translation."""
 
     transform: np.ndarray   # float64 (4,4)
     fitness: float          # the smaller of: share of scan points with a reference point within 1.5 voxels after
                             # the move, and share of reference points with a moved scan point within 1.5 voxels
+    # float32 (N,) each moved point's distance to the nearest reference point: measured for the fitness anyway, and
+    # the verbalizer's template_distance (None for IDENTITY)
+    template_distance: np.ndarray | None = None
 
     def apply(self, points: np.ndarray) -> np.ndarray:
         t = self.transform
@@ -73,9 +76,10 @@ def align(points: np.ndarray, reference: np.ndarray, scale: float, seed: int = 0
                                 f"structure at the registration voxel {voxel:.3g} (5% of the class scale)") from exc
     moved = Alignment(transform, 1.0).apply(points)
     reach = 1.5 * voxel
-    forward = float(np.mean(cKDTree(reference).query(moved, k=1)[0] <= reach))
+    to_reference = cKDTree(reference).query(moved, k=1)[0].astype(np.float32)
+    forward = float(np.mean(to_reference <= reach))
     backward = float(np.mean(cKDTree(moved).query(reference, k=1)[0] <= reach))
-    return Alignment(transform, min(forward, backward))
+    return Alignment(transform, min(forward, backward), to_reference)
 
 
 class CoordinateBank:
