@@ -66,6 +66,13 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
     info = registered_fit.info
     assert len(info["registration_fitness"]) == 2 and min(info["registration_fitness"]) > 0.8  # scans 2 and 3
     assert info["coord_bank_size"] > 0 and set(registered_fit.score_norms) == {"feature", "coord"}
+    # the reference is the first template at the coordinate bank's voxel (what the templates were aligned onto)
+    from tools.geometry import voxel_downsample
+    from tools.registration import COORD_VOXEL_SHARE
+
+    first = turned_templates()[0]
+    np.testing.assert_array_equal(registered_fit.reference,
+                                  first[voxel_downsample(first, COORD_VOXEL_SHARE * registered_fit.scale)])
     scan = turned(part_scans(1, 3000, seed=50)[0], 70.0, axis=(0.0, 0.3, 1.0))
     analysis = registered_fit.analyse(scan)
     assert analysis.registered is not None and analysis.alignment.fitness > 0.8

@@ -182,17 +182,16 @@ class FittedClass:
 
     def __init__(self, config: DetectorConfig, scale: float, bank: MemoryBank, mean_feature: np.ndarray,
                  thresholds: dict[str, float], backbone: PointMAE | None, info: dict | None = None, *,
-                 reference: np.ndarray | None = None, coord_bank: CoordinateBank | None = None,
-                 score_norms: dict[str, float] | None = None) -> None:
+                 coord_bank: CoordinateBank | None = None, score_norms: dict[str, float] | None = None) -> None:
         self.config = config
-        # register=True: the template every scan is aligned to, the registered training points, and the normal-data
-        # scales (feature, coord) that put the two banks' distances in one unit before they are added
-        self.reference = reference
+        # register=True: the registered training points and the normal-data scales (feature, coord) that put the two
+        # banks' distances in one unit before they are added
         self.coord_bank = coord_bank
         self.score_norms = dict(score_norms or {})
-        if config.register and (reference is None or coord_bank is None or
-                                not {"feature", "coord"} <= self.score_norms.keys()):
-            raise ValueError("a registered fit needs its reference, coordinate bank and score norms")
+        if config.register and (coord_bank is None or not {"feature", "coord"} <= self.score_norms.keys()):
+            raise ValueError("a registered fit needs its coordinate bank and score norms")
+        # the template every scan is aligned to: the first training scan's points in the coordinate bank
+        self.reference = None if coord_bank is None else coord_bank.points[coord_bank.source == 0]
         self.scale = float(scale)
         self.bank = bank
         self.mean_feature = np.asarray(mean_feature, dtype=np.float32)
@@ -330,8 +329,7 @@ class FittedClass:
                 save_backbone(self.backbone, tmp / "backbone")
             self.bank.save(tmp / "bank")
             np.save(tmp / "mean_feature.npy", self.mean_feature, allow_pickle=False)
-            if self.coord_bank is not None and self.reference is not None:
-                np.save(tmp / "reference.npy", self.reference, allow_pickle=False)
+            if self.coord_bank is not None:
                 np.save(tmp / "coord_points.npy", self.coord_bank.points, allow_pickle=False)
                 np.save(tmp / "coord_source.npy", self.coord_bank.source, allow_pickle=False)
             meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
@@ -404,22 +402,22 @@ class FittedClass:
         if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
             raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
                            f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
-        reference, coord_bank, norms = None, None, {}
+        coord_bank, norms = None, {}
         if config.register:
             try:
-                reference = np.load(root / "reference.npy", allow_pickle=False)
                 coord_bank = CoordinateBank(np.load(root / "coord_points.npy", allow_pickle=False),
                                             np.load(root / "coord_source.npy", allow_pickle=False))
                 norms = {str(k): float(v) for k, v in dict(meta["score_norms"]).items()}
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise FitError(f"{root}: registered fit without a readable reference / coordinate bank ({exc}); "
+                raise FitError(f"{root}: registered fit without a readable coordinate bank ({exc}); "
                                "refit the class") from exc
-            if reference.ndim != 2 or reference.shape[1:] != (3,) or len(reference) < 3:
-                raise FitError(f"{root}: reference.npy has shape {reference.shape}, expected (N,3); refit the class")
+            if int((coord_bank.source == 0).sum()) < 3:
+                raise FitError(f"{root}: the coordinate bank holds fewer than 3 points of the reference template; "
+                               "refit the class")
             if not all(np.isfinite(v) and v > 0 for v in norms.values()) or not {"feature", "coord"} <= norms.keys():
                 raise FitError(f"{root}: invalid score norms {norms}; refit the class")
         return cls(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                   backbone=backbone, info=info, reference=reference, coord_bank=coord_bank, score_norms=norms)
+                   backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
 
 
 # ---------------------------------------------------------------------------------------------------- fitting
@@ -492,10 +490,10 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     timings: dict[str, float] = {}
     scale = estimate_scale(scans)
     backbone: PointMAE | None = None
-    reference, fitness = None, []
+    fitness: list[float] = []
     t0 = time.perf_counter()
     if config.register:
-        reference, scans, fitness = _register_templates(scans, names, scale, config.seed)
+        scans, fitness = _register_templates(scans, names, scale, config.seed)
         timings["register_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     if config.feature == "pointmae":
@@ -561,12 +559,13 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         info["registration_fitness"] = [round(f, 4) for f in fitness]  # of scans 2.. onto the first
         info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                       backbone=backbone, info=info, reference=reference, coord_bank=coord_bank, score_norms=norms)
+                       backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
 
 
 def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
-                        seed: int) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
-    """(reference, the scans aligned onto it, fitness of scans 2.. onto it). The first scan is the reference."""
+                        seed: int) -> tuple[list[np.ndarray], list[float]]:
+    """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
+    coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
     from tools.geometry import voxel_downsample
     from tools.registration import COORD_VOXEL_SHARE
 
@@ -583,7 +582,7 @@ def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
                            f"{MIN_FITNESS}): is it the same part? Remove it or fit without --register")
         aligned.append(alignment.apply(scan))
         fitness.append(alignment.fitness)
-    return reference, aligned, fitness
+    return aligned, fitness
 
 
 def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray]) -> dict[str, float]:
