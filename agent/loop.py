@@ -23,6 +23,10 @@ from agent.backends.base import Backend, LLMReply, ToolCall, Usage
 from agent.transcript import Transcript
 
 TERMINAL_TOOL = "report_suspects"
+FINISH_PROMPT = ("The conversation is about to exceed the model's context window. Call report_suspects now, with the "
+                 "regions you suspect from what you have seen so far (an empty list if none).")
+CHARS_PER_TOKEN_GUESS = 3.0   # before the first reply says how many tokens the prompt took; low = cautious
+DEFAULT_REPLY_RESERVE = 512   # tokens kept free for the reply when the backend does not say its limit
 
 
 class ToolBoxLike(Protocol):
@@ -39,6 +43,11 @@ class AgentBudget(BaseModel):
     max_total_tokens: int = Field(60_000, ge=1)  # prompt + completion tokens summed over turns
     max_repairs: int = Field(1, ge=0)  # repair prompts before the fallback takes over
     max_seconds: float | None = None  # wall time, checked between turns
+    # The model's context window in tokens (None: the backend's own `context_window`, if it declares one). Before a
+    # request that would not fit, the model is asked once to report now with only report_suspects on offer; if even
+    # that cannot fit, the fallback runs. Without this a small local model's conversation outgrows its window and every
+    # later turn is wasted (or the server rejects it).
+    max_context_tokens: int | None = Field(None, ge=256)
 
 
 class AgentOutcome(BaseModel):
@@ -60,6 +69,27 @@ class AgentOutcome(BaseModel):
 
 class _Stop(Exception):
     """Internal: the current attempt must end and hand over to the fallback."""
+
+
+def _chars(messages: list[dict], tools: list[dict]) -> int:
+    """Characters of a request as JSON: a stable proxy for its prompt tokens (the chat template adds a few per turn)."""
+    return len(json.dumps(messages, ensure_ascii=False, default=str)) + len(json.dumps(tools, ensure_ascii=False))
+
+
+def context_window(backend: Backend, budget: AgentBudget) -> int | None:
+    """The smaller of the budget's window and the backend's declared `context_window`; None when neither is known."""
+    known = [w for w in (budget.max_context_tokens, getattr(backend, "context_window", None))
+             if isinstance(w, int) and w > 0]
+    return min(known) if known else None
+
+
+def _reply_reserve(backend: Backend) -> int:
+    """Tokens the reply may take: the backend's own limit (max_tokens or max_new_tokens) when it has one."""
+    for name in ("max_tokens", "max_new_tokens"):
+        value = getattr(backend, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_REPLY_RESERVE
 
 
 def _default_render() -> Callable[[str, dict], str]:
@@ -98,19 +128,24 @@ class _Attempt:
         self.regions: list[dict] | None = None
         self._logged = 0
         self._start = time.perf_counter()
+        self.window = context_window(backend, budget)
+        self.tokens_per_char: float | None = None  # measured from the last reply's prompt_tokens
+        self.finishing = False                     # the finish prompt has been sent
 
     def log(self, event: str, **fields: Any) -> None:
         if self.transcript is not None:
             self.transcript.log(event, backend=self.backend.name, **fields)
 
     def run(self) -> None:
-        tools = self.toolbox.openai_schemas()
-        allowed = [t["function"]["name"] for t in tools]
+        all_tools = self.toolbox.openai_schemas()
         while self.regions is None:
             self._check_budget_before_turn()
+            tools = self._tools_that_fit(all_tools)
+            allowed = [t["function"]["name"] for t in tools]
             self.turns += 1
             self.log("request", turn=self.turns, messages=self.messages[self._logged:])
             self._logged = len(self.messages)
+            sent_chars = _chars(self.messages, tools)
             started = time.perf_counter()
             try:
                 reply = self.backend.chat(copy.deepcopy(self.messages), tools)
@@ -119,6 +154,8 @@ class _Attempt:
                 raise _Stop(f"backend error: {type(err).__name__}: {err}") from err
             seconds = time.perf_counter() - started
             self.usage = self.usage + reply.usage
+            if reply.usage.prompt_tokens > 0 and sent_chars > 0:
+                self.tokens_per_char = reply.usage.prompt_tokens / sent_chars
             self.log("reply", turn=self.turns, text=reply.text, raw=reply.raw,
                      tool_calls=[c.model_dump() for c in reply.tool_calls], usage=reply.usage.model_dump(),
                      seconds=round(seconds, 4),
@@ -135,6 +172,29 @@ class _Attempt:
             raise self._budget(f"max_turns={self.budget.max_turns} reached without {TERMINAL_TOOL}")
         if self.budget.max_seconds is not None and time.perf_counter() - self._start > self.budget.max_seconds:
             raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded")
+
+    def _tools_that_fit(self, tools: list[dict]) -> list[dict]:
+        """All tools while the next request fits the context window; past that, one finish prompt offering only the
+        terminal tool; past that, the fallback."""
+        if self.window is None:
+            return tools
+        reserve = _reply_reserve(self.backend)
+        if self._estimate(tools) + reserve <= self.window:
+            return [t for t in tools if t["function"]["name"] == TERMINAL_TOOL] if self.finishing else tools
+        terminal = [t for t in tools if t["function"]["name"] == TERMINAL_TOOL]
+        if not self.finishing and self.turns > 0 and terminal:
+            self.finishing = True
+            self.messages.append({"role": "user", "content": FINISH_PROMPT})
+            self.log("context_finish", estimated_tokens=self._estimate(terminal), window=self.window)
+            if self._estimate(terminal) + reserve <= self.window:
+                return terminal
+        raise self._budget(f"context window of {self.window} tokens: the next request needs about "
+                           f"{self._estimate(terminal or tools) + reserve} (reply reserve {reserve} included)")
+
+    def _estimate(self, tools: list[dict]) -> int:
+        """Prompt tokens of the next request: its characters at the rate the last reply measured."""
+        rate = self.tokens_per_char if self.tokens_per_char is not None else 1.0 / CHARS_PER_TOKEN_GUESS
+        return int(_chars(self.messages, tools) * rate) + 1
 
     def _budget(self, what: str) -> _Stop:
         self.log("budget_exceeded", detail=what)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from agent.backends import Backend, get_backend
-from agent.loop import AgentBudget, AgentOutcome, run_agent
+from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
 from tools.agent_tools import ScanContext, ToolBox
@@ -152,6 +152,17 @@ def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
     return lookup
 
 
+OVERVIEW_SHARE_OF_WINDOW = 0.25  # the rest of a small window: system prompt, tool schemas, tool results, replies
+
+
+def overview_token_budget(configured: int, window: int | None) -> int:
+    """The overview's token budget: as configured, but at most a quarter of a known context window, so that a small
+    local model has room left to call tools (a 8k-token model given a 3k overview fills its window in two look-ups)."""
+    if window is None:
+        return configured
+    return max(800, min(configured, int(OVERVIEW_SHARE_OF_WINDOW * window)))
+
+
 def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,
                        config: InspectionConfig, scored: np.ndarray) -> tuple[Patches, PatchTable, Callable[[], ToolBox],
                                                                               list[dict]]:
@@ -197,7 +208,9 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     timings["analyse"] = time.perf_counter() - t0
     scored = np.zeros(len(pts), dtype=bool)
     t0 = time.perf_counter()
-    patches, table, make_toolbox, messages = build_conversation(pts, fitted, analysis, config, scored)
+    overview_budget = overview_token_budget(config.token_budget, context_window(backend, config.budget))
+    patches, table, make_toolbox, messages = build_conversation(
+        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored)
     timings["verbalize"] = time.perf_counter() - t0
     if not use_fallback:
         fallback = None

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", help="folder of .j2 templates overriding prompts/ by file name")
     p.add_argument("--max-turns", type=int, default=8)
     p.add_argument("--max-tool-calls", type=int, default=16)
+    p.add_argument("--context-window", type=int, help="the LLM's context window in tokens (e.g. a llama.cpp server's "
+                   "--n_ctx): the agent is asked to report before a request would not fit")
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
     p.add_argument("--seed", type=int, default=0)
@@ -127,7 +129,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     config = InspectionConfig(verify=args.verify, max_verify_fraction=args.max_verify_fraction, guidance=args.guidance,
                               templates=args.templates, seed=args.seed,
-                              budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls))
+                              budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls,
+                                                 max_context_tokens=args.context_window))
     if fitted is None:
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge

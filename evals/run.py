@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-per-1k-completion", type=float, help="cost per 1000 completion tokens")
     p.add_argument("--train-steps", type=int, help="Point-MAE training steps per class (default: the detector's)")
     p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
+    p.add_argument("--context-window", type=int, help="the LLM's context window in tokens (e.g. a llama.cpp server's "
+                   "--n_ctx): agents are asked to report before a request would not fit")
     p.add_argument("--no-fallback", action="store_true",
                    help="record a backend failure as failed instead of letting the policy finish the scan")
     p.add_argument("--no-transcripts", action="store_true", help="do not write per-scan agent transcripts")
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_config(args: argparse.Namespace):
     """The HarnessConfig for parsed arguments (raises HarnessError/ValueError on bad combinations)."""
+    from agent.loop import AgentBudget
     from agent.pipeline import InspectionConfig
     from evals.harness import (
         DEFAULT_METHODS,
@@ -99,7 +102,8 @@ def make_config(args: argparse.Namespace):
     return HarnessConfig(
         data=data, out=out, classes=tuple(args.classes) if args.classes else None, methods=tuple(methods),
         backends=backends, limit=args.limit, detector=detector, init_backbone=args.init,
-        inspection=InspectionConfig(max_verify_fraction=args.max_verify_fraction, seed=args.seed),
+        inspection=InspectionConfig(max_verify_fraction=args.max_verify_fraction, seed=args.seed,
+                                    budget=AgentBudget(max_context_tokens=args.context_window)),
         executor=args.executor, ray_address=args.ray_address, price_prompt=args.price_per_1k_prompt,
         price_completion=args.price_per_1k_completion, fallback=not args.no_fallback,
         transcripts=not args.no_transcripts, seed=args.seed,

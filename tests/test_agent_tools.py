@@ -250,3 +250,19 @@ def test_context_rejects_mismatched_parts(scan):
         ScanContext(points[:-1], patches, table)
     with pytest.raises(ValueError, match="verify_budget_points"):
         ScanContext(points, patches, table, verify_budget_points=-1)
+
+
+def test_policy_obeys_the_report_schema_limits(scan):
+    """A policy asked for more regions than report_suspects allows merges the surplus instead of being rejected
+    (it is the fallback: a rejected report would leave the run with no report at all)."""
+    from agent.backends.policy import PolicyBackend, report_limits
+    from agent.loop import run_agent
+
+    box = make_box(scan, max_regions=3, max_ids_per_region=4)
+    assert report_limits(box.openai_schemas()) == (3, 4)
+    task = [{"role": "user", "content": "find the defects"}]
+    outcome = run_agent(PolicyBackend(target_share=1.0, top_k=N_PATCHES, max_regions=N_PATCHES, inspect_top=0),
+                        box, task)
+    assert not outcome.fallback_used and outcome.error is None
+    assert len(outcome.regions) == 3 and all(len(r["patch_ids"]) <= 4 for r in outcome.regions)
+    assert outcome.regions[-1]["reason"].startswith("further high-cue patches")

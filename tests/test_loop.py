@@ -294,3 +294,50 @@ def test_policy_with_the_real_toolbox():
     assert int(np.argmax(bump_share)) in outcome.regions[0]["patch_ids"] + outcome.regions[1]["patch_ids"]
     assert patches.counts[reported].sum() <= 0.15 * len(points)
     assert toolbox.report is not None and "z=" in outcome.regions[0]["reason"]
+
+
+def _chatty_until_told(offered: list[list[str]]):
+    """A model that lists patches forever unless report_suspects is the only tool on offer; its prompt_tokens are
+    the request's characters / 4, as a real tokenizer would roughly count them."""
+    def step(messages, tools):
+        names = [t["function"]["name"] for t in tools]
+        offered.append(names)
+        prompt = (len(json.dumps(messages)) + len(json.dumps(tools))) // 4
+        reply = call("report_suspects", VALID_REPORT) if names == ["report_suspects"] else \
+            call("list_patches", '{"top_k": 10}', call_id=f"c{len(offered)}")
+        reply.usage.prompt_tokens = prompt
+        return reply
+    return step
+
+
+def test_context_window_asks_for_the_report_before_the_window_fills():
+    offered: list[list[str]] = []
+    backend = ScriptedBackend([_chatty_until_told(offered)], repeat_last=True)
+    backend.max_tokens = 100  # the reply reserve the loop keeps free
+    box = FakeToolBox()
+    first = (len(json.dumps(TASK)) + len(json.dumps(box.openai_schemas()))) // 4
+    window = first + 100 + 900  # room for the task and a few listings, not for eight
+    outcome = run_agent(backend, box, TASK, budget=AgentBudget(max_context_tokens=window))
+    assert not outcome.fallback_used and outcome.backend == "scripted"
+    assert outcome.regions[0]["patch_ids"] == [1, 3]  # the model's own report survives
+    assert offered[-1] == ["report_suspects"] and all(len(o) == 5 for o in offered[:-1])
+    assert 1 < len(offered) < 8  # stopped listing before max_turns, after at least one listing
+    assert any(m.get("content", "") and "context window" in m["content"] for m in outcome.messages
+               if m["role"] == "user")
+
+
+def test_context_window_too_small_for_the_task_falls_back_without_calling_the_model():
+    backend = ScriptedBackend([call("report_suspects", VALID_REPORT)])
+    outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_context_tokens=300),
+                        fallback=PolicyBackend())
+    assert outcome.fallback_used and "context window of 300 tokens" in outcome.fallback_reason
+    assert backend.calls == [] and outcome.regions
+
+
+def test_backend_declared_context_window_is_used():
+    offered: list[list[str]] = []
+    backend = ScriptedBackend([_chatty_until_told(offered)], repeat_last=True)
+    backend.max_tokens = 100
+    backend.context_window = (len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))) // 4 + 1000
+    outcome = run_agent(backend, FakeToolBox(), TASK)
+    assert not outcome.fallback_used and offered[-1] == ["report_suspects"]

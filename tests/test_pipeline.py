@@ -123,3 +123,19 @@ def test_scan_of_another_size_is_refused(fitted, scan):
     check_scan_fits_class(scan[: len(scan) // 2], fitted, "half.ply")  # a partial scan of the right part passes
     with pytest.raises(ClassMismatch, match=r"^mm\.ply: .*another class"):
         check_scan_fits_class(scan * 1000.0, fitted, "mm.ply", bank_dir="banks/bracket")
+
+
+def test_a_small_context_window_gets_a_shorter_overview(fitted, scan, analysis):
+    """The overview takes at most a quarter of a declared context window (fewer, coarser patches), so a small local
+    model has room left for tool calls; without a window the configured budget holds."""
+    from agent.pipeline import overview_token_budget
+    from verbalize.render import estimate_tokens
+
+    assert overview_token_budget(3000, None) == 3000 and overview_token_budget(3000, 8192) == 2048
+    runs = {}
+    for window in (None, 4000):
+        model = ScriptedBackend([report_call([0])])
+        inspect_scan(scan, fitted, model, analysis=analysis,
+                     config=InspectionConfig(budget=AgentBudget(max_context_tokens=window)))
+        runs[window] = model.calls[0][1]["content"]
+    assert estimate_tokens(runs[4000]) <= 1000 < estimate_tokens(runs[None])

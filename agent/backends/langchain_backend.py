@@ -83,7 +83,7 @@ class LangChainBackend:
     name = "langchain"
 
     def __init__(self, chat_model: str | Any = "langchain_openai:ChatOpenAI", *, tool_choice: str | None = "auto",
-                 llama_cpp_compat: bool = False, **model_kwargs: Any):
+                 llama_cpp_compat: bool = False, context_window: int | None = None, **model_kwargs: Any):
         """`chat_model` is `module:Class` (instantiated with `model_kwargs`, e.g. model=..., base_url=...) or a ready
         LangChain chat model object."""
         try:
@@ -93,6 +93,7 @@ class LangChainBackend:
         self.chat_model = load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
         self.tool_choice = tool_choice
         self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible
+        self.context_window = context_window  # the model's window in tokens; the loop keeps within it
         self._bound: dict[str, Any] = {}
 
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:

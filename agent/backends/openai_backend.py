@@ -28,7 +28,7 @@ class OpenAIBackend:
                  timeout: float = 120.0, max_retries: int = 4, backoff_base: float = 0.5, backoff_max: float = 8.0,
                  temperature: float = 0.0, max_tokens: int | None = 512, tool_choice: str | dict = "auto",
                  seed: int | None = 0, probe: bool = True, llama_cpp_compat: bool = False,
-                 sleep: Callable[[float], None] = time.sleep):
+                 context_window: int | None = None, sleep: Callable[[float], None] = time.sleep):
         try:
             import openai
         except ImportError as err:
@@ -52,6 +52,7 @@ class OpenAIBackend:
         self.tool_choice = tool_choice
         self.seed = seed
         self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible
+        self.context_window = context_window  # the server's window (e.g. llama.cpp --n_ctx); the loop keeps within it
         self.attempts = 0  # HTTP attempts made, retries included (for tests and reports)
         self._sleep = sleep
         self.model = model

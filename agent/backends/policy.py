@@ -78,6 +78,43 @@ def _reason(row: dict, max_terms: int = 2) -> str:
     return ", ".join(parts) or "highest combined cue"
 
 
+def _within_limits(regions: list[dict], max_regions: int | None, max_ids: int | None) -> list[dict]:
+    """Regions cut to the schema's limits: a region's surplus ids are dropped (its highest-cue patches come first), and
+    regions past the last allowed one are merged into it, up to its id limit, as "further high-cue patches"."""
+    if max_ids is not None:
+        regions = [{**r, "patch_ids": r["patch_ids"][:max_ids]} for r in regions]
+    if max_regions is None or len(regions) <= max_regions:
+        return regions
+    if max_regions < 1:
+        return []
+    kept, rest = regions[: max_regions - 1], regions[max_regions - 1:]
+    ids = [pid for r in rest for pid in r["patch_ids"]]
+    merged = {"patch_ids": ids[:max_ids] if max_ids is not None else ids,
+              "reason": f"further high-cue patches ({rest[0]['reason']}, ...)"[:300],
+              "confidence": min(r["confidence"] for r in rest)}
+    return [*kept, merged]
+
+
+def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
+    """(most regions, most patch ids per region) that report_suspects' JSON schema allows; None where it sets none.
+
+    The policy must obey the same schema as a model: a report over the limit is rejected by the tool, and the policy
+    is the fallback, so it has nothing to fall back on."""
+    for tool in tools:
+        function = tool.get("function", {})
+        if function.get("name") != "report_suspects":
+            continue
+        params = function.get("parameters", {})
+        regions = params.get("properties", {}).get("regions", {})
+        items = regions.get("items", {})
+        ref = items.get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            items = params.get("$defs", {}).get(ref[len("#/$defs/"):], {})
+        ids = items.get("properties", {}).get("patch_ids", {})
+        return regions.get("maxItems"), ids.get("maxItems")
+    return None, None
+
+
 def _ints_under(value: Any, keys: tuple[str, ...]) -> list[int]:
     """Every int stored under one of `keys` anywhere in a JSON value (neighbour lists come in several shapes)."""
     found: list[int] = []
@@ -175,7 +212,8 @@ class PolicyBackend:
                     follow_ups.append(("patch_geometry", {"patch_id": _patch_id(row)}))
         if follow_ups:
             return self._calls(n_calls, follow_ups)
-        return self._calls(n_calls, [("report_suspects", {"regions": self._regions(selected, results)})])
+        regions = _within_limits(self._regions(selected, results), *report_limits(tools))
+        return self._calls(n_calls, [("report_suspects", {"regions": regions})])
 
     def _regions(self, selected: list[dict], results: list[tuple[str, dict, dict | None]]) -> list[dict]:
         """Selected patches grouped by the neighbourhoods looked up, each group one region."""
