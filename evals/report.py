@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -288,6 +289,36 @@ def limit_note(meta: dict) -> str:
             f"(at most {meta['limit']} per class, defective and normal alternating) — for every method and backend.")
 
 
+def budget_note(meta: dict) -> str | None:
+    """What each backend's run was allowed to spend per scan (None when no backend ran): the cost columns' ceiling."""
+    if not meta.get("backends"):
+        return None
+    inspection = meta.get("inspection") or {}
+    budget = inspection.get("budget") or {}
+    parts = [f"at most {budget[k]:,} {what}" for k, what in (("max_turns", "turns"), ("max_tool_calls", "tool calls"),
+                                                             ("max_total_tokens", "tokens")) if budget.get(k)]
+    if budget.get("max_context_tokens"):
+        parts.append(f"a context window of {budget['max_context_tokens']:,} tokens (the agent is asked to report "
+                     "before a request would not fit)")
+    if inspection.get("max_verify_fraction"):
+        parts.append(f"the bank scores at most {inspection['max_verify_fraction']:.0%} of the points")
+    return "Agent budget per scan: " + ", ".join(parts) + "." if parts else None
+
+
+def reason_lines(summary: dict, limit: int = 4) -> list[str]:
+    """The most frequent failure and fallback reasons per method/backend, numbers folded so that alike reasons group."""
+    lines = []
+    for name, entry in summary.items():
+        mean = entry.get("mean", {})
+        for what, key in (("failed", "failure_reasons"), ("fell back", "fallback_reasons")):
+            grouped: Counter = Counter()
+            for reason, count in mean.get(key, {}).items():
+                grouped[re.sub(r"\d+(\.\d+)?", "N", str(reason))[:160]] += count
+            for reason, count in grouped.most_common(limit):
+                lines.append(f"- {name} {what} x{count}: {reason}")
+    return lines
+
+
 def markdown_report(summary: dict, meta: dict) -> str:
     """The README-ready table (means over classes) plus per-class O-AUROC and per-defect-type tables."""
     columns = _columns(summary)
@@ -295,6 +326,11 @@ def markdown_report(summary: dict, meta: dict) -> str:
              ("Means over classes; AUROC/AU-PRO over the scans that succeeded (failures are counted, not scored); "
               "share verified = points the memory bank scored; seconds include the shared Point-MAE pass."), "",
              _table([(n, e.get("mean", {})) for n, e in summary.items()], columns, "method / backend")]
+    if budget_note(meta):
+        lines += ["", budget_note(meta)]
+    reasons = reason_lines(summary)
+    if reasons:
+        lines += ["", "Most frequent failure and fallback reasons (numbers shown as N):", "", *reasons]
     classes = meta["classes"]
     if len(classes) > 1:
         lines += ["", "O-AUROC / P-AUROC per class:", "",

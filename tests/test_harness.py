@@ -88,6 +88,7 @@ def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
 
     table = (quick_run / "table.md").read_text()
     assert all(f"| {name} |" in table for name in names) and "no --limit" in table
+    assert "Agent budget per scan: at most 8 turns" in table  # the ceiling of the cost columns
     csv_lines = (quick_run / "summary.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(names) * 3  # header + (2 classes + mean) per name
     html = (quick_run / "report.html").read_text()
@@ -338,3 +339,15 @@ def test_oracle_regions_keeps_the_full_banks_top_points_and_the_prior_elsewhere(
         kept = oracle == full
         assert kept.sum() >= int(0.2 * len(full)) and kept.mean() < 0.25
         assert oracle[~kept].max() < full[kept].min()  # the prior stays below every kept bank score
+
+
+def test_report_groups_failure_and_fallback_reasons():
+    from evals.report import reason_lines
+
+    summary = {"hf": {"mean": {"fallback_reasons": {"context window of 8192 tokens: needs 8658": 2,
+                                                    "context window of 8192 tokens: needs 9001": 1,
+                                                    "malformed output after 1 repair(s): n_samples": 4}}},
+               "policy": {"mean": {}}}
+    lines = reason_lines(summary)
+    assert lines[0] == "- hf fell back x4: malformed output after N repair(s): n_samples"
+    assert lines[1] == "- hf fell back x3: context window of N tokens: needs N" and len(lines) == 2

@@ -122,3 +122,17 @@ def test_zero_shot_mode_needs_no_bank_and_says_so():
     by_patch = {r.patch_ids[0]: r for r in v.regions}
     assert by_patch[bump_patch].max_distance > by_patch[flat_patch].max_distance
     assert all(r.verdict in ("confirmed", "rejected") for r in v.regions)
+
+
+def test_prior_orders_points_by_every_learned_statistic():
+    """A point that stands out in any one statistic outranks the typical points, whichever statistic it is."""
+    from agent.verifier import point_cue
+
+    rng = np.random.default_rng(0)
+    stats = {"template_distance": rng.normal(1.0, 0.1, 500), "feature_deviation": rng.normal(5.0, 0.5, 500)}
+    stats["template_distance"][10] = 3.0   # far from the template only
+    stats["feature_deviation"][20] = 15.0  # unusual features only
+    cue = point_cue(stats)
+    typical = np.median(cue)
+    assert cue[10] > 5 * typical and cue[20] > 5 * typical
+    assert (cue >= 0).all()
