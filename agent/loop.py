@@ -25,7 +25,8 @@ from agent.transcript import Transcript
 TERMINAL_TOOL = "report_suspects"
 FINISH_PROMPT = ("The conversation is about to exceed the model's context window. Call report_suspects now, with the "
                  "regions you suspect from what you have seen so far (an empty list if none).")
-CHARS_PER_TOKEN_GUESS = 3.0   # before the first reply says how many tokens the prompt took; low = cautious
+CHARS_PER_TOKEN_GUESS = 3.0   # the first request only, before a reply has said how many tokens a prompt takes
+MESSAGE_OVERHEAD_TOKENS = 8   # chat-template tokens around each message (role markers, separators)
 DEFAULT_REPLY_RESERVE = 512   # tokens kept free for the reply when the backend does not say its limit
 
 
@@ -129,8 +130,10 @@ class _Attempt:
         self._logged = 0
         self._start = time.perf_counter()
         self.window = context_window(backend, budget)
-        self.tokens_per_char: float | None = None  # measured from the last reply's prompt_tokens
-        self.finishing = False                     # the finish prompt has been sent
+        self.measured_prompt = 0    # prompt + completion tokens of the last reply: what the conversation held then
+        self.measured_upto = 0      # messages[:measured_upto] are inside `measured_prompt`
+        self.largest_result = 0     # characters of the longest tool result so far: the room the next one may need
+        self.finishing = False      # the finish prompt has been sent
 
     def log(self, event: str, **fields: Any) -> None:
         if self.transcript is not None:
@@ -145,7 +148,7 @@ class _Attempt:
             self.turns += 1
             self.log("request", turn=self.turns, messages=self.messages[self._logged:])
             self._logged = len(self.messages)
-            sent_chars = _chars(self.messages, tools)
+            sent = len(self.messages)
             started = time.perf_counter()
             try:
                 reply = self.backend.chat(copy.deepcopy(self.messages), tools)
@@ -154,8 +157,9 @@ class _Attempt:
                 raise _Stop(f"backend error: {type(err).__name__}: {err}") from err
             seconds = time.perf_counter() - started
             self.usage = self.usage + reply.usage
-            if reply.usage.prompt_tokens > 0 and sent_chars > 0:
-                self.tokens_per_char = reply.usage.prompt_tokens / sent_chars
+            if reply.usage.prompt_tokens > 0:
+                self.measured_prompt = reply.usage.prompt_tokens + reply.usage.completion_tokens
+                self.measured_upto = sent + 1  # the reply itself is counted by its completion tokens
             self.log("reply", turn=self.turns, text=reply.text, raw=reply.raw,
                      tool_calls=[c.model_dump() for c in reply.tool_calls], usage=reply.usage.model_dump(),
                      seconds=round(seconds, 4),
@@ -174,27 +178,40 @@ class _Attempt:
             raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded")
 
     def _tools_that_fit(self, tools: list[dict]) -> list[dict]:
-        """All tools while the next request fits the context window; past that, one finish prompt offering only the
-        terminal tool; past that, the fallback."""
+        """All tools while the next request *and* one more tool result fit the context window; else one finish prompt
+        that offers only the terminal tool (sent while it still fits); if even that cannot fit, the fallback."""
         if self.window is None:
             return tools
         reserve = _reply_reserve(self.backend)
-        if self._estimate(tools) + reserve <= self.window:
-            return [t for t in tools if t["function"]["name"] == TERMINAL_TOOL] if self.finishing else tools
         terminal = [t for t in tools if t["function"]["name"] == TERMINAL_TOOL]
-        if not self.finishing and self.turns > 0 and terminal:
-            self.finishing = True
-            self.messages.append({"role": "user", "content": FINISH_PROMPT})
-            self.log("context_finish", estimated_tokens=self._estimate(terminal), window=self.window)
-            if self._estimate(terminal) + reserve <= self.window:
+        if self.finishing:
+            if self._estimate(tools) + reserve <= self.window:
                 return terminal
+        else:
+            headroom = self.largest_result + len(FINISH_PROMPT) + 2 * MESSAGE_OVERHEAD_TOKENS
+            if self._estimate(tools) + reserve + (headroom if self.turns > 0 else 0) <= self.window:
+                return tools
+            if self.turns > 0 and terminal:
+                self.finishing = True
+                self.messages.append({"role": "user", "content": FINISH_PROMPT})
+                self.log("context_finish", estimated_tokens=self._estimate(terminal), window=self.window)
+                if self._estimate(terminal) + reserve <= self.window:
+                    return terminal
         raise self._budget(f"context window of {self.window} tokens: the next request needs about "
                            f"{self._estimate(terminal or tools) + reserve} (reply reserve {reserve} included)")
 
     def _estimate(self, tools: list[dict]) -> int:
-        """Prompt tokens of the next request: its characters at the rate the last reply measured."""
-        rate = self.tokens_per_char if self.tokens_per_char is not None else 1.0 / CHARS_PER_TOKEN_GUESS
-        return int(_chars(self.messages, tools) * rate) + 1
+        """An upper estimate of the next request's prompt tokens.
+
+        Once a reply has reported its prompt tokens: those, plus one token per character of every message added since
+        (tool results are mostly digits and punctuation, which many tokenizers split into one token per character),
+        plus the chat template's per-message overhead. Offering fewer tools is never counted as a saving (servers
+        may render tool schemas differently). Before that: all characters at a guessed rate."""
+        if self.measured_upto == 0:
+            return int(_chars(self.messages, tools) / CHARS_PER_TOKEN_GUESS) + 1
+        added = self.messages[self.measured_upto:]
+        return (self.measured_prompt + sum(len(str(m.get("content") or "")) for m in added)
+                + MESSAGE_OVERHEAD_TOKENS * len(added))
 
     def _budget(self, what: str) -> _Stop:
         self.log("budget_exceeded", detail=what)
@@ -256,6 +273,7 @@ class _Attempt:
     def _answer(self, call: ToolCall, content: str, *, ok: bool = False, seconds: float | None = None) -> str | None:
         """Append the `role: tool` message answering `call`; for failures the content is the problem itself."""
         text = content if ok else f"error: {content}"
+        self.largest_result = max(self.largest_result, len(text))
         self.messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
         self.log("tool_result", id=call.id, name=call.name, ok=ok, content=text,
                  seconds=round(seconds, 4) if seconds is not None else None)

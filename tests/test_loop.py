@@ -341,3 +341,32 @@ def test_backend_declared_context_window_is_used():
     backend.context_window = (len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))) // 4 + 1000
     outcome = run_agent(backend, FakeToolBox(), TASK)
     assert not outcome.fallback_used and offered[-1] == ["report_suspects"]
+
+
+def test_context_window_is_never_exceeded_when_every_character_is_a_token():
+    """Digit-heavy tool results can cost a token per character (SmolLM2 splits digits): the estimate must hold even
+    then, and the model must still get its finish turn while it fits."""
+    sizes: list[int] = []
+    offered: list[list[str]] = []
+
+    def step(messages, tools):
+        names = [t["function"]["name"] for t in tools]
+        offered.append(names)
+        # one token per character of every message's text and tool-call arguments, 8 per message for the chat
+        # template, and every tool schema whatever the request offers (servers render them their own way)
+        sizes.append(len(json.dumps(FakeToolBox().openai_schemas())) + sum(
+            len(m.get("content") or "") + 8 + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or [])
+            for m in messages))
+        reply = call("report_suspects", VALID_REPORT) if names == ["report_suspects"] else \
+            call("patch_geometry", '{"patch_id": 1}', call_id=f"c{len(offered)}")
+        reply.usage.prompt_tokens = sizes[-1]
+        reply.usage.completion_tokens = len(reply.tool_calls[0].arguments)
+        return reply
+
+    backend = ScriptedBackend([step], repeat_last=True)
+    backend.max_tokens = 64
+    first = len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))
+    window = first + 64 + 700
+    outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_context_tokens=window, max_turns=30))
+    assert not outcome.fallback_used and offered[-1] == ["report_suspects"] and len(offered) > 2
+    assert max(sizes) + 64 <= window
