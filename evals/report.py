@@ -532,6 +532,7 @@ code { background: #f4f4f4; padding: 1px 4px; }
 {{ main_table|safe }}
 <p class="note">AUROC / AU-PRO are computed over the scans that succeeded; failures are counted. "share verified" is the
 share of points the memory bank scored; seconds include the Point-MAE pass shared by the bank, recon and every backend.</p>
+{% if budget %}<p class="note">{{ budget }}</p>{% endif %}
 {% if failures %}<h3>Failures and fallbacks</h3><ul>
 {% for item in failures %}<li><b>{{ item.name }}</b> {{ item.what }} ×{{ item.count }}: {{ item.reason }}</li>{% endfor %}
 </ul>{% endif %}
@@ -578,7 +579,7 @@ def write_html(out: Path, summary: dict, meta: dict, plots: dict[str, str], exam
                 failures.append({"name": name, "what": what, "count": count, "reason": reason})
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = environment.from_string(HTML_TEMPLATE).render(
-        data=meta["data"], classes=classes, limit=limit_note(meta), command=meta.get("command"),
+        data=meta["data"], classes=classes, limit=limit_note(meta), command=meta.get("command"), budget=budget_note(meta),
         main_table=_html_table([(n, e.get("mean", {})) for n, e in summary.items()], _columns(summary),
                                "method / backend"),
         class_table=_html_table([(n, {c: _pair(e.get(c)) for c in classes}) for n, e in summary.items()],

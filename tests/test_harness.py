@@ -95,7 +95,7 @@ def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
     for png in ("accuracy_vs_verified", "accuracy_vs_tokens", "roc", "per_class"):
         assert (quick_run / "report" / f"{png}.png").stat().st_size > 10_000
         assert f"report/{png}.png" in html
-    assert "examples/" in html
+    assert "examples/" in html and "Agent budget per scan" in html
 
 
 # ------------------------------------------------------------------------------------------------------ resumption
