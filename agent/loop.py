@@ -77,6 +77,13 @@ def _chars(messages: list[dict], tools: list[dict]) -> int:
     return len(json.dumps(messages, ensure_ascii=False, default=str)) + len(json.dumps(tools, ensure_ascii=False))
 
 
+def _message_chars(message: dict) -> int:
+    """Characters of a message's text and of its tool calls' names and arguments."""
+    calls = message.get("tool_calls") or []
+    return len(str(message.get("content") or "")) + sum(
+        len(c.get("function", {}).get("name", "")) + len(c.get("function", {}).get("arguments", "")) for c in calls)
+
+
 def context_window(backend: Backend, budget: AgentBudget) -> int | None:
     """The smaller of the budget's window and the backend's declared `context_window`; None when neither is known."""
     known = [w for w in (budget.max_context_tokens, getattr(backend, "context_window", None))
@@ -130,9 +137,10 @@ class _Attempt:
         self._logged = 0
         self._start = time.perf_counter()
         self.window = context_window(backend, budget)
-        self.measured_prompt = 0    # prompt + completion tokens of the last reply: what the conversation held then
-        self.measured_upto = 0      # messages[:measured_upto] are inside `measured_prompt`
+        self.measured_prompt = 0    # tokens the conversation held at the last reply that reported usage (or the guess)
+        self.measured_upto = 0      # messages[:measured_upto] are inside `measured_prompt` (0: nothing measured yet)
         self.largest_result = 0     # characters of the longest tool result so far: the room the next one may need
+        self.most_calls = 1         # most tool calls in one reply so far: results the next turn may bring
         self.finishing = False      # the finish prompt has been sent
 
     def log(self, event: str, **fields: Any) -> None:
@@ -149,6 +157,8 @@ class _Attempt:
             self.log("request", turn=self.turns, messages=self.messages[self._logged:])
             self._logged = len(self.messages)
             sent = len(self.messages)
+            # a reply without usage leaves only an upper bound: the request's characters, one token each
+            bound = _chars(self.messages, all_tools) if self.measured_upto == 0 else 0
             started = time.perf_counter()
             try:
                 reply = self.backend.chat(copy.deepcopy(self.messages), tools)
@@ -160,6 +170,9 @@ class _Attempt:
             if reply.usage.prompt_tokens > 0:
                 self.measured_prompt = reply.usage.prompt_tokens + reply.usage.completion_tokens
                 self.measured_upto = sent + 1  # the reply itself is counted by its completion tokens
+            elif self.measured_upto == 0:  # no usage reported: count the first request at one token per character
+                self.measured_prompt, self.measured_upto = bound, sent
+            self.most_calls = max(self.most_calls, len(reply.tool_calls))
             self.log("reply", turn=self.turns, text=reply.text, raw=reply.raw,
                      tool_calls=[c.model_dump() for c in reply.tool_calls], usage=reply.usage.model_dump(),
                      seconds=round(seconds, 4),
@@ -178,40 +191,48 @@ class _Attempt:
             raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded")
 
     def _tools_that_fit(self, tools: list[dict]) -> list[dict]:
-        """All tools while the next request *and* one more tool result fit the context window; else one finish prompt
-        that offers only the terminal tool (sent while it still fits); if even that cannot fit, the fallback."""
+        """All tools while the next request, its reply, the tool results it may bring and a finish prompt all fit the
+        context window; else one finish prompt that offers only the terminal tool (sent only if it fits); else the
+        fallback. After the finish prompt there is seldom room for a repair prompt: a malformed finish reply usually
+        ends with the context-window reason."""
         if self.window is None:
             return tools
         reserve = _reply_reserve(self.backend)
         terminal = [t for t in tools if t["function"]["name"] == TERMINAL_TOOL]
+        now = self._estimate(tools)
         if self.finishing:
-            if self._estimate(tools) + reserve <= self.window:
+            if now + reserve <= self.window:
                 return terminal
         else:
-            headroom = self.largest_result + len(FINISH_PROMPT) + 2 * MESSAGE_OVERHEAD_TOKENS
-            if self._estimate(tools) + reserve + (headroom if self.turns > 0 else 0) <= self.window:
+            # after this turn: its reply (<= reserve), up to most_calls results, the finish prompt, and then the
+            # finish turn's own reply reserve
+            after = (reserve + MESSAGE_OVERHEAD_TOKENS + self.most_calls * (self.largest_result + MESSAGE_OVERHEAD_TOKENS)
+                     + len(FINISH_PROMPT) + MESSAGE_OVERHEAD_TOKENS)
+            if now + reserve + (after if self.turns > 0 else 0) <= self.window:
                 return tools
-            if self.turns > 0 and terminal:
+            finish = now + len(FINISH_PROMPT) + MESSAGE_OVERHEAD_TOKENS
+            if self.turns > 0 and terminal and finish + reserve <= self.window:
                 self.finishing = True
                 self.messages.append({"role": "user", "content": FINISH_PROMPT})
-                self.log("context_finish", estimated_tokens=self._estimate(terminal), window=self.window)
-                if self._estimate(terminal) + reserve <= self.window:
-                    return terminal
+                self.log("context_finish", estimated_tokens=finish, window=self.window)
+                return terminal
+            now = finish if self.turns > 0 else now
         raise self._budget(f"context window of {self.window} tokens: the next request needs about "
-                           f"{self._estimate(terminal or tools) + reserve} (reply reserve {reserve} included)")
+                           f"{now + reserve} (reply reserve {reserve} included)")
 
     def _estimate(self, tools: list[dict]) -> int:
-        """An upper estimate of the next request's prompt tokens.
+        """An upper estimate of the next request's prompt tokens (the first request excepted).
 
-        Once a reply has reported its prompt tokens: those, plus one token per character of every message added since
-        (tool results are mostly digits and punctuation, which many tokenizers split into one token per character),
-        plus the chat template's per-message overhead. Offering fewer tools is never counted as a saving (servers
-        may render tool schemas differently). Before that: all characters at a guessed rate."""
+        The first request: all characters (every tool schema included) at a guessed rate -- not an upper bound; a
+        server that finds it too long rejects it and the fallback runs. After that: the tokens the conversation held
+        at the last reply that reported usage (else the first request at one token per character), plus one token per character of
+        every message added since (tool results are mostly digits and punctuation, which many tokenizers split into
+        one token per character) and the chat template's per-message overhead. Offering fewer tools is never counted
+        as a saving (servers render tool schemas their own way), so `tools` is only used for the first request."""
         if self.measured_upto == 0:
             return int(_chars(self.messages, tools) / CHARS_PER_TOKEN_GUESS) + 1
         added = self.messages[self.measured_upto:]
-        return (self.measured_prompt + sum(len(str(m.get("content") or "")) for m in added)
-                + MESSAGE_OVERHEAD_TOKENS * len(added))
+        return self.measured_prompt + sum(_message_chars(m) + MESSAGE_OVERHEAD_TOKENS for m in added)
 
     def _budget(self, what: str) -> _Stop:
         self.log("budget_exceeded", detail=what)

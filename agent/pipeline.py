@@ -155,12 +155,17 @@ def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
 OVERVIEW_SHARE_OF_WINDOW = 0.25  # the rest of a small window: system prompt, tool schemas, tool results, replies
 
 
+MIN_OVERVIEW_TOKENS = 800  # below this the overview is little more than its header
+
+
 def overview_token_budget(configured: int, window: int | None) -> int:
-    """The overview's token budget: as configured, but at most a quarter of a known context window, so that a small
-    local model has room left to call tools (a 8k-token model given a 3k overview fills its window in two look-ups)."""
+    """The overview's token budget: as configured, but at most a quarter of a known context window (never below
+    MIN_OVERVIEW_TOKENS, never above `configured`), so that a small local model has room left to call tools: an
+    8k-token model given a 3k overview filled its window in two look-ups. The budget also sets the number of patches
+    (`describe_scan`), so a small window means fewer, coarser patches, for the fallback policy too."""
     if window is None:
         return configured
-    return max(800, min(configured, int(OVERVIEW_SHARE_OF_WINDOW * window)))
+    return min(configured, max(MIN_OVERVIEW_TOKENS, int(OVERVIEW_SHARE_OF_WINDOW * window)))
 
 
 def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,

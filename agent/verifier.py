@@ -9,8 +9,8 @@ low prior score below the class's normal range.
 The prior keeps the order the backbone's own statistics suggest among unverified points (so a missed defect is not tied
 with the whole surface), but it never rises above ``floor``: the 5th percentile of normal patch distances measured
 leave-one-template-out at fit time, i.e. below almost every verified normal point. The order is that of the point-wise
-cue: every learned statistic as a robust z-score over the scan's points, cut at 0, summed -- the same evidence the
-verbalizer's `cue` column combines per patch. One statistic alone (say the distance to the class template) misses the
+cue: every learned statistic as a robust z-score over the scan's points, cut at 0, summed -- the learned part of the
+evidence the verbalizer's `cue` column combines per patch (which adds geometric outliers at a lower weight). One statistic alone (say the distance to the class template) misses the
 defects that only another one sees; on the registered dev benchmark ordering by the sum instead of by the template
 distance alone lifted the policy's P-AUROC from 96.6% to 98.9% of the full bank's, at the same 13% verified.
 
@@ -77,9 +77,13 @@ def _with_margin(points: np.ndarray, region_points: np.ndarray, margin: float) -
 
 def point_cue(point_stats: dict[str, np.ndarray]) -> np.ndarray:
     """Per point: the sum over learned statistics of max(0, robust z-score over this scan's points)."""
+    if not point_stats:
+        raise ValueError("point_cue needs at least one per-point statistic")
     cue = np.zeros(len(next(iter(point_stats.values()))), dtype=np.float64)
-    for values in point_stats.values():
+    for name, values in point_stats.items():
         values = np.asarray(values, dtype=np.float64)
+        if values.shape != cue.shape or not np.isfinite(values).all():
+            raise ValueError(f"statistic {name!r} must be {cue.size} finite values, one per point")
         cue += np.maximum(robust_z(values, RELATIVE_Z_FLOOR * abs(float(np.median(values)))), 0.0)
     return cue
 

@@ -305,18 +305,23 @@ def budget_note(meta: dict) -> str | None:
     return "Agent budget per scan: " + ", ".join(parts) + "." if parts else None
 
 
-def reason_lines(summary: dict, limit: int = 4) -> list[str]:
-    """The most frequent failure and fallback reasons per method/backend, numbers folded so that alike reasons group."""
-    lines = []
+def grouped_reasons(summary: dict, limit: int | None = 4) -> list[tuple[str, str, str, int]]:
+    """(method/backend, "failed" | "fell back", reason, count), most frequent first, at most `limit` per kind; numbers
+    in a reason are folded to N so that alike reasons (token counts, ids) group."""
+    out = []
     for name, entry in summary.items():
         mean = entry.get("mean", {})
         for what, key in (("failed", "failure_reasons"), ("fell back", "fallback_reasons")):
             grouped: Counter = Counter()
             for reason, count in mean.get(key, {}).items():
                 grouped[re.sub(r"\d+(\.\d+)?", "N", str(reason))[:160]] += count
-            for reason, count in grouped.most_common(limit):
-                lines.append(f"- {name} {what} x{count}: {reason}")
-    return lines
+            out.extend((name, what, reason, count) for reason, count in grouped.most_common(limit))
+    return out
+
+
+def reason_lines(summary: dict, limit: int = 4) -> list[str]:
+    """The most frequent failure and fallback reasons per method/backend, as markdown list items."""
+    return [f"- {name} {what} x{count}: {reason}" for name, what, reason, count in grouped_reasons(summary, limit)]
 
 
 def markdown_report(summary: dict, meta: dict) -> str:
@@ -571,12 +576,8 @@ def write_html(out: Path, summary: dict, meta: dict, plots: dict[str, str], exam
 
     classes = meta["classes"]
     types = sorted({t for e in summary.values() for t in e.get("mean", {}).get("per_defect", {})})
-    failures = []
-    for name, entry in summary.items():
-        mean = entry.get("mean", {})
-        for what, key in (("failed", "failure_reasons"), ("fell back", "fallback_reasons")):
-            for reason, count in mean.get(key, {}).items():
-                failures.append({"name": name, "what": what, "count": count, "reason": reason})
+    failures = [{"name": name, "what": what, "count": count, "reason": reason}
+                for name, what, reason, count in grouped_reasons(summary, limit=None)]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = environment.from_string(HTML_TEMPLATE).render(
         data=meta["data"], classes=classes, limit=limit_note(meta), command=meta.get("command"), budget=budget_note(meta),

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent.run import context_window_arg
+
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-per-1k-completion", type=float, help="cost per 1000 completion tokens")
     p.add_argument("--train-steps", type=int, help="Point-MAE training steps per class (default: the detector's)")
     p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
-    p.add_argument("--context-window", type=int, help="the LLM's context window in tokens (e.g. a llama.cpp server's "
+    p.add_argument("--context-window", type=context_window_arg,
+                   help="the LLM's context window in tokens (e.g. a llama.cpp server's "
                    "--n_ctx): agents are asked to report before a request would not fit")
     p.add_argument("--no-fallback", action="store_true",
                    help="record a backend failure as failed instead of letting the policy finish the scan")

@@ -13,6 +13,7 @@ from typing import Annotated, ClassVar
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.backends.base import LLMReply, ToolCall, Usage
 from agent.backends.policy import PolicyBackend
 from agent.backends.scripted import ScriptedBackend, call, text
 from agent.loop import AgentBudget, run_agent
@@ -343,11 +344,14 @@ def test_backend_declared_context_window_is_used():
     assert not outcome.fallback_used and offered[-1] == ["report_suspects"]
 
 
-def test_context_window_is_never_exceeded_when_every_character_is_a_token():
+@pytest.mark.parametrize("calls_per_reply, reports_usage", [(1, True), (3, True), (1, False)])
+def test_context_window_is_never_exceeded_when_every_character_is_a_token(calls_per_reply, reports_usage):
     """Digit-heavy tool results can cost a token per character (SmolLM2 splits digits): the estimate must hold even
-    then, and the model must still get its finish turn while it fits."""
+    then, with parallel tool calls and with a backend that reports no usage, and the model must still get its finish
+    turn while it fits."""
     sizes: list[int] = []
     offered: list[list[str]] = []
+    reserve = 64
 
     def step(messages, tools):
         names = [t["function"]["name"] for t in tools]
@@ -357,16 +361,22 @@ def test_context_window_is_never_exceeded_when_every_character_is_a_token():
         sizes.append(len(json.dumps(FakeToolBox().openai_schemas())) + sum(
             len(m.get("content") or "") + 8 + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or [])
             for m in messages))
-        reply = call("report_suspects", VALID_REPORT) if names == ["report_suspects"] else \
-            call("patch_geometry", '{"patch_id": 1}', call_id=f"c{len(offered)}")
-        reply.usage.prompt_tokens = sizes[-1]
-        reply.usage.completion_tokens = len(reply.tool_calls[0].arguments)
+        if names == ["report_suspects"]:
+            reply = call("report_suspects", VALID_REPORT)
+        else:
+            reply = LLMReply(tool_calls=[ToolCall(id=f"c{len(offered)}_{i}", name="patch_geometry",
+                                                  arguments=json.dumps({"patch_id": i + 1}))
+                                         for i in range(calls_per_reply)])
+        reply.usage = Usage(prompt_tokens=sizes[-1], completion_tokens=sum(len(c.arguments) for c in reply.tool_calls)) \
+            if reports_usage else Usage()
         return reply
 
     backend = ScriptedBackend([step], repeat_last=True)
-    backend.max_tokens = 64
+    backend.max_tokens = reserve
     first = len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))
-    window = first + 64 + 700
-    outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_context_tokens=window, max_turns=30))
-    assert not outcome.fallback_used and offered[-1] == ["report_suspects"] and len(offered) > 2
-    assert max(sizes) + 64 <= window
+    window = first + reserve + 1200
+    outcome = run_agent(backend, FakeToolBox(), TASK,
+                        budget=AgentBudget(max_context_tokens=window, max_turns=30, max_tool_calls=60))
+    assert not outcome.fallback_used, outcome.fallback_reason
+    assert offered[-1] == ["report_suspects"] and len(offered) > 2
+    assert max(sizes) + reserve <= window

@@ -132,6 +132,7 @@ def test_a_small_context_window_gets_a_shorter_overview(fitted, scan, analysis):
     from verbalize.render import estimate_tokens
 
     assert overview_token_budget(3000, None) == 3000 and overview_token_budget(3000, 8192) == 2048
+    assert overview_token_budget(500, 8192) == 500 and overview_token_budget(3000, 1024) == 800
     runs = {}
     for window in (None, 4000):
         model = ScriptedBackend([report_call([0])])
