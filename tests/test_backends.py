@@ -115,7 +115,8 @@ def test_openai_retries_429_and_5xx_with_exponential_backoff(monkeypatch):
     assert sleeps == pytest.approx([0.001, 0.002, 0.004])
     assert len(server.requests) == 4
     sent = server.requests[-1]
-    assert sent["tools"] == TOOLS and sent["tool_choice"] == "auto" and sent["messages"] == MESSAGES
+    assert sent["tools"] == TOOLS and sent["messages"] == MESSAGES
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "list_patches"}}  # the only tool
 
 
 def test_openai_retries_are_bounded_and_client_errors_not_retried(monkeypatch):
@@ -172,6 +173,21 @@ def test_openai_backend_drives_the_loop(monkeypatch):
     assert second[-2]["tool_calls"][0]["function"]["name"] == "list_patches"
     assert second[-1]["role"] == "tool" and json.loads(second[-1]["content"])["patches"][0]["id"] == 1
     assert outcome.usage.completion_tokens == 14
+
+
+def test_openai_names_the_tool_when_only_one_is_offered(monkeypatch):
+    """The loop's finish turn offers only report_suspects: the request must then name it (servers such as llama.cpp
+    constrain the reply to that call), while a choice of tools stays "auto"."""
+    from test_loop import FakeToolBox
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    tools = FakeToolBox().openai_schemas()
+    with FakeOpenAIServer([(200, completion()), (200, completion())]) as server:
+        backend = openai_backend(server.url, [])
+        backend.chat([{"role": "user", "content": "go"}], tools)
+        backend.chat([{"role": "user", "content": "go"}], [t for t in tools if t["function"]["name"] == "report_suspects"])
+    assert server.requests[0]["tool_choice"] == "auto"
+    assert server.requests[1]["tool_choice"] == {"type": "function", "function": {"name": "report_suspects"}}
 
 
 # ---- langchain ----------------------------------------------------------------------------------------------------

@@ -72,6 +72,17 @@ class Backend(Protocol):
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply: ...
 
 
+def sole_tool(tools: list[dict], configured: Any) -> str | None:
+    """The tool's name when exactly one tool is offered under tool_choice "auto", else None.
+
+    The loop offers one tool only for its finish turn (report_suspects, when the context window is nearly full). A
+    model asked to choose freely then often writes the call as text -- SmolLM2 behind llama.cpp answered
+    "functions.report_suspects:" -- so the backends name the tool and the server constrains the reply to its call."""
+    if configured == "auto" and len(tools) == 1:
+        return str(tools[0]["function"]["name"])
+    return None
+
+
 def tool_names(tools: list[dict]) -> list[str]:
     """Names of OpenAI tool schemas, in order."""
     return [t["function"]["name"] for t in tools]

@@ -12,7 +12,7 @@ import importlib
 import json
 from typing import Any
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible, sole_tool
 
 
 def load_chat_model(spec: str, kwargs: dict[str, Any]) -> Any:
@@ -101,7 +101,8 @@ class LangChainBackend:
         if tools:
             key = json.dumps(tools, sort_keys=True)
             if key not in self._bound:
-                kwargs = {"tool_choice": self.tool_choice} if self.tool_choice else {}
+                choice = sole_tool(tools, self.tool_choice) or self.tool_choice
+                kwargs = {"tool_choice": choice} if choice else {}
                 self._bound[key] = self.chat_model.bind_tools(tools, **kwargs)
             runnable = self._bound[key]
         sent = llama_cpp_compatible(messages) if self.llama_cpp_compat else messages

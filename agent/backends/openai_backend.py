@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible, sole_tool
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 DUMMY_KEY = "sk-local-no-key"
@@ -97,7 +97,9 @@ class OpenAIBackend:
         sent = llama_cpp_compatible(messages) if self.llama_cpp_compat else messages
         kwargs: dict = {"model": self.model, "messages": sent, "temperature": self.temperature}
         if tools:
-            kwargs.update(tools=tools, tool_choice=self.tool_choice)
+            only = sole_tool(tools, self.tool_choice)
+            choice = {"type": "function", "function": {"name": only}} if only else self.tool_choice
+            kwargs.update(tools=tools, tool_choice=choice)
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
         if self.seed is not None:
