@@ -85,7 +85,10 @@ def _message_chars(message: dict) -> int:
 
 
 def context_window(backend: Backend, budget: AgentBudget) -> int | None:
-    """The smaller of the budget's window and the backend's declared `context_window`; None when neither is known."""
+    """The smaller of the budget's window and the backend's declared `context_window`; None when neither is known,
+    and None for a backend that reads the conversation as data, not tokens (`tokenizes = False`: the policy)."""
+    if getattr(backend, "tokenizes", True) is False:
+        return None
     known = [w for w in (budget.max_context_tokens, getattr(backend, "context_window", None))
              if isinstance(w, int) and w > 0]
     return min(known) if known else None

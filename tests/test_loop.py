@@ -380,3 +380,14 @@ def test_context_window_is_never_exceeded_when_every_character_is_a_token(calls_
     assert not outcome.fallback_used, outcome.fallback_reason
     assert offered[-1] == ["report_suspects"] and len(offered) > 2
     assert max(sizes) + reserve <= window
+
+
+def test_the_policy_has_no_context_window():
+    """A window set for a run's language models does not apply to the policy (it reads JSON, not tokens): no
+    context fallback, and the conversation it gets is the same as without a window."""
+    from agent.loop import context_window
+
+    budget = AgentBudget(max_context_tokens=300)
+    assert context_window(PolicyBackend(), budget) is None
+    outcome = run_agent(PolicyBackend(), FakeToolBox(), TASK, budget=budget)
+    assert not outcome.fallback_used and outcome.regions
