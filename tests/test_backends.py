@@ -14,8 +14,8 @@ from typing import Self
 import pytest
 
 from agent.backends import REGISTRY, BackendUnavailable, get_backend
-from agent.backends.base import LLMReply, ToolCall
-from agent.backends.hf_backend import HFBackend, _resolve_ref, parse_free_tool_call
+from agent.backends.base import LLMReply, ToolCall, resolve_ref
+from agent.backends.hf_backend import HFBackend, parse_free_tool_call
 from agent.loop import run_agent
 
 TOOLS = [{"type": "function", "function": {"name": "list_patches", "description": "list",
@@ -246,8 +246,8 @@ def test_free_text_tool_call_parsing():
 def test_schema_refs_and_optionals_resolve():
     root = {"$defs": {"Region": {"type": "object", "properties": {"reason": {"type": "string"}}}},
             "properties": {"regions": {"type": "array", "items": {"$ref": "#/$defs/Region"}}}}
-    assert _resolve_ref({"$ref": "#/$defs/Region"}, root)["properties"] == {"reason": {"type": "string"}}
-    assert _resolve_ref({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}, root)["type"] == "integer"
+    assert resolve_ref({"$ref": "#/$defs/Region"}, root)["properties"] == {"reason": {"type": "string"}}
+    assert resolve_ref({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}, root)["type"] == "integer"
 
 
 def test_number_clamping_respects_schema_bounds():

@@ -45,6 +45,7 @@ from agent.backends.base import (
     ToolCall,
     Usage,
     parse_json_object,
+    resolve_ref,
     tool_call_names,
 )
 
@@ -79,26 +80,6 @@ def _crop(cache: Any, length: int) -> None:
     remove = cache.get_seq_length() - length
     if remove > 0:
         cache.crop(-remove)
-
-
-def _resolve_ref(schema: dict, root: dict) -> dict:
-    while "$ref" in schema:
-        ref = schema["$ref"]
-        if not ref.startswith("#/"):
-            raise ValueError(f"unsupported $ref {ref}")
-        node: Any = root
-        for part in ref[2:].split("/"):
-            node = node[part]
-        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
-    for key in ("anyOf", "oneOf"):
-        if key in schema:  # Optional[...] in pydantic: take the first non-null branch
-            options = [o for o in schema[key] if o.get("type") != "null"]
-            if options:
-                merged = {k: v for k, v in schema.items() if k != key}
-                return _resolve_ref({**options[0], **merged}, root)
-    if "allOf" in schema and len(schema["allOf"]) == 1:
-        return _resolve_ref({**schema["allOf"][0], **{k: v for k, v in schema.items() if k != "allOf"}}, root)
-    return schema
 
 
 class _Decoder:
@@ -383,7 +364,7 @@ class HFBackend:
 
     def _value(self, dec: _Decoder, schema: dict, root: dict, field: str, endings: tuple[str, ...],
                ids: list[int] | None) -> None:
-        schema = _resolve_ref(schema, root)
+        schema = resolve_ref(schema, root)
         kind = schema.get("type")
         if "const" in schema:
             dec.extend(json.dumps(schema["const"]))
@@ -455,7 +436,7 @@ class HFBackend:
     def _object(self, dec: _Decoder, schema: dict, root: dict, ids: list[int] | None) -> None:
         required = set(schema.get("required", []))
         props = [(k, v) for k, v in schema.get("properties", {}).items()
-                 if k in required or "enum" in _resolve_ref(v, root) or _resolve_ref(v, root).get("type") == "boolean"]
+                 if k in required or "enum" in resolve_ref(v, root) or resolve_ref(v, root).get("type") == "boolean"]
         dec.extend("{")
         for n, (key, sub) in enumerate(props):
             dec.extend(("" if n == 0 else ", ") + json.dumps(key) + ": ")
@@ -492,7 +473,7 @@ class HFBackend:
         args_start = len(dec.text)
         schema = next(t["function"].get("parameters") or {"type": "object"} for t in tools if t["function"]["name"] == name)
         ids = self.fixed_patch_ids or self._seen_patch_ids(messages) or None
-        self._object(dec, _resolve_ref(schema, schema), schema, ids)
+        self._object(dec, resolve_ref(schema, schema), schema, ids)
         arguments = dec.text[args_start:]
         dec.extend("}" + CALL_CLOSE)
         self._validate(arguments, schema)

@@ -20,7 +20,7 @@ import json
 import math
 from typing import Any
 
-from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, tool_names
+from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, resolve_ref, tool_names
 
 ID_KEYS = ("patch_id", "id")
 TOTAL_KEYS = ("total_points", "n_points_total", "scan_points", "n_points_scan", "num_points")
@@ -105,12 +105,9 @@ def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
         if function.get("name") != "report_suspects":
             continue
         params = function.get("parameters", {})
-        regions = params.get("properties", {}).get("regions", {})
-        items = regions.get("items", {})
-        ref = items.get("$ref", "")
-        if ref.startswith("#/$defs/"):
-            items = params.get("$defs", {}).get(ref[len("#/$defs/"):], {})
-        ids = items.get("properties", {}).get("patch_ids", {})
+        regions = resolve_ref(params.get("properties", {}).get("regions", {}), params)
+        items = resolve_ref(regions.get("items", {}), params)
+        ids = resolve_ref(items.get("properties", {}).get("patch_ids", {}), params)
         return regions.get("maxItems"), ids.get("maxItems")
     return None, None
 
