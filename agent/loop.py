@@ -207,13 +207,14 @@ class _Attempt:
             if now + reserve <= self.window:
                 return terminal
         else:
+            finish_prompt = len(FINISH_PROMPT) + MESSAGE_OVERHEAD_TOKENS
             # after this turn: its reply (<= reserve), up to most_calls results, the finish prompt, and then the
             # finish turn's own reply reserve
-            after = (reserve + MESSAGE_OVERHEAD_TOKENS + self.most_calls * (self.largest_result + MESSAGE_OVERHEAD_TOKENS)
-                     + len(FINISH_PROMPT) + MESSAGE_OVERHEAD_TOKENS)
+            results = self.most_calls * (self.largest_result + MESSAGE_OVERHEAD_TOKENS)
+            after = reserve + MESSAGE_OVERHEAD_TOKENS + results + finish_prompt
             if now + reserve + (after if self.turns > 0 else 0) <= self.window:
                 return tools
-            finish = now + len(FINISH_PROMPT) + MESSAGE_OVERHEAD_TOKENS
+            finish = now + finish_prompt
             if self.turns > 0 and terminal and finish + reserve <= self.window:
                 self.finishing = True
                 self.messages.append({"role": "user", "content": FINISH_PROMPT})
@@ -228,10 +229,11 @@ class _Attempt:
 
         The first request: all characters (every tool schema included) at a guessed rate -- not an upper bound; a
         server that finds it too long rejects it and the fallback runs. After that: the tokens the conversation held
-        at the last reply that reported usage (else the first request at one token per character), plus one token per character of
-        every message added since (tool results are mostly digits and punctuation, which many tokenizers split into
-        one token per character) and the chat template's per-message overhead. Offering fewer tools is never counted
-        as a saving (servers render tool schemas their own way), so `tools` is only used for the first request."""
+        at the last reply that reported usage (else the first request at one token per character), plus one token per
+        character of every message added since (tool results are mostly digits and punctuation, which many tokenizers
+        split into one token per character) and the chat template's per-message overhead. Offering fewer tools is
+        never counted as a saving (servers render tool schemas their own way), so `tools` is only used for the first
+        request."""
         if self.measured_upto == 0:
             return int(_chars(self.messages, tools) / CHARS_PER_TOKEN_GUESS) + 1
         added = self.messages[self.measured_upto:]

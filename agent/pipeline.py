@@ -153,9 +153,7 @@ def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
 
 
 OVERVIEW_SHARE_OF_WINDOW = 0.25  # the rest of a small window: system prompt, tool schemas, tool results, replies
-
-
-MIN_OVERVIEW_TOKENS = 800  # below this the overview is little more than its header
+MIN_OVERVIEW_TOKENS = 800        # below this the overview is little more than its header
 
 
 def overview_token_budget(configured: int, window: int | None) -> int:

@@ -10,9 +10,10 @@ The prior keeps the order the backbone's own statistics suggest among unverified
 with the whole surface), but it never rises above ``floor``: the 5th percentile of normal patch distances measured
 leave-one-template-out at fit time, i.e. below almost every verified normal point. The order is that of the point-wise
 cue: every learned statistic as a robust z-score over the scan's points, cut at 0, summed -- the learned part of the
-evidence the verbalizer's `cue` column combines per patch (which adds geometric outliers at a lower weight). One statistic alone (say the distance to the class template) misses the
-defects that only another one sees; on the registered dev benchmark ordering by the sum instead of by the template
-distance alone lifted the policy's P-AUROC from 96.6% to 98.9% of the full bank's, at the same 13% verified.
+evidence the verbalizer's `cue` column combines per patch (which adds geometric outliers at a lower weight). One
+statistic alone (say the distance to the class template) misses the defects that only another one sees; on the
+registered dev benchmark ordering by the sum instead of by the template distance alone lifted the policy's P-AUROC
+from 96.6% to 98.9% of the full bank's, at the same 13% verified.
 
 Without a fitted bank, a labelled zero-shot mode compares each suspect patch's FPFH features with those of the scan's
 own far-away patches (a defect is unlike the rest of its own part).
@@ -27,7 +28,7 @@ from scipy.spatial import cKDTree
 
 from tools.detector import FittedClass, ScanAnalysis
 from tools.patches import Patches
-from verbalize.describe import RELATIVE_Z_FLOOR, robust_z
+from verbalize.describe import robust_z, z_floor
 
 CONFIRM_QUANTILE = "patch_p99"
 
@@ -84,7 +85,7 @@ def point_cue(point_stats: dict[str, np.ndarray]) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
         if values.shape != cue.shape or not np.isfinite(values).all():
             raise ValueError(f"statistic {name!r} must be {cue.size} finite values, one per point")
-        cue += np.maximum(robust_z(values, RELATIVE_Z_FLOOR * abs(float(np.median(values)))), 0.0)
+        cue += np.maximum(robust_z(values, z_floor(name, values)), 0.0)  # the verbalizer's z-scores, per point
     return cue
 
 

@@ -66,7 +66,7 @@ def robust_z(values: np.ndarray, floor: float = 0.0) -> np.ndarray:
     return np.clip((values - median) / spread, -Z_CLIP, Z_CLIP)
 
 
-def _z_floor(column: str, values: np.ndarray) -> float:
+def z_floor(column: str, values: np.ndarray) -> float:
     """Smallest spread that counts as variation: absolute for the geometric columns (normalised units / ratio),
     relative to the median's magnitude for spacing and learned statistics (whose scale we do not know)."""
     if column in ABSOLUTE_Z_FLOORS:
@@ -180,7 +180,7 @@ def describe(points: np.ndarray, patches: Patches, point_stats: dict[str, np.nda
 
     z_sources = [*GEOMETRY_SIGNALS] + [f"{s}_{agg}" for s in stats for agg in ("mean", "max")]
     for src in z_sources:
-        put(f"z_{src}", robust_z(cols[src], _z_floor(src, cols[src])), f"robust z-score of {src} vs the scan's patches")
+        put(f"z_{src}", robust_z(cols[src], z_floor(src, cols[src])), f"robust z-score of {src} vs the scan's patches")
 
     cue_terms: list[tuple[float, np.ndarray]] = []
     for s in stats:
