@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.datasets import (
+from scans.datasets import (
     LAYOUTS,
     DatasetError,
     GroundTruthError,
@@ -33,8 +33,8 @@ from tests.fixture_trees import (
     write_mvtec3d,
     write_real3d_ad,
 )
-from tools.io import ScanError
-from tools.preprocess import remove_background_plane
+from scans.io import ScanError
+from scans.preprocess import remove_background_plane
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,7 +285,7 @@ def test_cli_as_module_subprocess(tmp_path):
     (root / "bagel" / "test" / "crack" / "gt" / "001.png").unlink()
     out = tmp_path / "mv.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "evals.datasets", f"mvtec3d:{root}", "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "scans.datasets", f"mvtec3d:{root}", "--json", str(out)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stderr
     assert "001.png" in run.stdout

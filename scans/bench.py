@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from evals import defects as defect_lib
-from evals import parts as part_lib
-from tools.shared_data import shared_scans_dir
+from scans import defects as defect_lib
+from scans import parts as part_lib
+from scans.shared_data import shared_scans_dir
 
 RECIPE_VERSION = 1
 DEFAULT_SCANS = shared_scans_dir()
@@ -141,7 +141,7 @@ def _load_mesh(source: Source):
 def _load_cloud(source: Source) -> tuple[np.ndarray, np.ndarray]:
     """Points and normals of a point-cloud source (normals oriented toward the sensor at the origin)."""
     if "cloud" not in source._cache:
-        from tools.io import read_scan
+        from scans.io import read_scan
 
         points = read_scan(source.path).points.astype(np.float64)
         if len(points) < MIN_SOURCE_POINTS:
@@ -186,7 +186,7 @@ def _write_gt(path: Path, points32: np.ndarray, mask: np.ndarray) -> None:
 
 def build_class(source: Source, class_dir: Path, config: BenchConfig) -> list[dict[str, Any]]:
     """Write one class's train/test/GT files; returns per-sample records for recipe.json."""
-    from tools.io import write_pcd
+    from scans.io import write_pcd
 
     noise = SCAN_NOISE if source.kind == "pcd" else MESH_NOISE
     name = source.name
@@ -326,7 +326,7 @@ def render_examples(root: Path, out_png: Path, *, max_samples: int = 6, max_poin
     """One PNG with a few defective samples (anomalous points in red), one per defect type where possible."""
     from PIL import Image
 
-    from tools.render import render_points_png
+    from scans.render import render_points_png
 
     recipe = json.loads((Path(root) / "recipe.json").read_text())
     by_type: dict[str, list[tuple[str, dict]]] = {}

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from tools.io import LABEL_SUFFIXES, Scan, ScanError, is_label_file, is_scan_file, read_scan
+from scans.io import LABEL_SUFFIXES, Scan, ScanError, is_label_file, is_scan_file, read_scan
 
 LAYOUTS = ("anomaly-shapenet", "real3d-ad", "mvtec3d", "folder")
 DEFECT_TYPES = ("bulge", "concavity", "crack", "hole", "broken", "scratch", "other")
@@ -86,7 +86,7 @@ class Sample:
         mask = _load_mask(self, scan)
         points, keep = scan.points, None
         if self.remove_background:
-            from tools.preprocess import remove_background_plane
+            from scans.preprocess import remove_background_plane
 
             removal = remove_background_plane(scan.points, grid_shape=scan.grid_shape,
                                               grid_index=scan.grid_index, seed=self.seed)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools.pointmae import (
+from detector.pointmae import (
     PATCH_OVERLAP,
     PointMAE,
     PointMAEConfig,
@@ -157,7 +157,7 @@ SCAN_SUFFIXES = {".pcd", ".ply", ".xyz", ".txt", ".npy", ".obj", ".stl", ".off",
 def _load_dir(data: Path, mesh_points: int, seed: int) -> list[np.ndarray]:
     """Every readable scan/mesh under data, each normalised by its own mean radius (a general backbone spans
     classes of any size, so there is no single class scale)."""
-    from tools.io import ScanError, read_scan  # written by another module; contract in docs/design.md
+    from scans.io import ScanError, read_scan  # written by another module; contract in docs/design.md
 
     files = sorted(p for p in data.rglob("*") if p.suffix.lower() in SCAN_SUFFIXES and p.is_file())
     scans = []
