@@ -285,7 +285,7 @@ def test_cli_as_module_subprocess(tmp_path):
     (root / "bagel" / "test" / "crack" / "gt" / "001.png").unlink()
     out = tmp_path / "mv.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "scans.datasets", f"mvtec3d:{root}", "--json", str(out)],
+    run = subprocess.run([sys.executable, "-m", "evals.datasets", f"mvtec3d:{root}", "--json", str(out)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stderr
     assert "001.png" in run.stdout
