@@ -52,7 +52,8 @@ def prepare_demo(root: str | Path, seed: int = 0, console: Console | None = None
     """Write the demo scans under `root`, fit the class, and return ([test scan path], fitted class folder).
 
     The test scan's ground truth goes next to it as `<stem>.labels.npy` (see :func:`ground_truth_for`)."""
-    from detector.fitted import DetectorConfig, fit_class
+    from detector.config import DetectorConfig
+    from detector.fitting import fit_class
 
     root = Path(root)
     train, test, mask = demo_scans(seed)

@@ -137,7 +137,7 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
 
 def _check_out(out: Path) -> None:
     """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end)."""
-    from detector.fitted import META_FILE
+    from detector.config import META_FILE
 
     if out.exists() and not out.is_dir():
         raise FitInputError(f"{out}: --out exists and is a file; give a folder for the fitted class")
@@ -146,7 +146,7 @@ def _check_out(out: Path) -> None:
 
 
 def _detector_config(options: FitOptions):
-    from detector.fitted import DetectorConfig
+    from detector.config import DetectorConfig
     from detector.pointmae import PointMAEConfig
 
     if options.feature not in ("pointmae", "fpfh"):
@@ -183,7 +183,8 @@ def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) ->
     """Read the class's normal scans, fit, save to ``options.out``; FitInputError for any bad input.
 
     ``progress(stage, done, total)``: stage "read" per scan, "train" per Point-MAE step, "features" per bank view."""
-    from detector.fitted import FitError, fit_class
+    from detector.config import FitError
+    from detector.fitting import fit_class
     from scans.io import ScanError
 
     start = time.perf_counter()

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
     from agent.report import print_summary, staged_dir, write_outputs
-    from detector.fitted import FitError, FittedClass
+    from detector.config import FitError
+    from detector.fitted import FittedClass
     from scans.io import MIN_POINTS, ScanError, read_scan
     from detector.registration import RegistrationError
 

@@ -91,7 +91,8 @@ def make_scans(part: str, points: int, templates: int, seed: int, work: Path) ->
 
 # ------------------------------------------------------------------------------------------------- workers
 def worker_fit(args: argparse.Namespace) -> dict:
-    from detector.fitted import DetectorConfig, fit_class
+    from detector.config import DetectorConfig
+    from detector.fitting import fit_class
 
     _set_threads(args.threads)
     scans = [np.load(p, allow_pickle=False) for p in args.scans]

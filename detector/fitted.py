@@ -4,104 +4,25 @@ This is the detector every other stage reads from. It stands on its own as an un
 PatchCore on Point-MAE patch features) and, because the backbone forward pass (:meth:`FittedClass.analyse`) is
 separate from the memory-bank search (:meth:`FittedClass.score`), the verifier can search the bank for only the
 patches it needs: the analysis is computed once per scan and also feeds the verbalizer's statistics.
-
-Why the bank is built from several *views* of each template: normal test scans differ from the templates by fresh
-surface sampling and a small pose change; patching each template a few times with different subsamples and FPS
-starts puts that sampling variance into the bank, so it is not mistaken for an anomaly.
-
-Thresholds are calibrated on normal data only, leave-one-template-out: each template's patches are scored against
-the bank rows that came from the *other* templates, which is what a normal test scan sees.
+Fitting lives in detector.fitting, the folder format in detector.persistence.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from detector.bank import MemoryBank
-from detector.pointmae import (
-    PatchFeatures,
-    PointMAE,
-    PointMAEConfig,
-    backbone_hash,
-    estimate_scale,
-    extract_patch_features,
-    interpolate_with,
-    interpolation_support,
-    load_backbone,
-    save_backbone,
-)
-from detector.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
-
-DETECTOR_VERSION = 1
-# Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
-# inference is many small ops (FPS is a 512-step loop) and an OpenMP team stalls whenever another process holds a
-# core: measured on the 2-core box with one other busy process, analyse of a 30k-point scan took 0.38-0.47 s on one
-# thread and 0.32-2.8 s on two. Fixing the count also keeps features independent of the caller's torch setting.
-INFERENCE_THREADS = 1
-# Training is pinned to one thread for the same reason: with two threads a fit stalled whenever another process held a
-# core (benchmarks/bench_detector.py: 88 s on one thread; 108 s to 635 s on two, depending on the machine's load).
-TRAIN_THREADS = 1
-FORMAT_NAME = "scanagent-fitted-class"
-META_FILE = "fitted.json"
-FeatureKind = Literal["pointmae", "fpfh"]
-ProgressFn = Callable[[str, int, int], None]
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, restoring the caller's setting afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class FitError(ValueError):
-    """A class cannot be fitted or loaded; the message names the folder or input and the problem."""
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """What a class fit does. Saved with the fit; the defaults fit one class in well under two minutes on 2 cores."""
-
-    feature: FeatureKind = "pointmae"
-    backbone: PointMAEConfig = field(default_factory=PointMAEConfig.small)
-    train_steps: int = 300
-    train_batch: int = 8
-    bank_views: int = 4           # patchings per template put into the bank (sampling variance, see module doc)
-    coreset_ratio: float = 0.25
-    recon_rounds: int = 2
-    seed: int = 0
-    # Align every scan to the first template and add the bank of registered coordinates (tools.registration), for
-    # scans that are not pre-aligned. Costs one registration per scan (a few seconds on 2 cores).
-    register: bool = False
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["backbone"] = json.loads(self.backbone.to_json())
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DetectorConfig:
-        data = dict(data)
-        data.setdefault("register", False)  # fits saved before registration existed
-        data["backbone"] = PointMAEConfig.from_json(data["backbone"])
-        return cls(**data)
+from detector.config import DetectorConfig
+from detector.features import PatchFeatures, make_extractor
+from detector.interpolation import interpolate_with, interpolation_support
+from detector.persistence import read_fit, write_fit
+from detector.pointmae import PointMAE
+from detector.registration import IDENTITY, Alignment, CoordinateBank, align
 
 
 @dataclass
@@ -198,35 +119,19 @@ class FittedClass:
         self.thresholds = dict(thresholds)
         self.backbone = backbone
         self.info = dict(info or {})
+        cfg = config.backbone
+        self.extractor = make_extractor(config.feature, backbone, num_groups=cfg.inference_groups,
+                                        group_size=cfg.group_size, scale=self.scale,
+                                        recon_rounds=config.recon_rounds)
 
     # ------------------------------------------------------------------------------------------ analysis
     def backbone_id(self) -> str:
         """What the bank's features came from; a bank is only valid with this backbone."""
-        if self.config.feature == "fpfh":
-            return "fpfh-v1"
-        assert self.backbone is not None
-        return backbone_hash(self.backbone)
+        return self.extractor.identity()
 
     def patch_features(self, points: np.ndarray, seed: int | None = None, *, recon: bool = True) -> PatchFeatures:
-        """Detector patches of one scan with their features (Point-MAE or FPFH).
-
-        ``recon=False`` skips Point-MAE's masked-reconstruction rounds (recon_error comes back NaN): the memory bank
-        only needs features, and the rounds cost about as much as the feature pass itself."""
-        seed = self.config.seed if seed is None else seed
-        cfg = self.config.backbone
-        if self.config.feature == "fpfh":
-            from detector.btf import btf_patch_features
-
-            centers, group_idx, feats = btf_patch_features(points, num_groups=cfg.inference_groups,
-                                                           group_size=cfg.group_size, scale=self.scale, seed=seed)
-            zeros = np.zeros(len(centers), dtype=np.float32)
-            return PatchFeatures(centers=centers, group_idx=group_idx, features=feats, recon_error=zeros,
-                                 feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32))
-        assert self.backbone is not None
-        with torch_threads(INFERENCE_THREADS):
-            return extract_patch_features(self.backbone, points, num_groups=cfg.inference_groups,
-                                          group_size=cfg.group_size, seed=seed, scale=self.scale,
-                                          recon_rounds=self.config.recon_rounds if recon else 0)
+        """Detector patches of one scan with their features (see detector.features)."""
+        return self.extractor.patch_features(points, seed=self.config.seed if seed is None else seed, recon=recon)
 
     def analyse(self, points: np.ndarray) -> ScanAnalysis:
         """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""
@@ -242,7 +147,7 @@ class FittedClass:
             patches = self.patch_features(pts)
         deviation = np.linalg.norm(patches.features - self.mean_feature, axis=1).astype(np.float32)
         per_patch = {"feature_norm": patches.feature_norm, "feature_deviation": deviation}
-        if self.config.feature == "pointmae":
+        if self.extractor.has_recon:
             per_patch["recon_error"] = patches.recon_error
         stacked = np.stack(list(per_patch.values()), axis=1)
         support = interpolation_support(pts, patches.centers)
@@ -318,280 +223,13 @@ class FittedClass:
 
     # ------------------------------------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the fit as one folder: written beside the target, then renamed, so a reader sees the old fit or the
-        new one, never a half-written folder (an old fit at the same place is replaced)."""
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        old = None
-        try:
-            if self.backbone is not None:
-                save_backbone(self.backbone, tmp / "backbone")
-            self.bank.save(tmp / "bank")
-            np.save(tmp / "mean_feature.npy", self.mean_feature, allow_pickle=False)
-            if self.coord_bank is not None:
-                np.save(tmp / "coord_points.npy", self.coord_bank.points, allow_pickle=False)
-                np.save(tmp / "coord_source.npy", self.coord_bank.source, allow_pickle=False)
-            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
-                    "score_norms": self.score_norms,
-                    "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
-                    "info": self.info}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if target.exists():
-                if not (target / META_FILE).is_file() and any(target.iterdir()):
-                    raise FitError(f"{target}: exists and is not a fitted class folder; refusing to overwrite it")
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                os.replace(target, old / "fit")
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not target.exists():
-                os.replace(old / "fit", target)  # put the previous fit back
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        return target
+        """Write the fit as one folder, atomically (detector.persistence)."""
+        return write_fit(directory, config=self.config, scale=self.scale, bank=self.bank,
+                         mean_feature=self.mean_feature, thresholds=self.thresholds, backbone=self.backbone,
+                         info=self.info, coord_bank=self.coord_bank, score_norms=self.score_norms,
+                         backbone_id=self.backbone_id())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> FittedClass:
-        """Read a fit; refuses another format/version, a garbled or incomplete folder, or a bank made with another
-        backbone, always naming the folder."""
-        root = Path(directory)
-        meta_path = root / META_FILE
-        if not meta_path.is_file():
-            raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FitError(f"{root}: {META_FILE} is unreadable ({exc}); refit the class") from exc
-        if not isinstance(meta, dict):
-            raise FitError(f"{root}: {META_FILE} does not hold a json object; refit the class")
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != DETECTOR_VERSION:
-            raise FitError(f"{root}: fitted with format {meta.get('format')!r} version {meta.get('version')!r}; "
-                           f"this build reads {FORMAT_NAME!r} version {DETECTOR_VERSION} — refit the class")
-        try:
-            config = DetectorConfig.from_dict(meta["config"])
-            scale = float(meta["scale"])
-            thresholds = {str(k): float(v) for k, v in dict(meta.get("thresholds") or {}).items()}
-            backbone_id = str(meta["backbone_id"])
-            info = dict(meta.get("info") or {})
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise FitError(f"{root}: {META_FILE} is incomplete or invalid ({type(exc).__name__}: {exc}); "
-                           "refit the class") from exc
-        if not (np.isfinite(scale) and scale > 0):
-            raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
-        backbone = None
-        if config.feature == "pointmae":
-            try:
-                backbone = load_backbone(root / "backbone", expect=config.backbone)
-            except (OSError, ValueError) as exc:
-                raise FitError(f"{root}: backbone does not load ({exc})") from exc
-            found = backbone_hash(backbone)
-            if found != backbone_id:
-                raise FitError(f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
-                               f"({backbone_id[:12]}); the bank belongs to another backbone — refit the class")
-        elif backbone_id != "fpfh-v1":
-            raise FitError(f"{root}: feature 'fpfh' but backbone id {backbone_id[:12]!r}; refit the class")
-        expect = {"feature_name": config.feature, "backbone_hash": backbone_id}
-        try:
-            bank = MemoryBank.load(root / "bank", expect_meta=expect)
-            mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise FitError(f"{root}: {exc}") from exc
-        if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
-            raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
-                           f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
-        coord_bank, norms = None, {}
-        if config.register:
-            try:
-                coord_bank = CoordinateBank(np.load(root / "coord_points.npy", allow_pickle=False),
-                                            np.load(root / "coord_source.npy", allow_pickle=False))
-                norms = {str(k): float(v) for k, v in dict(meta["score_norms"]).items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise FitError(f"{root}: registered fit without a readable coordinate bank ({exc}); "
-                               "refit the class") from exc
-            if int((coord_bank.source == 0).sum()) < 3:
-                raise FitError(f"{root}: the coordinate bank holds fewer than 3 points of the reference template; "
-                               "refit the class")
-            if not all(np.isfinite(v) and v > 0 for v in norms.values()) or not {"feature", "coord"} <= norms.keys():
-                raise FitError(f"{root}: invalid score norms {norms}; refit the class")
-        return cls(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                   backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
-
-
-# ---------------------------------------------------------------------------------------------------- fitting
-def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
-                      k: int = 16) -> list[np.ndarray]:
-    """Each template's patch distances to the nearest bank row from another template (normal-data calibration).
-
-    Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
-    exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between
-    normal patches to cancellation."""
-    import faiss
-
-    rows = np.ascontiguousarray(bank.features, dtype=np.float32)
-    centre = rows.mean(axis=0)
-    index = faiss.IndexFlatL2(rows.shape[1])
-    index.add(rows - centre)
-    out = []
-    for template, feats in enumerate(features):
-        _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
-        exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
-        exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
-        out.append(exact.min(axis=1))  # inf: every candidate came from the same template, no honest estimate
-    return out
-
-
-def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: DetectorConfig) -> list[np.ndarray]:
-    """float32 copies of the scans, or FitError naming the first one that cannot be fitted on."""
-    if not train_scans:
-        raise FitError("no training scans given: a class needs at least one normal scan")
-    if len(names) != len(train_scans):
-        raise FitError(f"{len(names)} names given for {len(train_scans)} training scans")
-    # every patching must find inference_groups patches of group_size points; FPS/kNN need the points distinct
-    min_points = max(config.backbone.group_size * 4, config.backbone.inference_groups)
-    out = []
-    for name, scan in zip(names, train_scans):
-        arr = np.asarray(scan)
-        if arr.ndim != 2 or arr.shape[1] != 3:
-            raise FitError(f"{name}: expected an (N, 3) point array, got shape {arr.shape}")
-        if len(arr) < min_points:
-            raise FitError(f"{name}: has {len(arr)} points; fitting needs at least {min_points} per training scan "
-                           f"(inference_groups={config.backbone.inference_groups}, "
-                           f"group_size={config.backbone.group_size})")
-        if not np.isfinite(arr).all():
-            raise FitError(f"{name}: contains NaN or infinite coordinates (read it with tools.io.read_scan, which "
-                           "drops them)")
-        out.append(np.ascontiguousarray(arr, dtype=np.float32))
-    return out
-
-
-def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,
-              init_backbone: PointMAE | None = None, progress: ProgressFn | None = None,
-              names: list[str] | None = None) -> FittedClass:
-    """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank of
-    patch features with a k-center greedy coreset, and normal-data thresholds.
-
-    ``progress(stage, done, total)`` is called after every training step (stage "train") and every bank view
-    (stage "features"). ``init_backbone`` starts training from a pretrained backbone of the same config.
-    Bad input raises FitError naming the scan (``names`` gives the scans' names, e.g. their files)."""
-    names = list(names) if names is not None else [f"training scan {i}" for i in range(len(train_scans))]
-    scans = _check_train_scans(list(train_scans), names, config)
-    if config.register and len(scans) < 2:
-        raise FitError("registration needs at least two training scans: the coordinate bank's scale is measured on "
-                       "one template against the others")
-    if config.train_steps < 0 or config.bank_views < 1 or not 0 < config.coreset_ratio <= 1:
-        raise FitError(f"invalid DetectorConfig: train_steps={config.train_steps} (>= 0), bank_views="
-                       f"{config.bank_views} (>= 1), coreset_ratio={config.coreset_ratio} (in (0, 1])")
-    if init_backbone is not None and init_backbone.config != config.backbone:
-        raise FitError("the pretrained backbone given as init has another architecture than the detector config "
-                       f"({init_backbone.config} vs {config.backbone})")
-    timings: dict[str, float] = {}
-    scale = estimate_scale(scans)
-    backbone: PointMAE | None = None
-    fitness: list[float] = []
-    t0 = time.perf_counter()
-    if config.register:
-        scans, fitness = _register_templates(scans, names, scale, config.seed)
-        timings["register_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-    if config.feature == "pointmae":
-        from detector.pointmae_train import train_pointmae
-
-        def report(step: int, loss: float) -> None:
-            if progress is not None:
-                progress("train", step + 1, config.train_steps)
-
-        try:
-            with torch_threads(TRAIN_THREADS):
-                backbone = train_pointmae(scans, config.backbone, steps=config.train_steps, seed=config.seed,
-                                          init=init_backbone, progress=report, batch_size=config.train_batch,
-                                          scale=scale)
-        except ValueError as exc:
-            raise FitError(f"Point-MAE training failed: {exc}") from exc
-    timings["train_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    # features only: the probe never aligns (the scans are aligned already) nor searches a bank
-    probe = FittedClass(replace(config, register=False), scale, MemoryBank(), np.zeros(1, np.float32), {}, backbone)
-    bank = MemoryBank(feature_name=config.feature, backbone_hash=probe.backbone_id())
-    per_template: list[np.ndarray] = []
-    members: list[np.ndarray] = []   # each bank row's patch members (point indices into its template)
-    total = len(scans) * config.bank_views
-    for i, (name, scan) in enumerate(zip(names, scans)):
-        views = []
-        for v in range(config.bank_views):
-            try:
-                views.append(probe.patch_features(scan, seed=config.seed + 1000 * i + v, recon=False))
-            except ValueError as exc:
-                raise FitError(f"{name}: cannot extract patch features ({exc})") from exc
-            if progress is not None:
-                progress("features", i * config.bank_views + v + 1, total)
-        per_template.append(np.concatenate([view.features for view in views]))
-        members.append(np.concatenate([view.group_idx for view in views]))
-    timings["features_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    all_feats = np.concatenate(per_template)
-    source = np.concatenate([np.full(len(f), i) for i, f in enumerate(per_template)])
-    kept = bank.fit(all_feats, coreset_ratio=config.coreset_ratio, seed=config.seed)
-    bank_source = source[kept]
-    mean_feature = all_feats.mean(axis=0).astype(np.float32)
-    thresholds: dict[str, float] = {}
-    coord_bank, norms = None, {}
-    if config.register:
-        coord_bank = CoordinateBank.from_templates(scans, scale)
-    if len(scans) > 1:
-        loo = _loo_patch_scores(per_template, bank, bank_source)
-        if coord_bank is not None:
-            coord_loo = coord_bank.leave_one_out_patch_scores(scans, members)
-            norms = _score_norms(loo, coord_loo)
-            loo = [f / norms["feature"] + c / norms["coord"] for f, c in zip(loo, coord_loo)]
-        normal = np.concatenate(loo)
-        normal = normal[np.isfinite(normal)]
-        if normal.size:
-            thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
-            thresholds["patch_max"] = float(normal.max())
-    timings["bank_s"] = time.perf_counter() - t0
-    info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
-            "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
-            **{k: round(v, 3) for k, v in timings.items()}}
-    if config.register:
-        info["registration_fitness"] = [round(f, 4) for f in fitness]  # of scans 2.. onto the first
-        info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
-    return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                       backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
-
-
-def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
-                        seed: int) -> tuple[list[np.ndarray], list[float]]:
-    """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
-    coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
-    from scans.geometry import voxel_downsample
-    from detector.registration import COORD_VOXEL_SHARE
-
-    first = scans[0]
-    reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
-    aligned, fitness = [first], []
-    for name, scan in zip(names[1:], scans[1:]):
-        try:
-            alignment = align(scan, reference, scale, seed=seed)
-        except ValueError as exc:
-            raise FitError(f"{name}: {exc} (reference {names[0]})") from exc
-        if alignment.doubtful:
-            raise FitError(f"{name}: registration onto {names[0]} is doubtful (fitness {alignment.fitness:.2f} < "
-                           f"{MIN_FITNESS}): is it the same part? Remove it or fit without --register")
-        aligned.append(alignment.apply(scan))
-        fitness.append(alignment.fitness)
-    return aligned, fitness
-
-
-def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray]) -> dict[str, float]:
-    """Normal-data 99th percentiles of both banks' patch scores: the units in which registered scores are added."""
-    norms = {}
-    for name, parts in (("feature", feature_loo), ("coord", coord_loo)):
-        values = np.concatenate(parts)
-        values = values[np.isfinite(values)]
-        norms[name] = float(np.percentile(values, 99)) if values.size else 1.0
-        if not norms[name] > 0:
-            norms[name] = 1.0  # identical templates: any distance is unusual, keep raw units
-    return norms
+        """Read a fit; FitError names the folder and the problem (detector.persistence)."""
+        return cls(**read_fit(directory))

@@ -12,7 +12,7 @@ Scale conventions (why they matter): a class has a known physical size, so point
 by one class-level ``scale`` (see :func:`estimate_scale`) instead of being fitted into a unit sphere per scan. Patch
 *scale* is fixed by point density: a scan is randomly subsampled to ``num_groups * group_size / 2`` points
 (:data:`PATCH_OVERLAP` = 2, every point lies in ~2 patches) before grouping, and training crops use the same density
-(see ``tools.pointmae_train``), so a patch at inference describes the same surface extent as a patch in training.
+(see ``detector.pointmae_train``), so a patch at inference describes the same surface extent as a patch in training.
 """
 
 from __future__ import annotations
@@ -314,12 +314,6 @@ class PointMAE(nn.Module):
         tokens = self.embed(neighborhood)
         return self.reconstruct_masked(tokens, neighborhood, centers, mask).mean()
 
-    # -- features ---------------------------------------------------------------------------------------
-    def encode(self, neighborhood: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
-        """M3DM-style features (B,G,width*len(feature_layers)): all patches visible, chosen blocks concatenated."""
-        _, kept = self.run_encoder(self.embed(neighborhood), centers, tuple(self.config.feature_layers))
-        return torch.cat(kept, dim=-1)
-
 
 def random_mask(batch: int, groups: int, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
     """(B,G) bool masks hiding round(ratio*G) random patches per row (Point-MAE's 'rand' masking)."""
@@ -425,114 +419,3 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
         raise ValueError(f"{weights_path}: tensor contents differ from the hash recorded in {config_path} "
                          "(file modified or corrupted)")
     return model.to(device).eval()
-
-
-def train_pointmae(scans: list[np.ndarray], config: PointMAEConfig, **kwargs: Any) -> PointMAE:
-    """Fit a backbone on a class's templates; see :func:`tools.pointmae_train.train_pointmae` (lives there with the
-    augmentation so this file stays the model)."""
-    from detector.pointmae_train import train_pointmae as _train
-
-    return _train(scans, config, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------- features
-@dataclass
-class PatchFeatures:
-    centers: np.ndarray        # float32 (G,3) patch centres in the input's coordinates
-    group_idx: np.ndarray      # int64 (G,K) indices into the input points
-    features: np.ndarray       # float32 (G,D) multi-layer features (M3DM-style concat)
-    recon_error: np.ndarray    # float32 (G,) Chamfer-L2 of the patch when masked (normalised units)
-    feature_norm: np.ndarray   # float32 (G,) L2 norm of features
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def extract_patch_features(model: PointMAE, points: np.ndarray, *, num_groups: int, group_size: int, seed: int,
-                           scale: float, recon_rounds: int = 2) -> PatchFeatures:
-    """Patch features + per-patch reconstruction error of one scan.
-
-    The scan is normalised (centroid, class ``scale``), randomly subsampled to ``num_groups*group_size/2`` points
-    (the density training crops use when ``num_groups == config.inference_groups``), grouped by FPS + kNN, embedded
-    once, encoded unmasked for features, and reconstructed in ``recon_rounds`` masking rounds that together hide
-    every patch; a patch's recon_error is its Chamfer-L2 averaged over the rounds that hid it.
-    ``recon_rounds=0`` skips reconstruction (about half the time) and returns recon_error as NaN, for callers that
-    only need features (e.g. filling a memory bank)."""
-    pts = np.asarray(points)
-    if pts.ndim != 2 or pts.shape[1] != 3 or not np.isfinite(pts).all():
-        raise ValueError(f"points must be a finite (N,3) array, got shape {pts.shape}")
-    if group_size != model.config.group_size:
-        raise ValueError(f"group_size {group_size} != the backbone's {model.config.group_size}")
-    n = len(pts)
-    if n < group_size:
-        raise ValueError(f"scan has {n} points, fewer than group_size {group_size}")
-    gen = torch.Generator().manual_seed(seed)
-    normalised, _ = normalise_points(pts, scale)
-    n_sample = min(n, max(num_groups * group_size // PATCH_OVERLAP, group_size))
-    sub = torch.randperm(n, generator=gen)[:n_sample].sort().values if n_sample < n else torch.arange(n)
-    g = min(num_groups, n_sample)
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        xyz = torch.from_numpy(normalised)[sub].unsqueeze(0).to(device)
-        start = int(torch.randint(n_sample, (1,), generator=gen))
-        neighborhood, centers, idx, center_idx = group_points(xyz, g, group_size, start)
-        tokens = model.embed(neighborhood)
-        _, kept = model.run_encoder(tokens, centers, tuple(model.config.feature_layers))
-        features = torch.cat(kept, dim=-1)[0]
-        if recon_rounds < 0:
-            raise ValueError(f"recon_rounds must be >= 0, got {recon_rounds}")
-        masks = covering_masks(g, model.config.mask_ratio, recon_rounds, gen) if recon_rounds else []
-        err_sum = torch.zeros(g, dtype=torch.float64)
-        err_count = torch.zeros(g, dtype=torch.float64)
-        for mask in masks:
-            errors = model.reconstruct_masked(tokens, neighborhood, centers, mask.unsqueeze(0).to(device))
-            err_sum[mask] += errors[0].double().cpu()
-            err_count[mask] += 1
-    finally:
-        model.train(was_training)
-    group_idx = sub[idx[0].cpu()].numpy().astype(np.int64)
-    feats = features.float().cpu().numpy()
-    return PatchFeatures(
-        centers=pts[sub[center_idx[0].cpu()].numpy()].astype(np.float32),
-        group_idx=group_idx,
-        features=feats,
-        recon_error=(err_sum / err_count).float().numpy(),  # 0/0 = NaN only when recon_rounds == 0
-        feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32),
-    )
-
-
-def interpolation_support(points: np.ndarray, centers: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """Each point's k nearest centres and their weights 1/d^2 (normalised): the support of
-    :func:`interpolate_to_points`. int64 (N,k), float32 (N,k)."""
-    import faiss
-
-    pts = np.ascontiguousarray(points, dtype=np.float32)
-    ctr = np.ascontiguousarray(centers, dtype=np.float32)
-    k = min(k, len(ctr))
-    index = faiss.IndexFlatL2(3)
-    index.add(ctr)
-    d2, nn_idx = index.search(pts, k)
-    w = 1.0 / (np.maximum(d2, 0.0) + 1e-8)
-    w /= w.sum(axis=1, keepdims=True)
-    return nn_idx.astype(np.int64), w.astype(np.float32)
-
-
-def interpolate_with(support: tuple[np.ndarray, np.ndarray], values: np.ndarray) -> np.ndarray:
-    """Spread per-centre values (G,) or (G,D) over a precomputed support -> (N,) or (N,D) float32."""
-    nn_idx, w = support
-    vals = np.asarray(values, dtype=np.float32)
-    flat = vals.reshape(len(vals), -1)
-    out = np.einsum("nk,nkd->nd", w, flat[nn_idx])
-    return out.reshape((len(nn_idx),) + vals.shape[1:]).astype(np.float32)
-
-
-def interpolate_to_points(points: np.ndarray, centers: np.ndarray, values: np.ndarray, k: int = 3) -> np.ndarray:
-    """Spread per-patch values to every point: weights 1/d^2 over the k nearest centres (PointNet++ feature
-    propagation, as M3DM's ``interpolating_points``). values (G,) or (G,D) -> (N,) or (N,D) float32."""
-    if len(centers) != len(values):
-        raise ValueError(f"{len(centers)} centres but {len(values)} values")
-    return interpolate_with(interpolation_support(points, centers, k), values)

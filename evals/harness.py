@@ -35,7 +35,7 @@ import numpy as np
 
 from agent.pipeline import InspectionConfig
 from scans.datasets import Dataset, Sample, open_dataset
-from detector.fitted import DetectorConfig
+from detector.config import DetectorConfig
 from detector.pointmae import PointMAEConfig
 
 METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
@@ -557,7 +557,7 @@ def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: Dete
                progress: ProgressFn | None = None, init_backbone: Path | None = None) -> dict:
     """Fit a class (or reuse its cached fit); returns {"dir", "fit_s", "reused"}. ``init_backbone``: a pretrained
     backbone folder (``python -m tools.pointmae_train``) that Point-MAE fits start from."""
-    from detector.fitted import fit_class
+    from detector.fitting import fit_class
     from detector.pointmae import backbone_hash, load_backbone
 
     train = list(dataset.train(cls))

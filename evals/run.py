@@ -77,7 +77,7 @@ def make_config(args: argparse.Namespace):
         parse_backend,
         quick_detector_config,
     )
-    from detector.fitted import DetectorConfig
+    from detector.config import DetectorConfig
 
     out = Path(args.out)
     if args.quick:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scans.datasets import DatasetError
     from evals.harness import HarnessError, run_harness
-    from detector.fitted import FitError
+    from detector.config import FitError
 
     try:
         config = make_config(args)

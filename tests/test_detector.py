@@ -18,7 +18,9 @@ import pytest
 
 from scans.parts import part_mesh, sample_surface, scan_like
 from tests.tiny import TINY, TINY_FIT, part_scans
-from detector.fitted import DetectorConfig, FitError, FittedClass, fit_class
+from detector.config import DetectorConfig, FitError
+from detector.fitted import FittedClass
+from detector.fitting import fit_class
 from detector.pointmae import PointMAEConfig
 
 

@@ -9,18 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from detector.features import PatchFeatures, extract_patch_features
+from detector.interpolation import interpolate_to_points
 from detector.pointmae import (
-    PatchFeatures,
     PointMAE,
     PointMAEConfig,
     backbone_hash,
     chamfer_l2_per_patch,
     covering_masks,
     estimate_scale,
-    extract_patch_features,
     farthest_point_sample,
     group_points,
-    interpolate_to_points,
     knn_indices,
     load_backbone,
     save_backbone,

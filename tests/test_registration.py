@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from tests.tiny import TINY_FIT, part_scans
-from detector.fitted import FitError, FittedClass, fit_class
+from detector.config import FitError
+from detector.fitted import FittedClass
+from detector.fitting import fit_class
 from detector.registration import Alignment, CoordinateBank
 
 

@@ -19,7 +19,8 @@ import pytest
 
 import agent.run as run_cli
 from tests.tiny import TINY_FIT, part_scans
-from detector.fitted import FittedClass, fit_class
+from detector.fitted import FittedClass
+from detector.fitting import fit_class
 from scans.io import read_scan, write_pcd
 
 OUTPUT_FILES = {"report.json", "scores.npy", "scores.ply", "regions.png", "transcript.jsonl"}

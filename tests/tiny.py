@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from scans.parts import part_mesh, sample_surface, scan_like
-from detector.fitted import DetectorConfig
+from detector.config import DetectorConfig
 from detector.pointmae import PointMAEConfig
 
 TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 32, 32),

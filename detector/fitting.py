@@ -1,0 +1,200 @@
+"""Fitting a class from its normal scans: Point-MAE training, a bank of patch features, normal-data thresholds.
+
+Why the bank is built from several *views* of each template: normal test scans differ from the templates by fresh
+surface sampling and a small pose change; patching each template a few times with different subsamples and FPS
+starts puts that sampling variance into the bank, so it is not mistaken for an anomaly.
+
+Thresholds are calibrated on normal data only, leave-one-template-out: each template's patches are scored against
+the bank rows that came from the *other* templates, which is what a normal test scan sees.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from detector.bank import MemoryBank
+from detector.config import TRAIN_THREADS, DetectorConfig, FitError
+from detector.features import make_extractor, torch_threads
+from detector.fitted import FittedClass
+from detector.pointmae import PointMAE, estimate_scale
+from detector.registration import MIN_FITNESS, COORD_VOXEL_SHARE, CoordinateBank, align
+from scans.geometry import voxel_downsample
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
+                      k: int = 16) -> list[np.ndarray]:
+    """Each template's patch distances to the nearest bank row from another template (normal-data calibration).
+
+    Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
+    exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between
+    normal patches to cancellation."""
+    import faiss
+
+    rows = np.ascontiguousarray(bank.features, dtype=np.float32)
+    centre = rows.mean(axis=0)
+    index = faiss.IndexFlatL2(rows.shape[1])
+    index.add(rows - centre)
+    out = []
+    for template, feats in enumerate(features):
+        _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
+        exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
+        exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
+        out.append(exact.min(axis=1))  # inf: every candidate came from the same template, no honest estimate
+    return out
+
+
+def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: DetectorConfig) -> list[np.ndarray]:
+    """float32 copies of the scans, or FitError naming the first one that cannot be fitted on."""
+    if not train_scans:
+        raise FitError("no training scans given: a class needs at least one normal scan")
+    if len(names) != len(train_scans):
+        raise FitError(f"{len(names)} names given for {len(train_scans)} training scans")
+    # every patching must find inference_groups patches of group_size points; FPS/kNN need the points distinct
+    min_points = max(config.backbone.group_size * 4, config.backbone.inference_groups)
+    out = []
+    for name, scan in zip(names, train_scans):
+        arr = np.asarray(scan)
+        if arr.ndim != 2 or arr.shape[1] != 3:
+            raise FitError(f"{name}: expected an (N, 3) point array, got shape {arr.shape}")
+        if len(arr) < min_points:
+            raise FitError(f"{name}: has {len(arr)} points; fitting needs at least {min_points} per training scan "
+                           f"(inference_groups={config.backbone.inference_groups}, "
+                           f"group_size={config.backbone.group_size})")
+        if not np.isfinite(arr).all():
+            raise FitError(f"{name}: contains NaN or infinite coordinates (read it with scans.io.read_scan, which "
+                           "drops them)")
+        out.append(np.ascontiguousarray(arr, dtype=np.float32))
+    return out
+
+
+def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,
+              init_backbone: PointMAE | None = None, progress: ProgressFn | None = None,
+              names: list[str] | None = None) -> FittedClass:
+    """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank of
+    patch features with a k-center greedy coreset, and normal-data thresholds.
+
+    ``progress(stage, done, total)`` is called after every training step (stage "train") and every bank view
+    (stage "features"). ``init_backbone`` starts training from a pretrained backbone of the same config.
+    Bad input raises FitError naming the scan (``names`` gives the scans' names, e.g. their files)."""
+    names = list(names) if names is not None else [f"training scan {i}" for i in range(len(train_scans))]
+    scans = _check_train_scans(list(train_scans), names, config)
+    if config.register and len(scans) < 2:
+        raise FitError("registration needs at least two training scans: the coordinate bank's scale is measured on "
+                       "one template against the others")
+    if config.train_steps < 0 or config.bank_views < 1 or not 0 < config.coreset_ratio <= 1:
+        raise FitError(f"invalid DetectorConfig: train_steps={config.train_steps} (>= 0), bank_views="
+                       f"{config.bank_views} (>= 1), coreset_ratio={config.coreset_ratio} (in (0, 1])")
+    if init_backbone is not None and init_backbone.config != config.backbone:
+        raise FitError("the pretrained backbone given as init has another architecture than the detector config "
+                       f"({init_backbone.config} vs {config.backbone})")
+    timings: dict[str, float] = {}
+    scale = estimate_scale(scans)
+    backbone: PointMAE | None = None
+    fitness: list[float] = []
+    t0 = time.perf_counter()
+    if config.register:
+        scans, fitness = _register_templates(scans, names, scale, config.seed)
+        timings["register_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    if config.feature == "pointmae":
+        from detector.pointmae_train import train_pointmae  # torch training only when fitting Point-MAE
+
+        def report(step: int, loss: float) -> None:
+            if progress is not None:
+                progress("train", step + 1, config.train_steps)
+
+        try:
+            with torch_threads(TRAIN_THREADS):
+                backbone = train_pointmae(scans, config.backbone, steps=config.train_steps, seed=config.seed,
+                                          init=init_backbone, progress=report, batch_size=config.train_batch,
+                                          scale=scale)
+        except ValueError as exc:
+            raise FitError(f"Point-MAE training failed: {exc}") from exc
+    timings["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # features only: the scans are aligned already and no bank is searched
+    probe = make_extractor(config.feature, backbone, num_groups=config.backbone.inference_groups,
+                           group_size=config.backbone.group_size, scale=scale, recon_rounds=config.recon_rounds)
+    bank = MemoryBank(feature_name=config.feature, backbone_hash=probe.identity())
+    per_template: list[np.ndarray] = []
+    members: list[np.ndarray] = []   # each bank row's patch members (point indices into its template)
+    total = len(scans) * config.bank_views
+    for i, (name, scan) in enumerate(zip(names, scans)):
+        views = []
+        for v in range(config.bank_views):
+            try:
+                views.append(probe.patch_features(scan, seed=config.seed + 1000 * i + v, recon=False))
+            except ValueError as exc:
+                raise FitError(f"{name}: cannot extract patch features ({exc})") from exc
+            if progress is not None:
+                progress("features", i * config.bank_views + v + 1, total)
+        per_template.append(np.concatenate([view.features for view in views]))
+        members.append(np.concatenate([view.group_idx for view in views]))
+    timings["features_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    all_feats = np.concatenate(per_template)
+    source = np.concatenate([np.full(len(f), i) for i, f in enumerate(per_template)])
+    kept = bank.fit(all_feats, coreset_ratio=config.coreset_ratio, seed=config.seed)
+    bank_source = source[kept]
+    mean_feature = all_feats.mean(axis=0).astype(np.float32)
+    thresholds: dict[str, float] = {}
+    coord_bank, norms = None, {}
+    if config.register:
+        coord_bank = CoordinateBank.from_templates(scans, scale)
+    if len(scans) > 1:
+        loo = _loo_patch_scores(per_template, bank, bank_source)
+        if coord_bank is not None:
+            coord_loo = coord_bank.leave_one_out_patch_scores(scans, members)
+            norms = _score_norms(loo, coord_loo)
+            loo = [f / norms["feature"] + c / norms["coord"] for f, c in zip(loo, coord_loo)]
+        normal = np.concatenate(loo)
+        normal = normal[np.isfinite(normal)]
+        if normal.size:
+            thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
+            thresholds["patch_max"] = float(normal.max())
+    timings["bank_s"] = time.perf_counter() - t0
+    info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
+            "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
+            **{k: round(v, 3) for k, v in timings.items()}}
+    if config.register:
+        info["registration_fitness"] = [round(f, 4) for f in fitness]  # of scans 2.. onto the first
+        info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
+    return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
+                       backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
+
+
+def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
+                        seed: int) -> tuple[list[np.ndarray], list[float]]:
+    """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
+    coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
+    first = scans[0]
+    reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
+    aligned, fitness = [first], []
+    for name, scan in zip(names[1:], scans[1:]):
+        try:
+            alignment = align(scan, reference, scale, seed=seed)
+        except ValueError as exc:
+            raise FitError(f"{name}: {exc} (reference {names[0]})") from exc
+        if alignment.doubtful:
+            raise FitError(f"{name}: registration onto {names[0]} is doubtful (fitness {alignment.fitness:.2f} < "
+                           f"{MIN_FITNESS}): is it the same part? Remove it or fit without --register")
+        aligned.append(alignment.apply(scan))
+        fitness.append(alignment.fitness)
+    return aligned, fitness
+
+
+def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray]) -> dict[str, float]:
+    """Normal-data 99th percentiles of both banks' patch scores: the units in which registered scores are added."""
+    norms = {}
+    for name, parts in (("feature", feature_loo), ("coord", coord_loo)):
+        values = np.concatenate(parts)
+        values = values[np.isfinite(values)]
+        norms[name] = float(np.percentile(values, 99)) if values.size else 1.0
+        if not norms[name] > 0:
+            norms[name] = 1.0  # identical templates: any distance is unusual, keep raw units
+    return norms

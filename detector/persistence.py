@@ -1,0 +1,135 @@
+"""A fitted class on disk: one folder (fitted.json, the bank, the backbone, the coordinate bank), written whole.
+
+A reader sees the old fit or the new one, never a half-written folder: the fit is written beside the target and
+renamed into place. Loading refuses another format or version, a garbled or incomplete folder, or a bank made with
+another backbone, and always names the folder and says to refit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector.bank import MemoryBank
+from detector.config import DETECTOR_VERSION, FORMAT_NAME, META_FILE, DetectorConfig, FitError
+from detector.features import FPFH_IDENTITY
+from detector.pointmae import PointMAE, backbone_hash, load_backbone, save_backbone
+from detector.registration import CoordinateBank
+
+
+def write_fit(directory: str | os.PathLike, *, config: DetectorConfig, scale: float, bank: MemoryBank,
+              mean_feature: np.ndarray, thresholds: dict[str, float], backbone: PointMAE | None, info: dict,
+              coord_bank: CoordinateBank | None, score_norms: dict[str, float], backbone_id: str) -> Path:
+    """Write the fit as one folder (an old fit at the same place is replaced; any other folder is refused)."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    old = None
+    try:
+        if backbone is not None:
+            save_backbone(backbone, tmp / "backbone")
+        bank.save(tmp / "bank")
+        np.save(tmp / "mean_feature.npy", mean_feature, allow_pickle=False)
+        if coord_bank is not None:
+            np.save(tmp / "coord_points.npy", coord_bank.points, allow_pickle=False)
+            np.save(tmp / "coord_source.npy", coord_bank.source, allow_pickle=False)
+        meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": config.to_dict(),
+                "score_norms": score_norms,
+                "scale": scale, "thresholds": thresholds, "backbone_id": backbone_id,
+                "info": info}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if target.exists():
+            if not (target / META_FILE).is_file() and any(target.iterdir()):
+                raise FitError(f"{target}: exists and is not a fitted class folder; refusing to overwrite it")
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / "fit")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old / "fit", target)  # put the previous fit back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parts of a fit (the FittedClass constructor's arguments), checked; FitError names the folder."""
+    root = Path(directory)
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FitError(f"{root}: {META_FILE} is unreadable ({exc}); refit the class") from exc
+    if not isinstance(meta, dict):
+        raise FitError(f"{root}: {META_FILE} does not hold a json object; refit the class")
+    if meta.get("format") != FORMAT_NAME or meta.get("version") != DETECTOR_VERSION:
+        raise FitError(f"{root}: fitted with format {meta.get('format')!r} version {meta.get('version')!r}; "
+                       f"this build reads {FORMAT_NAME!r} version {DETECTOR_VERSION} — refit the class")
+    try:
+        config = DetectorConfig.from_dict(meta["config"])
+        scale = float(meta["scale"])
+        thresholds = {str(k): float(v) for k, v in dict(meta.get("thresholds") or {}).items()}
+        backbone_id = str(meta["backbone_id"])
+        info = dict(meta.get("info") or {})
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FitError(f"{root}: {META_FILE} is incomplete or invalid ({type(exc).__name__}: {exc}); "
+                       "refit the class") from exc
+    if not (np.isfinite(scale) and scale > 0):
+        raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
+    backbone = _read_backbone(root, config, backbone_id)
+    expect = {"feature_name": config.feature, "backbone_hash": backbone_id}
+    try:
+        bank = MemoryBank.load(root / "bank", expect_meta=expect)
+        mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{root}: {exc}") from exc
+    if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
+        raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
+                       f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
+    coord_bank, norms = _read_coordinate_bank(root, meta) if config.register else (None, {})
+    return {"config": config, "scale": scale, "bank": bank, "mean_feature": mean_feature, "thresholds": thresholds,
+            "backbone": backbone, "info": info, "coord_bank": coord_bank, "score_norms": norms}
+
+
+def _read_backbone(root: Path, config: DetectorConfig, backbone_id: str) -> PointMAE | None:
+    """The Point-MAE backbone of a Point-MAE fit, checked against the hash the bank was built with."""
+    if config.feature != "pointmae":
+        if backbone_id != FPFH_IDENTITY:
+            raise FitError(f"{root}: feature 'fpfh' but backbone id {backbone_id[:12]!r}; refit the class")
+        return None
+    try:
+        backbone = load_backbone(root / "backbone", expect=config.backbone)
+    except (OSError, ValueError) as exc:
+        raise FitError(f"{root}: backbone does not load ({exc})") from exc
+    found = backbone_hash(backbone)
+    if found != backbone_id:
+        raise FitError(f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
+                       f"({backbone_id[:12]}); the bank belongs to another backbone — refit the class")
+    return backbone
+
+
+def _read_coordinate_bank(root: Path, meta: dict) -> tuple[CoordinateBank, dict[str, float]]:
+    try:
+        coord_bank = CoordinateBank(np.load(root / "coord_points.npy", allow_pickle=False),
+                                    np.load(root / "coord_source.npy", allow_pickle=False))
+        norms = {str(k): float(v) for k, v in dict(meta["score_norms"]).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FitError(f"{root}: registered fit without a readable coordinate bank ({exc}); "
+                       "refit the class") from exc
+    if int((coord_bank.source == 0).sum()) < 3:
+        raise FitError(f"{root}: the coordinate bank holds fewer than 3 points of the reference template; "
+                       "refit the class")
+    if not all(np.isfinite(v) and v > 0 for v in norms.values()) or not {"feature", "coord"} <= norms.keys():
+        raise FitError(f"{root}: invalid score norms {norms}; refit the class")
+    return coord_bank, norms
