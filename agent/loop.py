@@ -329,7 +329,7 @@ def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *, b
 
     The fallback starts from the original `messages` on a fresh toolbox, with its own `fallback_budget` (default
     AgentBudget(): the LLM's budget may be tight on purpose, the policy's needs are small and fixed): `toolbox_factory()` when given, else
-    `toolbox.reset()` when the toolbox has one, else the same toolbox (its tools are then assumed stateless).
+    the same toolbox (its tools are then assumed stateless).
     Tool results reach the model as `render(name, data)` when given, else as the ToolResult's own `content` (the
     toolbox renders it), else as `verbalize.render.render_tool_result(name, data)`.
     """
@@ -358,8 +358,6 @@ def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *, b
 
     attempt.log("fallback", reason=reason, fallback=fallback.name)
     fresh = toolbox_factory() if toolbox_factory is not None else toolbox
-    if toolbox_factory is None and callable(getattr(toolbox, "reset", None)):
-        toolbox.reset()
     second = _Attempt(fallback, fresh, copy.deepcopy(initial), fallback_budget or AgentBudget(), transcript, render)
     try:
         second.run()

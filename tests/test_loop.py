@@ -74,15 +74,9 @@ class FakeResult:
 class FakeToolBox:
     calls: list[tuple[str, object]] = field(default_factory=list)
     report: list[dict] | None = None
-    resets: int = 0
 
     MODELS: ClassVar[dict[str, type[BaseModel]]] = {"list_patches": ListArgs, "patch_geometry": PatchArgs, "neighbourhood": NeighbourArgs,
               "feature_lookup": PatchArgs, "report_suspects": ReportArgs}
-
-    def reset(self) -> None:
-        self.calls.clear()
-        self.report = None
-        self.resets += 1
 
     def openai_schemas(self) -> list[dict]:
         return [{"type": "function", "function": {"name": n, "description": f"{n} tool",
@@ -159,11 +153,12 @@ def test_malformed_json_gets_one_repair_then_succeeds():
 def test_malformed_twice_falls_back_with_reason():
     backend = ScriptedBackend([call("list_patches", "{oops"), call("list_patches", "not json either", "c2")])
     toolbox = FakeToolBox()
-    outcome = run_agent(backend, toolbox, TASK, fallback=PolicyBackend())
+    fresh = FakeToolBox()
+    outcome = run_agent(backend, toolbox, TASK, fallback=PolicyBackend(), toolbox_factory=lambda: fresh)
     assert outcome.fallback_used and outcome.backend == "policy"
     assert "malformed" in outcome.fallback_reason and "not valid JSON" in outcome.fallback_reason
     assert [pid for r in outcome.regions for pid in r["patch_ids"]] == [1, 3]
-    assert toolbox.resets == 1  # the fallback started on a fresh toolbox state
+    assert fresh.calls and fresh.report is not None  # the fallback ran on the fresh toolbox
 
 
 def test_unknown_tool_is_named_in_the_repair_prompt():

@@ -23,22 +23,16 @@ from typing import Any
 from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, resolve_ref, tool_names
 
 ID_KEYS = ("patch_id", "id")
-TOTAL_KEYS = ("total_points", "n_points_total", "scan_points", "n_points_scan", "num_points")
-NEIGHBOUR_KEYS = ("neighbours", "neighbors", "patch_ids", "ids")
+TOTAL_KEYS = ("total_points",)
+NEIGHBOUR_KEYS = ("neighbours",)
 # Columns that describe a patch but are not evidence of a defect, so they never go into a reason.
 NON_EVIDENCE = {"patch_id", "id", "n_points", "cue", "rank", "x", "y", "z", "cx", "cy", "cz", "center", "centre"}
 
 
 def _rows(data: dict) -> list[dict]:
-    """The patch rows of a list_patches result, wherever the table sits in the JSON."""
-    for key in ("patches", "rows", "table", "items"):
-        value = data.get(key)
-        if isinstance(value, list) and all(isinstance(r, dict) for r in value):
-            return value
-    for key in ("data", "result"):
-        if isinstance(data.get(key), dict):
-            return _rows(data[key])
-    return []
+    """The patch rows of a list_patches result."""
+    value = data.get("patches")
+    return value if isinstance(value, list) and all(isinstance(r, dict) for r in value) else []
 
 
 def _patch_id(row: dict) -> int | None:
@@ -51,11 +45,10 @@ def _patch_id(row: dict) -> int | None:
 def _total_points(data: dict, rows: list[dict]) -> float | None:
     """Points in the whole scan, read from the result; else estimated as total_patches x mean n_points of the listed rows
     (the listed rows are the high-cue ones, so this is only an estimate; tools that report total_points are preferred)."""
-    for source in (data, data.get("data") if isinstance(data.get("data"), dict) else {}):
-        for key in TOTAL_KEYS:
-            if isinstance(source.get(key), (int, float)) and source[key] > 0:
-                return float(source[key])
-    n_patches = data.get("total_patches", data.get("n_patches"))
+    for key in TOTAL_KEYS:
+        if isinstance(data.get(key), (int, float)) and data[key] > 0:
+            return float(data[key])
+    n_patches = data.get("total_patches")
     sizes = [r["n_points"] for r in rows if isinstance(r.get("n_points"), (int, float))]
     if isinstance(n_patches, int) and sizes:
         return n_patches * sum(sizes) / len(sizes)
