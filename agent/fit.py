@@ -15,7 +15,6 @@ import argparse
 import resource
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +23,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from scans.progress import Progress as ProgressCallback
+
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_MESH_POINTS = 30000
-ProgressFn = Callable[[str, int, int], None]
 
 
 class FitInputError(ValueError):
@@ -179,7 +179,7 @@ def _load_init(path: Path, config):
 
 
 # ---------------------------------------------------------------------------------------------------- work
-def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) -> FitReport:
+def fit_from_options(options: FitOptions, progress: ProgressCallback | None = None) -> FitReport:
     """Read the class's normal scans, fit, save to ``options.out``; FitInputError for any bad input.
 
     ``progress(stage, done, total)``: stage "read" per scan, "train" per Point-MAE step, "features" per bank view."""
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
                   console=console, transient=False) as bars:
         tasks: dict[str, int] = {}
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def progress(stage: str, done: int, total: int, detail: str = "") -> None:
             if stage not in tasks:
                 tasks[stage] = bars.add_task(labels.get(stage, stage), total=total)
             bars.update(tasks[stage], completed=done, total=total)

@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from detector.sampling import KCenterGreedy
+from scans.files import atomic_save_npy, atomic_write_text
 
 __all__ = [
     "BANK_VERSION",
@@ -97,13 +98,6 @@ def _as_features(features: np.ndarray, dim: int | None, what: str, allow_empty: 
     if dim is not None and arr.shape[1] != dim:
         raise ValueError(f"{what}: features have width {arr.shape[1]} but the bank holds width {dim}")
     return arr
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 class MemoryBank:
@@ -347,13 +341,11 @@ class MemoryBank:
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / _META_FILE).unlink(missing_ok=True)  # a crash below leaves a folder that refuses to load
-        _atomic_save_npy(folder / "bank.npy", self.features)
-        _atomic_save_npy(folder / "coreset_idx.npy", self.coreset_idx)
+        atomic_save_npy(folder / "bank.npy", self.features)
+        atomic_save_npy(folder / "coreset_idx.npy", self.coreset_idx)
         if self.centroids is not None:
-            _atomic_save_npy(folder / "centroids.npy", self.centroids)
-        tmp = folder / (_META_FILE + ".tmp")
-        tmp.write_text(meta_text)
-        os.replace(tmp, folder / _META_FILE)
+            atomic_save_npy(folder / "centroids.npy", self.centroids)
+        atomic_write_text(folder / _META_FILE, meta_text)
 
     @classmethod
     def load(

@@ -11,7 +11,6 @@ the bank rows that came from the *other* templates, which is what a normal test 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -22,9 +21,7 @@ from detector.fitted import FittedClass
 from detector.pointmae import PointMAE, estimate_scale
 from detector.registration import MIN_FITNESS, COORD_VOXEL_SHARE, CoordinateBank, align
 from scans.geometry import voxel_downsample
-
-ProgressFn = Callable[[str, int, int], None]
-
+from scans.progress import Progress
 
 def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
                       k: int = 16) -> list[np.ndarray]:
@@ -73,7 +70,7 @@ def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: 
 
 
 def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,
-              init_backbone: PointMAE | None = None, progress: ProgressFn | None = None,
+              init_backbone: PointMAE | None = None, progress: Progress | None = None,
               names: list[str] | None = None) -> FittedClass:
     """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank of
     patch features with a k-center greedy coreset, and normal-data thresholds.

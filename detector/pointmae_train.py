@@ -34,7 +34,7 @@ from detector.pointmae import (
     save_backbone,
 )
 
-ProgressFn = Callable[[int, float], None]  # (step, loss) after every optimiser step
+StepHook = Callable[[int, float], None]  # (step, loss) after every optimiser step
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def crop_sizes(scans: list[torch.Tensor], config: PointMAEConfig) -> tuple[int, 
 
 
 def train_pointmae(scans: list[np.ndarray], config: PointMAEConfig, *, steps: int, seed: int,
-                   init: PointMAE | None = None, progress: ProgressFn | None = None, batch_size: int = 8,
+                   init: PointMAE | None = None, progress: StepHook | None = None, batch_size: int = 8,
                    scale: float | None = None, augment: AugmentConfig = AugmentConfig(),
                    settings: TrainSettings = TrainSettings(), device: str | torch.device = "cpu") -> PointMAE:
     """Train (or fine-tune ``init``) a Point-MAE on crops of the given scans; returns the model in eval mode.

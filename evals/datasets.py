@@ -1,6 +1,6 @@
 """`python -m evals.datasets <layout>:<root>`: the documented dataset summary (the loaders live in scans.datasets)."""
 
-from scans.datasets import main
+from scans.dataset_summary import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,6 @@ quoted in errors, because anything read from a scan could end up in an LLM promp
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scans.files import atomic_save_npy, atomic_write_bytes
 from scans.pcd import decode_pcd_body, parse_pcd_header
 from scans.ply import parse_ply_header, ply_binary_bytes, read_ply_vertices
 
@@ -314,15 +314,7 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
 
 def _atomic_write(path: Path, payload: bytes) -> None:
     """Write to a temp file in the target folder, then rename: a failure never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, payload)
 
 
 def _finite_points(points, what: str) -> np.ndarray:
@@ -384,19 +376,6 @@ def write_scores(path_stem, points, scores) -> tuple[Path, Path]:
                             ("z", array[:, 2].astype(np.float32)), ("red", rgb[:, 0]), ("green", rgb[:, 1]),
                             ("blue", rgb[:, 2]), ("anomaly", values.astype(np.float32))])
     npy_path, ply_path = Path(stem + ".npy"), Path(stem + ".ply")
-    npy_path.parent.mkdir(parents=True, exist_ok=True)
-    temps: list[str] = []
-    try:
-        for payload_path, writer in ((npy_path, lambda f: np.save(f, values.astype(np.float32))),
-                                     (ply_path, lambda f: f.write(ply))):
-            handle, temp = tempfile.mkstemp(prefix=f".{payload_path.name}.", suffix=".tmp",
-                                            dir=payload_path.parent)
-            temps.append(temp)
-            with os.fdopen(handle, "wb") as out:
-                writer(out)
-        os.replace(temps[0], npy_path)
-        os.replace(temps[1], ply_path)
-    finally:
-        for temp in temps:
-            Path(temp).unlink(missing_ok=True)
+    atomic_save_npy(npy_path, values.astype(np.float32))
+    atomic_write_bytes(ply_path, ply)
     return npy_path, ply_path

@@ -26,17 +26,6 @@ MIN_POINTS_PER_PATCH = 16      # a patch needs a few points for a plane fit / cu
 MIN_PATCHES = 4
 MAX_PATCHES = 512
 _MORTON_BITS = 10              # 1024 cells per axis for the id sort
-MAD_TO_SD = 1.4826              # scales the median absolute deviation to a standard deviation for normal data
-
-
-def robust_spread(values: np.ndarray) -> float:
-    """1.4826 * MAD of the values, or their standard deviation when the MAD is 0 (0.0 when both are): a scale for
-    z-scores that one outlying patch cannot inflate."""
-    values = np.asarray(values, dtype=np.float64)
-    spread = MAD_TO_SD * float(np.median(np.abs(values - np.median(values))))
-    if not spread > 1e-12:
-        spread = float(values.std())
-    return spread if spread > 1e-12 else 0.0
 
 
 @dataclass(frozen=True)

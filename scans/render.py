@@ -7,14 +7,14 @@ deterministically by seed, always keeping flagged points so a small defect never
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from scans.files import atomic_write
 
 # (elevation, azimuth) in degrees for matplotlib's 3-D axes.
 # Views assume z is up (MVTec 3D-AD, Real3D-AD); a y-up scan (Stanford bunny) shows "top" as a side view.
@@ -88,16 +88,7 @@ def _marker_size(n: int) -> float:
 
 def _save(figure: Figure, path) -> Path:
     """Render to a temp PNG beside the target and rename, so a failed render leaves no partial image."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temp, dpi=DPI, format="png")
-        os.replace(temp, target)
-    finally:
-        Path(temp).unlink(missing_ok=True)
-    return target
+    return atomic_write(path, lambda out: figure.savefig(out, dpi=DPI, format="png"), suffix=".png")
 
 
 def render_points_png(path, points, values=None, *, mask=None, title: str | None = None,

@@ -19,9 +19,9 @@ from scans.datasets import (
     Sample,
     align_gt_rows,
     defect_type_from_name,
-    main,
     open_dataset,
 )
+from scans.dataset_summary import main, summarize_class
 from tests.fixture_trees import (
     MVTEC_OBJECT,
     Expected,
@@ -72,7 +72,7 @@ def test_anomaly_shapenet_tree(tmp_path):
     gt_dir = tmp_path / "pcd" / "ashtray0" / "GT"
     assert all(s.gt_path == gt_dir / f"{s.path.stem}.txt" for s in test if s.label)
     assert dataset.validation("ashtray0") == []
-    assert dataset.check("ashtray0") == []
+    assert summarize_class(dataset, "ashtray0").problems == []
 
 
 def test_real3d_tree_with_shuffled_gt_rows(tmp_path):
@@ -80,7 +80,7 @@ def test_real3d_tree_with_shuffled_gt_rows(tmp_path):
     dataset = open_dataset(f"real3d-ad:{tmp_path}")
     _assert_matches(dataset, manifest)   # 102_sink_cut has shuffled GT rows; masks still match point order
     assert "0_template.pcd" not in {s.path.name for s in dataset.test("seahorse")}
-    assert dataset.check("seahorse") == []
+    assert summarize_class(dataset, "seahorse").problems == []
 
 
 def test_mvtec_tree_masks_follow_pixels(tmp_path):
@@ -93,7 +93,7 @@ def test_mvtec_tree_masks_follow_pixels(tmp_path):
     assert loaded.scan.grid_shape == (16, 20)
     assert len(loaded.points) == 16 * 20 - 20 - 2   # invalid first row and two zero pixels dropped
     assert len(dataset.validation("bagel")) == 1
-    assert dataset.check("bagel") == []
+    assert summarize_class(dataset, "bagel").problems == []
 
 
 def test_mvtec_background_removal_drops_plane_with_mask(tmp_path):

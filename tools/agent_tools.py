@@ -26,7 +26,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from scans.geometry import fps
-from scans.patches import Patches, PatchTable, robust_spread
+from scans.patches import Patches, PatchTable
+from scans.files import json_default
+from scans.stats import robust_spread
 
 BankLookup = Callable[[list[int]], dict[int, dict]]
 MAX_REGIONS = 10
@@ -377,14 +379,10 @@ class ToolBox:
 
 def _compact_json(name: str, data: dict) -> str:
     """Default tool-result text: compact JSON with sorted keys (what verbalize.render_tool_result also emits)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, np.ndarray):
-            return value.tolist()
-        raise TypeError(f"tool {name} returned a {type(value).__name__}, which is not JSON")
-
-    return json.dumps(data, separators=(",", ":"), sort_keys=True, default=plain)
+    try:
+        return json.dumps(data, separators=(",", ":"), sort_keys=True, default=json_default)
+    except TypeError as exc:
+        raise TypeError(f"tool {name} returned a value that is not JSON ({exc})") from exc
 
 
 def _describe_arg(prop: dict) -> str:

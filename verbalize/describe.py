@@ -22,18 +22,13 @@ from scans.patches import (
     PatchTable,
     adaptive_patch_count,
     build_patches,
-    robust_spread,
 )
+from scans.stats import Z_CLIP, robust_z, z_floor
 
 SPACING_SAMPLE_CAP = 20_000    # nearest-neighbour spacing is measured on at most this many points
-Z_CLIP = 10.0                  # z-scores are clipped so that one extreme patch cannot swamp the cue of all others
 GEOMETRY_WEIGHT_WITH_STATS = 0.25  # weight of each geometric outlier signal in the cue when learned stats exist
 
 GEOMETRY_SIGNALS = ("curvature", "roughness", "spacing")
-# below these spreads a column counts as constant (see robust_z): curvature is a ratio in [0, 1/3], roughness is in
-# normalised units where 1e-4 is 1/20000 of the part's size
-ABSOLUTE_Z_FLOORS = {"curvature": 1e-3, "roughness": 1e-4}
-RELATIVE_Z_FLOOR = 1e-2
 
 CUE_DOC = (
     "cue = weighted mean of outlier signals, each a robust z-score (median/MAD over this scan's patches, clipped to "
@@ -50,28 +45,6 @@ def normalisation_of(points: np.ndarray) -> Normalisation:
     extent = hi - lo
     half = float(extent.max()) / 2.0
     return Normalisation(center=(lo + hi) / 2.0, scale=half if half > 0 else 1.0, extent=extent, n_points=len(pts))
-
-
-def robust_z(values: np.ndarray, floor: float = 0.0) -> np.ndarray:
-    """(v - median) / spread, spread = 1.4826 * MAD, or the standard deviation when the MAD is 0, never below `floor`.
-
-    `floor` keeps a column that is constant up to float noise (curvature on a flat plate: ~1e-9) from turning that
-    noise into large z-scores; when every spread is 0 the z-scores are 0.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    median = np.median(values)
-    spread = max(robust_spread(values), floor)
-    if not spread > 1e-12:
-        return np.zeros_like(values)
-    return np.clip((values - median) / spread, -Z_CLIP, Z_CLIP)
-
-
-def z_floor(column: str, values: np.ndarray) -> float:
-    """Smallest spread that counts as variation: absolute for the geometric columns (normalised units / ratio),
-    relative to the median's magnitude for spacing and learned statistics (whose scale we do not know)."""
-    if column in ABSOLUTE_Z_FLOORS:
-        return ABSOLUTE_Z_FLOORS[column]
-    return RELATIVE_Z_FLOOR * abs(float(np.median(values)))
 
 
 def _check_stats(point_stats: dict[str, np.ndarray] | None, n_points: int) -> dict[str, np.ndarray]:

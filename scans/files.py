@@ -1,0 +1,63 @@
+"""Writing files so that a reader sees the old file or the new one, never half of one; and plain JSON of numpy values.
+
+Every writer in the project goes through `atomic_write`: the payload goes to a temporary file in the target's folder
+(the same filesystem, so the final `os.replace` is atomic), is flushed to disk, and only then takes the target's
+name. A failure or Ctrl-C at any point leaves the previous file untouched and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, suffix: str = ".tmp") -> Path:
+    """Call `write(handle)` on a temporary binary file beside `path`, then rename it to `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
+    return atomic_write(path, lambda out: out.write(payload))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """`np.save` without pickles, atomically."""
+    return atomic_write(path, lambda out: np.save(out, np.asarray(array), allow_pickle=False), suffix=".npy")
+
+
+def json_default(value: Any) -> Any:
+    """`json.dumps(default=...)` for the values numpy code produces: numpy scalars, arrays and paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, document: Any, **dumps: Any) -> Path:
+    """`document` as JSON (numpy values allowed, see json_default), atomically; `dumps` go to json.dumps."""
+    return atomic_write_text(path, json.dumps(document, default=json_default, **dumps))
