@@ -28,7 +28,7 @@ from scipy.spatial import cKDTree
 
 from detector.fitted import FittedClass, ScanAnalysis
 from scans.patches import Patches
-from verbalize.describe import robust_z, z_floor
+from scans.stats import robust_z, z_floor
 
 CONFIRM_QUANTILE = "patch_p99"
 
@@ -96,6 +96,11 @@ def prior_scores(analysis: ScanAnalysis | None, n_points: int, floor: float) -> 
     cue = point_cue(analysis.point_stats)
     ranks = np.argsort(np.argsort(cue, kind="stable"), kind="stable").astype(np.float64)
     return (floor * 0.999 * ranks / max(n_points - 1, 1)).astype(np.float32)
+
+
+def prior_baseline(fitted: FittedClass, analysis: ScanAnalysis) -> np.ndarray:
+    """Every point's score before any verification: what the verifier gives the points it does not score."""
+    return prior_scores(analysis, len(analysis.points), prior_floor(fitted))
 
 
 def prior_floor(fitted: FittedClass) -> float:

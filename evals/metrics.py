@@ -10,8 +10,7 @@ Grids and point clouds share one accumulation (`pro_curve_from_regions`); only t
 `scipy.ndimage.label` with a 3x3 structure on grids, connected components of a kNN or radius graph on the anomalous
 points of a cloud (`point_regions`). Region ids use one convention everywhere: -1 = normal, 0..R-1 = anomalous region.
 
-Metrics whose state grows over samples are small classes with ``update``/``compute`` (anomalib style); every
-``compute`` is a thin call of the function of the same name, which tests check directly.
+Region recall and false alarms of the agent's regions live in evals.regions.
 """
 
 from __future__ import annotations
@@ -22,29 +21,20 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 from sklearn.metrics import roc_auc_score
 
+from evals.regions import as_binary, as_mask, as_points, point_regions
+
 __all__ = [
-    "GridAUPRO",
-    "ObjectAUROC",
-    "PointAUPRO",
-    "PointAUROC",
     "au_pro",
     "au_pro_points",
-    "false_region_rate",
     "grid_regions",
-    "markdown_table",
     "mean_table",
     "o_auroc",
     "p_auroc",
-    "point_regions",
     "pro_curve",
     "pro_curve_from_regions",
     "pro_curve_points",
-    "region_recall",
     "trapezoid",
 ]
 
@@ -62,54 +52,6 @@ def grid_regions(ground_truth: np.ndarray) -> np.ndarray:
         raise ValueError(f"ground-truth map must be 2-D, got shape {gt.shape}")
     labeled, _ = ndimage.label(gt, structure=_EIGHT_CONNECTED)
     return labeled.astype(np.int64) - 1
-
-
-def point_regions(
-    points: np.ndarray, mask: np.ndarray, *, radius: float | None = None, k: int = 8
-) -> np.ndarray:
-    """Region id per point (-1 for normal points): connected components of the anomalous points.
-
-    Two anomalous points are linked when one is among the other's ``k`` nearest neighbours *in the whole cloud*
-    (so a band of normal points between two defects keeps them apart), or, when ``radius`` is given, when they are at
-    most ``radius`` apart. Region ids are numbered 0..R-1 in order of each region's first point, so the result is
-    deterministic. On a unit grid, ``radius=1.5`` reproduces 8-connectivity.
-    """
-    pts = _as_points(points, "points")
-    anomalous = _as_mask(mask, len(pts), "mask")
-    regions = np.full(len(pts), -1, dtype=np.int64)
-    anomalous_idx = np.flatnonzero(anomalous)
-    n_anomalous = len(anomalous_idx)
-    if n_anomalous == 0:
-        return regions
-
-    if radius is not None:
-        if not (np.isfinite(radius) and radius > 0):
-            raise ValueError(f"radius must be a positive finite number, got {radius}")
-        # Only anomalous points can be linked, so the tree needs only them.
-        pairs = cKDTree(pts[anomalous_idx]).query_pairs(float(radius), output_type="ndarray")
-        rows, cols = pairs[:, 0], pairs[:, 1]
-    else:
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        n_neighbours = min(k + 1, len(pts))  # +1: a point is its own nearest neighbour
-        _, neighbours = cKDTree(pts).query(pts[anomalous_idx], k=n_neighbours)
-        neighbours = neighbours.reshape(n_anomalous, n_neighbours)
-        # Position of every cloud point among the anomalous ones (-1 if normal).
-        anomalous_position = np.full(len(pts), -1, dtype=np.int64)
-        anomalous_position[anomalous_idx] = np.arange(n_anomalous)
-        targets = anomalous_position[neighbours]
-        keep = targets >= 0
-        rows = np.broadcast_to(np.arange(n_anomalous)[:, None], targets.shape)[keep]
-        cols = targets[keep]
-
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n_anomalous, n_anomalous))
-    _, component = connected_components(graph.tocsr(), directed=True, connection="weak")
-    # Renumber by first appearance so ids do not depend on scipy's internal order.
-    _, first_index, inverse = np.unique(component, return_index=True, return_inverse=True)
-    rank = np.empty(len(first_index), dtype=np.int64)
-    rank[np.argsort(first_index, kind="stable")] = np.arange(len(first_index))
-    regions[anomalous_idx] = rank[inverse]
-    return regions
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,10 +250,10 @@ def _scores_and_point_regions(
         )
     scores_out, regions_out = [], []
     for index, (points, scores, mask) in enumerate(zip(points_list, scores_list, masks_list)):
-        pts = _as_points(points, f"sample {index} points")
+        pts = as_points(points, f"sample {index} points")
         scores_out.append(_as_scores(scores, len(pts), f"sample {index} scores"))
         regions_out.append(
-            point_regions(pts, _as_mask(mask, len(pts), f"sample {index} mask"), radius=radius, k=k)
+            point_regions(pts, as_mask(mask, len(pts), f"sample {index} mask"), radius=radius, k=k)
         )
     return scores_out, regions_out
 
@@ -329,7 +271,7 @@ def o_auroc(object_scores: Sequence[float] | np.ndarray, object_labels: Sequence
     labels = np.asarray(object_labels).ravel()
     if scores.shape != labels.shape:
         raise ValueError(f"got {scores.size} object scores but {labels.size} labels")
-    return _auroc(scores, _binary(labels, "object labels"), "object scores")
+    return _auroc(scores, as_binary(labels, "object labels"), "object scores")
 
 
 def p_auroc(scores_list: Sequence[np.ndarray], masks_list: Sequence[np.ndarray]) -> float:
@@ -344,7 +286,7 @@ def p_auroc(scores_list: Sequence[np.ndarray], masks_list: Sequence[np.ndarray])
     scores, labels = [], []
     for index, (s, m) in enumerate(zip(scores_list, masks_list)):
         s = np.asarray(s, dtype=np.float64).ravel()
-        labels.append(_as_mask(np.asarray(m).ravel(), s.size, f"sample {index} mask"))
+        labels.append(as_mask(np.asarray(m).ravel(), s.size, f"sample {index} mask"))
         scores.append(s)
     return _auroc(np.concatenate(scores), np.concatenate(labels), "point scores")
 
@@ -357,146 +299,6 @@ def _auroc(scores: np.ndarray, labels: np.ndarray, what: str) -> float:
     if labels.min() == labels.max():
         return math.nan
     return float(roc_auc_score(labels, scores))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Region metrics for the agent
-# --------------------------------------------------------------------------------------------------------------
-def region_recall(
-    points: np.ndarray,
-    gt_mask: np.ndarray,
-    flagged_mask: np.ndarray,
-    *,
-    min_overlap: int = 1,
-    radius: float | None = None,
-    k: int = 8,
-) -> float:
-    """Share of ground-truth regions with at least ``min_overlap`` flagged points (nan if there is no GT region).
-
-    This is what "the agent found the defect" means: one hit per region counts, however large the region.
-    """
-    if min_overlap < 1:
-        raise ValueError(f"min_overlap must be >= 1, got {min_overlap}")
-    pts = _as_points(points, "points")
-    flagged = _as_mask(flagged_mask, len(pts), "flagged_mask")
-    regions = point_regions(pts, _as_mask(gt_mask, len(pts), "gt_mask"), radius=radius, k=k)
-    n_regions = int(regions.max()) + 1
-    if n_regions == 0:
-        return math.nan
-    hits = np.bincount(regions[flagged & (regions >= 0)], minlength=n_regions)
-    return float(np.mean(hits >= min_overlap))
-
-
-def false_region_rate(
-    points: np.ndarray, gt_mask: np.ndarray, flagged_regions: Sequence[np.ndarray]
-) -> float:
-    """Share of flagged regions (arrays of point indices) that contain no GT-anomalous point (nan if none flagged).
-
-    The counterpart of `region_recall`: how often the agent points at a place where nothing is wrong.
-    """
-    n_points = len(_as_points(points, "points"))
-    anomalous = _as_mask(gt_mask, n_points, "gt_mask")
-    if len(flagged_regions) == 0:
-        return math.nan
-    false_count = 0
-    for index, region in enumerate(flagged_regions):
-        idx = np.asarray(region)
-        if idx.ndim != 1 or idx.size == 0:
-            raise ValueError(f"flagged region {index} must be a non-empty 1-D array of point indices")
-        if not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(f"flagged region {index} must hold integer point indices, got {idx.dtype}")
-        if idx.min() < 0 or idx.max() >= n_points:
-            raise ValueError(f"flagged region {index} has indices outside 0..{n_points - 1}")
-        false_count += not anomalous[idx].any()
-    return false_count / len(flagged_regions)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Accumulating metric classes (one job each)
-# --------------------------------------------------------------------------------------------------------------
-class ObjectAUROC:
-    """Object-level ROC AUC accumulated one scan at a time."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._scores: list[float] = []
-        self._labels: list[int] = []
-
-    def update(self, score: float, label: int | bool) -> None:
-        self._scores.append(float(score))
-        self._labels.append(int(label))
-
-    def compute(self) -> float:
-        return o_auroc(self._scores, self._labels)
-
-
-class PointAUROC:
-    """Point-level ROC AUC pooled over scans."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._scores: list[np.ndarray] = []
-        self._masks: list[np.ndarray] = []
-
-    def update(self, scores: np.ndarray, mask: np.ndarray) -> None:
-        scores = np.asarray(scores, dtype=np.float64).ravel()
-        self._masks.append(_as_mask(np.asarray(mask).ravel(), scores.size, "mask"))
-        self._scores.append(scores)
-
-    def compute(self) -> float:
-        return p_auroc(self._scores, self._masks)
-
-
-class PointAUPRO:
-    """Exact AU-PRO over point clouds; regions are found at ``update`` so only scores and region ids are kept."""
-
-    def __init__(self, fpr_limit: float = 0.3, *, radius: float | None = None, k: int = 8) -> None:
-        _check_fpr_limit(fpr_limit)
-        self.fpr_limit, self.radius, self.k = fpr_limit, radius, k
-        self.reset()
-
-    def reset(self) -> None:
-        self._scores: list[np.ndarray] = []
-        self._regions: list[np.ndarray] = []
-
-    def update(self, points: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> None:
-        scores_list, regions_list = _scores_and_point_regions([points], [scores], [mask], self.radius, self.k)
-        self._scores += scores_list
-        self._regions += regions_list
-
-    def curve(self) -> tuple[np.ndarray, np.ndarray]:
-        return pro_curve_from_regions(self._scores, self._regions)
-
-    def compute(self) -> float:
-        return _au_pro_from_regions(self._scores, self._regions, self.fpr_limit)
-
-
-class GridAUPRO:
-    """Exact AU-PRO over 2-D anomaly maps (MVTec), accumulated one map at a time."""
-
-    def __init__(self, fpr_limit: float = 0.3) -> None:
-        _check_fpr_limit(fpr_limit)
-        self.fpr_limit = fpr_limit
-        self.reset()
-
-    def reset(self) -> None:
-        self._maps: list[np.ndarray] = []
-        self._regions: list[np.ndarray] = []
-
-    def update(self, anomaly_map: np.ndarray, ground_truth: np.ndarray) -> None:
-        regions = grid_regions(ground_truth)
-        anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
-        if anomaly_map.shape != regions.shape:
-            raise ValueError(f"anomaly map shape {anomaly_map.shape} != ground-truth shape {regions.shape}")
-        self._maps.append(anomaly_map)
-        self._regions.append(regions)
-
-    def compute(self) -> float:
-        return _au_pro_from_regions(self._maps, self._regions, self.fpr_limit)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -513,52 +315,6 @@ def mean_table(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]
         finite = values[~np.isnan(values)]
         means[name] = float(finite.mean()) if finite.size else math.nan
     return means
-
-
-def markdown_table(
-    rows: Mapping[str, Mapping[str, float]], columns: Sequence[str], digits: int = 3, *, index_name: str = ""
-) -> str:
-    """A GitHub markdown table: one row per key of ``rows``, values rounded to ``digits``; nan/missing -> "n/a"."""
-
-    def cell(value: float | None) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "n/a"
-        return f"{value:.{digits}f}"
-
-    lines = [
-        "| " + " | ".join([index_name, *columns]) + " |",
-        "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|",
-    ]
-    for name, row in rows.items():
-        lines.append("| " + " | ".join([name, *(cell(row.get(c)) for c in columns)]) + " |")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Input checks
-# --------------------------------------------------------------------------------------------------------------
-def _as_points(points: np.ndarray, what: str) -> np.ndarray:
-    pts = np.asarray(points, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] not in (2, 3) or len(pts) == 0:
-        raise ValueError(f"{what} must be a non-empty (N, 3) or (N, 2) array, got shape {pts.shape}")
-    if not np.all(np.isfinite(pts)):
-        raise ValueError(f"{what} contain NaN or inf")
-    return pts
-
-
-def _as_mask(mask: np.ndarray, n: int, what: str) -> np.ndarray:
-    arr = np.asarray(mask)
-    if arr.shape != (n,):
-        raise ValueError(f"{what} must have shape ({n},), got {arr.shape}")
-    return _binary(arr, what)
-
-
-def _binary(labels: np.ndarray, what: str) -> np.ndarray:
-    if labels.dtype == bool:
-        return labels
-    if not np.all(np.isin(labels, (0, 1))):
-        raise ValueError(f"{what} must be binary (0/1 or bool), got values {np.unique(labels)[:5]}")
-    return labels.astype(bool)
 
 
 def _as_scores(scores: np.ndarray, n: int, what: str) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 
 from agent.backends import REGISTRY, BackendUnavailable
 from agent.backends.policy import PolicyBackend
-from evals import harness
+from evals import harness, methods
 from scans.datasets import Sample
 from evals.harness import HarnessConfig, ResultStore, parse_backend, quick_detector_config, run_harness
 from evals.run import main
@@ -156,7 +157,6 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
     monkeypatch.setitem(REGISTRY, "flaky", lambda **kwargs: _FlakyBackend())
     monkeypatch.setitem(REGISTRY, "down", _unavailable)
     monkeypatch.setattr(_FlakyBackend, "conversations", 0)
-    harness.clear_process_caches()
     config = _subset_config(quick_run, tmp_path, methods=("random",),
                             backends=(parse_backend("flaky"), parse_backend("down")), fallback=False)
     outcome = run_harness(config)
@@ -175,11 +175,9 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
 
     # With the fallback (the default), a rerun retries the failed scan (the 4th conversation: it fails again) and the
     # policy finishes it, on record.
-    harness.clear_process_caches()
     run_harness(_subset_config(quick_run, tmp_path, methods=("random",), backends=(parse_backend("flaky"),)))
     retried = ResultStore(tmp_path).latest()[("flaky", "flange", flaky[1]["scan"])]
     assert retried["status"] == "ok" and retried["fallback_used"] and "502" in retried["fallback_reason"]
-    harness.clear_process_caches()
 
 
 @pytest.mark.slow
@@ -188,16 +186,15 @@ def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run:
     from detector.fitted import FittedClass
 
     config = _subset_config(quick_run, tmp_path, methods=("pointmae-bank", "random"), backends=())
-    real_method, real_analyse = harness._run_method, FittedClass.analyse
+    real_random, real_analyse = methods.REGISTRY["random"], FittedClass.analyse
     random_scans: list[str] = []
     analysed: list[int] = []
 
-    def method_fails_on_first_scan(name, job, ctx, points, analysis):
-        if name == "random":
-            random_scans.append(job.scan)
-            if len(random_scans) == 1:
-                raise RuntimeError("disk full")
-        return real_method(name, job, ctx, points, analysis)
+    def random_fails_on_first_scan(scan):
+        random_scans.append(scan.scan)
+        if len(random_scans) == 1:
+            raise RuntimeError("disk full")
+        return real_random.run(scan)
 
     def analyse_fails_on_second_scan(self, points):
         analysed.append(len(points))
@@ -205,9 +202,8 @@ def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run:
             raise MemoryError("out of memory")
         return real_analyse(self, points)
 
-    monkeypatch.setattr(harness, "_run_method", method_fails_on_first_scan)
+    monkeypatch.setitem(methods.REGISTRY, "random", replace(real_random, run=random_fails_on_first_scan))
     monkeypatch.setattr(FittedClass, "analyse", analyse_fails_on_second_scan)
-    harness.clear_process_caches()
     outcome = run_harness(config, write_report=False)
     rows = ResultStore(tmp_path).latest()
     assert len(rows) == 6 and outcome.failed == 2
@@ -216,7 +212,6 @@ def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run:
     (name, _, _), reason = failed.popitem()
     assert name == "pointmae-bank" and "backbone pass failed" in reason and "out of memory" in reason
     assert len(random_scans) == 3  # the random method still ran on the scan whose backbone pass failed
-    harness.clear_process_caches()
 
 
 # ------------------------------------------------------------------------------------------------------ ray

@@ -1,4 +1,4 @@
-"""Tests for evals.metrics: the official AU-PRO value, brute-force cross-checks and hand-made region cases."""
+"""Tests for evals.metrics and evals.regions: the official AU-PRO value, brute-force cross-checks and hand-made region cases."""
 
 from __future__ import annotations
 
@@ -7,21 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from evals.regions import false_region_rate, point_regions, region_hits, region_recall
 from evals.metrics import (
-    GridAUPRO,
-    ObjectAUROC,
-    PointAUPRO,
-    PointAUROC,
     au_pro,
     au_pro_points,
-    false_region_rate,
-    markdown_table,
     mean_table,
     o_auroc,
     p_auroc,
-    point_regions,
     pro_curve,
-    region_recall,
 )
 
 
@@ -145,16 +138,6 @@ def test_au_pro_is_nan_without_regions_and_rejects_bad_input() -> None:
         au_pro(maps, [np.eye(5)], fpr_limit=0.0)
 
 
-def test_grid_class_equals_function() -> None:
-    rng = np.random.default_rng(4)
-    gts = [random_gt(rng, (10, 12)) for _ in range(3)]
-    maps = [rng.random(gt.shape) + 0.2 * gt for gt in gts]
-    metric = GridAUPRO(fpr_limit=0.3)
-    for m, gt in zip(maps, gts):
-        metric.update(m, gt)
-    assert metric.compute() == au_pro(maps, gts, 0.3)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # AU-PRO on points
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,10 +157,6 @@ def test_point_variant_on_a_grid_equals_grid_variant() -> None:
     # radius 1.0 is 4-connectivity: the diagonal squares split into two regions and the number changes.
     assert au_pro_points(points, scores, masks, radius=1.0) != pytest.approx(au_pro(maps, gts), abs=1e-9)
 
-    metric = PointAUPRO(fpr_limit=0.3, radius=1.5)
-    for p, s, m in zip(points, scores, masks):
-        metric.update(p, s, m)
-    assert metric.compute() == au_pro_points(points, scores, masks, radius=1.5)
 
 
 def test_point_regions_radius_and_knn() -> None:
@@ -218,13 +197,6 @@ def test_o_auroc_and_p_auroc_match_pair_count() -> None:
     expected = pair_count_auc(np.concatenate(point_scores), np.concatenate(point_masks).astype(int))
     assert p_auroc(point_scores, point_masks) == pytest.approx(expected, abs=1e-12)
 
-    object_metric, point_metric = ObjectAUROC(), PointAUROC()
-    for s, label in zip(scores, labels):
-        object_metric.update(s, label)
-    for s, m in zip(point_scores, point_masks):
-        point_metric.update(s, m)
-    assert object_metric.compute() == o_auroc(scores, labels)
-    assert point_metric.compute() == p_auroc(point_scores, point_masks)
 
 
 def test_auroc_nan_with_one_class_and_errors_on_bad_labels() -> None:
@@ -259,6 +231,8 @@ def test_region_recall_hand_made() -> None:
     flagged[13] = True
     assert region_recall(points, gt, flagged, min_overlap=2, radius=1.0) == 1.0
     assert math.isnan(region_recall(points, np.zeros(60, dtype=bool), flagged, radius=1.0))
+    assert region_hits(points, gt, flagged, radius=1.0) == (2, 2)  # the counts a report pools over scans
+    assert region_hits(points, np.zeros(60, dtype=bool), flagged, radius=1.0) == (0, 0)
 
 
 def test_false_region_rate_hand_made() -> None:
@@ -284,12 +258,3 @@ def test_mean_table_ignores_nan() -> None:
     assert math.isnan(mean_table({"a": {"x": math.nan}})["x"])
 
 
-def test_markdown_table_layout() -> None:
-    table = markdown_table(
-        {"bagel": {"o_auroc": 0.81234, "au_pro": math.nan}}, ["o_auroc", "au_pro"], digits=2
-    )
-    assert table.splitlines() == [
-        "|  | o_auroc | au_pro |",
-        "|:---|---:|---:|",
-        "| bagel | 0.81 | n/a |",
-    ]
