@@ -16,28 +16,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent.cli_args import context_window_arg, positive_int
+
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
-
-
-MIN_CONTEXT_WINDOW = 256
-
-
-def context_window_arg(text: str) -> int:
-    """--context-window: an int of at least MIN_CONTEXT_WINDOW tokens (argparse turns the error into exit 2)."""
-    value = _positive(text)
-    if value < MIN_CONTEXT_WINDOW:
-        raise argparse.ArgumentTypeError(f"must be at least {MIN_CONTEXT_WINDOW} tokens, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="suspects: the bank scores only the agent's regions; all: every point (full-bank baseline)")
     p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
     p.add_argument("--templates", help="folder of .j2 templates overriding prompts/ by file name")
-    p.add_argument("--max-turns", type=_positive, default=8)
-    p.add_argument("--max-tool-calls", type=_positive, default=16)
+    p.add_argument("--max-turns", type=positive_int, default=8)
+    p.add_argument("--max-tool-calls", type=positive_int, default=16)
     p.add_argument("--context-window", type=context_window_arg,
                    help="the LLM's context window in tokens (e.g. a llama.cpp server's "
                    "--n_ctx): the agent is asked to report before a request would not fit")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent.run import context_window_arg
+from agent.cli_args import context_window_arg
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
