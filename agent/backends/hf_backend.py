@@ -191,6 +191,7 @@ class _Decoder:
 
 class HFBackend:
     name = "hf"
+    uses_guidance = True  # the guidance is part of the prompt the model reads
 
     def __init__(self, model: str | None = None, *, gguf_file: str | None = None, constrained: bool = True,
                  max_new_tokens: int = 160, max_items: int = 3, max_string_tokens: int = 24,
