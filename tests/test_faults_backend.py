@@ -142,6 +142,22 @@ def test_a_key_echoed_while_probing_the_server_is_not_printed(scan_file, tmp_pat
     assert KEY not in terminal.out + terminal.err
 
 
+class ChattyChatModel:
+    """A chat model class whose constructor error repeats the arguments it was given, the key among them."""
+
+    def __init__(self, **kwargs: Any):
+        raise ValueError(f"cannot start with {kwargs}")
+
+
+def test_an_error_that_repeats_the_backend_kwargs_is_printed_without_the_key(scan_file, tmp_path, capsys):
+    pytest.importorskip("langchain_core")
+    code = run(scan_file, "--out", tmp_path / "out", "--backend", "langchain",
+               "--model", "tests.test_faults_backend:ChattyChatModel", "--backend-kwargs", json.dumps({"api_key": KEY}))
+    terminal = capsys.readouterr()
+    assert code == 2 and "bad backend options" in terminal.out and "[redacted]" in terminal.out
+    assert KEY not in terminal.out + terminal.err
+
+
 def test_log_records_are_scrubbed(caplog):
     with caplog.at_level(logging.INFO), redacted_logging(Redactor([KEY])):
         logging.getLogger("openai").info("request failed: Bearer %s", KEY)
