@@ -286,3 +286,16 @@ def test_a_backend_that_reads_guidance_is_reported_as_using_it(scan_file, tmp_pa
                "--model", "tests.test_faults_backend:ReportingChatModel") == 0
     report, _ = outputs(tmp_path)
     assert report["guidance"]["used"] is True and report["guidance"]["note"] is None
+
+
+def test_a_local_generation_past_its_time_runs_no_further_forward_pass():
+    """The hf backend is told the time left: a generation the loop gave up on stops at its next token instead of
+    competing with the fallback for the CPU (checked on the decoder, without loading a model)."""
+    import time
+
+    from agent.backends.hf_backend import HFBackend, _Decoder
+
+    assert HFBackend.accepts_seconds_left
+    decoder = _Decoder(model=None, tokenizer=None, torch=None, deadline=time.monotonic() - 1.0)
+    with pytest.raises(TimeoutError, match="time limit"):
+        decoder._forward([1, 2, 3])
