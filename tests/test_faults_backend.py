@@ -23,8 +23,8 @@ from agent.backends.base import LLMReply
 from agent.backends.policy import PolicyBackend
 from agent.loop import AgentBudget, run_agent
 from agent.secrets import Redactor, redacted_logging
+from scans.io import write_pcd
 from tests.tiny import part_scans
-from tools.io import write_pcd
 
 KEY = "sk-test-7f3a9c21e8b44d06a5d2"
 HOLD_SECONDS = 20.0

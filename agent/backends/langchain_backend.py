@@ -91,7 +91,8 @@ class LangChainBackend:
         try:
             import langchain_core  # noqa: F401
         except ImportError as err:
-            raise BackendUnavailable(f"langchain backend needs langchain-core: {err}") from err
+            raise BackendUnavailable(f"langchain backend needs the langchain extra (pip install 'scanagent[langchain]'): "
+                                      f"{err}") from err
         self.secrets = tuple(secrets_in(model_kwargs))  # e.g. api_key=...: scrubbed from everything the run writes
         self.chat_model = load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
         self.tool_choice = tool_choice
