@@ -5,6 +5,20 @@ from __future__ import annotations
 import argparse
 
 MIN_CONTEXT_WINDOW = 256
+# A backend's wall time per scan (AgentBudget.max_seconds): several times what a small local model takes on a 2-core
+# machine, far below what a hung server would cost under the openai SDK's timeout and retries.
+DEFAULT_MAX_SECONDS = 600.0
+
+
+def seconds_arg(text: str) -> float:
+    """--max-seconds: a positive, finite number of seconds (argparse turns the error into exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def context_window_arg(text: str) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.pipeline import InspectionConfig
+from agent.secrets import Redactor, secrets_in
 from evals.config import (
     BackendSpec,
     HarnessConfig,
@@ -161,6 +162,7 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "command": config.command,
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
+    meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
     atomic_write_json(out / RUN_FILE, meta, indent=1, sort_keys=True)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from agent.pipeline import InspectionConfig
+from agent.secrets import Redactor, secrets_in
 from evals.config import BackendSpec
 from evals.methods import REGISTRY as METHODS
 from evals.methods import MethodInput
@@ -155,7 +156,7 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, resources: Re
         inspection = inspect_scan(points, fitted, backend, config=ctx.inspection, transcript_path=transcript,
                                   analysis=analysis, use_fallback=ctx.fallback)
     except Exception as exc:  # noqa: BLE001 -- a failing backend is a result, not a crash
-        row.update(status="failed", reason=_failure(exc))
+        row.update(status="failed", reason=Redactor.for_run(secrets_in(spec.kwargs)).text(_failure(exc)))
         return ScanResult(row)
     outcome = inspection.outcome
     flagged = [np.asarray(r, dtype=np.int64) for r in inspection.flagged_regions()]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, resolve_ref
 from agent.backends.hf_decoder import Decoder
@@ -37,6 +38,8 @@ PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
 
 class HFBackend:
     name = "hf"
+    uses_guidance = True  # the guidance is part of the prompt the model reads
+    accepts_seconds_left = True  # chat(..., seconds_left=) stops generating by then (the loop's time budget)
 
     def __init__(self, model: str | None = None, *, gguf_file: str | None = None, constrained: bool = True,
                  max_new_tokens: int = 160, max_items: int = 3, max_string_tokens: int = 24,
@@ -47,7 +50,7 @@ class HFBackend:
             import torch
             import transformers
         except ImportError as err:
-            raise BackendUnavailable(f"hf backend needs torch and transformers: {err}") from err
+            raise BackendUnavailable(f"hf backend needs the hf extra (pip install 'scanagent[hf]'): {err}") from err
         self.torch = torch
         torch.manual_seed(seed)
         if threads is not None:  # on a shared machine, fewer threads than cores avoids oversubscription stalls
@@ -158,9 +161,12 @@ class HFBackend:
         dec.extend("}")
 
     # -- the Backend interface ----------------------------------------------------------------------------------------
-    def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
+    def chat(self, messages: list[dict], tools: list[dict], *, seconds_left: float | None = None) -> LLMReply:
+        """One reply; with `seconds_left` no forward pass starts after that many seconds (TimeoutError), so a call
+        the loop gave up on stops computing instead of competing with the fallback."""
+        deadline = None if seconds_left is None else time.monotonic() + seconds_left
         prompt = build_prompt(self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens)
-        dec = Decoder(self.model, self.tokenizer, self.torch)
+        dec = Decoder(self.model, self.tokenizer, self.torch, deadline)
         dec.set_text(prompt)
         prompt_tokens = len(dec.ids)
         self._calls += 1

