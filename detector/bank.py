@@ -5,7 +5,7 @@ Scoring a patch = Euclidean distance to its nearest bank feature. Two properties
 * Subset scoring is exact. The agent scores only the patches it asks about and the verifier (`--verify all`)
   scores every patch; both must agree bit for bit on shared patches. faiss's default flat search switches to a
   BLAS matrix product once a batch holds enough queries, and that changes the last bits of a distance with the
-  batch's composition (measured: 5 queries alone vs the same 5 inside a batch of 600 differed by 2.4e-4). While
+  batch's composition (docs/design.md: a few queries alone vs inside a large batch differ visibly). While
   scoring, this module therefore raises faiss's `distance_compute_blas_threshold` so every query is answered by
   faiss's per-query kernel: each row's result then depends only on that row and the bank, so
   `score(F[subset]) == score(F)[subset]` holds exactly, and cost is proportional to the rows given.

@@ -5,9 +5,9 @@ Everything takes and returns plain numpy arrays so callers (Point-MAE grouping, 
 never touch open3d objects. Open3D is used only where it is the well-kept implementation (normals, FPFH, RANSAC,
 ICP); the rest is vectorised numpy/scipy so it can be checked against brute force in the tests.
 
-kNN uses scipy's cKDTree rather than faiss: measured on this machine for 3-D points (30k points, 30k queries,
-k=20, 2 threads) cKDTree took 0.34 s and faiss IndexFlatL2 6.6 s; for 512 queries k=32 0.025 s vs 0.13 s. A k-d
-tree is the right structure for 3 dimensions; faiss is kept for the high-dimensional memory bank (tools/bank.py).
+kNN uses scipy's cKDTree rather than faiss: a k-d tree is the right structure for 3 dimensions and was several
+times faster here (docs/design.md has the timings); faiss is kept for the high-dimensional memory bank
+(detector/bank.py).
 """
 
 from __future__ import annotations

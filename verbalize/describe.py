@@ -181,5 +181,5 @@ def describe_scan(points: np.ndarray, point_stats: dict[str, np.ndarray] | None 
 
 def _row_tokens_estimate(n_stats: int) -> int:
     """Token cost of one overview row under `estimate_tokens`: id (1), three coordinates (~11), count (~2), cue (3) and
-    ~3.5 per z-score column (3 geometric + 2 per statistic). Measured ~49 for three statistics on random scans."""
+    ~3.5 per z-score column (3 geometric + 2 per statistic)."""
     return int(np.ceil(17 + 3.5 * (3 + 2 * n_stats)))
