@@ -330,50 +330,7 @@ def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 
     return examples
 
 
-HTML_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>scanagent eval: {{ data }}</title>
-<style>
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; font-size: 13px; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-th { background: #f2f2f2; }
-img { max-width: 100%; border: 1px solid #ddd; margin: 4px 0; }
-.note { color: #555; font-size: 14px; }
-.example { display: flex; gap: 8px; flex-wrap: wrap; }
-.example img { width: 48%; }
-code { background: #f4f4f4; padding: 1px 4px; }
-</style></head><body>
-<h1>Anomaly detection eval</h1>
-<p class="note">Dataset <code>{{ data }}</code>; classes: {{ classes|join(', ') }}. {{ limit }}</p>
-{% if command %}<p class="note">Command: <code>{{ command }}</code></p>{% endif %}
-<h2>Summary (means over classes)</h2>
-{{ main_table|safe }}
-<p class="note">AUROC / AU-PRO are computed over the scans that succeeded; failures are counted. "share verified" is the
-share of points the memory bank scored; seconds include the Point-MAE pass shared by the bank, recon and every backend.</p>
-{% if budget %}<p class="note">{{ budget }}</p>{% endif %}
-{% if failures %}<h3>Failures and fallbacks</h3><ul>
-{% for item in failures %}<li><b>{{ item.name }}</b> {{ item.what }} ×{{ item.count }}: {{ item.reason }}</li>{% endfor %}
-</ul>{% endif %}
-<h2>Accuracy vs cost</h2>
-<img src="{{ plots.verified }}" alt="accuracy vs share of points verified">
-<img src="{{ plots.tokens }}" alt="accuracy vs tokens per scan">
-<h2>Per class</h2>
-{{ class_table|safe }}
-<img src="{{ plots.per_class }}" alt="per-class bars">
-<h2>ROC curves</h2>
-<img src="{{ plots.roc }}" alt="ROC curves">
-{% if defect_table %}<h2>Per defect type</h2><p class="note">O-AUROC of each defect type against the normal scans
-(region recall of backends in brackets).</p>{{ defect_table|safe }}{% endif %}
-{% if examples %}<h2>Example scans</h2>
-{% for ex in examples %}<h3>{{ ex.class }}/{{ ex.scan }} ({{ ex.defect_type }}) — {{ ex.name }},
-object score {{ '%.4g'|format(ex.object_score) }}</h3>
-<div class="example"><img src="{{ ex.truth }}" alt="ground truth"><img src="{{ ex.flagged }}" alt="flagged"></div>
-{% if ex.regions %}<ol>{% for r in ex.regions %}<li>{{ r.verdict }} (confidence {{ '%.2f'|format(r.confidence) }},
-{{ r.n_points }} points): {{ r.reason }}</li>{% endfor %}</ol>{% endif %}
-{% endfor %}{% endif %}
-</body></html>
-"""
+HTML_TEMPLATE = Path(__file__).resolve().parent / "templates" / "report.html.j2"  # the page, in jinja2
 
 
 def _html_table(rows: list[tuple[str, dict]], columns: list[tuple[str, str, int]], first: str) -> str:
@@ -393,7 +350,7 @@ def write_html(out: Path, summary: dict, meta: dict, plots: dict[str, str], exam
     failures = [{"name": name, "what": what, "count": count, "reason": reason}
                 for name, what, reason, count in grouped_reasons(summary, limit=None)]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    page = environment.from_string(HTML_TEMPLATE).render(
+    page = environment.from_string(HTML_TEMPLATE.read_text(encoding="utf-8")).render(
         data=meta["data"], classes=classes, limit=limit_note(meta), command=meta.get("command"), budget=budget_note(meta),
         main_table=_html_table([(n, e.get("mean", {})) for n, e in summary.items()], _columns(summary),
                                "method / backend"),
@@ -403,9 +360,7 @@ def write_html(out: Path, summary: dict, meta: dict, plots: dict[str, str], exam
                                        for t in types}) for n, e in summary.items()],
                                  [(t, t, -1) for t in types], "method / backend") if types else "",
         failures=failures[:30], plots=plots, examples=examples)
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(out / "report.html", page)
 
 
 # ------------------------------------------------------------------------------------------------------ all of it
