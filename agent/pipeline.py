@@ -73,8 +73,8 @@ class Inspection:
         """The `report.json` document (the contract other tools read)."""
         v, o = self.verification, self.outcome
         regions = []
-        for verdict, members in zip(v.regions, self.flagged_regions()):
-            entry = verdict.to_dict()
+        for number, (verdict, members) in enumerate(zip(v.regions, self.flagged_regions()), start=1):
+            entry = {"id": number, **verdict.to_dict()}  # the number regions.png and viewer.html show
             if members.size:  # where to look, in the scan's own coordinates
                 entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
             regions.append(entry)

@@ -2,7 +2,8 @@
 
 Folder contract (other tools read it): `report.json`, `scores.npy` (one float32 per input point, input order),
 `scores.ply` (heat map: x,y,z, colour, float `anomaly`), `regions.png` (render of the scan with the flagged regions) and
-`transcript.jsonl` (written by the loop as it runs). `staged_dir` gives a scan its folder under a temporary name and
+`transcript.jsonl` (written by the loop as it runs) and `viewer.html` (agent.viewer: the same cloud in 3-D, offline). A
+folder run adds `index.html` in the output root (`write_index`). `staged_dir` gives a scan its folder under a temporary name and
 renames it into place only when everything was written, so a failed scan leaves no half-written output folder.
 """
 
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
+from agent.viewer import write_viewer
 from tools.io import write_scores
 from tools.render import render_regions_png
 
@@ -39,8 +41,21 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source: str, render: bool = True) -> Path:
-    """Write report.json, scores.npy/.ply and regions.png into `out_dir` (created; transcript left in place)."""
+def region_legend(regions: list[dict]) -> list[str]:
+    """One legend line per report.json region, numbered by its `id`: verdict, evidence and the whole reason."""
+    lines = []
+    for region in regions:
+        evidence = f"{region['point_count']} points, confidence {region['confidence']:.2f}"
+        if region.get("max_distance") is not None and region.get("threshold") is not None:
+            evidence += f", bank {region['max_distance']:.3g} vs threshold {region['threshold']:.3g}"
+        lines.append(f"{region['id']} {region['verdict']} ({evidence}): {region['reason']}")
+    return lines
+
+
+def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source: str, render: bool = True,
+                  seed: int = 0) -> Path:
+    """Write report.json, scores.npy/.ply, regions.png and viewer.html into `out_dir` (created; transcript left in
+    place). `render=False` skips both pictures (the PNG and the page)."""
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".outputs.", dir=target))
@@ -50,9 +65,12 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
         write_scores(tmp / "scores", inspection.points, inspection.point_scores)
         if render:
             regions = inspection.flagged_regions()
-            labels = [f"{v.verdict}: {v.reason[:40]}" for v in inspection.verification.regions]
-            render_regions_png(tmp / "regions.png", inspection.points, regions, labels,
-                               title=f"{Path(source).name}: object score {inspection.object_score:.3g}")
+            title = f"{Path(source).name}: object score {inspection.object_score:.3g}"
+            render_regions_png(tmp / "regions.png", inspection.points, regions, region_legend(report["regions"]),
+                               title=title, scores=inspection.point_scores,
+                               verdicts=[r["verdict"] for r in report["regions"]], seed=seed)
+            write_viewer(tmp / "viewer.html", inspection.points, inspection.point_scores, report, regions,
+                         title=title, seed=seed)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
@@ -77,11 +95,11 @@ def print_summary(inspection: Inspection, source: str, console: Console | None =
         console.print(f"  [yellow]registration doubtful[/yellow] (fitness {registration['fitness']:.2f}): the scan "
                       "does not align with the class template, so every score is suspect — is it the same part?")
     table = Table(show_header=True, header_style="bold")
-    for col in ("verdict", "patches", "points", "max dist", "conf", "reason"):
+    for col in ("#", "verdict", "patches", "points", "max dist", "conf", "reason"):
         table.add_column(col)
     for r in report["regions"]:
         dist = r.get("max_distance")
-        table.add_row(r["verdict"], ",".join(map(str, r["patch_ids"][:8])), str(r["point_count"]),
+        table.add_row(str(r["id"]), r["verdict"], ",".join(map(str, r["patch_ids"][:8])), str(r["point_count"]),
                       "-" if dist is None else f"{dist:.3g}", f"{r['confidence']:.2f}", r["reason"][:60])
     console.print(table)
     usage = report["usage"]

@@ -1,7 +1,8 @@
 """`python -m agent.run scan.ply [more scans | a folder] [--bank DIR] [--backend ...] [--out DIR]`.
 
-Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report). The model
-and the bank load once for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
+Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report); a run over a
+folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model and the bank load once
+for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
 3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline, no key.
 """
 
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-render", action="store_true", help="skip the PNG render")
+    p.add_argument("--no-render", action="store_true", help="skip the pictures (regions.png and viewer.html)")
     p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
     return p
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
     min_points = max(MIN_POINTS, 4 * fitted.config.backbone.group_size) if fitted is not None else MIN_POINTS
-    status, taken = EXIT_OK, set()
+    status, taken, written = EXIT_OK, set(), 0
     for path in scans:
         try:
             scan = read_scan(path, mesh_points=args.mesh_points, min_points=min_points, seed=args.seed)
@@ -172,15 +173,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
             with staged_dir(out_dir) as staging:
                 inspection = inspect_scan(scan.points, fitted, backend, config=config,
                                           transcript_path=staging / "transcript.jsonl")
-                write_outputs(inspection, staging, source=str(path), render=not args.no_render)
+                write_outputs(inspection, staging, source=str(path), render=not args.no_render, seed=args.seed)
         except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             status = EXIT_BAD_INPUT
             continue
+        written += 1
         print_summary(inspection, str(path), console)
-        console.print(f"  outputs: {out_dir}")
+        console.print(f"  outputs: {out_dir}" + ("" if args.no_render else f"  (open {out_dir / 'viewer.html'})"))
         if args.demo:
             _print_demo_check(inspection, path, console)
+    if written and (len(scans) > 1 or any(Path(raw).is_dir() for raw in args.scans)):
+        from agent.viewer import write_index
+
+        console.print(f"index of every scan in {out_root}: {write_index(out_root)}")
     if args.demo:
         console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     return status
