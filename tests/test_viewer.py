@@ -129,3 +129,16 @@ def test_index_lists_every_scan_folder_by_object_score(scan_folder, tmp_path):
     assert html.index('href="high/viewer.html"') < html.index('href="low/viewer.html"')
     assert "broken/report.json: unreadable" in html and "not-a-scan" not in html
     assert write_index(tmp_path / "not-a-scan") is None and not (tmp_path / "not-a-scan" / "index.html").exists()
+
+
+def test_report_legend_keeps_whole_reasons_and_numbers():
+    """regions.png's legend lines carry report.json's id and the whole reason (the longest a report allows)."""
+    from agent.report import region_legend
+
+    reason = ("dent " * 60)[:300]
+    regions = [{"id": 1, "verdict": "confirmed", "reason": reason, "point_count": 12, "confidence": 0.9,
+                "max_distance": 2.0, "threshold": 1.0},
+               {"id": 2, "verdict": "rejected", "reason": "ridge", "point_count": 5, "confidence": 0.4}]
+    first, second = region_legend(regions)
+    assert first.startswith("1 confirmed") and first.endswith(reason) and "2 vs threshold 1" in first
+    assert second.startswith("2 rejected") and second.endswith("ridge")

@@ -113,7 +113,9 @@
       ? new THREE.LineDashedMaterial({ color: new THREE.Color(style.color), dashSize: extent * 0.015,
         gapSize: extent * 0.012 })
       : new THREE.LineBasicMaterial({ color: new THREE.Color(style.color) });
+    lineMaterial.depthTest = false; // outlines stay visible through the cloud
     const outline = new THREE.LineSegments(edges, lineMaterial);
+    outline.renderOrder = 1;
     outline.position.copy(middle);
     if (style.dashed) outline.computeLineDistances();
     scene.add(outline);
