@@ -22,8 +22,8 @@ from rich.table import Table
 
 from agent.pipeline import Inspection
 from agent.viewer import write_viewer
-from tools.io import write_scores
-from tools.render import render_regions_png
+from scans.io import write_scores
+from scans.render import render_regions_png
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from agent.transcript import REDACTED, secrets_from_env
-from tools.render import HEAT_CMAP, VERDICT_STYLES, subsample_indices
+from scans.render import HEAT_CMAP, VERDICT_STYLES, subsample_indices
 
 MAX_VIEWER_POINTS = 200_000
 BACKGROUND = "#f4f4f4"   # light: the heat map's low end (inferno) is near black
