@@ -149,18 +149,20 @@ def test_a_template_syntax_error_exits_2_naming_file_and_line(bank, scans, tmp_p
     assert not out.exists()
 
 
-@pytest.mark.parametrize("body, expected", [
-    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "blocked by the sandbox"),  # reaches Python's internals
-    ("{{ tools_summary }} {{ no_such_variable }}", "'no_such_variable' is undefined"),
+@pytest.mark.parametrize("name, body, expected", [
+    ("system.j2", "{{ ''.__class__.__mro__[1].__subclasses__() }}", "blocked by the sandbox"),  # Python internals
+    ("system.j2", "{{ tools_summary }} {{ no_such_variable }}", "'no_such_variable' is undefined"),
+    # a tool result the loop would have turned into a failed call for the model, scan after scan
+    ("tool_result.j2", "{{ name }}: {{ data.no_such_key }}", "has no attribute 'no_such_key'"),
 ])
-def test_a_user_template_failing_at_render_time_exits_2_and_writes_nothing(bank, scans, tmp_path, capsys, body,
-                                                                           expected):
+def test_a_user_template_failing_at_render_time_exits_2_and_writes_nothing(bank, scans, tmp_path, capsys, name,
+                                                                           body, expected):
     templates, out = tmp_path / "templates", tmp_path / "out"
     templates.mkdir()
-    (templates / "system.j2").write_text(body)
+    (templates / name).write_text(body)
     assert run(scans / "part0.pcd", "--bank", bank, "--out", out, "--templates", templates) == 2
     printed = " ".join(capsys.readouterr().out.split())
-    assert f"{templates / 'system.j2'}:" in printed and expected in printed
+    assert f"{templates / name}:" in printed and expected in printed
     assert not out.exists()
 
 
