@@ -213,13 +213,13 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
             console.print(f"[red]bad output:[/red] {path}: {escape(str(exc))}")
             status = EXIT_BAD_INPUT
             continue
+        except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
+            console.print(f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}")
+            return EXIT_BAD_INPUT
         except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
             console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
             status = EXIT_BAD_INPUT
             continue
-        except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
-            console.print(f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}")
-            return EXIT_BAD_INPUT
         print_summary(inspection, str(path), console)
         console.print(f"  outputs: {out_dir}")
         if args.demo:
