@@ -20,11 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
-from tools import staging
-from tools.io import write_scores
-from tools.render import render_regions_png
+from scans import staging
+from scans.io import write_scores
+from scans.render import render_regions_png
 
-SCAN_OUTPUT_KIND = "scan output"  # the output marker's kind (tools.staging)
+SCAN_OUTPUT_KIND = "scan output"  # the output marker's kind (scans.staging)
 
 
 def staged_dir(out_dir: str | os.PathLike) -> AbstractContextManager[Path]:

@@ -19,11 +19,11 @@ from rich.console import Console
 import agent.fit as fit_cli
 import agent.pipeline
 import agent.run as run_cli
-import tools.detector
+import detector.fitted
 from agent.report import staged_dir
+from detector.fitted import FittedClass, fit_class
+from scans.io import write_pcd
 from tests.tiny import TINY_FIT, part_scans
-from tools.detector import FittedClass, fit_class
-from tools.io import write_pcd
 
 OWN_FILES = "report.json"  # one file every scan output holds
 
@@ -125,7 +125,7 @@ def test_fit_out_where_no_folder_can_be_made_fails_before_fitting(scans, tmp_pat
     def tripwire(*args, **kwargs):
         raise AssertionError("fitted although --out cannot be written")
 
-    monkeypatch.setattr(tools.detector, "fit_class", tripwire)
+    monkeypatch.setattr(detector.fitted, "fit_class", tripwire)
     for out in unwritable_places(tmp_path):
         code, text = fit("--train", scans, "--out", out, "--feature", "fpfh")
         assert code == fit_cli.EXIT_BAD_INPUT, text

@@ -26,8 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from tools.bank import MemoryBank
-from tools.pointmae import (
+from detector.bank import MemoryBank
+from detector.pointmae import (
     PatchFeatures,
     PointMAE,
     PointMAEConfig,
@@ -39,8 +39,8 @@ from tools.pointmae import (
     load_backbone,
     save_backbone,
 )
-from tools.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
-from tools.staging import OutputError, check_replaceable, check_writable, staged_dir
+from detector.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
+from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
 
 DETECTOR_VERSION = 1
 # Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
@@ -53,7 +53,7 @@ INFERENCE_THREADS = 1
 TRAIN_THREADS = 1
 FORMAT_NAME = "scanagent-fitted-class"
 META_FILE = "fitted.json"
-FIT_KIND = "fitted class"  # the output marker's kind (tools.staging)
+FIT_KIND = "fitted class"  # the output marker's kind (scans.staging)
 FeatureKind = Literal["pointmae", "fpfh"]
 ProgressFn = Callable[[str, int, int], None]
 
@@ -234,7 +234,7 @@ class FittedClass:
         seed = self.config.seed if seed is None else seed
         cfg = self.config.backbone
         if self.config.feature == "fpfh":
-            from tools.btf import btf_patch_features
+            from detector.btf import btf_patch_features
 
             centers, group_idx, feats = btf_patch_features(points, num_groups=cfg.inference_groups,
                                                            group_size=cfg.group_size, scale=self.scale, seed=seed)
@@ -505,7 +505,7 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         timings["register_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     if config.feature == "pointmae":
-        from tools.pointmae_train import train_pointmae
+        from detector.pointmae_train import train_pointmae
 
         def report(step: int, loss: float) -> None:
             if progress is not None:
@@ -574,8 +574,8 @@ def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
                         seed: int) -> tuple[list[np.ndarray], list[float]]:
     """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
     coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
-    from tools.geometry import voxel_downsample
-    from tools.registration import COORD_VOXEL_SHARE
+    from detector.registration import COORD_VOXEL_SHARE
+    from scans.geometry import voxel_downsample
 
     first = scans[0]
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
