@@ -142,3 +142,13 @@ def test_report_legend_keeps_whole_reasons_and_numbers():
     first, second = region_legend(regions)
     assert first.startswith("1 confirmed") and first.endswith(reason) and "2 vs threshold 1" in first
     assert second.startswith("2 rejected") and second.endswith("ridge")
+
+
+def test_index_leaves_a_users_own_index_html_alone(scan_folder, tmp_path):
+    (tmp_path / "scan").mkdir()
+    (tmp_path / "scan" / "report.json").write_text((scan_folder / "report.json").read_text())
+    (tmp_path / "index.html").write_text("my own page")
+    assert write_index(tmp_path) is None
+    assert (tmp_path / "index.html").read_text() == "my own page"
+    (tmp_path / "index.html").unlink()
+    assert write_index(tmp_path) is not None and write_index(tmp_path) is not None  # its own index it replaces

@@ -18,6 +18,7 @@ from jinja2 import Environment
 from agent.viewer.page import redact, write_text_atomic
 
 INDEX_NAME = "index.html"
+GENERATOR = '<meta name="generator" content="scanagent index">'  # an index.html without it is the user's: kept
 
 
 def _row(folder: Path) -> dict:
@@ -45,8 +46,12 @@ def _row(folder: Path) -> dict:
 
 
 def write_index(out_root: str | os.PathLike) -> Path | None:
-    """Write `<out_root>/index.html` over every scan folder in it (one holding report.json); None if there is none."""
+    """Write `<out_root>/index.html` over every scan folder in it (one holding report.json); None if there is none, or
+    if an index.html there was not written by scanagent (it is left alone)."""
     root = Path(out_root)
+    existing = root / INDEX_NAME
+    if existing.exists() and (not existing.is_file() or GENERATOR not in existing.read_text(errors="replace")):
+        return None
     folders = sorted(p for p in root.iterdir() if p.is_dir() and (p / "report.json").is_file()) if root.is_dir() else []
     if not folders:
         return None
