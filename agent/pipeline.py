@@ -17,10 +17,12 @@ from typing import Literal
 import numpy as np
 
 from agent.backends import Backend, get_backend
+from agent.explain import region_explanation, scan_summary
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
 from tools.agent_tools import ScanContext, ToolBox
+from tools.calibration import verdict_of
 from tools.detector import FittedClass, ScanAnalysis
 from tools.patches import Patches, PatchTable
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
@@ -77,9 +79,15 @@ class Inspection:
             entry = verdict.to_dict()
             if members.size:  # where to look, in the scan's own coordinates
                 entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
+            entry["explanation"] = region_explanation(entry, self.table, v.mode)
             regions.append(entry)
+        verdict = verdict_of(v.object_score, v.object_threshold)
         return {
             "object_score": float(v.object_score),
+            "verdict": verdict,
+            "threshold": None if v.object_threshold is None else round(float(v.object_threshold), 6),
+            "summary": scan_summary(verdict, float(v.object_score), v.object_threshold, regions, v.mode,
+                                    self.registration),
             "verified_fraction": round(v.verified_fraction, 6),
             "verify_mode": self.verify_mode,
             "mode": v.mode,

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
-from tools.io import write_scores
+from tools.io import umask_mode, write_scores
 from tools.render import render_regions_png
 
 
@@ -32,6 +32,10 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
+        os.chmod(staging, umask_mode(directory=True))  # mkdtemp's 0700 would make the folder private
+        for item in staging.iterdir():
+            if item.is_file():
+                os.chmod(item, umask_mode())  # e.g. the transcript, written by the loop
         if target.exists():
             shutil.rmtree(target)  # a rerun replaces the previous outputs of this scan
         os.replace(staging, target)
@@ -51,38 +55,48 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
         if render:
             regions = inspection.flagged_regions()
             labels = [f"{v.verdict}: {v.reason[:40]}" for v in inspection.verification.regions]
+            verdict = report["verdict"] or "no verdict"
             render_regions_png(tmp / "regions.png", inspection.points, regions, labels,
-                               title=f"{Path(source).name}: object score {inspection.object_score:.3g}")
+                               title=f"{Path(source).name}: {verdict}, object score {inspection.object_score:.3g}")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         for item in tmp.iterdir():
+            os.chmod(item, umask_mode())  # one mode for every output file
             os.replace(item, target / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def print_summary(inspection: Inspection, source: str, console: Console | None = None) -> None:
-    """A readable summary: regions, reasons, verdicts, object score, share verified, tokens, time."""
+def print_summary(inspection: Inspection, source: str, console: Console | None = None, *,
+                  regions_table: bool = True) -> None:
+    """A readable summary: verdict, object score, share verified, regions with their reasons, tokens, time.
+    `regions_table=False` leaves the regions out (a run over many scans ends with one table instead)."""
     console = console or Console()
     report = inspection.report()
     fallback = report["fallback"]
-    head = (f"[bold]{source}[/bold]  object score [bold]{report['object_score']:.4g}[/bold]  "
+    colour = {"defective": "red", "normal": "green"}.get(report["verdict"], "yellow")
+    verdict = (report["verdict"] or "no verdict (uncalibrated)").upper()
+    threshold = "" if report["threshold"] is None else f" (threshold {report['threshold']:.4g})"
+    head = (f"[bold]{source}[/bold]  [bold {colour}]{verdict}[/bold {colour}]  "
+            f"object score [bold]{report['object_score']:.4g}[/bold]{threshold}  "
             f"verified {100 * report['verified_fraction']:.1f}% of {report['n_points']} points  "
             f"backend {report['backend']}" + (f" -> fallback {report['reporting_backend']}" if fallback["used"] else ""))
     console.print(head)
+    console.print(f"  {report['summary']}", markup=False)
     if fallback["used"]:
         console.print(f"  [yellow]fallback:[/yellow] {fallback['reason']}")
     registration = report.get("registration")
     if registration and registration["doubtful"]:
         console.print(f"  [yellow]registration doubtful[/yellow] (fitness {registration['fitness']:.2f}): the scan "
                       "does not align with the class template, so every score is suspect — is it the same part?")
+    if not regions_table:
+        return
     table = Table(show_header=True, header_style="bold")
-    for col in ("verdict", "patches", "points", "max dist", "conf", "reason"):
-        table.add_column(col)
+    for col in ("verdict", "patches", "points", "conf", "why (verifier)", "agent's reason"):
+        table.add_column(col, overflow="fold")
     for r in report["regions"]:
-        dist = r.get("max_distance")
         table.add_row(r["verdict"], ",".join(map(str, r["patch_ids"][:8])), str(r["point_count"]),
-                      "-" if dist is None else f"{dist:.3g}", f"{r['confidence']:.2f}", r["reason"][:60])
+                      f"{r['confidence']:.2f}", r["explanation"].split(": ", 1)[-1], r["reason"][:60])
     console.print(table)
     usage = report["usage"]
     console.print(f"  tokens {usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, "

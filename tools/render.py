@@ -16,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from tools.io import umask_mode
+
 # (elevation, azimuth) in degrees for matplotlib's 3-D axes.
 # Views assume z is up (MVTec 3D-AD, Real3D-AD); a y-up scan (Stanford bunny) shows "top" as a side view.
 VIEWS: dict[str, tuple[float, float]] = {
@@ -94,6 +96,7 @@ def _save(figure: Figure, path) -> Path:
     os.close(handle)
     try:
         figure.savefig(temp, dpi=DPI, format="png")
+        os.chmod(temp, umask_mode())
         os.replace(temp, target)
     finally:
         Path(temp).unlink(missing_ok=True)
