@@ -33,9 +33,6 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         os.chmod(staging, umask_mode(directory=True))  # mkdtemp's 0700 would make the folder private
-        for item in staging.iterdir():
-            if item.is_file():
-                os.chmod(item, umask_mode())  # e.g. the transcript, written by the loop
         if target.exists():
             shutil.rmtree(target)  # a rerun replaces the previous outputs of this scan
         os.replace(staging, target)
@@ -60,7 +57,6 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
                                title=f"{Path(source).name}: {verdict}, object score {inspection.object_score:.3g}")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
         for item in tmp.iterdir():
-            os.chmod(item, umask_mode())  # one mode for every output file
             os.replace(item, target / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
