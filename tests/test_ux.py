@@ -63,11 +63,6 @@ def test_a_fit_saves_an_object_threshold_above_its_normal_object_scores(fitted, 
     assert FittedClass.load(fitted.save(tmp_path / "fit")).thresholds[OBJECT_THRESHOLD] == t[OBJECT_THRESHOLD]
 
 
-def test_one_training_scan_gives_no_threshold():
-    one = fit_class(part_scans(1, 2500, seed=0), replace(TINY_FIT, feature="fpfh"))
-    assert OBJECT_THRESHOLD not in one.thresholds
-
-
 def test_report_says_defective_or_normal_against_the_class_threshold(fitted, scan, analysis):
     policy = get_backend("policy")
     report = inspect_scan(scan, fitted, policy, analysis=analysis).report()
