@@ -92,10 +92,12 @@ def check_phrase(region: dict, mode: str) -> str:
     if region["verdict"] == "skipped":
         return "not verified (the memory bank's budget was spent on likelier regions)"
     top, limit = region.get("max_distance"), region.get("threshold")
-    against = "the class's normal limit" if mode == "bank" else "the scan's own far patches' typical distance"
     if top is None or not limit:
         return f"{region['verdict']} (no normal limit to compare with)"
-    return f"{region['verdict']}: memory-bank distance {top / limit:.2f}x {against}"
+    if mode != "bank":
+        return f"{region['verdict']}: {top / limit:.2f}x the typical distance to the scan's own far patches"
+    within = " (within normal)" if region["verdict"] == "rejected" else ""
+    return f"{region['verdict']} by the memory bank: {top / limit:.2f}x the class's normal patch limit{within}"
 
 
 def region_explanation(region: dict, table: PatchTable, mode: str) -> str:
@@ -108,7 +110,7 @@ def scan_summary(verdict: str | None, object_score: float, threshold: float | No
                  mode: str, registration: dict | None = None) -> str:
     """The one line a reader needs: defective or normal, against which threshold, and the strongest reason."""
     confirmed = [r for r in regions if r["verdict"] == "confirmed"]
-    counted = f"{len(confirmed)} of {len(regions)} suspect regions confirmed"
+    counted = f"{len(confirmed)} of {len(regions)} suspect regions above the normal patch limit"
     if verdict is None:
         why = ("zero-shot mode has no normal scans to calibrate on" if mode != "bank"
                else "this fit has no object threshold; refit the class to get one")

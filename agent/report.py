@@ -92,7 +92,7 @@ def print_summary(inspection: Inspection, source: str, console: Console | None =
         table.add_column(col, overflow="fold")
     for r in report["regions"]:
         table.add_row(r["verdict"], ",".join(map(str, r["patch_ids"][:8])), str(r["point_count"]),
-                      f"{r['confidence']:.2f}", r["explanation"].split(": ", 1)[-1], r["reason"][:60])
+                      f"{r['confidence']:.2f}", r["explanation"], r["reason"][:60])
     console.print(table)
     usage = report["usage"]
     console.print(f"  tokens {usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, "

@@ -80,15 +80,16 @@ def write_run_summary(rows: list[ScanRow], out_root: str | os.PathLike) -> tuple
 def print_run_summary(rows: list[ScanRow], console: Console) -> None:
     """One table over every scan of the run, then the verdict counts."""
     table = Table(show_header=True, header_style="bold", title="run summary")
-    for col in ("scan", "verdict", "object score", "threshold", "regions", "seconds"):
-        table.add_column(col, overflow="fold")
+    table.add_column("scan", no_wrap=True)
+    for col in ("verdict", "object score", "threshold", "regions confirmed", "seconds"):
+        table.add_column(col, no_wrap=True)
     colours = {"defective": "red", "normal": "green", "failed": "red"}
     for row in rows:
         colour = colours.get(row.verdict, "yellow")
         table.add_row(Path(row.scan).name, f"[{colour}]{row.verdict}[/{colour}]",
                       "-" if row.object_score is None else f"{row.object_score:.4g}",
                       "-" if row.threshold is None else f"{row.threshold:.4g}",
-                      f"{row.confirmed_regions} / {row.regions} confirmed", f"{row.seconds:.2f}")
+                      f"{row.confirmed_regions} of {row.regions}", f"{row.seconds:.2f}")
     console.print(table)
     counts = {v: sum(r.verdict == v for r in rows) for v in ("defective", "normal", "no verdict", "failed")}
     console.print("  " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))

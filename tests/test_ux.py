@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tomllib
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from agent.pipeline import inspect_scan
 from evals.bench import build_benchmark, class_list
 from tests.tiny import TINY_FIT, part_scans
 from tools.calibration import OBJECT_THRESHOLD, object_threshold, verdict_of
-from tools.detector import FittedClass, fit_class
+from tools.detector import FittedClass
 from tools.io import write_pcd
 from verbalize import describe_scan
 
@@ -122,7 +121,7 @@ def test_every_region_of_a_report_has_an_explanation(fitted, scan, analysis):
     for region in report["regions"]:
         assert region["explanation"].startswith((region["verdict"], "not verified"))
         if region["verdict"] != "skipped":
-            assert "x the class's normal limit" in region["explanation"]
+            assert "x the class's normal patch limit" in region["explanation"]
 
 
 # --------------------------------------------------------------------------------------------- folder runs
