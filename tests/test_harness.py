@@ -84,6 +84,10 @@ def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
     policy = summary["policy"]["mean"]
     assert 0.0 <= policy["region_recall"] <= 1.0 and 0.0 < policy["verified_fraction"] <= 0.2
     assert summary["pointmae-bank"]["mean"]["verified_fraction"] == 1.0
+    for name in ("pointmae-bank", "policy"):  # calibrated verdicts: shares of normal / defective scans called defective
+        mean = summary[name]["mean"]
+        assert 0.0 <= mean["false_alarm_rate"] <= 1.0 and 0.0 <= mean["detection_rate"] <= 1.0, name
+    assert all(r["verdict"] in ("defective", "normal") for r in rows if r["name"] in ("pointmae-bank", "policy"))
     assert summary["pointmae-bank"]["flange"]["fit_s"] > 0
 
     table = (quick_run / "table.md").read_text()
