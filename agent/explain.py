@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tools.patches import PatchTable
+from scans.patches import PatchTable
 
 NOTABLE_Z = 2.0      # a statistic is worth a phrase when some patch of the region is this many robust SDs off
 MAX_PHRASES = 2      # evidence phrases per region, strongest first

@@ -21,10 +21,10 @@ from agent.explain import region_explanation, scan_summary
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
+from detector.calibration import verdict_of
+from detector.fitted import FittedClass, ScanAnalysis
+from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
-from tools.calibration import verdict_of
-from tools.detector import FittedClass, ScanAnalysis
-from tools.patches import Patches, PatchTable
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
 
 VerifyMode = Literal["suspects", "all"]

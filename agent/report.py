@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
-from tools.io import umask_mode, write_scores
-from tools.render import render_regions_png
+from scans.io import umask_mode, write_scores
+from scans.render import render_regions_png
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tools.io import umask_mode
+from scans.io import umask_mode
 
 SUMMARY_FIELDS = ("scan", "verdict", "object_score", "threshold", "regions", "confirmed_regions", "seconds",
                   "outputs", "summary")

@@ -82,6 +82,7 @@ def make_config(args: argparse.Namespace):
     """The HarnessConfig for parsed arguments (raises HarnessError/ValueError on bad combinations)."""
     from agent.loop import AgentBudget
     from agent.pipeline import InspectionConfig
+    from detector.fitted import DetectorConfig
     from evals.harness import (
         DEFAULT_METHODS,
         HarnessConfig,
@@ -90,7 +91,6 @@ def make_config(args: argparse.Namespace):
         parse_backend,
         quick_detector_config,
     )
-    from tools.detector import DetectorConfig
 
     out = Path(args.out)
     if args.quick:
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evals.datasets import DatasetError
+    from detector.fitted import FitError
     from evals.harness import HarnessError, run_harness
-    from tools.detector import FitError
+    from scans.datasets import DatasetError
 
     try:
         config = make_config(args)

@@ -23,11 +23,11 @@ from agent import cli
 from agent.backends import get_backend
 from agent.explain import evidence_phrases
 from agent.pipeline import inspect_scan
-from evals.bench import build_benchmark, class_list
+from detector.calibration import OBJECT_THRESHOLD, object_threshold, verdict_of
+from detector.fitted import FittedClass
+from scans.bench import build_benchmark, class_list
+from scans.io import write_pcd
 from tests.tiny import TINY_FIT, part_scans
-from tools.calibration import OBJECT_THRESHOLD, object_threshold, verdict_of
-from tools.detector import FittedClass
-from tools.io import write_pcd
 from verbalize import describe_scan
 
 ROOT = Path(__file__).resolve().parents[1]

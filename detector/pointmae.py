@@ -430,7 +430,7 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
 def train_pointmae(scans: list[np.ndarray], config: PointMAEConfig, **kwargs: Any) -> PointMAE:
     """Fit a backbone on a class's templates; see :func:`tools.pointmae_train.train_pointmae` (lives there with the
     augmentation so this file stays the model)."""
-    from tools.pointmae_train import train_pointmae as _train
+    from detector.pointmae_train import train_pointmae as _train
 
     return _train(scans, config, **kwargs)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.pcd import decode_pcd_body, parse_pcd_header
-from tools.ply import parse_ply_header, ply_binary_bytes, read_ply_vertices
+from scans.pcd import decode_pcd_body, parse_pcd_header
+from scans.ply import parse_ply_header, ply_binary_bytes, read_ply_vertices
 
 MIN_POINTS = 64  # what the detector needs at least
 DEFAULT_MAX_POINTS = 50_000_000

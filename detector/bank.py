@@ -30,7 +30,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from tools.sampling import KCenterGreedy
+from detector.sampling import KCenterGreedy
 
 __all__ = [
     "BANK_VERSION",

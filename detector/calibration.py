@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from tools.bank import MemoryBank
+from detector.bank import MemoryBank
 
 OBJECT_THRESHOLD = "object_threshold"   # key in FittedClass.thresholds (saved in fitted.json)
 Verdict = Literal["defective", "normal"]
