@@ -24,8 +24,8 @@ def _help() -> str:
     width = max(map(len, COMMANDS))
     lines = [USAGE, "", "commands:"]
     lines += [f"  {name:<{width}}  {what}  (= python -m {module})" for name, (module, what) in COMMANDS.items()]
-    lines += ["", ("exit codes: 0 ok, 2 bad input, 3 backend unavailable (run), 1 some results failed (eval) or problems found (datasets), "
-                   "130 interrupted")]
+    lines += ["", ("exit codes: 0 ok, 2 bad input, 3 backend unavailable (run), 1 some results failed (eval) "
+                   "or problems found (datasets), 130 interrupted")]
     return "\n".join(lines)
 
 
