@@ -277,7 +277,7 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
         ours = type(exc) is ValueError
         problem = str(exc) if ours else f"unreadable or corrupt file ({type(exc).__name__})"
         raise ScanError(source, problem) from None
-    except Exception as exc:  # noqa: BLE001 -- third-party parsers (trimesh, tifffile) raise many types on corrupt input
+    except Exception as exc:  # noqa: BLE001 -- third-party parsers (trimesh, tifffile) raise many types
         raise ScanError(source, f"unreadable or corrupt file ({type(exc).__name__})") from None
 
     if len(raw.points) > max_points:
