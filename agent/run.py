@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+import jinja2
 from rich.console import Console
+from rich.markup import escape
 
 from agent.quiet import quiet_third_party
 from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
@@ -149,6 +151,36 @@ def _unique_dir(root: Path, stem: str, taken: set[str]) -> Path:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from scans.staging import OutputError, check_writable
+    from verbalize import TemplateFolderError, check_templates
+
+    out_root = Path(args.out)
+    started = time.perf_counter()
+    try:  # before any work: a run that cannot write its outputs, or render its prompts, should not start
+        if args.templates is not None:
+            check_templates(args.templates)
+        check_writable(out_root, "--out folder")
+    except (TemplateFolderError, OutputError) as exc:
+        console.print(f"[red]bad option:[/red] {escape(str(exc))}")
+        return EXIT_BAD_INPUT
+    root_existed = out_root.exists()
+    try:
+        return _run_checked(args, console, out_root, started)
+    finally:
+        _remove_if_empty(out_root, root_existed)
+
+
+def _remove_if_empty(folder: Path, existed: bool) -> None:
+    """A run that wrote nothing leaves no empty --out folder behind (one that was there before stays)."""
+    if not existed:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (outputs were written), or not there
+
+
+def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, started: float) -> int:
+    """The run once its --out and --templates are known to be usable."""
     from agent.backends import BackendUnavailable
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
@@ -157,9 +189,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from detector.fitted import FitError, FittedClass
     from detector.registration import RegistrationError
     from scans.io import MIN_POINTS, ScanError, read_scan
+    from scans.staging import OutputError
+    from verbalize import template_error_message
 
-    out_root = Path(args.out)
-    started = time.perf_counter()
     if args.demo:
         from agent.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
 
@@ -223,6 +255,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
         except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
+            status = EXIT_BAD_INPUT
+            continue
+        except OutputError as exc:  # checked before the scan is scored; the other scans go on
+            console.print(f"[red]bad output:[/red] {path}: {escape(str(exc))}")
+            rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
+            status = EXIT_BAD_INPUT
+            continue
+        except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
+            console.print(f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}")
+            return EXIT_BAD_INPUT
+        except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
+            console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
+            rows.append(ScanRow.failed(str(path), f"{path}: {out_dir}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
         print_summary(inspection, str(path), console, regions_table=args.verbose or not several)
