@@ -18,10 +18,12 @@ import jinja2
 import numpy as np
 
 from agent.backends import Backend, get_backend
+from agent.explain import region_explanation, scan_summary
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
+from detector.calibration import verdict_of
 from detector.fitted import FittedClass, ScanAnalysis
 from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
@@ -80,9 +82,15 @@ class Inspection:
             entry = {"id": number, **verdict.to_dict()}  # the number regions.png and viewer.html show
             if members.size:  # where to look, in the scan's own coordinates
                 entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
+            entry["explanation"] = region_explanation(entry, self.table, v.mode)
             regions.append(entry)
+        verdict = verdict_of(v.object_score, v.object_threshold)
         return {
             "object_score": float(v.object_score),
+            "verdict": verdict,
+            "threshold": None if v.object_threshold is None else round(float(v.object_threshold), 6),
+            "summary": scan_summary(verdict, float(v.object_score), v.object_threshold, regions, v.mode,
+                                    self.registration),
             "verified_fraction": round(v.verified_fraction, 6),
             "verify_mode": self.verify_mode,
             "mode": v.mode,

@@ -59,7 +59,8 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
         write_scores(tmp / "scores", inspection.points, inspection.point_scores)
         if render:
             regions = inspection.flagged_regions()
-            title = f"{Path(source).name}: object score {inspection.object_score:.3g}"
+            verdict = report["verdict"] or "no verdict"
+            title = f"{Path(source).name}: {verdict}, object score {inspection.object_score:.3g}"
             render_regions_png(tmp / "regions.png", inspection.points, regions, region_legend(report["regions"]),
                                title=title, scores=inspection.point_scores,
                                verdicts=[r["verdict"] for r in report["regions"]], seed=seed)
@@ -73,15 +74,22 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
     return target
 
 
-def print_summary(inspection: Inspection, source: str, console: Console | None = None) -> None:
-    """A readable summary: regions, reasons, verdicts, object score, share verified, tokens, time."""
+def print_summary(inspection: Inspection, source: str, console: Console | None = None, *,
+                  regions_table: bool = True) -> None:
+    """A readable summary: verdict, object score, share verified, regions with their reasons, tokens, time.
+    `regions_table=False` leaves the regions out (a run over many scans ends with one table instead)."""
     console = console or Console()
     report = inspection.report()
     fallback = report["fallback"]
-    head = (f"[bold]{source}[/bold]  object score [bold]{report['object_score']:.4g}[/bold]  "
+    colour = {"defective": "red", "normal": "green"}.get(report["verdict"], "yellow")
+    verdict = (report["verdict"] or "no verdict (uncalibrated)").upper()
+    threshold = "" if report["threshold"] is None else f" (threshold {report['threshold']:.4g})"
+    head = (f"[bold]{source}[/bold]  [bold {colour}]{verdict}[/bold {colour}]  "
+            f"object score [bold]{report['object_score']:.4g}[/bold]{threshold}  "
             f"verified {100 * report['verified_fraction']:.1f}% of {report['n_points']} points  "
             f"backend {report['backend']}" + (f" -> fallback {report['reporting_backend']}" if fallback["used"] else ""))
     console.print(head)
+    console.print(f"  {report['summary']}", markup=False)
     if fallback["used"]:
         console.print(f"  [yellow]fallback:[/yellow] {fallback['reason']}")
     guidance = report.get("guidance")
@@ -91,13 +99,16 @@ def print_summary(inspection: Inspection, source: str, console: Console | None =
     if registration and registration["doubtful"]:
         console.print(f"  [yellow]registration doubtful[/yellow] (fitness {registration['fitness']:.2f}): the scan "
                       "does not align with the class template, so every score is suspect — is it the same part?")
+    if not regions_table:
+        return
     table = Table(show_header=True, header_style="bold")
-    for col in ("#", "verdict", "patches", "points", "max dist", "conf", "reason"):
-        table.add_column(col)
+    for col in ("#", "verdict", "patches", "points", "max dist", "conf", "why (verifier)", "agent's reason"):
+        table.add_column(col, overflow="fold")
     for r in report["regions"]:
         dist = r.get("max_distance")
         table.add_row(str(r["id"]), r["verdict"], ",".join(map(str, r["patch_ids"][:8])), str(r["point_count"]),
-                      "-" if dist is None else f"{dist:.3g}", f"{r['confidence']:.2f}", r["reason"][:60])
+                      "-" if dist is None else f"{dist:.3g}", f"{r['confidence']:.2f}", r["explanation"],
+                      r["reason"][:60])
     console.print(table)
     usage = report["usage"]
     console.print(f"  tokens {usage.get('prompt_tokens', 0)} in / {usage.get('completion_tokens', 0)} out, "

@@ -642,7 +642,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Summarise a dataset tree; exit 0 clean, 1 problems found, 2 bad spec/root/class."""
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(prog="python -m evals.datasets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evals.datasets", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  scanagent datasets anomaly-shapenet:dev-bench --classes flange,gear --json out.json\n"
+               "  (`python -m evals.datasets ...` is the same command)\n\n"
+               "exit codes: 0 clean, 1 problems found in the tree, 2 bad spec, root or class")
     parser.add_argument("spec", help=f"<layout>:<root>, layout one of {', '.join(LAYOUTS)}")
     parser.add_argument("--classes", help="comma-separated classes (default: all)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")

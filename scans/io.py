@@ -277,7 +277,7 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
         ours = type(exc) is ValueError
         problem = str(exc) if ours else f"unreadable or corrupt file ({type(exc).__name__})"
         raise ScanError(source, problem) from None
-    except Exception as exc:  # third-party parsers (trimesh, tifffile) raise many types on corrupt input
+    except Exception as exc:  # noqa: BLE001 -- third-party parsers (trimesh, tifffile) raise many types
         raise ScanError(source, f"unreadable or corrupt file ({type(exc).__name__})") from None
 
     if len(raw.points) > max_points:
@@ -312,6 +312,16 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
 
 # ---------------------------------------------------------------- writers
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the process's umask (0644/0755 under umask 022).
+
+    Why: temp files from tempfile are 0600 and temp folders 0700; renamed into place they would make some outputs
+    private and others not. Every writer chmods its temp file to this before the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
     """Write to a temp file in the target folder, then rename: a failure never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -319,6 +329,7 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(payload)
+        os.chmod(temp, umask_mode())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -394,6 +405,7 @@ def write_scores(path_stem, points, scores) -> tuple[Path, Path]:
             temps.append(temp)
             with os.fdopen(handle, "wb") as out:
                 writer(out)
+            os.chmod(temp, umask_mode())
         os.replace(temps[0], npy_path)
         os.replace(temps[1], ply_path)
     finally:

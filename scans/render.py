@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from scans.io import umask_mode
+
 # (elevation, azimuth) in degrees for matplotlib's 3-D axes.
 # Views assume z is up (MVTec 3D-AD, Real3D-AD); a y-up scan (Stanford bunny) shows "top" as a side view.
 VIEWS: dict[str, tuple[float, float]] = {
@@ -102,6 +104,7 @@ def _save(figure: Figure, path, *, tight: bool = False) -> Path:
     os.close(handle)
     try:
         figure.savefig(temp, dpi=DPI, format="png", bbox_inches="tight" if tight else None, pad_inches=0.1)
+        os.chmod(temp, umask_mode())
         os.replace(temp, target)
     finally:
         Path(temp).unlink(missing_ok=True)

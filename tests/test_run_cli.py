@@ -96,7 +96,8 @@ def test_a_folder_of_two_scans_gives_two_folders_and_loads_models_once(bank, sca
     monkeypatch.setattr(FittedClass, "load", staticmethod(counting_load))
     monkeypatch.setattr(run_cli, "make_backend", counting_make)
     assert run(scans, "--bank", bank, "--out", tmp_path, "--no-render") == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "part0", "part1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "part0", "part1", "summary.csv",
+                                                           "summary.json"]
     assert loads == {"bank": 1, "backend": 1}
     index = (tmp_path / "index.html").read_text()
     assert 'href="part0/report.json"' in index and 'href="part1/report.json"' in index
@@ -155,7 +156,8 @@ def test_one_bad_scan_does_not_stop_the_good_ones(bank, scans, tmp_path):
     bad = tmp_path / "bad.xyz"
     bad.write_text("")
     assert run(bad, scans / "part0.pcd", "--bank", bank, "--out", tmp_path / "out", "--no-render") == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.html", "part0"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["part0"]  # no folder for bad.xyz
+    assert (tmp_path / "out" / "index.html").is_file()
 
 
 def test_bank_with_another_backbone_exits_2(bank, scans, tmp_path, capsys):
