@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TextIO
 
+from tools import strict_json
+
 # Environment variables whose values are credentials (OPENAI_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...).
 SECRET_ENV = re.compile(r"(API_?KEY|ACCESS_?KEY|SECRET|PASSWORD|PASSWD|(^|_)TOKEN$)", re.IGNORECASE)
 # Record fields dropped outright (but not e.g. "prompt_tokens").
@@ -66,7 +68,7 @@ class Transcript:
         }
         self.events.append(record)
         if self._file is not None:
-            self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            self._file.write(strict_json.dumps(record, missing_as_null=True, ensure_ascii=False, default=str) + "\n")
             self._file.flush()
         return record
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from evals import defects as defect_lib
 from evals import parts as part_lib
+from tools import strict_json
 from tools.shared_data import shared_scans_dir
 
 RECIPE_VERSION = 1
@@ -291,7 +292,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             "noise": {"mesh": MESH_NOISE, "pcd": SCAN_NOISE}, "sources": used, "skipped": skipped,
             "samples": samples,
         }
-        (staging / "recipe.json").write_text(json.dumps(recipe, indent=1))
+        (staging / "recipe.json").write_text(strict_json.dumps(recipe, what="recipe.json", indent=1))
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {
             "layout": "anomaly-shapenet", "recipe_version": RECIPE_VERSION,
@@ -303,7 +304,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
                       for p in files},
             "build_seconds": round(time.perf_counter() - started, 2),
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (staging / "manifest.json").write_text(strict_json.dumps(manifest, what="manifest.json", indent=1))
         if out.exists():
             retired = out.with_name(out.name + ".old")
             shutil.rmtree(retired, ignore_errors=True)

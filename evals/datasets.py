@@ -17,7 +17,6 @@ Layouts (see /work/shared/reference/benchmarks.md):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from tools import strict_json
 from tools.io import LABEL_SUFFIXES, Scan, ScanError, is_label_file, is_scan_file, read_scan
 
 LAYOUTS = ("anomaly-shapenet", "real3d-ad", "mvtec3d", "folder")
@@ -606,7 +606,7 @@ def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2)
+            out.write(strict_json.dumps(document, what=str(path), indent=2))
             out.write("\n")
         os.replace(temp, path)
     except BaseException:

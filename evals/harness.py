@@ -35,6 +35,7 @@ import numpy as np
 
 from agent.pipeline import InspectionConfig
 from evals.datasets import Dataset, Sample, open_dataset
+from tools import strict_json
 from tools.detector import DetectorConfig
 from tools.pointmae import PointMAEConfig
 
@@ -246,7 +247,7 @@ class ResultStore:
                 rel_regions = rel.with_name(f"{row['scan']}.regions.npy")
                 _save_npy(self.out / rel_regions, np.asarray(result.regions, dtype=np.int32))
                 row["regions_file"] = rel_regions.as_posix()
-        self._file.write(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+        self._file.write(strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=_json_default) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         return row
@@ -717,7 +718,7 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
     tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
+    tmp.write_text(strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True, default=_json_default))
     os.replace(tmp, out / RUN_FILE)
 
 
