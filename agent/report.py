@@ -8,7 +8,6 @@ renames it into place only when everything was written, so a failed scan leaves 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,11 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
-from tools.io import write_scores
+from agent.sampled import spread_to_all
+from tools import strict_json
+from tools.io import Scan, write_scores
 from tools.render import render_regions_png
 
 
@@ -39,21 +41,38 @@ def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source: str, render: bool = True) -> Path:
-    """Write report.json, scores.npy/.ply and regions.png into `out_dir` (created; transcript left in place)."""
+def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source: str, render: bool = True,
+                  scan: Scan | None = None, analysed_rows: np.ndarray | None = None) -> Path:
+    """Write report.json, scores.npy/.ply and regions.png into `out_dir` (created; transcript left in place).
+
+    With the `scan` the inspection was made from, scores.npy holds one value per row of the scan's file, in its
+    order (NaN for rows dropped as non-finite or as far outliers), and report.json counts those rows. When only
+    `analysed_rows` of the scan were inspected (a huge scan, agent.sampled), every other point gets the score of
+    its nearest analysed point."""
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".outputs.", dir=target))
     try:
         report = inspection.report()
         report["source"] = source
-        write_scores(tmp / "scores", inspection.points, inspection.point_scores)
+        points, scores, input_scores = inspection.points, inspection.point_scores, None
+        if scan is not None:
+            if analysed_rows is not None:
+                scores = spread_to_all(scan.points, analysed_rows, scores)
+            elif len(scan.points) != len(inspection.points):
+                raise ValueError(f"{source}: the inspection has {len(inspection.points)} points, the scan "
+                                 f"{len(scan.points)}; give the analysed rows")
+            points, input_scores = scan.points, scan.to_input_rows(scores)
+            report.update(n_points=len(scan.points), analysed_points=len(inspection.points),
+                          n_input_rows=len(input_scores), dropped_nonfinite=scan.dropped_nonfinite,
+                          dropped_outliers=scan.dropped_outliers)
+        write_scores(tmp / "scores", points, scores, input_scores=input_scores)
         if render:
             regions = inspection.flagged_regions()
             labels = [f"{v.verdict}: {v.reason[:40]}" for v in inspection.verification.regions]
             render_regions_png(tmp / "regions.png", inspection.points, regions, labels,
                                title=f"{Path(source).name}: object score {inspection.object_score:.3g}")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        (tmp / "report.json").write_text(strict_json.dumps(report, missing_as_null=True, indent=2, sort_keys=True))
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
     finally:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent.sampled import MAX_ANALYSIS_POINTS
+
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
 
 
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "--n_ctx): the agent is asked to report before a request would not fit")
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
+    p.add_argument("--max-analysis-points", type=_positive, default=MAX_ANALYSIS_POINTS,
+                   help="larger scans are analysed on a seeded sample of this many points; every input point "
+                        "still gets a score (its nearest analysed point's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-render", action="store_true", help="skip the PNG render")
     p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
@@ -111,6 +116,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
     from agent.report import print_summary, staged_dir, write_outputs
+    from agent.sampled import analysis_rows
     from tools.detector import FitError, FittedClass
     from tools.io import MIN_POINTS, ScanError, read_scan
     from tools.registration import RegistrationError
@@ -170,9 +176,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         out_dir = _unique_dir(out_root, path.stem, taken)
         try:
             with staged_dir(out_dir) as staging:
-                inspection = inspect_scan(scan.points, fitted, backend, config=config,
-                                          transcript_path=staging / "transcript.jsonl")
-                write_outputs(inspection, staging, source=str(path), render=not args.no_render)
+                rows = analysis_rows(len(scan.points), args.max_analysis_points, seed=args.seed)
+                if rows is not None:
+                    console.print(f"  {path}: {len(scan.points)} points; analysing a sample of {len(rows)}")
+                inspection = inspect_scan(scan.points if rows is None else scan.points[rows], fitted, backend,
+                                          config=config, transcript_path=staging / "transcript.jsonl")
+                write_outputs(inspection, staging, source=str(path), render=not args.no_render, scan=scan,
+                              analysed_rows=rows)
         except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             status = EXIT_BAD_INPUT
