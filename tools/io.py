@@ -23,6 +23,7 @@ from tools.ply import parse_ply_header, ply_binary_bytes, read_ply_vertices
 
 MIN_POINTS = 64  # what the detector needs at least
 DEFAULT_MAX_POINTS = 50_000_000
+_CHECK_ROWS = 1_000_000  # rows per block when checking coordinates (bounded temporary memory)
 TEXT_EXTENSIONS = (".xyz", ".txt", ".pts")
 MESH_EXTENSIONS = (".obj", ".stl", ".off")
 SUPPORTED_EXTENSIONS = (".ply", ".pcd", *TEXT_EXTENSIONS, ".npy", ".npz", *MESH_EXTENSIONS, ".tiff", ".tif")
@@ -76,9 +77,9 @@ class Scan:
         values = np.asarray(values, dtype=np.float32).reshape(-1)
         if len(values) != len(self.points):
             raise ValueError(f"{self.source}: {len(values)} values for {len(self.points)} points")
-        if self.input_rows is None:
+        if self.input_rows is None or self.n_input_rows is None:
             return values
-        out = np.full(self.n_input_rows if self.n_input_rows is not None else len(values), fill, dtype=np.float32)
+        out = np.full(self.n_input_rows, fill, dtype=np.float32)
         out[self.input_rows] = values
         return out
 
@@ -106,7 +107,9 @@ def validate_points(points, source: str, *, min_points: int = MIN_POINTS,
     ``max_bad_share`` bad rows means the file is broken rather than noisy, so that raises.
     """
     try:
-        array = np.asarray(points, dtype=np.float64)
+        array = np.asarray(points)
+        if array.dtype.kind != "f" or array.dtype.itemsize > 8:  # float32/64 are checked as they are: no copy
+            array = array.astype(np.float64)
     except (TypeError, ValueError):
         raise ScanError(source, "points are not numeric") from None
     if array.ndim != 2 or array.shape[1] != 3:
@@ -115,25 +118,28 @@ def validate_points(points, source: str, *, min_points: int = MIN_POINTS,
     if total == 0:
         raise ScanError(source, "contains no points")
     float32_max = float(np.finfo(np.float32).max)
-    with np.errstate(invalid="ignore"):
-        keep = np.isfinite(array).all(axis=1) & (np.abs(array) <= float32_max).all(axis=1)
+    keep = np.empty(total, dtype=bool)
+    for start in range(0, total, _CHECK_ROWS):  # block by block: a huge scan gets no full-size temporaries
+        block = array[start:start + _CHECK_ROWS]
+        with np.errstate(invalid="ignore"):
+            keep[start:start + len(block)] = (np.isfinite(block) & (np.abs(block) <= float32_max)).all(axis=1)
     bad = int(total - keep.sum())
     if bad > max_bad_share * total:
         raise ScanError(source, f"{bad} of {total} rows are NaN/inf, more than the allowed share "
                                 f"{max_bad_share:g}")
     if bad:
         warnings.warn(f"{source}: dropped {bad} of {total} rows with NaN/inf coordinates", stacklevel=2)
-    clean = array[keep]
+    clean = (array[keep] if bad else array).astype(np.float32, copy=False)
     if clean.shape[0] < min_points:
         raise ScanError(source, f"has {clean.shape[0]} valid points, fewer than the minimum of {min_points}")
-    extent = clean.max(axis=0) - clean.min(axis=0)
-    diagonal = float(np.linalg.norm(extent))
-    scale = max(float(np.abs(clean).max()), 1e-30)
+    high, low = clean.max(axis=0).astype(np.float64), clean.min(axis=0).astype(np.float64)
+    diagonal = float(np.linalg.norm(high - low))
+    scale = max(float(np.abs(high).max()), float(np.abs(low).max()), 1e-30)
     # float32 resolves ~1e-7 of the coordinate magnitude; an extent below that is no shape at all.
     if diagonal <= max(1e-6 * scale, 1e-12):
         raise ScanError(source, f"is degenerate: all points are (nearly) identical "
                                 f"(bounding-box diagonal {diagonal:.3g})")
-    return clean.astype(np.float32), keep
+    return clean, keep
 
 
 # ---------------------------------------------------------------- format readers (path, data, options)
@@ -199,6 +205,8 @@ def _as_rows(array: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what} must have shape (N, 3) or (N, >=3), got {array.shape}")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"{what} is not numeric (dtype {array.dtype})")
+    if array.dtype in (np.float32, np.float64) and array.shape[1] == 3:
+        return array  # validate_points checks float32/64 in place: a huge scan is not copied
     return array[:, :3].astype(np.float64)
 
 
@@ -270,9 +278,8 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
     """Read and validate one scan file of any supported format; raise ScanError naming the file on bad input.
 
     Meshes are sampled to ``mesh_points`` surface points (deterministic by ``seed``); a PLY with faces gives
-    its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points. Isolated
-    points far outside the part are dropped with a warning (``drop_outliers``; see tools.outliers), and
-    ``input_rows`` keeps each point's file row, so outputs can be written in the file's row order.
+    its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points. Isolated far
+    points are dropped with a warning (``drop_outliers``, tools.outliers); ``input_rows`` keeps each file row.
     """
     source = str(path)
     file = Path(path)
@@ -295,7 +302,7 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
         ours = type(exc) is ValueError
         problem = str(exc) if ours else f"unreadable or corrupt file ({type(exc).__name__})"
         raise ScanError(source, problem) from None
-    except Exception as exc:  # third-party parsers (trimesh, tifffile) raise many types on corrupt input
+    except Exception as exc:  # noqa: BLE001 -- third-party parsers (trimesh, tifffile) raise many types
         raise ScanError(source, f"unreadable or corrupt file ({type(exc).__name__})") from None
 
     if len(raw.points) > max_points:
@@ -305,15 +312,15 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
     if raw.valid is not None:  # organized grid: empty pixels are expected, not a sign of a broken file
         dropped = int((~raw.valid).sum())
         rows = rows[raw.valid]
-    points, keep = validate_points(raw.points[rows], source, min_points=min_points)
+    points, keep = validate_points(raw.points if raw.valid is None else raw.points[rows], source,
+                                   min_points=min_points)
     rows = rows[keep]
     dropped += int((~keep).sum())
     outliers = find_far_outliers(points, seed=seed) if drop_outliers else np.zeros(0, dtype=np.int64)
     if outliers.size:
         warnings.warn(f"{source}: dropped {outliers.size} isolated point(s) more than {FAR_FACTOR:g} x the part's "
                       "median radius from its median centre (stray returns)", stacklevel=2)
-        inside = np.ones(len(points), dtype=bool)
-        inside[outliers] = False
+        inside = np.isin(np.arange(len(points)), outliers, invert=True)
         points, rows = points[inside], rows[inside]
         if len(points) < min_points:
             raise ScanError(source, f"has {len(points)} valid points after dropping {outliers.size} far outliers, "
