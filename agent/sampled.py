@@ -36,9 +36,22 @@ def spread_to_all(points: np.ndarray, rows: np.ndarray, sample_scores: np.ndarra
         raise ValueError(f"{len(sample_scores)} scores for {len(rows)} sampled points")
     tree = cKDTree(np.asarray(points[rows], dtype=np.float64))
     out = np.empty(len(points), dtype=np.float32)
+    order = _spatial_order(points)
     for start in range(0, len(points), _QUERY_CHUNK):
-        block = np.asarray(points[start:start + _QUERY_CHUNK], dtype=np.float64)
-        _, nearest = tree.query(block, k=1)
-        out[start:start + len(block)] = sample_scores[nearest]
+        idx = order[start:start + _QUERY_CHUNK]
+        _, nearest = tree.query(np.asarray(points[idx], dtype=np.float64), k=1)
+        out[idx] = sample_scores[nearest]
     out[rows] = sample_scores
     return out
+
+
+def _spatial_order(points: np.ndarray, cells: int = 64) -> np.ndarray:
+    """Row order that visits the points cell by cell of a cells^3 grid: neighbouring queries then walk the same
+    branches of the k-d tree, which makes the search several times faster than in a scattered file order."""
+    low = points.min(axis=0).astype(np.float64)
+    size = max(float((points.max(axis=0).astype(np.float64) - low).max()) / cells, 1e-30)
+    keys = np.empty(len(points), dtype=np.int64)
+    for start in range(0, len(points), _QUERY_CHUNK):
+        cell = np.clip(((points[start:start + _QUERY_CHUNK] - low) / size).astype(np.int64), 0, cells - 1)
+        keys[start:start + len(cell)] = (cell[:, 0] * cells + cell[:, 1]) * cells + cell[:, 2]
+    return np.argsort(keys, kind="stable")

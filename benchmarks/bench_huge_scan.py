@@ -4,7 +4,8 @@
 
 What is measured: one `python -m agent.run <scan>.npy --bank <fit> --no-render` per size, each in a fresh
 subprocess, so `ru_maxrss` is that run's own peak (reading the file, the analysis of at most
-`--max-analysis-points` points, spreading the scores back to every point, writing scores.npy/.ply and report.json).
+`--max-analysis-points` points, spreading the scores back to every point, writing scores.npy/.ply and report.json;
+peak = VmHWM, see `peak_mb`).
 The fit is the default Point-MAE architecture trained for only `--train-steps` steps: scoring costs the same
 whatever the training length, and the benchmark is about the cost of size, not accuracy. Scans are made like
 `evals.bench` makes them (surface sampling + `scan_like` sensor noise and pose). The load average is recorded
@@ -36,7 +37,12 @@ TEMPLATE_POINTS = 30_000
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries the forking
+    parent's high-water mark over the exec into the child's ru_maxrss, so a child of a big parent reads big."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: KiB on most systems
 
 
 def make_scan(count: int, seed: int) -> np.ndarray:
