@@ -213,3 +213,18 @@ def test_a_scan_above_the_analysis_cap_is_sampled_and_every_row_scored_in_order(
     np.testing.assert_array_equal(scores[kept[sample]], alone)  # the analysed points keep their own scores
     _, nearest = cKDTree(rows[kept[sample]]).query(rows[kept], k=1)
     np.testing.assert_array_equal(scores[kept], alone[nearest])  # every other row: its nearest analysed point
+
+
+def test_a_label_file_per_file_row_follows_the_dropped_rows(points, tmp_path):
+    from evals.datasets import GT_LABEL_FILE, Sample
+
+    rows = points.astype(np.float64)
+    rows[7] = [1e6, 0.0, 0.0]                              # a stray return, dropped on reading
+    labels = np.zeros(len(rows), dtype=np.float64)
+    labels[100:120] = 1
+    np.save(tmp_path / "scan.npy", rows)
+    np.save(tmp_path / "scan.labels.npy", labels)
+    sample = Sample(tmp_path / "scan.npy", "part", "test", 1, "bulge", tmp_path / "scan.labels.npy", GT_LABEL_FILE)
+    with pytest.warns(UserWarning, match="isolated"):
+        loaded = sample.load()
+    np.testing.assert_array_equal(loaded.mask, labels[loaded.scan.input_rows] > 0)
