@@ -110,9 +110,9 @@ SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is an
 
 
 def scan_radius(points: np.ndarray, seed: int = 0) -> float:
-    """Mean distance of a point to the centroid, the same size measure as the class scale (tools.pointmae), but
-    robust: measured on a bounded sample without the points far outside the part (tools.outliers), so that a few
-    stray returns cannot make a part look like another class."""
+    """Mean distance of a point to the centroid, the same size measure as the class scale (tools.pointmae),
+    but robust: measured on a bounded sample without the points far outside the part (tools.outliers), so
+    that a few stray returns cannot make a part look like another class."""
     return robust_radius_mean(points, seed)
 
 

@@ -45,10 +45,10 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
                   scan: Scan | None = None, analysed_rows: np.ndarray | None = None) -> Path:
     """Write report.json, scores.npy/.ply and regions.png into `out_dir` (created; transcript left in place).
 
-    With the `scan` the inspection was made from, scores.npy holds one value per row of the scan's file, in its
-    order (NaN for rows dropped as non-finite or as far outliers), and report.json counts those rows. When only
-    `analysed_rows` of the scan were inspected (a huge scan, agent.sampled), every other point gets the score of
-    its nearest analysed point."""
+    With the `scan` the inspection was made from, scores.npy holds one value per row of the scan's file, in
+    its order (NaN for rows dropped as non-finite or as far outliers), and report.json counts those rows. When
+    only `analysed_rows` of the scan were inspected (a huge scan, agent.sampled), every other point gets the
+    score of its nearest analysed point."""
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".outputs.", dir=target))
@@ -72,7 +72,8 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
             labels = [f"{v.verdict}: {v.reason[:40]}" for v in inspection.verification.regions]
             render_regions_png(tmp / "regions.png", inspection.points, regions, labels,
                                title=f"{Path(source).name}: object score {inspection.object_score:.3g}")
-        (tmp / "report.json").write_text(strict_json.dumps(report, missing_as_null=True, indent=2, sort_keys=True))
+        text = strict_json.dumps(report, missing_as_null=True, indent=2, sort_keys=True)
+        (tmp / "report.json").write_text(text)
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
     finally:

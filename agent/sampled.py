@@ -1,18 +1,19 @@
-"""Huge scans: analyse a bounded, seeded sample of the points and give every input point the score of its nearest
-analysed point.
+"""Huge scans: analyse a bounded, seeded sample of the points and give every input point the score of its
+nearest analysed point.
 
-Why: the analysis keeps several per-point arrays (statistics, interpolation support, the verbalizer's patches, the
-verifier's scores), so its memory grows with the point count: at the 50M-point input limit it needs about 10 GB. The
-detector looks at a few hundred patches of a few dozen points each, so a uniform sample of MAX_ANALYSIS_POINTS
-points keeps what it sees; spreading the sample's scores back by nearest neighbour gives one score per input point
-again, and the sampled points keep exactly their own scores.
+Why: the analysis keeps several per-point arrays (statistics, interpolation support, the verbalizer's patches,
+the verifier's scores), so its memory grows with the point count: at the 50M-point input limit it needs about
+10 GB. The detector looks at a few hundred patches of a few dozen points each, so a uniform sample of
+MAX_ANALYSIS_POINTS points keeps what it sees; spreading the sample's scores back by nearest neighbour gives
+one score per input point again, and the sampled points keep exactly their own scores.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-MAX_ANALYSIS_POINTS = 1_000_000  # points analysed per scan; larger scans are sampled (agent.run --max-analysis-points)
+# points analysed per scan; larger scans are sampled (agent.run --max-analysis-points)
+MAX_ANALYSIS_POINTS = 1_000_000
 _QUERY_CHUNK = 500_000           # points per nearest-neighbour query block (bounded temporary memory)
 
 
@@ -46,8 +47,8 @@ def spread_to_all(points: np.ndarray, rows: np.ndarray, sample_scores: np.ndarra
 
 
 def _spatial_order(points: np.ndarray, cells: int = 64) -> np.ndarray:
-    """Row order that visits the points cell by cell of a cells^3 grid: neighbouring queries then walk the same
-    branches of the k-d tree, which makes the search several times faster than in a scattered file order."""
+    """Row order that visits the points cell by cell of a cells^3 grid: neighbouring queries then walk the
+    same branches of the k-d tree, which makes the search several times faster than a scattered file order."""
     low = points.min(axis=0).astype(np.float64)
     size = max(float((points.max(axis=0).astype(np.float64) - low).max()) / cells, 1e-30)
     keys = np.empty(len(points), dtype=np.int64)

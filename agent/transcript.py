@@ -68,7 +68,8 @@ class Transcript:
         }
         self.events.append(record)
         if self._file is not None:
-            self._file.write(strict_json.dumps(record, missing_as_null=True, ensure_ascii=False, default=str) + "\n")
+            line = strict_json.dumps(record, missing_as_null=True, ensure_ascii=False, default=str)
+            self._file.write(line + "\n")
             self._file.flush()
         return record
 

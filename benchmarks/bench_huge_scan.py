@@ -4,8 +4,8 @@
 
 What is measured: one `python -m agent.run <scan>.npy --bank <fit> --no-render` per size, each in a fresh
 subprocess, so `ru_maxrss` is that run's own peak (reading the file, the analysis of at most
-`--max-analysis-points` points, spreading the scores back to every point, writing scores.npy/.ply and report.json;
-peak = VmHWM, see `peak_mb`).
+`--max-analysis-points` points, spreading the scores back to every point, writing scores.npy/.ply and
+report.json; peak = VmHWM, see `peak_mb`).
 The fit is the default Point-MAE architecture trained for only `--train-steps` steps: scoring costs the same
 whatever the training length, and the benchmark is about the cost of size, not accuracy. Scans are made like
 `evals.bench` makes them (surface sampling + `scan_like` sensor noise and pose). The load average is recorded
@@ -38,7 +38,7 @@ TEMPLATE_POINTS = 30_000
 
 def peak_mb() -> float:
     """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries the forking
-    parent's high-water mark over the exec into the child's ru_maxrss, so a child of a big parent reads big."""
+    parent's high-water mark over the exec into the child's ru_maxrss: a child of a big parent reads big."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024  # kB
@@ -114,13 +114,15 @@ def main() -> None:
             results[size] = measure(work / f"scan_{size}.npy", bank, work / "runs", args.cap)
             scores = np.load(work / "runs" / f"scan_{size}" / "scores.npy", mmap_mode="r")
             results[size]["scores_rows"] = len(scores)
-            print(f"{size:>11,} points: {results[size]['wall_s']:7.1f} s  {results[size]['peak_mb']:7.0f} MB peak  "
+            got = results[size]
+            print(f"{size:>11,} points: {got['wall_s']:7.1f} s  {got['peak_mb']:7.0f} MB peak  "
                   f"(scores.npy rows {len(scores):,})", flush=True)
     load_after = os.getloadavg()[0]
     small, large = results[sizes[0]], results[sizes[-1]]
     ratio = {"points": sizes[-1] / sizes[0], "wall": large["wall_s"] / small["wall_s"],
              "peak_memory": large["peak_mb"] / small["peak_mb"]}
-    print(f"ratio {sizes[-1]:,} / {sizes[0]:,} points: x{ratio['points']:.0f} points -> wall x{ratio['wall']:.2f}, "
+    print(f"ratio {sizes[-1]:,} / {sizes[0]:,} points: x{ratio['points']:.0f} points -> "
+          f"wall x{ratio['wall']:.2f}, "
           f"peak memory x{ratio['peak_memory']:.2f}; load average {load_before:.1f} -> {load_after:.1f}")
     document = {"sizes": sizes, "results": {str(k): v for k, v in results.items()}, "ratio": ratio,
                 "cap": args.cap, "train_steps": args.train_steps,

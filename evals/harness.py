@@ -247,7 +247,8 @@ class ResultStore:
                 rel_regions = rel.with_name(f"{row['scan']}.regions.npy")
                 _save_npy(self.out / rel_regions, np.asarray(result.regions, dtype=np.int32))
                 row["regions_file"] = rel_regions.as_posix()
-        self._file.write(strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=_json_default) + "\n")
+        line = strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=_json_default)
+        self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         return row
@@ -718,7 +719,8 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
     tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True, default=_json_default))
+    tmp.write_text(strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True,
+                                     default=_json_default))
     os.replace(tmp, out / RUN_FILE)
 
 

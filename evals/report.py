@@ -606,7 +606,7 @@ def write_all(out: str | os.PathLike, *, progress: ProgressFn | None = None, exa
     """summary.json, summary.csv, table.md, plots (report/*.png) and report.html for the run in `out`."""
     out = Path(out)
     summary, curves, meta = summarize(out, progress)
-    _write_text(out / "summary.json", strict_json.dumps(summary, missing_as_null=True, indent=1, sort_keys=False))
+    _write_text(out / "summary.json", strict_json.dumps(summary, missing_as_null=True, indent=1))
     _write_text(out / "summary.csv", summary_csv(summary))
     _write_text(out / "table.md", markdown_report(summary, meta))
     report_dir = out / REPORT_DIR

@@ -99,7 +99,7 @@ def test_load_refuses_a_bank_from_another_backbone(fitted, saved, train_scans, t
     shutil.copytree(saved, mixed)
     shutil.rmtree(mixed / "bank")
     other.bank.save(mixed / "bank")
-    write_manifest(mixed)  # a consistent folder (not damaged), only mixed up: the bank's own check must refuse it
+    write_manifest(mixed)  # consistent (not damaged), only mixed up: the bank's own check must refuse it
     with pytest.raises(FitError, match="backbone_hash") as err:
         FittedClass.load(mixed)
     assert str(mixed) in str(err.value)

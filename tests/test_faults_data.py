@@ -1,5 +1,5 @@
-"""Faults in the data path (issue 10 items 4, 5, 8, 10): a damaged fitted folder, strict JSON, one output row per input
-row, isolated far outliers, and huge scans analysed on a bounded sample.
+"""Faults in the data path (issue 10 items 4, 5, 8, 10): a damaged fitted folder, strict JSON, one output row
+per input row, isolated far outliers, and huge scans analysed on a bounded sample.
 
 Most tests call `agent.run.main([...])` in-process with a tiny fitted class made once for the module.
 """
@@ -58,7 +58,7 @@ def damaged_copy(bank: Path, tmp_path: Path) -> Path:
     return copy
 
 
-# ------------------------------------------------------------------------------------ item 4: the fitted folder
+# ---------------------------------------------------------------------------- item 4: the fitted folder
 def test_a_flipped_bit_in_the_bank_exits_2_naming_the_file(bank, points, tmp_path, capsys):
     damaged = damaged_copy(bank, tmp_path)
     raw = bytearray((damaged / "bank" / "bank.npy").read_bytes())
@@ -102,8 +102,8 @@ def test_a_fit_without_its_manifest_is_refused_with_a_refit_message(bank, points
 
 
 def test_saving_a_fit_with_a_nan_threshold_is_refused_naming_the_key(fit, tmp_path):
-    broken = FittedClass(fit.config, fit.scale, fit.bank, fit.mean_feature, {**fit.thresholds, "patch_p99": math.nan},
-                         fit.backbone, fit.info)
+    thresholds = {**fit.thresholds, "patch_p99": math.nan}
+    broken = FittedClass(fit.config, fit.scale, fit.bank, fit.mean_feature, thresholds, fit.backbone)
     with pytest.raises(ValueError, match=r"fitted\.json: thresholds\.patch_p99 is not a finite number"):
         broken.save(tmp_path / "cls")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
@@ -125,7 +125,7 @@ def test_strict_json_refuses_nan_naming_the_document_and_key():
         strict_json.dumps({"a": {"b": [1.0, np.float32("inf")]}}, what="meta.json")
 
 
-# ------------------------------------------------------------------------------------ item 5: one row per input row
+# ---------------------------------------------------------------------------- item 5: one row per input row
 def test_scores_have_one_value_per_input_row_with_nan_where_a_row_was_dropped(bank, points, tmp_path):
     rows = points.astype(np.float64)
     bad = [0, 777, len(rows) - 1]
@@ -141,7 +141,7 @@ def test_scores_have_one_value_per_input_row_with_nan_where_a_row_was_dropped(ba
     assert report["n_points"] == len(rows) - 3
 
 
-# ------------------------------------------------------------------------------------ item 8: far outliers
+# ---------------------------------------------------------------------------- item 8: far outliers
 def test_one_stray_far_point_is_dropped_with_a_count_not_the_scan_rejected(bank, points, tmp_path):
     rows = points.astype(np.float64)
     rows[10] = [1e6, 0.0, 0.0]
@@ -159,7 +159,8 @@ def test_a_far_point_does_not_decide_the_zero_shot_score(points, tmp_path):
     stray = np.concatenate([points, [[3e37, 0.0, 0.0]]]).astype(np.float32)
     np.save(tmp_path / "stray.npy", stray)
     with pytest.warns(UserWarning, match="isolated"):
-        assert run(tmp_path / "clean.npy", tmp_path / "stray.npy", "--out", tmp_path / "out", "--no-render") == 0
+        assert run(tmp_path / "clean.npy", tmp_path / "stray.npy", "--out", tmp_path / "out",
+                   "--no-render") == 0
     clean = strict_load(tmp_path / "out" / "clean" / "report.json")
     with_stray = strict_load(tmp_path / "out" / "stray" / "report.json")
     assert with_stray["dropped_outliers"] == 1
@@ -189,7 +190,7 @@ def test_read_scan_keeps_the_file_row_of_every_point(points, tmp_path):
     assert 3 not in scan.input_rows and 5 not in scan.input_rows
 
 
-# ------------------------------------------------------------------------------------ item 10: huge scans
+# ---------------------------------------------------------------------------- item 10: huge scans
 def test_a_scan_above_the_analysis_cap_is_sampled_and_every_row_scored_in_order(bank, points, tmp_path):
     from scipy.spatial import cKDTree
 
@@ -224,7 +225,8 @@ def test_a_label_file_per_file_row_follows_the_dropped_rows(points, tmp_path):
     labels[100:120] = 1
     np.save(tmp_path / "scan.npy", rows)
     np.save(tmp_path / "scan.labels.npy", labels)
-    sample = Sample(tmp_path / "scan.npy", "part", "test", 1, "bulge", tmp_path / "scan.labels.npy", GT_LABEL_FILE)
+    sample = Sample(tmp_path / "scan.npy", "part", "test", 1, "bulge", tmp_path / "scan.labels.npy",
+                    GT_LABEL_FILE)
     with pytest.warns(UserWarning, match="isolated"):
         loaded = sample.load()
     np.testing.assert_array_equal(loaded.mask, labels[loaded.scan.input_rows] > 0)

@@ -411,7 +411,8 @@ class FittedClass:
         except (OSError, ValueError) as exc:
             raise FitError(f"{root}: {exc}") from exc
         if not (np.issubdtype(mean_feature.dtype, np.floating) and np.isfinite(mean_feature).all()):
-            raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the class")
+            raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the "
+                           "class")
         if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
             raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
                            f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")

@@ -68,12 +68,12 @@ class Scan:
     grid_index: np.ndarray | None           # int64 (N,) flat index into H*W of each kept point (organized)
     dropped_nonfinite: int                  # rows dropped because of NaN/inf (or zeros on organized grids)
     dropped_outliers: int = 0               # isolated far points dropped (tools.outliers)
-    input_rows: np.ndarray | None = None    # int64 (N,) the file row of each kept point (None: every row kept)
+    input_rows: np.ndarray | None = None    # int64 (N,) file row of each kept point (None: all rows kept)
     n_input_rows: int | None = None         # rows the file held (organized grids: H*W); None: len(points)
 
     def to_input_rows(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
-        """float32 (n_input_rows,) with ``values`` (one per kept point) at their file rows and ``fill`` where a
-        row was dropped: per-point outputs in the file's own row order."""
+        """float32 (n_input_rows,) with ``values`` (one per kept point) at their file rows and ``fill``
+        where a row was dropped: per-point outputs in the file's own row order."""
         values = np.asarray(values, dtype=np.float32).reshape(-1)
         if len(values) != len(self.points):
             raise ValueError(f"{self.source}: {len(values)} values for {len(self.points)} points")
@@ -278,8 +278,8 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
     """Read and validate one scan file of any supported format; raise ScanError naming the file on bad input.
 
     Meshes are sampled to ``mesh_points`` surface points (deterministic by ``seed``); a PLY with faces gives
-    its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points. Isolated far
-    points are dropped with a warning (``drop_outliers``, tools.outliers); ``input_rows`` keeps each file row.
+    its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points. Isolated
+    far points are dropped with a warning (``drop_outliers``, tools.outliers); ``input_rows`` keeps file rows.
     """
     source = str(path)
     file = Path(path)
@@ -318,13 +318,13 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
     dropped += int((~keep).sum())
     outliers = find_far_outliers(points, seed=seed) if drop_outliers else np.zeros(0, dtype=np.int64)
     if outliers.size:
-        warnings.warn(f"{source}: dropped {outliers.size} isolated point(s) more than {FAR_FACTOR:g} x the part's "
-                      "median radius from its median centre (stray returns)", stacklevel=2)
+        warnings.warn(f"{source}: dropped {outliers.size} isolated point(s) more than {FAR_FACTOR:g} x the "
+                      "part's median radius from its median centre (stray returns)", stacklevel=2)
         inside = np.isin(np.arange(len(points)), outliers, invert=True)
         points, rows = points[inside], rows[inside]
         if len(points) < min_points:
-            raise ScanError(source, f"has {len(points)} valid points after dropping {outliers.size} far outliers, "
-                                    f"fewer than the minimum of {min_points}")
+            raise ScanError(source, f"has {len(points)} valid points after dropping {outliers.size} far "
+                                    f"outliers, fewer than the minimum of {min_points}")
 
     normals = None
     if raw.normals is not None:

@@ -1,9 +1,9 @@
 """A folder's integrity manifest: the sha256 of every file, written when the folder is saved, checked on load.
 
-Why: a fitted class is a folder of arrays and json (bank, mean feature, thresholds, backbone). A flipped bit in
-bank.npy still loads as a valid array and silently changes every score, so shape and dtype checks are not enough:
-each file's bytes must be the ones that were saved. The manifest lists the files by their path inside the folder;
-a file that is missing, changed, or not listed where it should be is refused with its path named.
+Why: a fitted class is a folder of arrays and json (bank, mean feature, thresholds, backbone). A flipped bit
+in bank.npy still loads as a valid array and silently changes every score, so shape and dtype checks are not
+enough: each file's bytes must be the ones that were saved. The manifest lists the files by their path inside
+the folder; a file that is missing, changed, or not listed where it should be is refused with its path named.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _files_under(folder: Path) -> list[str]:
 
 
 def write_manifest(folder: str | os.PathLike) -> Path:
-    """Hash every file in ``folder`` (recursively) into ``folder/manifest.json``; call it last, after all writes."""
+    """Hash every file in ``folder`` (recursively) into ``folder/manifest.json``; call it after all writes."""
     root = Path(folder)
     files = {name: file_sha256(root / name) for name in _files_under(root)}
     document = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "sha256": files}
@@ -61,15 +61,16 @@ def verify_manifest(folder: str | os.PathLike, required: Iterable[str] = ()) -> 
     root = Path(folder)
     path = root / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(f"{path}: missing: the folder cannot be checked for damage (it was written by an older "
-                            "version or an interrupted save); refit the class")
+        raise ManifestError(f"{path}: missing: the folder cannot be checked for damage (it was written by an "
+                            "older version or an interrupted save); refit the class")
     try:
         document = json.loads(path.read_text())
         listed = dict(document["sha256"])
         if document.get("format") != MANIFEST_FORMAT or document.get("version") != MANIFEST_VERSION:
             raise ValueError("another format or version")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ManifestError(f"{path}: unreadable or not a manifest ({type(exc).__name__}); refit the class") from None
+        problem = f"unreadable or not a manifest ({type(exc).__name__})"
+        raise ManifestError(f"{path}: {problem}; refit the class") from None
     unsafe = [name for name in listed if name.startswith("/") or ".." in Path(name).parts]
     if unsafe:
         raise ManifestError(f"{path}: lists a file outside the folder ({unsafe[0]!r}); refit the class")

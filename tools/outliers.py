@@ -1,11 +1,12 @@
 """Isolated far outliers: single stray points far outside the part, found with a robust scale and dropped.
 
-Why: scanners emit the odd stray return (a reflection, a glitch at 1e6 or 3e37). One such point moves the centroid
-and the mean radius of a 50-unit part by orders of magnitude, so the scan was refused as "another class" and, in the
-zero-shot mode, every patch looked normal next to it. The part's size is therefore measured robustly (median centre,
-median distance to it: a few stray points cannot move either), and a point is dropped only when it is both *far*
-(beyond FAR_FACTOR robust radii, well outside any compact or elongated part) and *isolated* (fewer than
-ISOLATED_BELOW points within one robust radius of it), so a far cluster of real points is kept and judged downstream.
+Why: scanners emit the odd stray return (a reflection, a glitch at 1e6 or 3e37). One such point moves the
+centroid and the mean radius of a 50-unit part by orders of magnitude, so the scan was refused as "another
+class" and, in the zero-shot mode, every patch looked normal next to it. The part's size is therefore measured
+robustly (median centre, median distance to it: a few stray points cannot move either), and a point is dropped
+only when it is both *far* (beyond FAR_FACTOR robust radii, well outside any compact or elongated part) and
+*isolated* (fewer than ISOLATED_BELOW points within one robust radius of it), so a far cluster of real points
+is kept and judged downstream.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
 
 
 def robust_centre_radius(points: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
-    """(per-axis median of the points, median distance to it), on a seeded sample of at most SCALE_SAMPLE rows."""
+    """(per-axis median of the points, median distance to it), on a seeded sample of <= SCALE_SAMPLE rows."""
     sample = np.asarray(points[_sample_rows(len(points), SCALE_SAMPLE, seed)], dtype=np.float64)
     centre = np.median(sample, axis=0)
     radius = float(np.median(np.linalg.norm(sample - centre, axis=1)))
@@ -60,8 +61,8 @@ def find_far_outliers(points: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def robust_radius_mean(points: np.ndarray, seed: int = 0) -> float:
-    """Mean distance to the centroid of the points within FAR_FACTOR robust radii (measured on a seeded sample):
-    the class scale's measure (tools.pointmae.estimate_scale), blind to far points whether isolated or not."""
+    """Mean distance to the centroid of the points within FAR_FACTOR robust radii (on a seeded sample): the
+    class scale's measure (tools.pointmae.estimate_scale), blind to far points whether isolated or not."""
     sample = np.asarray(points[_sample_rows(len(points), SCALE_SAMPLE, seed)], dtype=np.float64)
     centre, radius = robust_centre_radius(sample, seed)
     if radius > 0:

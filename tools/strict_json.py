@@ -1,12 +1,12 @@
 """Strict JSON for every file and message the project writes: never a bare ``NaN`` or ``Infinity``.
 
-Why: Python's ``json`` writes ``NaN``/``Infinity`` by default, which no other JSON reader accepts (a report.json with
-a NaN threshold broke every tool that read it). Two policies, chosen by the writer:
+Why: Python's ``json`` writes ``NaN``/``Infinity`` by default, which no other JSON reader accepts (a
+report.json with a NaN threshold broke every tool that read it). Two policies, chosen by the writer:
 
-* ``dumps(obj, what=...)`` refuses a non-finite number with an error naming the file and the key, for documents
-  where such a value is a bug (a fitted folder's metadata);
-* ``dumps(obj, missing_as_null=True)`` writes it as ``null``, for documents where a value is legitimately missing
-  (a report's statistic that could not be computed, a metric over no scans).
+* ``dumps(obj, what=...)`` refuses a non-finite number with an error naming the file and the key, for
+  documents where such a value is a bug (a fitted folder's metadata);
+* ``dumps(obj, missing_as_null=True)`` writes it as ``null``, for documents where a value is legitimately
+  missing (a report's statistic that could not be computed, a metric over no scans).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 
 class NonFiniteJSONError(ValueError):
-    """A document meant to be strict JSON holds NaN or an infinity; the message names the document and the key."""
+    """A document meant to be strict JSON holds NaN or an infinity; the message names the document and key."""
 
 
 def _plain(value: Any) -> Any:
@@ -32,7 +32,7 @@ def _plain(value: Any) -> Any:
 
 
 def nan_to_none(value: Any) -> Any:
-    """A copy of ``value`` with every non-finite float (Python or numpy, at any depth) replaced by ``None``."""
+    """A copy of ``value`` with every non-finite float (Python or numpy, any depth) replaced by ``None``."""
     value = _plain(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -56,7 +56,8 @@ def first_nonfinite(value: Any, path: str = "") -> str | None:
         return None
     for key, item in items:
         key = str(key)
-        found = first_nonfinite(item, key if not path else (path + key if key.startswith("[") else f"{path}.{key}"))
+        joined = key if not path else (path + key if key.startswith("[") else f"{path}.{key}")
+        found = first_nonfinite(item, joined)
         if found is not None:
             return found
     return None
@@ -70,8 +71,9 @@ def _default(value: Any) -> Any:
 
 
 def dumps(obj: Any, *, what: str = "json document", missing_as_null: bool = False, **kwargs: Any) -> str:
-    """``json.dumps`` that never writes NaN/Infinity: null for them (``missing_as_null``) or NonFiniteJSONError
-    naming ``what`` (usually the file) and the key. numpy scalars and arrays are written as numbers and lists."""
+    """``json.dumps`` that never writes NaN/Infinity: null for them (``missing_as_null``) or
+    NonFiniteJSONError naming ``what`` (usually the file) and the key. numpy scalars and arrays are written
+    as numbers and lists."""
     if missing_as_null:
         obj = nan_to_none(obj)
     kwargs.setdefault("default", _default)
