@@ -19,7 +19,7 @@ import numpy as np
 
 from tools.outliers import FAR_FACTOR, find_far_outliers
 from tools.pcd import decode_pcd_body, parse_pcd_header
-from tools.ply import parse_ply_header, ply_binary_bytes, read_ply_vertices
+from tools.ply import parse_ply_header, read_ply_vertices, write_ply_binary
 
 MIN_POINTS = 64  # what the detector needs at least
 DEFAULT_MAX_POINTS = 50_000_000
@@ -427,15 +427,14 @@ def write_scores(path_stem, points, scores, *, input_scores=None) -> tuple[Path,
     if span > 0:
         level = np.clip(np.rint((values - low) * (255.0 / span)), 0, 255).astype(np.uint8)
     rgb = table[level]
-    ply = ply_binary_bytes([("x", array[:, 0].astype(np.float32)), ("y", array[:, 1].astype(np.float32)),
-                            ("z", array[:, 2].astype(np.float32)), ("red", rgb[:, 0]), ("green", rgb[:, 1]),
-                            ("blue", rgb[:, 2]), ("anomaly", values.astype(np.float32))])
+    columns = [*((axis, array[:, i].astype(np.float32, copy=False)) for i, axis in enumerate("xyz")),
+               ("red", rgb[:, 0]), ("green", rgb[:, 1]), ("blue", rgb[:, 2]), ("anomaly", values)]
     npy_path, ply_path = Path(stem + ".npy"), Path(stem + ".ply")
     npy_path.parent.mkdir(parents=True, exist_ok=True)
     temps: list[str] = []
     try:
         for payload_path, writer in ((npy_path, lambda f: np.save(f, npy_values)),
-                                     (ply_path, lambda f: f.write(ply))):
+                                     (ply_path, lambda f: write_ply_binary(f, columns))):
             handle, temp = tempfile.mkstemp(prefix=f".{payload_path.name}.", suffix=".tmp",
                                             dir=payload_path.parent)
             temps.append(temp)
