@@ -79,7 +79,7 @@ def peak_memory_mb() -> float:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def _scan_files_in(folder: Path) -> list[Path]:
-    from tools.io import is_scan_file
+    from scans.io import is_scan_file
 
     return sorted(p for p in folder.iterdir() if p.is_file() and is_scan_file(p))
 
@@ -93,7 +93,7 @@ class TrainingScan:
     sample: object | None = None  # evals.datasets.Sample
 
     def read(self, mesh_points: int, seed: int) -> np.ndarray:
-        from tools.io import read_scan
+        from scans.io import read_scan
 
         if self.sample is not None:
             return self.sample.load(mesh_points=mesh_points, seed=seed).points
@@ -112,14 +112,14 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
             raise FitInputError(f"{folder}: --train must be a folder of normal scans")
         files = _scan_files_in(folder)
         if not files:
-            from tools.io import SUPPORTED_EXTENSIONS
+            from scans.io import SUPPORTED_EXTENSIONS
 
             raise FitInputError(f"{folder}: no scans in this folder (looked for {', '.join(SUPPORTED_EXTENSIONS)})")
         return folder.resolve().name, [TrainingScan(f) for f in files]
     if options.data is None or options.cls is None:
         raise FitInputError("name the training scans: --train DIR, or --data <layout>:<root> --cls CLASS")
     # evals sits above agent in the import order; only this optional path needs its dataset layouts
-    from evals.datasets import DatasetError, open_dataset
+    from scans.datasets import DatasetError, open_dataset
 
     try:
         dataset = open_dataset(options.data)
@@ -137,7 +137,7 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
 
 def _check_out(out: Path) -> None:
     """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end)."""
-    from tools.detector import META_FILE
+    from detector.fitted import META_FILE
 
     if out.exists() and not out.is_dir():
         raise FitInputError(f"{out}: --out exists and is a file; give a folder for the fitted class")
@@ -146,8 +146,8 @@ def _check_out(out: Path) -> None:
 
 
 def _detector_config(options: FitOptions):
-    from tools.detector import DetectorConfig
-    from tools.pointmae import PointMAEConfig
+    from detector.fitted import DetectorConfig
+    from detector.pointmae import PointMAEConfig
 
     if options.feature not in ("pointmae", "fpfh"):
         raise FitInputError(f"--feature must be pointmae or fpfh, got {options.feature!r}")
@@ -170,7 +170,7 @@ def _detector_config(options: FitOptions):
 
 
 def _load_init(path: Path, config):
-    from tools.pointmae import load_backbone
+    from detector.pointmae import load_backbone
 
     try:
         return load_backbone(path, expect=config.backbone)
@@ -183,8 +183,8 @@ def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) ->
     """Read the class's normal scans, fit, save to ``options.out``; FitInputError for any bad input.
 
     ``progress(stage, done, total)``: stage "read" per scan, "train" per Point-MAE step, "features" per bank view."""
-    from tools.detector import FitError, fit_class
-    from tools.io import ScanError
+    from detector.fitted import FitError, fit_class
+    from scans.io import ScanError
 
     start = time.perf_counter()
     config = _detector_config(options)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from agent.backends.base import Backend, LLMReply, ToolCall, Usage
 from agent.transcript import Transcript
-from tools import strict_json
+from scans import strict_json
 
 TERMINAL_TOOL = "report_suspects"
 FINISH_PROMPT = ("The conversation is about to exceed the model's context window. Call report_suspects now, with the "

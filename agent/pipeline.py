@@ -20,10 +20,10 @@ from agent.backends import Backend, get_backend
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
+from detector.fitted import FittedClass, ScanAnalysis
+from scans.outliers import robust_radius_mean
+from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
-from tools.detector import FittedClass, ScanAnalysis
-from tools.outliers import robust_radius_mean
-from tools.patches import Patches, PatchTable
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
 
 VerifyMode = Literal["suspects", "all"]
@@ -110,8 +110,8 @@ SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is an
 
 
 def scan_radius(points: np.ndarray, seed: int = 0) -> float:
-    """Mean distance of a point to the centroid, the same size measure as the class scale (tools.pointmae),
-    but robust: measured on a bounded sample without the points far outside the part (tools.outliers), so
+    """Mean distance of a point to the centroid, the same size measure as the class scale (detector.pointmae),
+    but robust: measured on a bounded sample without the points far outside the part (scans.outliers), so
     that a few stray returns cannot make a part look like another class."""
     return robust_radius_mean(points, seed)
 

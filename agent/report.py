@@ -21,9 +21,9 @@ from rich.table import Table
 
 from agent.pipeline import Inspection
 from agent.sampled import spread_to_all
-from tools import strict_json
-from tools.io import Scan, write_scores
-from tools.render import render_regions_png
+from scans import strict_json
+from scans.io import Scan, write_scores
+from scans.render import render_regions_png
 
 
 @contextmanager

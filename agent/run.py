@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _expand(paths: list[str]) -> list[Path]:
     """Scan files as given, and the scans inside given folders (label files beside them are not scans)."""
-    from tools.io import is_scan_file
+    from scans.io import is_scan_file
 
     out: list[Path] = []
     for raw in paths:
@@ -117,14 +117,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
     from agent.report import print_summary, staged_dir, write_outputs
     from agent.sampled import analysis_rows
-    from tools.detector import FitError, FittedClass
-    from tools.io import MIN_POINTS, ScanError, read_scan
-    from tools.registration import RegistrationError
+    from detector.fitted import FitError, FittedClass
+    from detector.registration import RegistrationError
+    from scans.io import MIN_POINTS, ScanError, read_scan
 
     out_root = Path(args.out)
     started = time.perf_counter()
     if args.demo:
-        from evals.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
+        from agent.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
 
         console.print("[bold]demo[/bold]: building a pipe elbow with a dent and fitting its class (memory bank)...")
         scan_paths, bank_dir = prepare_demo(out_root / "demo-data", seed=args.seed, console=console)
@@ -198,7 +198,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
 def _print_demo_check(inspection, path: Path, console: Console) -> None:
     """The demo knows where its dent is: say whether the agent's regions found it."""
-    from evals.demo import check_against_ground_truth, ground_truth_for
+    from agent.demo import check_against_ground_truth, ground_truth_for
 
     truth = ground_truth_for(path)
     if truth is None:

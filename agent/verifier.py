@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from tools.detector import FittedClass, ScanAnalysis
-from tools.patches import Patches
+from detector.fitted import FittedClass, ScanAnalysis
+from scans.patches import Patches
 from verbalize.describe import robust_z, z_floor
 
 CONFIRM_QUANTILE = "patch_p99"
@@ -179,7 +179,7 @@ def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], 
     Scores are distances in FPFH space to the nearest far patch (far = beyond ``far_share`` of the bounding-box
     diagonal); unsuspected points get 0. Labelled ``zero-shot`` in every report because it has no notion of the
     class's normal variation."""
-    from tools.geometry import fpfh
+    from scans.geometry import fpfh
 
     n = len(points)
     diag = float(np.linalg.norm(points.max(axis=0) - points.min(axis=0)))

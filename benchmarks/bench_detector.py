@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np
 
-from tools import strict_json
+from scans import strict_json
 
 BUDGETS = {"fit_s": 120.0, "score_s": 1.5, "peak_mb": 1536.0, "subset_ratio": 0.25}
 MESH_NOISE = 0.003  # as evals.bench for mesh sources
@@ -66,9 +66,9 @@ def _set_threads(threads: int | None) -> None:
 # ---------------------------------------------------------------------------------------------------- data
 def make_scans(part: str, points: int, templates: int, seed: int, work: Path) -> dict[str, str]:
     """Write the templates, a warm-up scan and a test scan with a bulge as .npy files; returns their paths."""
-    from evals.bench import sample_seed
-    from evals.defects import make_defect
-    from evals.parts import extent, part_mesh, sample_surface, scan_like
+    from scans.bench import sample_seed
+    from scans.defects import make_defect
+    from scans.parts import extent, part_mesh, sample_surface, scan_like
 
     mesh = part_mesh(part)
     size = extent(np.asarray(mesh.vertices))
@@ -93,7 +93,7 @@ def make_scans(part: str, points: int, templates: int, seed: int, work: Path) ->
 
 # ------------------------------------------------------------------------------------------------- workers
 def worker_fit(args: argparse.Namespace) -> dict:
-    from tools.detector import DetectorConfig, fit_class
+    from detector.fitted import DetectorConfig, fit_class
 
     _set_threads(args.threads)
     scans = [np.load(p, allow_pickle=False) for p in args.scans]
@@ -118,7 +118,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def worker_score(args: argparse.Namespace) -> dict:
-    from tools.detector import FittedClass
+    from detector.fitted import FittedClass
 
     _set_threads(args.threads)
     fitted = FittedClass.load(args.fit_dir)

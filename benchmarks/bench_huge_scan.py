@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np
 
-from tools import strict_json
+from scans import strict_json
 
 PART = "flange"
 TEMPLATE_POINTS = 30_000
@@ -47,7 +47,7 @@ def peak_mb() -> float:
 
 def make_scan(count: int, seed: int) -> np.ndarray:
     """A sensor-like float32 scan of the benchmark part with ``count`` points."""
-    from evals.parts import part_mesh, sample_surface, scan_like
+    from scans.parts import part_mesh, sample_surface, scan_like
 
     clean, normals = sample_surface(part_mesh(PART), count, seed=seed)
     return scan_like(clean, normals, seed=seed + 100)[0].astype(np.float32)
@@ -55,7 +55,7 @@ def make_scan(count: int, seed: int) -> np.ndarray:
 
 def prepare(work: Path, sizes: list[int], train_steps: int) -> Path:
     """Fit the class (saved under work/fit) and write one scan per size as work/scan_<size>.npy."""
-    from tools.detector import DetectorConfig, fit_class
+    from detector.fitted import DetectorConfig, fit_class
 
     config = replace(DetectorConfig(), train_steps=train_steps)
     fitted = fit_class([make_scan(TEMPLATE_POINTS, seed=i) for i in range(4)], config)

@@ -34,10 +34,10 @@ from typing import Any, Literal, Self
 import numpy as np
 
 from agent.pipeline import InspectionConfig
-from evals.datasets import Dataset, Sample, open_dataset
-from tools import strict_json
-from tools.detector import DetectorConfig
-from tools.pointmae import PointMAEConfig
+from detector.fitted import DetectorConfig
+from detector.pointmae import PointMAEConfig
+from scans import strict_json
+from scans.datasets import Dataset, Sample, open_dataset
 
 METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
 DEFAULT_METHODS = ("pointmae-bank", "btf", "recon", "random")  # oracle-regions is a diagnostic: asked for by name
@@ -114,7 +114,7 @@ def quick_detector_config(seed: int = 0) -> DetectorConfig:
 
 
 def quick_bench_config(seed: int = 0):
-    from evals.bench import BenchConfig
+    from scans.bench import BenchConfig
 
     return BenchConfig(points=4000, templates=3, normal_per_class=2, defects_per_type=1,
                        defect_types=("bulge", "concavity", "hole"), seed=seed)
@@ -122,7 +122,7 @@ def quick_bench_config(seed: int = 0):
 
 def ensure_quick_bench(out: Path, seed: int = 0) -> str:
     """Build (or reuse) the tiny dev benchmark under `<out>/quick-bench`; returns its dataset spec."""
-    from evals.bench import build_benchmark
+    from scans.bench import build_benchmark
 
     root = Path(out) / "quick-bench"
     if not (root / "manifest.json").is_file():
@@ -315,7 +315,7 @@ _BACKEND_CACHE: dict[str, Any] = {}
 
 def _load_fit(directory: str):
     """A fitted class, loaded once per process (Ray workers keep theirs between tasks)."""
-    from tools.detector import FittedClass
+    from detector.fitted import FittedClass
 
     if directory not in _FIT_CACHE:
         _FIT_CACHE[directory] = FittedClass.load(directory)
@@ -559,8 +559,8 @@ def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: Dete
                progress: ProgressFn | None = None, init_backbone: Path | None = None) -> dict:
     """Fit a class (or reuse its cached fit); returns {"dir", "fit_s", "reused"}. ``init_backbone``: a pretrained
     backbone folder (``python -m tools.pointmae_train``) that Point-MAE fits start from."""
-    from tools.detector import fit_class
-    from tools.pointmae import backbone_hash, load_backbone
+    from detector.fitted import fit_class
+    from detector.pointmae import backbone_hash, load_backbone
 
     train = list(dataset.train(cls))
     if not train:

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from evals.datasets import Sample, open_dataset
 from evals.harness import FIT_META, METHOD_FEATURE, RUN_FILE, ResultStore
 from evals.metrics import au_pro_points, mean_table, o_auroc, p_auroc
-from tools import strict_json
+from scans import strict_json
+from scans.datasets import Sample, open_dataset
 
 REPORT_DIR = "report"
 ROC_POINTS = 200             # points kept per plotted ROC curve
@@ -471,7 +471,7 @@ def plot_per_class(summary: dict, classes: list[str], path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ html
 def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 4) -> list[dict]:
     """Ground truth and flagged regions of a few defective scans (one per class first), for the first backend."""
-    from tools.render import render_points_png, render_regions_png
+    from scans.render import render_points_png, render_regions_png
 
     latest = ResultStore(out).latest()
     name = meta["backends"][0]["label"] if meta["backends"] else (meta["methods"] or [None])[0]

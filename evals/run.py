@@ -77,7 +77,7 @@ def make_config(args: argparse.Namespace):
         parse_backend,
         quick_detector_config,
     )
-    from tools.detector import DetectorConfig
+    from detector.fitted import DetectorConfig
 
     out = Path(args.out)
     if args.quick:
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evals.datasets import DatasetError
+    from scans.datasets import DatasetError
     from evals.harness import HarnessError, run_harness
-    from tools.detector import FitError
+    from detector.fitted import FitError
 
     try:
         config = make_config(args)

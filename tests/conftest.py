@@ -9,7 +9,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.tiny import TINY_FIT, part_scans  # noqa: E402
-from tools.detector import FittedClass, ScanAnalysis, fit_class  # noqa: E402
+from detector.fitted import FittedClass, ScanAnalysis, fit_class  # noqa: E402
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from tools.io import write_pcd
+from scans.io import write_pcd
 
 
 @dataclass(frozen=True, eq=False)

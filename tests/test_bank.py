@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.bank import BANK_VERSION, BankError, BankMetadataError, MemoryBank
-from tools.sampling import KCenterGreedy
+from detector.bank import BANK_VERSION, BankError, BankMetadataError, MemoryBank
+from detector.sampling import KCenterGreedy
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals import bench
-from evals.bench import BenchConfig, build_benchmark, main
-from evals.defects import DEFECT_TYPES
-from evals.parts import PARTS, part_mesh, sample_surface, scan_like
-from tools.io import read_scan
+from scans import bench
+from scans.bench import BenchConfig, build_benchmark, main
+from scans.defects import DEFECT_TYPES
+from scans.parts import PARTS, part_mesh, sample_surface, scan_like
+from scans.io import read_scan
 
 TINY = BenchConfig(points=2000, templates=4, normal_per_class=2, defects_per_type=1, seed=3)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.datasets import (
+from scans.datasets import (
     LAYOUTS,
     DatasetError,
     GroundTruthError,
@@ -33,8 +33,8 @@ from tests.fixture_trees import (
     write_mvtec3d,
     write_real3d_ad,
 )
-from tools.io import ScanError
-from tools.preprocess import remove_background_plane
+from scans.io import ScanError
+from scans.preprocess import remove_background_plane
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from evals.defects import DEFECT_TYPES, make_defect
-from evals.parts import extent, part_mesh, sample_surface
+from scans.defects import DEFECT_TYPES, make_defect
+from scans.parts import extent, part_mesh, sample_surface
 
 N_POINTS = 8000
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evals.parts import part_mesh, sample_surface, scan_like
+from detector.fitted import DetectorConfig, FitError, FittedClass, fit_class
+from detector.manifest import write_manifest
+from detector.pointmae import PointMAEConfig
+from scans.parts import part_mesh, sample_surface, scan_like
 from tests.tiny import TINY, TINY_FIT, part_scans
-from tools.detector import DetectorConfig, FitError, FittedClass, fit_class
-from tools.manifest import write_manifest
-from tools.pointmae import PointMAEConfig
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +257,8 @@ def test_bulges_score_higher_than_the_normal_surface():
     gently sloped rim is locally indistinguishable from normal surface."""
     from sklearn.metrics import roc_auc_score
 
-    from evals.defects import make_defect
-    from evals.parts import extent
+    from scans.defects import make_defect
+    from scans.parts import extent
 
     part = "shaft"
     mesh = part_mesh(part)

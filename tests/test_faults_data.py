@@ -17,12 +17,12 @@ import pytest
 import agent.run as run_cli
 from agent.report import write_outputs
 from agent.sampled import analysis_rows
+from detector.fitted import FittedClass, fit_class
+from detector.manifest import MANIFEST_FILE
+from scans import strict_json
+from scans.io import read_scan
+from scans.outliers import find_far_outliers
 from tests.tiny import TINY_FIT, part_scans
-from tools import strict_json
-from tools.detector import FittedClass, fit_class
-from tools.io import read_scan
-from tools.manifest import MANIFEST_FILE
-from tools.outliers import find_far_outliers
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +217,7 @@ def test_a_scan_above_the_analysis_cap_is_sampled_and_every_row_scored_in_order(
 
 
 def test_a_label_file_per_file_row_follows_the_dropped_rows(points, tmp_path):
-    from evals.datasets import GT_LABEL_FILE, Sample
+    from scans.datasets import GT_LABEL_FILE, Sample
 
     rows = points.astype(np.float64)
     rows[7] = [1e6, 0.0, 0.0]                              # a stray return, dropped on reading

@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 
 from agent.fit import EXIT_BAD_INPUT, EXIT_OK, FitInputError, FitOptions, fit_from_options, main
-from evals.parts import part_mesh, sample_surface, scan_like
+from scans.parts import part_mesh, sample_surface, scan_like
 from tests.fixture_trees import sphere_cloud, write_anomaly_shapenet
-from tools.detector import FittedClass
-from tools.io import write_pcd
+from detector.fitted import FittedClass
+from scans.io import write_pcd
 
 
 def run(argv: list[str]) -> tuple[int, str]:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tools.bank import MemoryBank
-from tools.btf import btf_patch_features, btf_point_features
-from tools.geometry import (
+from detector.bank import MemoryBank
+from detector.btf import btf_patch_features, btf_point_features
+from scans.geometry import (
     curvature,
     estimate_normals,
     fpfh,
@@ -17,7 +17,7 @@ from tools.geometry import (
     roughness,
     voxel_downsample,
 )
-from tools.shared_data import shared_scans_dir
+from scans.shared_data import shared_scans_dir
 
 BUNNY = shared_scans_dir() / "stanford-bunny" / "bun000.ply"
 

@@ -18,7 +18,7 @@ import pytest
 from agent.backends import REGISTRY, BackendUnavailable
 from agent.backends.policy import PolicyBackend
 from evals import harness
-from evals.datasets import Sample
+from scans.datasets import Sample
 from evals.harness import HarnessConfig, ResultStore, parse_backend, quick_detector_config, run_harness
 from evals.run import main
 
@@ -185,7 +185,7 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
 @pytest.mark.slow
 def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run: Path, tmp_path: Path,
                                                                         monkeypatch) -> None:
-    from tools.detector import FittedClass
+    from detector.fitted import FittedClass
 
     config = _subset_config(quick_run, tmp_path, methods=("pointmae-bank", "random"), backends=())
     real_method, real_analyse = harness._run_method, FittedClass.analyse
@@ -299,14 +299,14 @@ def test_random_regions_is_seeded_and_stays_within_the_policy_budget() -> None:
 def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run: Path, tmp_path: Path) -> None:
     """--init: fits that start from a pretrained backbone are cached apart from fits from scratch; a backbone of another
     architecture is refused with the folder named."""
-    from evals.datasets import open_dataset
-    from tools.detector import FittedClass
-    from tools.pointmae import PointMAE, PointMAEConfig, save_backbone
+    from scans.datasets import open_dataset
+    from detector.fitted import FittedClass
+    from detector.pointmae import PointMAE, PointMAEConfig, save_backbone
 
     dataset = open_dataset(f"anomaly-shapenet:{quick_run / 'quick-bench'}")
     from dataclasses import replace
 
-    from tools.pointmae import backbone_hash
+    from detector.pointmae import backbone_hash
 
     config = replace(quick_detector_config(), train_steps=0)  # no training: the fit keeps the pretrained weights
     model = PointMAE(config.backbone)

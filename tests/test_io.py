@@ -12,7 +12,7 @@ import tifffile
 import trimesh
 from PIL import Image
 
-from tools.io import (
+from scans.io import (
     MIN_POINTS,
     SUPPORTED_EXTENSIONS,
     Scan,
@@ -22,9 +22,9 @@ from tools.io import (
     write_pcd,
     write_scores,
 )
-from tools.pcd import lzf_decompress
-from tools.ply import parse_ply_header, read_ply_vertices
-from tools.shared_data import shared_scans_dir
+from scans.pcd import lzf_decompress
+from scans.ply import parse_ply_header, read_ply_vertices
+from scans.shared_data import shared_scans_dir
 
 SCANS = shared_scans_dir()
 needs_scans = pytest.mark.skipif(

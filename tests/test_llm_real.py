@@ -9,6 +9,7 @@ how many of the model's tool calls were valid without repair (run with -s to see
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from llama_server import llama_server, missing_server_modules
@@ -111,35 +112,39 @@ def test_hf_free_generation_validity(gguf_path):
 
 # ---- openai and langchain against llama.cpp's server --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llama_url(gguf_path, tmp_path_factory):
+def llama(gguf_path, tmp_path_factory):
     missing = missing_server_modules()
+    if missing and os.environ.get("CI"):  # .ci/run installs the server extra: a missing server there is a failure
+        pytest.fail(f"CI without the llama-cpp-python server (missing {', '.join(missing)})")
     if missing:
         pytest.skip(f"llama-cpp-python server is not installed (missing {', '.join(missing)}); "
                     "pip install 'llama-cpp-python[server]' (the project's [server] extra)")
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    with llama_server(gguf_path, log) as url:
-        yield url
+    with llama_server(gguf_path, log) as server:
+        yield server
 
 
-def test_openai_backend_with_llama_server(llama_url, tmp_path):
+def test_openai_backend_with_llama_server(llama, tmp_path):
     from agent.backends.openai_backend import OpenAIBackend
 
-    backend = OpenAIBackend(base_url=llama_url, timeout=300, max_retries=1, backoff_base=0.01, max_tokens=200,
+    backend = OpenAIBackend(base_url=llama.url, timeout=300, max_retries=1, backoff_base=0.01, max_tokens=200,
                             llama_cpp_compat=True)
     with Transcript(tmp_path / "openai.jsonl") as transcript:
         outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4), transcript=transcript,
                             fallback=PolicyBackend())
+    llama.assert_alive()  # a server that crashed mid-run says how (signal, log) instead of a bare count below
     check_honest_outcome(outcome, transcript, "openai")
 
 
-def test_langchain_backend_with_llama_server(llama_url, tmp_path):
+def test_langchain_backend_with_llama_server(llama, tmp_path):
     pytest.importorskip("langchain_openai")
     from agent.backends.langchain_backend import LangChainBackend
 
-    backend = LangChainBackend("langchain_openai:ChatOpenAI", base_url=llama_url, api_key="sk-local-no-key",
+    backend = LangChainBackend("langchain_openai:ChatOpenAI", base_url=llama.url, api_key="sk-local-no-key",
                                model="SmolLM2-135M-Instruct.Q4_1", temperature=0, max_retries=0, timeout=300,
                                max_tokens=200, llama_cpp_compat=True)
     with Transcript(tmp_path / "langchain.jsonl") as transcript:
         outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4), transcript=transcript,
                             fallback=PolicyBackend())
+    llama.assert_alive()
     check_honest_outcome(outcome, transcript, "langchain")

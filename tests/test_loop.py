@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.backends.base import LLMReply, ToolCall, Usage
 from agent.backends.policy import PolicyBackend
-from agent.backends.scripted import ScriptedBackend, call, text
+from tests.scripted import ScriptedBackend, call, text
 from agent.loop import AgentBudget, run_agent
 from agent.transcript import Transcript, read_transcript
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from agent.backends import get_backend
-from agent.backends.scripted import ScriptedBackend, call
+from tests.scripted import ScriptedBackend, call
 from agent.loop import AgentBudget
 from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
 from agent.transcript import read_transcript

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tools.pointmae import (
+from detector.pointmae import (
     PatchFeatures,
     PointMAE,
     PointMAEConfig,
@@ -25,7 +25,7 @@ from tools.pointmae import (
     load_backbone,
     save_backbone,
 )
-from tools.pointmae_train import train_pointmae
+from detector.pointmae_train import train_pointmae
 
 TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 16, 32),
                       group_size=16, num_groups=16, inference_groups=32, feature_layers=(0, 1), drop_path=0.1)

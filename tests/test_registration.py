@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from tests.tiny import TINY_FIT, part_scans
-from tools.detector import FitError, FittedClass, fit_class
-from tools.registration import Alignment, CoordinateBank
+from detector.fitted import FitError, FittedClass, fit_class
+from detector.registration import Alignment, CoordinateBank
 
 
 def turned(points: np.ndarray, degrees: float, axis=(0.3, 1.0, 0.2), shift=(0.5, -0.2, 0.1)) -> np.ndarray:
@@ -67,8 +67,8 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
     assert len(info["registration_fitness"]) == 2 and min(info["registration_fitness"]) > 0.8  # scans 2 and 3
     assert info["coord_bank_size"] > 0 and set(registered_fit.score_norms) == {"feature", "coord"}
     # the reference is the first template at the coordinate bank's voxel (what the templates were aligned onto)
-    from tools.geometry import voxel_downsample
-    from tools.registration import COORD_VOXEL_SHARE
+    from scans.geometry import voxel_downsample
+    from detector.registration import COORD_VOXEL_SHARE
 
     first = turned_templates()[0]
     np.testing.assert_array_equal(registered_fit.reference,
@@ -99,8 +99,8 @@ def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_mis
     without registration (its bank knows each template in its own pose only) does not."""
     from sklearn.metrics import roc_auc_score
 
-    from evals.defects import make_defect
-    from evals.parts import part_mesh, sample_surface
+    from scans.defects import make_defect
+    from scans.parts import part_mesh, sample_surface
 
     clean, normals = sample_surface(part_mesh("bracket"), 3000, seed=77)
     bulged, mask, _, _ = make_defect(clean, normals, "bulge", 5, scale=None, return_normals=True)
@@ -134,7 +134,7 @@ def test_scans_that_do_not_align_are_refused_or_flagged(registered_fit, tmp_path
     """A training scan of another shape is refused naming it; at test time a fragment is flagged doubtful, and a scan
     too small to register exits 2 from agent.run with the file named and nothing written."""
     from agent.run import main as run_main
-    from tools.io import write_pcd
+    from scans.io import write_pcd
 
     scans = part_scans(2, 2500, seed=0)
     line = np.column_stack([np.linspace(0, 80, 2500), np.zeros(2500), np.zeros(2500)]).astype(np.float32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.render import REGION_COLOURS, render_points_png, render_regions_png
+from scans.render import REGION_COLOURS, render_points_png, render_regions_png
 
 
 def sphere(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import jinja2
 import numpy as np
 import pytest
 
-from tools.patches import MIN_POINTS_PER_PATCH, _morton_keys, adaptive_patch_count, build_patches
+from scans.patches import MIN_POINTS_PER_PATCH, _morton_keys, adaptive_patch_count, build_patches
 from verbalize import (
     describe,
     describe_scan,
@@ -271,10 +271,10 @@ end_header
 
 
 def test_file_text_never_reaches_a_prompt(tmp_path):
-    if importlib.util.find_spec("tools.io") is None:
+    if importlib.util.find_spec("scans.io") is None:
         pytest.skip("tools.io (H1) is not present yet: cannot read a PLY to check that its comments stay out")
     from tools.agent_tools import ScanContext, ToolBox
-    from tools.io import read_scan
+    from scans.io import read_scan
 
     points = plate_with_bump(500)
     rows = "\n".join(f"{x:.5f} {y:.5f} {z:.5f}" for x, y, z in points)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from evals.parts import part_mesh, sample_surface, scan_like
-from tools.detector import DetectorConfig
-from tools.pointmae import PointMAEConfig
+from scans.parts import part_mesh, sample_surface, scan_like
+from detector.fitted import DetectorConfig
+from detector.pointmae import PointMAEConfig
 
 TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 32, 32),
                       group_size=16, num_groups=16, inference_groups=64, feature_layers=(0, 1), drop_path=0.0)

@@ -25,9 +25,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from tools import strict_json
-from tools.geometry import fps
-from tools.patches import Patches, PatchTable, robust_spread
+from scans import strict_json
+from scans.geometry import fps
+from scans.patches import Patches, PatchTable, robust_spread
 
 BankLookup = Callable[[list[int]], dict[int, dict]]
 MAX_REGIONS = 10

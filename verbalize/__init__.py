@@ -1,6 +1,6 @@
 """Read a scan as text: patches, per-patch descriptors and prompt rendering within a token budget."""
 
-from tools.patches import Normalisation, Patches, PatchTable, adaptive_patch_count, build_patches
+from scans.patches import Normalisation, Patches, PatchTable, adaptive_patch_count, build_patches
 from verbalize.describe import CUE_DOC, describe, describe_scan, normalisation_of, robust_z
 from verbalize.render import (
     DEFAULT_TOKEN_BUDGET,

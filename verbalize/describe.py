@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tools.geometry import knn
-from tools.patches import (
+from scans.geometry import knn
+from scans.patches import (
     Normalisation,
     Patches,
     PatchTable,

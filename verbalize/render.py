@@ -27,8 +27,8 @@ import jinja2
 import numpy as np
 
 from prompts import template_dir
-from tools import strict_json
-from tools.patches import PatchTable
+from scans import strict_json
+from scans.patches import PatchTable
 
 DEFAULT_TOKEN_BUDGET = 3000
 GUIDANCE_SHARE = 1 / 3          # the guidance may use at most this share of the overview's budget

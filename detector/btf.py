@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tools.geometry import fpfh, fps, knn, voxel_downsample
+from scans.geometry import fpfh, fps, knn, voxel_downsample
 
 __all__ = ["DEFAULT_VOXEL", "BTFPatches", "btf_patch_features", "btf_point_features"]
 

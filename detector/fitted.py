@@ -28,10 +28,9 @@ from typing import Literal
 
 import numpy as np
 
-from tools import strict_json
-from tools.bank import MemoryBank
-from tools.manifest import ManifestError, verify_manifest, write_manifest
-from tools.pointmae import (
+from detector.bank import MemoryBank
+from detector.manifest import ManifestError, verify_manifest, write_manifest
+from detector.pointmae import (
     PatchFeatures,
     PointMAE,
     PointMAEConfig,
@@ -43,7 +42,8 @@ from tools.pointmae import (
     load_backbone,
     save_backbone,
 )
-from tools.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
+from detector.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
+from scans import strict_json
 
 DETECTOR_VERSION = 1
 # Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
@@ -217,7 +217,7 @@ class FittedClass:
         seed = self.config.seed if seed is None else seed
         cfg = self.config.backbone
         if self.config.feature == "fpfh":
-            from tools.btf import btf_patch_features
+            from detector.btf import btf_patch_features
 
             centers, group_idx, feats = btf_patch_features(points, num_groups=cfg.inference_groups,
                                                            group_size=cfg.group_size, scale=self.scale, seed=seed)
@@ -511,7 +511,7 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         timings["register_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
     if config.feature == "pointmae":
-        from tools.pointmae_train import train_pointmae
+        from detector.pointmae_train import train_pointmae
 
         def report(step: int, loss: float) -> None:
             if progress is not None:
@@ -580,8 +580,8 @@ def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
                         seed: int) -> tuple[list[np.ndarray], list[float]]:
     """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
     coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
-    from tools.geometry import voxel_downsample
-    from tools.registration import COORD_VOXEL_SHARE
+    from detector.registration import COORD_VOXEL_SHARE
+    from scans.geometry import voxel_downsample
 
     first = scans[0]
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tools.geometry import fps, knn
+from scans.geometry import fps, knn
 
 FPS_SAMPLE_CAP = 10_000        # FPS runs on at most this many randomly chosen points
 MIN_POINTS_PER_PATCH = 16      # a patch needs a few points for a plane fit / curvature to mean anything

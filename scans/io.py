@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.outliers import FAR_FACTOR, find_far_outliers
-from tools.pcd import decode_pcd_body, parse_pcd_header
-from tools.ply import parse_ply_header, read_ply_vertices, write_ply_binary
+from scans.outliers import FAR_FACTOR, find_far_outliers
+from scans.pcd import decode_pcd_body, parse_pcd_header
+from scans.ply import parse_ply_header, read_ply_vertices, write_ply_binary
 
 MIN_POINTS = 64  # what the detector needs at least
 DEFAULT_MAX_POINTS = 50_000_000
@@ -67,7 +67,7 @@ class Scan:
     grid_shape: tuple[int, int] | None      # (H, W) for organized inputs (MVTec tiffs, organized PCDs)
     grid_index: np.ndarray | None           # int64 (N,) flat index into H*W of each kept point (organized)
     dropped_nonfinite: int                  # rows dropped because of NaN/inf (or zeros on organized grids)
-    dropped_outliers: int = 0               # isolated far points dropped (tools.outliers)
+    dropped_outliers: int = 0               # isolated far points dropped (scans.outliers)
     input_rows: np.ndarray | None = None    # int64 (N,) file row of each kept point (None: all rows kept)
     n_input_rows: int | None = None         # rows the file held (organized grids: H*W); None: len(points)
 
@@ -279,7 +279,7 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
 
     Meshes are sampled to ``mesh_points`` surface points (deterministic by ``seed``); a PLY with faces gives
     its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points. Isolated
-    far points are dropped with a warning (``drop_outliers``, tools.outliers); ``input_rows`` keeps file rows.
+    far points are dropped with a warning (``drop_outliers``, scans.outliers); ``input_rows`` keeps file rows.
     """
     source = str(path)
     file = Path(path)

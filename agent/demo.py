@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from evals.defects import make_defect
-from evals.parts import extent, part_mesh, sample_surface, scan_like
-from tools.io import write_pcd
+from scans.defects import make_defect
+from scans.parts import extent, part_mesh, sample_surface, scan_like
+from scans.io import write_pcd
 
 DEMO_PART = "pipe_elbow"
 DEMO_DEFECT = "concavity"
@@ -52,7 +52,7 @@ def prepare_demo(root: str | Path, seed: int = 0, console: Console | None = None
     """Write the demo scans under `root`, fit the class, and return ([test scan path], fitted class folder).
 
     The test scan's ground truth goes next to it as `<stem>.labels.npy` (see :func:`ground_truth_for`)."""
-    from tools.detector import DetectorConfig, fit_class
+    from detector.fitted import DetectorConfig, fit_class
 
     root = Path(root)
     train, test, mask = demo_scans(seed)

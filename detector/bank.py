@@ -30,8 +30,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from tools import strict_json
-from tools.sampling import KCenterGreedy
+from detector.sampling import KCenterGreedy
+from scans import strict_json
 
 __all__ = [
     "BANK_VERSION",

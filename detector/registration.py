@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tools.geometry import register, voxel_downsample
+from scans.geometry import register, voxel_downsample
 
 # Registration voxel as a share of the class scale (the mean radius of the normalised part). Coarse enough that
 # FPFH + RANSAC take a few seconds on a 30k-point scan, fine enough that ICP ends within a sampling step.

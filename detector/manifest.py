@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from tools import strict_json
+from scans import strict_json
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "scanagent-manifest"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tools import strict_json
+from scans import strict_json
 
 FORMAT_NAME = "scanagent-pointmae"
 FORMAT_VERSION = 1
@@ -433,7 +433,7 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
 def train_pointmae(scans: list[np.ndarray], config: PointMAEConfig, **kwargs: Any) -> PointMAE:
     """Fit a backbone on a class's templates; see :func:`tools.pointmae_train.train_pointmae` (lives there with the
     augmentation so this file stays the model)."""
-    from tools.pointmae_train import train_pointmae as _train
+    from detector.pointmae_train import train_pointmae as _train
 
     return _train(scans, config, **kwargs)
 

@@ -62,7 +62,7 @@ def find_far_outliers(points: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def robust_radius_mean(points: np.ndarray, seed: int = 0) -> float:
     """Mean distance to the centroid of the points within FAR_FACTOR robust radii (on a seeded sample): the
-    class scale's measure (tools.pointmae.estimate_scale), blind to far points whether isolated or not."""
+    class scale's measure (detector.pointmae.estimate_scale), blind to far points whether isolated or not."""
     sample = np.asarray(points[_sample_rows(len(points), SCALE_SAMPLE, seed)], dtype=np.float64)
     centre, radius = robust_centre_radius(sample, seed)
     if radius > 0:
