@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.backends import Backend, get_backend
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
+from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
 from detector.fitted import FittedClass, ScanAnalysis
@@ -57,6 +58,7 @@ class Inspection:
     seconds: dict[str, float]
     verify_mode: VerifyMode = "suspects"
     registration: dict | None = None     # how the scan was aligned onto the class template (registered fits only)
+    guidance: dict | None = None         # the user's guidance and whether the reporting backend read it
 
     @property
     def point_scores(self) -> np.ndarray:
@@ -98,6 +100,7 @@ class Inspection:
             "detector_patches": v.patches_total,
             "regions": regions,
             "registration": self.registration,
+            "guidance": self.guidance,
             "seconds": {k: round(s, 3) for k, s in self.seconds.items()},
         }
 
@@ -221,7 +224,9 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
         fallback = None
     elif fallback is None:
         fallback = get_backend("policy")
-    transcript = Transcript(transcript_path) if transcript_path is not None else None
+    # every configured secret (the environment's, the backends' keys) is scrubbed from what the run records
+    redact = Redactor.for_run(backend_secrets(backend, fallback))
+    transcript = Transcript(transcript_path, extra_secrets=redact.secrets) if transcript_path is not None else None
     t0 = time.perf_counter()
     try:
         if transcript is not None:
@@ -230,6 +235,7 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
         toolbox = make_toolbox()
         outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
                             fallback=fallback, toolbox_factory=make_toolbox)
+        outcome = _scrubbed(outcome, redact)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if fitted is not None and analysis is not None:
@@ -251,7 +257,33 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     return Inspection(points=pts, verification=verification, outcome=outcome, patches=patches, table=table,
                       backend=backend.name, seconds=timings,
                       verify_mode=config.verify if verification.mode == "bank" else "suspects",
-                      registration=_registration_summary(analysis))
+                      registration=_registration_summary(analysis),
+                      guidance=guidance_summary(redact(config.guidance),
+                                                fallback if outcome.fallback_used else backend, outcome.fallback_used))
+
+
+def _scrubbed(outcome: AgentOutcome, redact: Redactor) -> AgentOutcome:
+    """The outcome with every secret removed from the text it carries (a server's error that echoed the key becomes
+    the fallback reason; a model may repeat anything it was sent)."""
+    return outcome.model_copy(update={
+        "fallback_reason": redact(outcome.fallback_reason), "error": redact(outcome.error),
+        "regions": redact(outcome.regions), "messages": redact(outcome.messages)})
+
+
+def guidance_summary(guidance: str | None, reporting: Backend | None, fallback_used: bool) -> dict | None:
+    """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it does not
+    say), with a note when it did not, so that guidance is never silently ignored. None when no guidance was given."""
+    if not guidance:
+        return None
+    name = getattr(reporting, "name", "?")
+    used = getattr(reporting, "uses_guidance", None)
+    who = f"the fallback {name}" if fallback_used else f"the {name} backend"
+    note = None
+    if used is None:
+        note = f"{who} made the report and does not declare whether it reads guidance"
+    elif not used:
+        note = f"{who} made the report and does not read guidance: the report was made without it"
+    return {"text": guidance, "used": used, "reporting_backend": name, "note": note}
 
 
 def _registration_summary(analysis: ScanAnalysis | None) -> dict | None:

@@ -92,6 +92,9 @@ def print_summary(inspection: Inspection, source: str, console: Console | None =
     console.print(head)
     if fallback["used"]:
         console.print(f"  [yellow]fallback:[/yellow] {fallback['reason']}")
+    guidance = report.get("guidance")
+    if guidance and not guidance["used"]:
+        console.print(f"  [yellow]guidance not used:[/yellow] {guidance['note']}")
     registration = report.get("registration")
     if registration and registration["doubtful"]:
         console.print(f"  [yellow]registration doubtful[/yellow] (fitness {registration['fitness']:.2f}): the scan "

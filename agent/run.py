@@ -17,11 +17,26 @@ from pathlib import Path
 from rich.console import Console
 
 from agent.sampled import MAX_ANALYSIS_POINTS
+from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
 
 
 MIN_CONTEXT_WINDOW = 256
+# A backend's wall time per scan (AgentBudget.max_seconds): several times what a small local model takes on a 2-core
+# machine, far below what a hung server would cost under the openai SDK's timeout and retries.
+DEFAULT_MAX_SECONDS = 600.0
+
+
+def seconds_arg(text: str) -> float:
+    """--max-seconds: a positive, finite number of seconds (argparse turns the error into exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def context_window_arg(text: str) -> int:
@@ -61,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-window", type=context_window_arg,
                    help="the LLM's context window in tokens (e.g. a llama.cpp server's "
                    "--n_ctx): the agent is asked to report before a request would not fit")
+    p.add_argument("--max-seconds", type=seconds_arg, default=DEFAULT_MAX_SECONDS,
+                   help="the backend's wall time per scan, every request and retry included; past it the policy "
+                   "finishes the scan and the report says so (default %(default)g)")
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
     p.add_argument("--max-analysis-points", type=_positive, default=MAX_ANALYSIS_POINTS,
@@ -86,15 +104,21 @@ def _expand(paths: list[str]) -> list[Path]:
     return out
 
 
+def backend_kwargs(args: argparse.Namespace) -> dict:
+    """--backend-kwargs as a dict (ValueError/TypeError on bad JSON or another JSON value)."""
+    kwargs = json.loads(args.backend_kwargs)
+    if not isinstance(kwargs, dict):
+        raise TypeError("--backend-kwargs must be a JSON object")
+    return kwargs
+
+
 def make_backend(args: argparse.Namespace):
     """The chosen backend, constructed once for every scan."""
     from agent.backends import get_backend
 
-    kwargs = json.loads(args.backend_kwargs)
-    if not isinstance(kwargs, dict):
-        raise TypeError("--backend-kwargs must be a JSON object")
-    if args.model:
-        kwargs.setdefault("model", args.model)
+    kwargs = backend_kwargs(args)
+    if args.model:  # langchain: the chat model class (module:Class); the others: the model's name
+        kwargs.setdefault("chat_model" if args.backend == "langchain" else "model", args.model)
     if args.base_url:
         if args.backend != "openai":
             raise ValueError("--base-url is for --backend openai")
@@ -158,7 +182,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     config = InspectionConfig(verify=args.verify, max_verify_fraction=args.max_verify_fraction, guidance=args.guidance,
                               templates=args.templates, seed=args.seed,
                               budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls,
-                                                 max_context_tokens=args.context_window))
+                                                 max_context_tokens=args.context_window,
+                                                 max_seconds=args.max_seconds))
     if fitted is None:
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
@@ -209,15 +234,28 @@ def _print_demo_check(inspection, path: Path, console: Console) -> None:
     console.print(f"  [{colour}]{check.summary()}[/{colour}]")
 
 
+def run_redactor(args: argparse.Namespace) -> Redactor:
+    """The run's secrets: credential-looking environment values and --backend-kwargs values (api_key, headers)."""
+    try:
+        given = secrets_in(backend_kwargs(args))
+    except (ValueError, TypeError):  # bad JSON is reported by run(); it holds no usable secret to look for
+        given = []
+    return Redactor.for_run(given)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(soft_wrap=True)  # paths in messages stay whole (copyable, greppable)
+    redact = run_redactor(args)
+    # everything the run prints or logs passes the redactor (a server's error may echo the key it was sent);
+    # paths in messages stay whole (soft wrap: copyable, greppable)
+    console = Console(soft_wrap=True, file=RedactedStream(sys.stdout, redact.text))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return run(args, console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
-        return 130
+    with redacted_logging(redact):
+        try:
+            return run(args, console)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            return 130
 
 
 if __name__ == "__main__":

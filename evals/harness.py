@@ -34,6 +34,7 @@ from typing import Any, Literal, Self
 import numpy as np
 
 from agent.pipeline import InspectionConfig
+from agent.secrets import Redactor, secrets_in
 from detector.fitted import DetectorConfig
 from detector.pointmae import PointMAEConfig
 from scans import strict_json
@@ -461,7 +462,7 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, points: np.nd
         inspection = inspect_scan(points, fitted, backend, config=ctx.inspection, transcript_path=transcript,
                                   analysis=analysis, use_fallback=ctx.fallback)
     except Exception as exc:  # noqa: BLE001 -- a failing backend is a result, not a crash
-        row.update(status="failed", reason=_failure(exc))
+        row.update(status="failed", reason=Redactor.for_run(secrets_in(spec.kwargs)).text(_failure(exc)))
         return ScanResult(row)
     outcome = inspection.outcome
     flagged = [np.asarray(r, dtype=np.int64) for r in inspection.flagged_regions()]
@@ -718,6 +719,7 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "command": config.command,
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
+    meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True,
                                      default=_json_default))
