@@ -15,19 +15,16 @@ import json
 import math
 from typing import Any
 
-import numpy as np
-
 
 class NonFiniteJSONError(ValueError):
     """A document meant to be strict JSON holds NaN or an infinity; the message names the document and key."""
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars and arrays as Python values (what ``json`` can write)."""
-    if isinstance(value, np.ndarray):
+    """numpy scalars and arrays as Python values (what ``json`` can write). Recognised without importing numpy:
+    the agent loop and the transcript use this module and must stay free of numpy."""
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
     return value
 
 
