@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import jinja2
 import numpy as np
 
 from agent.backends import Backend, get_backend
@@ -76,8 +77,8 @@ class Inspection:
         """The `report.json` document (the contract other tools read)."""
         v, o = self.verification, self.outcome
         regions = []
-        for verdict, members in zip(v.regions, self.flagged_regions()):
-            entry = verdict.to_dict()
+        for number, (verdict, members) in enumerate(zip(v.regions, self.flagged_regions()), start=1):
+            entry = {"id": number, **verdict.to_dict()}  # the number regions.png and viewer.html show
             if members.size:  # where to look, in the scan's own coordinates
                 entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
             regions.append(entry)
@@ -172,9 +173,13 @@ def overview_token_budget(configured: int, window: int | None) -> int:
 
 
 def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,
-                       config: InspectionConfig, scored: np.ndarray) -> tuple[Patches, PatchTable, Callable[[], ToolBox],
-                                                                              list[dict]]:
-    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages."""
+                       config: InspectionConfig, scored: np.ndarray,
+                       template_errors: list[jinja2.TemplateError] | None = None,
+                       ) -> tuple[Patches, PatchTable, Callable[[], ToolBox], list[dict]]:
+    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages.
+
+    A tool result that a (user) template fails to render is appended to `template_errors`: the loop turns a failing
+    tool call into a message for the model, so without this a broken template would only degrade every scan."""
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
     lookup = _bank_lookup(fitted, analysis, patches, scored) if fitted is not None and analysis is not None else None
@@ -187,7 +192,15 @@ def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis:
         left = max(0, lookup_points - int(scored.sum()))
         context = ScanContext(points=points, patches=patches, table=table, bank_lookup=lookup,
                               verify_budget_points=left)
-        return ToolBox(context, render=lambda name, data: render_tool_result(name, data, templates=config.templates))
+        return ToolBox(context, render=render)
+
+    def render(name: str, data: dict) -> str:
+        try:
+            return render_tool_result(name, data, templates=config.templates)
+        except jinja2.TemplateError as exc:
+            if template_errors is not None:
+                template_errors.append(exc)
+            raise
 
     toolbox = make_toolbox()
     messages = [
@@ -217,8 +230,9 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     scored = np.zeros(len(pts), dtype=bool)
     t0 = time.perf_counter()
     overview_budget = overview_token_budget(config.token_budget, context_window(backend, config.budget))
+    template_errors: list[jinja2.TemplateError] = []
     patches, table, make_toolbox, messages = build_conversation(
-        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored)
+        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors)
     timings["verbalize"] = time.perf_counter() - t0
     if not use_fallback:
         fallback = None
@@ -235,6 +249,8 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
         toolbox = make_toolbox()
         outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
                             fallback=fallback, toolbox_factory=make_toolbox)
+        if template_errors:
+            raise template_errors[0]
         outcome = _scrubbed(outcome, redact)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()

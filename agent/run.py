@@ -1,7 +1,8 @@
 """`python -m agent.run scan.ply [more scans | a folder] [--bank DIR] [--backend ...] [--out DIR]`.
 
-Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report). The model
-and the bank load once for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
+Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report); a run over a
+folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model and the bank load once
+for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
 3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline, no key.
 """
 
@@ -14,7 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+import jinja2
 from rich.console import Console
+from rich.markup import escape
 
 from agent.sampled import MAX_ANALYSIS_POINTS
 from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
@@ -85,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger scans are analysed on a seeded sample of this many points; every input point "
                         "still gets a score (its nearest analysed point's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-render", action="store_true", help="skip the PNG render")
+    p.add_argument("--no-render", action="store_true", help="skip the pictures (regions.png and viewer.html)")
     p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
     return p
 
@@ -136,6 +139,36 @@ def _unique_dir(root: Path, stem: str, taken: set[str]) -> Path:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from scans.staging import OutputError, check_writable
+    from verbalize import TemplateFolderError, check_templates
+
+    out_root = Path(args.out)
+    started = time.perf_counter()
+    try:  # before any work: a run that cannot write its outputs, or render its prompts, should not start
+        if args.templates is not None:
+            check_templates(args.templates)
+        check_writable(out_root, "--out folder")
+    except (TemplateFolderError, OutputError) as exc:
+        console.print(f"[red]bad option:[/red] {escape(str(exc))}")
+        return EXIT_BAD_INPUT
+    root_existed = out_root.exists()
+    try:
+        return _run_checked(args, console, out_root, started)
+    finally:
+        _remove_if_empty(out_root, root_existed)
+
+
+def _remove_if_empty(folder: Path, existed: bool) -> None:
+    """A run that wrote nothing leaves no empty --out folder behind (one that was there before stays)."""
+    if not existed:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (outputs were written), or not there
+
+
+def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, started: float) -> int:
+    """The run once its --out and --templates are known to be usable."""
     from agent.backends import BackendUnavailable
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
@@ -144,9 +177,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from detector.fitted import FitError, FittedClass
     from detector.registration import RegistrationError
     from scans.io import MIN_POINTS, ScanError, read_scan
+    from scans.staging import OutputError
+    from verbalize import template_error_message
 
-    out_root = Path(args.out)
-    started = time.perf_counter()
     if args.demo:
         from agent.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
 
@@ -188,7 +221,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
     min_points = max(MIN_POINTS, 4 * fitted.config.backbone.group_size) if fitted is not None else MIN_POINTS
-    status, taken = EXIT_OK, set()
+    status, taken, written = EXIT_OK, set(), 0
     for path in scans:
         try:
             scan = read_scan(path, mesh_points=args.mesh_points, min_points=min_points, seed=args.seed)
@@ -207,15 +240,33 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 inspection = inspect_scan(scan.points if rows is None else scan.points[rows], fitted, backend,
                                           config=config, transcript_path=staging / "transcript.jsonl")
                 write_outputs(inspection, staging, source=str(path), render=not args.no_render, scan=scan,
-                              analysed_rows=rows)
+                              analysed_rows=rows, seed=args.seed)
         except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             status = EXIT_BAD_INPUT
             continue
+        except OutputError as exc:  # checked before the scan is scored; the other scans go on
+            console.print(f"[red]bad output:[/red] {path}: {escape(str(exc))}")
+            status = EXIT_BAD_INPUT
+            continue
+        except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
+            console.print(f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}")
+            return EXIT_BAD_INPUT
+        except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
+            console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
+            status = EXIT_BAD_INPUT
+            continue
+        written += 1
         print_summary(inspection, str(path), console)
-        console.print(f"  outputs: {out_dir}")
+        console.print(f"  outputs: {out_dir}" + ("" if args.no_render else f"  (open {out_dir / 'viewer.html'})"))
         if args.demo:
             _print_demo_check(inspection, path, console)
+    if written and (len(scans) > 1 or any(Path(raw).is_dir() for raw in args.scans)):
+        from agent.viewer import write_index
+
+        index = write_index(out_root)
+        console.print(f"index of every scan in {out_root}: {index}" if index else
+                      f"[yellow]no index written:[/yellow] {out_root / 'index.html'} is not scanagent's; left alone")
     if args.demo:
         console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     return status

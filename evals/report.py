@@ -503,9 +503,11 @@ def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 
             labels = [f"{i + 1}: {r.get('verdict', '?')} ({r.get('confidence', 0):.2f})"
                       for i, r in enumerate(row.get("regions", [])[:len(regions)])]
             labels += [f"{i + 1}" for i in range(len(labels), len(regions))]
-            kept = [(r, lab) for r, lab in zip(regions, labels) if r.size]
-            flagged = render_regions_png(directory / f"{stem}_flagged.png", loaded.points, [r for r, _ in kept],
-                                         [lab for _, lab in kept], title=f"{name}: flagged regions", views=views)
+            verdicts = [r.get("verdict", "skipped") for r in row.get("regions", [])[:len(regions)]]
+            verdicts += ["skipped"] * (len(regions) - len(verdicts))
+            # every region passed, empty ones too, so the picture numbers them as the labels do
+            flagged = render_regions_png(directory / f"{stem}_flagged.png", loaded.points, regions, labels,
+                                         title=f"{name}: flagged regions", views=views, verdicts=verdicts)
         else:
             scores = np.load(out / row["scores"], allow_pickle=False)
             flagged = render_points_png(directory / f"{stem}_flagged.png", loaded.points, scores,
