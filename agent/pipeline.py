@@ -25,6 +25,7 @@ from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
 from detector.calibration import verdict_of
 from detector.fitted import FittedClass, ScanAnalysis
+from scans.outliers import robust_radius_mean
 from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
@@ -120,10 +121,11 @@ class ClassMismatch(ValueError):
 SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is another part or other units
 
 
-def scan_radius(points: np.ndarray) -> float:
-    """Mean distance of a point to the centroid: the same size measure as the class scale (tools.pointmae)."""
-    pts = np.asarray(points, dtype=np.float64)
-    return float(np.linalg.norm(pts - pts.mean(axis=0), axis=1).mean())
+def scan_radius(points: np.ndarray, seed: int = 0) -> float:
+    """Mean distance of a point to the centroid, the same size measure as the class scale (detector.pointmae),
+    but robust: measured on a bounded sample without the points far outside the part (scans.outliers), so
+    that a few stray returns cannot make a part look like another class."""
+    return robust_radius_mean(points, seed)
 
 
 def check_scan_fits_class(points: np.ndarray, fitted: FittedClass, source: str, bank_dir: str = "the bank") -> None:

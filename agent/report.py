@@ -10,20 +10,21 @@ written, so a failed scan leaves no half-written output folder, and it never rep
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
+from agent.sampled import spread_to_all
 from agent.viewer import write_viewer
-from scans import staging
-from scans.io import write_scores
+from scans import staging, strict_json
+from scans.io import Scan, write_scores
 from scans.render import render_regions_png
 
 SCAN_OUTPUT_KIND = "scan output"  # the output marker's kind (scans.staging)
@@ -47,16 +48,32 @@ def region_legend(regions: list[dict]) -> list[str]:
 
 
 def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source: str, render: bool = True,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, scan: Scan | None = None, analysed_rows: np.ndarray | None = None) -> Path:
     """Write report.json, scores.npy/.ply, regions.png and viewer.html into `out_dir` (created; transcript left in
-    place). `render=False` skips both pictures (the PNG and the page)."""
+    place). `render=False` skips both pictures (the PNG and the page).
+
+    With the `scan` the inspection was made from, scores.npy holds one value per row of the scan's file, in
+    its order (NaN for rows dropped as non-finite or as far outliers), and report.json counts those rows. When
+    only `analysed_rows` of the scan were inspected (a huge scan, agent.sampled), every other point gets the
+    score of its nearest analysed point."""
     target = Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".outputs.", dir=target))
     try:
         report = inspection.report()
         report["source"] = source
-        write_scores(tmp / "scores", inspection.points, inspection.point_scores)
+        points, scores, input_scores = inspection.points, inspection.point_scores, None
+        if scan is not None:
+            if analysed_rows is not None:
+                scores = spread_to_all(scan.points, analysed_rows, scores)
+            elif len(scan.points) != len(inspection.points):
+                raise ValueError(f"{source}: the inspection has {len(inspection.points)} points, the scan "
+                                 f"{len(scan.points)}; give the analysed rows")
+            points, input_scores = scan.points, scan.to_input_rows(scores)
+            report.update(n_points=len(scan.points), analysed_points=len(inspection.points),
+                          n_input_rows=len(input_scores), dropped_nonfinite=scan.dropped_nonfinite,
+                          dropped_outliers=scan.dropped_outliers)
+        write_scores(tmp / "scores", points, scores, input_scores=input_scores)
         if render:
             regions = inspection.flagged_regions()
             verdict = report["verdict"] or "no verdict"
@@ -66,7 +83,8 @@ def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source:
                                verdicts=[r["verdict"] for r in report["regions"]], seed=seed)
             write_viewer(tmp / "viewer.html", inspection.points, inspection.point_scores, report, regions,
                          title=title, seed=seed)
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+        text = strict_json.dumps(report, missing_as_null=True, indent=2, sort_keys=True)
+        (tmp / "report.json").write_text(text)
         for item in tmp.iterdir():
             os.replace(item, target / item.name)
     finally:

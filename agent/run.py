@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.quiet import quiet_third_party
+from agent.sampled import MAX_ANALYSIS_POINTS
 from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
@@ -98,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "finishes the scan and the report says so (default %(default)g)")
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
+    p.add_argument("--max-analysis-points", type=_positive, default=MAX_ANALYSIS_POINTS,
+                   help="larger scans are analysed on a seeded sample of this many points; every input point "
+                        "still gets a score (its nearest analysed point's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-render", action="store_true", help="skip the pictures (regions.png and viewer.html)")
     p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
@@ -186,6 +190,7 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
     from agent.report import print_summary, staged_dir, write_outputs
+    from agent.sampled import analysis_rows
     from agent.summary import ScanRow, print_run_summary, write_run_summary
     from detector.fitted import FitError, FittedClass
     from detector.registration import RegistrationError
@@ -250,9 +255,13 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
         out_dir = _unique_dir(out_root, path.stem, taken)
         try:
             with staged_dir(out_dir) as staging:
-                inspection = inspect_scan(scan.points, fitted, backend, config=config,
-                                          transcript_path=staging / "transcript.jsonl")
-                write_outputs(inspection, staging, source=str(path), render=not args.no_render, seed=args.seed)
+                analysed = analysis_rows(len(scan.points), args.max_analysis_points, seed=args.seed)
+                if analysed is not None:
+                    console.print(f"  {path}: {len(scan.points)} points; analysing a sample of {len(analysed)}")
+                inspection = inspect_scan(scan.points if analysed is None else scan.points[analysed], fitted, backend,
+                                          config=config, transcript_path=staging / "transcript.jsonl")
+                write_outputs(inspection, staging, source=str(path), render=not args.no_render, scan=scan,
+                              analysed_rows=analysed, seed=args.seed)
         except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))

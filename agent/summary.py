@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from scans import strict_json
 from scans.io import umask_mode
 
 SUMMARY_FIELDS = ("scan", "verdict", "object_score", "threshold", "regions", "confirmed_regions", "seconds",
@@ -73,7 +73,7 @@ def write_run_summary(rows: list[ScanRow], out_root: str | os.PathLike) -> tuple
     counts = {v: sum(r.verdict == v for r in rows) for v in ("defective", "normal", "no verdict", "failed")}
     document = {"counts": counts, "scans": [asdict(row) for row in rows]}
     _atomic_text(root / "summary.csv", buffer.getvalue())
-    _atomic_text(root / "summary.json", json.dumps(document, indent=2))
+    _atomic_text(root / "summary.json", strict_json.dumps(document, missing_as_null=True, indent=2))
     return root / "summary.csv", root / "summary.json"
 
 

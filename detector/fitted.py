@@ -28,6 +28,7 @@ import numpy as np
 
 from detector.bank import MemoryBank
 from detector.calibration import loo_object_scores, object_threshold
+from detector.manifest import ManifestError, verify_manifest, write_manifest
 from detector.pointmae import (
     PatchFeatures,
     PointMAE,
@@ -41,6 +42,7 @@ from detector.pointmae import (
     save_backbone,
 )
 from detector.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
+from scans import strict_json
 from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
 
 DETECTOR_VERSION = 1
@@ -355,7 +357,9 @@ class FittedClass:
                         "score_norms": self.score_norms,
                         "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
                         "info": self.info}
-                (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+                (tmp / META_FILE).write_text(strict_json.dumps(meta, what=str(target / META_FILE), indent=2,
+                                                               sort_keys=True))
+                write_manifest(tmp)  # last: it hashes every file written above
         except OutputError as exc:
             raise FitError(str(exc)) from None
         except OSError as exc:  # e.g. the disk filled up while writing: nothing was put in place
@@ -370,6 +374,10 @@ class FittedClass:
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
+        try:
+            verify_manifest(root, required=(META_FILE, "mean_feature.npy", "bank/bank.npy", "bank/bank.json"))
+        except ManifestError as exc:
+            raise FitError(str(exc)) from None
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -390,6 +398,9 @@ class FittedClass:
                            "refit the class") from exc
         if not (np.isfinite(scale) and scale > 0):
             raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
+        bad = [k for k, v in thresholds.items() if not np.isfinite(v)]
+        if bad:
+            raise FitError(f"{root / META_FILE}: threshold {bad[0]} is not a finite number; refit the class")
         backbone = None
         if config.feature == "pointmae":
             try:
@@ -408,6 +419,9 @@ class FittedClass:
             mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise FitError(f"{root}: {exc}") from exc
+        if not (np.issubdtype(mean_feature.dtype, np.floating) and np.isfinite(mean_feature).all()):
+            raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the "
+                           "class")
         if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
             raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
                            f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")

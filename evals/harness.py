@@ -37,6 +37,7 @@ from agent.pipeline import InspectionConfig
 from agent.secrets import Redactor, secrets_in
 from detector.fitted import DetectorConfig
 from detector.pointmae import PointMAEConfig
+from scans import strict_json
 from scans.datasets import Dataset, Sample, open_dataset
 
 METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
@@ -247,7 +248,8 @@ class ResultStore:
                 rel_regions = rel.with_name(f"{row['scan']}.regions.npy")
                 _save_npy(self.out / rel_regions, np.asarray(result.regions, dtype=np.int32))
                 row["regions_file"] = rel_regions.as_posix()
-        self._file.write(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+        line = strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=_json_default)
+        self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         return row
@@ -736,7 +738,8 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
     }
     meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
     tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
+    tmp.write_text(strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True,
+                                     default=_json_default))
     os.replace(tmp, out / RUN_FILE)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from evals.harness import FIT_META, METHOD_FEATURE, RUN_FILE, ResultStore
 from evals.metrics import au_pro_points, mean_table, o_auroc, p_auroc
+from scans import strict_json
 from scans.datasets import Sample, open_dataset
 
 REPORT_DIR = "report"
@@ -622,7 +623,7 @@ def write_all(out: str | os.PathLike, *, progress: ProgressFn | None = None, exa
     """summary.json, summary.csv, table.md, plots (report/*.png) and report.html for the run in `out`."""
     out = Path(out)
     summary, curves, meta = summarize(out, progress)
-    _write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=1, sort_keys=False))
+    _write_text(out / "summary.json", strict_json.dumps(summary, missing_as_null=True, indent=1))
     _write_text(out / "summary.csv", summary_csv(summary))
     _write_text(out / "table.md", markdown_report(summary, meta))
     report_dir = out / REPORT_DIR

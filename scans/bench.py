@@ -39,6 +39,7 @@ import numpy as np
 
 from scans import defects as defect_lib
 from scans import parts as part_lib
+from scans import strict_json
 from scans.io import umask_mode
 from scans.shared_data import shared_scans_dir
 
@@ -323,7 +324,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             "noise": {"mesh": MESH_NOISE, "pcd": SCAN_NOISE}, "sources": used, "skipped": skipped,
             "samples": samples,
         }
-        (staging / "recipe.json").write_text(json.dumps(recipe, indent=1))
+        (staging / "recipe.json").write_text(strict_json.dumps(recipe, what="recipe.json", indent=1))
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {
             "layout": "anomaly-shapenet", "recipe_version": RECIPE_VERSION,
@@ -335,7 +336,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
                       for p in files},
             "build_seconds": round(time.perf_counter() - started, 2),
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (staging / "manifest.json").write_text(strict_json.dumps(manifest, what="manifest.json", indent=1))
         staging.chmod(umask_mode(directory=True))  # mkdtemp's 0700 would make the dataset private
         if out.exists():
             retired = out.with_name(out.name + ".old")

@@ -10,7 +10,6 @@ kept first) and the page says so; positions travel as 16-bit steps of the boundi
 from __future__ import annotations
 
 import base64
-import json
 import os
 import tempfile
 from importlib import resources
@@ -22,6 +21,7 @@ from jinja2 import Environment
 from markupsafe import Markup
 
 from agent.transcript import REDACTED, secrets_from_env
+from scans import strict_json
 from scans.render import HEAT_CMAP, VERDICT_STYLES, subsample_indices
 
 MAX_VIEWER_POINTS = 200_000
@@ -118,7 +118,7 @@ def render_viewer_html(data: dict) -> str:
     return template.render(
         title=data["title"], background=data["background"], ramp=ramp, styles=data["verdict_styles"],
         score_min=f"{data['score_min']:.4g}", score_max=f"{data['score_max']:.4g}",
-        data_json=_script_safe(json.dumps(data, separators=(",", ":"))),
+        data_json=_script_safe(strict_json.dumps(data, missing_as_null=True, separators=(",", ":"))),
         three_js=_script_safe(_asset("vendor/three-viewer.min.js")),
         viewer_js=_script_safe(_asset("viewer.js")))
 
