@@ -3,7 +3,8 @@
 Fits one class — Point-MAE trained on the class's normal scans, a memory bank of its patch features, thresholds
 calibrated on normal data — and writes it as one folder that `python -m agent.run --bank <dir>` reads.
 Exit codes: 0 fitted, 2 bad input (missing/empty/unreadable scans, unknown class or layout, bad options, an --out
-that is not a fit). Nothing is written unless the fit succeeds (the folder appears in one rename).
+that is not a fit or cannot be written, checked before fitting). Nothing is written unless the fit succeeds (the
+folder appears in one rename).
 
 Why the work lives in :func:`fit_from_options`: tests and other code call it directly and get a :class:`FitReport`;
 :func:`main` only parses arguments, draws progress bars and prints the summary.
@@ -24,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from scans.progress import Progress as ProgressCallback
+from agent.quiet import quiet_third_party
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_MESH_POINTS = 30000
@@ -136,13 +138,15 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
 
 
 def _check_out(out: Path) -> None:
-    """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end)."""
-    from detector.config import META_FILE
+    """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end):
+    a file, an unwritable place, or a folder of the user's that is not a fit."""
+    from detector.config import FitError
+    from detector.persistence import check_save_target
 
-    if out.exists() and not out.is_dir():
-        raise FitInputError(f"{out}: --out exists and is a file; give a folder for the fitted class")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
-        raise FitInputError(f"{out}: --out exists and is not a fitted class folder; refusing to overwrite it")
+    try:
+        check_save_target(out)
+    except FitError as exc:
+        raise FitInputError(f"--out {exc}") from None
 
 
 def _detector_config(options: FitOptions):
@@ -228,8 +232,17 @@ def fit_from_options(options: FitOptions, progress: ProgressCallback | None = No
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
+FIT_EPILOG = """examples:
+  scanagent fit --train my_parts/normal/ --out banks/bracket
+  scanagent fit --data anomaly-shapenet:dev-bench --cls flange --out banks/flange --register
+  (`python -m agent.fit ...` is the same command)
+
+exit codes: 0 ok, 2 bad input (unreadable or too few scans, bad dataset spec or class, bad option)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.fit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agent.fit", description=__doc__.split("\n\n")[0], epilog=FIT_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("training scans (one of)")
     src.add_argument("--train", type=Path, help="folder of normal scans of one class")
     src.add_argument("--data", help="dataset as <layout>:<root> (anomaly-shapenet, real3d-ad, mvtec3d, folder)")
@@ -273,6 +286,12 @@ def summary_table(report: FitReport) -> Table:
     if report.thresholds:
         table.add_row("normal patch p95 / max", f"{report.thresholds['patch_p95']:.4g} / "
                                                 f"{report.thresholds['patch_max']:.4g}")
+    if "object_threshold" in report.thresholds:
+        table.add_row("object threshold", f"{report.thresholds['object_threshold']:.4g} (normal object scores "
+                      f"max {report.thresholds['object_normal_max']:.4g}, leave-one-template-out: a scan above "
+                      "it is called defective)")
+    else:
+        table.add_row("object threshold", "none (needs two or more training scans): runs give no verdict")
     table.add_row("written", str(report.out))
     return table
 
@@ -280,6 +299,7 @@ def summary_table(report: FitReport) -> Table:
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console(stderr=False)
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     options = FitOptions(out=args.out, data=args.data, cls=args.cls, train=args.train, feature=args.feature,
                          steps=args.steps, coreset_ratio=args.coreset_ratio, seed=args.seed, init=args.init,
                          preset=args.preset, mesh_points=args.mesh_points, register=args.register)

@@ -14,14 +14,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import jinja2
 import numpy as np
 
 from agent.backends import Backend, get_backend
+from agent.explain import region_explanation, scan_summary
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
+from detector.calibration import verdict_of
 from detector.fitted import FittedClass, ScanAnalysis
+from scans.outliers import robust_radius_mean
 from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
@@ -75,13 +79,19 @@ class Inspection:
         """The `report.json` document (the contract other tools read)."""
         v, o = self.verification, self.outcome
         regions = []
-        for verdict, members in zip(v.regions, self.flagged_regions()):
-            entry = verdict.to_dict()
+        for number, (verdict, members) in enumerate(zip(v.regions, self.flagged_regions()), start=1):
+            entry = {"id": number, **verdict.to_dict()}  # the number regions.png and viewer.html show
             if members.size:  # where to look, in the scan's own coordinates
                 entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
+            entry["explanation"] = region_explanation(entry, self.table, v.mode)
             regions.append(entry)
+        verdict = verdict_of(v.object_score, v.object_threshold)
         return {
             "object_score": float(v.object_score),
+            "verdict": verdict,
+            "threshold": None if v.object_threshold is None else round(float(v.object_threshold), 6),
+            "summary": scan_summary(verdict, float(v.object_score), v.object_threshold, regions, v.mode,
+                                    self.registration),
             "verified_fraction": round(v.verified_fraction, 6),
             "verify_mode": self.verify_mode,
             "mode": v.mode,
@@ -111,10 +121,11 @@ class ClassMismatch(ValueError):
 SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is another part or other units
 
 
-def scan_radius(points: np.ndarray) -> float:
-    """Mean distance of a point to the centroid: the same size measure as the class scale (tools.pointmae)."""
-    pts = np.asarray(points, dtype=np.float64)
-    return float(np.linalg.norm(pts - pts.mean(axis=0), axis=1).mean())
+def scan_radius(points: np.ndarray, seed: int = 0) -> float:
+    """Mean distance of a point to the centroid, the same size measure as the class scale (detector.pointmae),
+    but robust: measured on a bounded sample without the points far outside the part (scans.outliers), so
+    that a few stray returns cannot make a part look like another class."""
+    return robust_radius_mean(points, seed)
 
 
 def check_scan_fits_class(points: np.ndarray, fitted: FittedClass, source: str, bank_dir: str = "the bank") -> None:
@@ -170,9 +181,13 @@ def overview_token_budget(configured: int, window: int | None) -> int:
 
 
 def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,
-                       config: InspectionConfig, scored: np.ndarray) -> tuple[Patches, PatchTable, Callable[[], ToolBox],
-                                                                              list[dict]]:
-    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages."""
+                       config: InspectionConfig, scored: np.ndarray,
+                       template_errors: list[jinja2.TemplateError] | None = None,
+                       ) -> tuple[Patches, PatchTable, Callable[[], ToolBox], list[dict]]:
+    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages.
+
+    A tool result that a (user) template fails to render is appended to `template_errors`: the loop turns a failing
+    tool call into a message for the model, so without this a broken template would only degrade every scan."""
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
     lookup = _bank_lookup(fitted, analysis, patches, scored) if fitted is not None and analysis is not None else None
@@ -185,7 +200,15 @@ def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis:
         left = max(0, lookup_points - int(scored.sum()))
         context = ScanContext(points=points, patches=patches, table=table, bank_lookup=lookup,
                               verify_budget_points=left)
-        return ToolBox(context, render=lambda name, data: render_tool_result(name, data, templates=config.templates))
+        return ToolBox(context, render=render)
+
+    def render(name: str, data: dict) -> str:
+        try:
+            return render_tool_result(name, data, templates=config.templates)
+        except jinja2.TemplateError as exc:
+            if template_errors is not None:
+                template_errors.append(exc)
+            raise
 
     toolbox = make_toolbox()
     messages = [
@@ -215,8 +238,9 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     scored = np.zeros(len(pts), dtype=bool)
     t0 = time.perf_counter()
     overview_budget = overview_token_budget(config.token_budget, context_window(backend, config.budget))
+    template_errors: list[jinja2.TemplateError] = []
     patches, table, make_toolbox, messages = build_conversation(
-        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored)
+        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors)
     timings["verbalize"] = time.perf_counter() - t0
     if not use_fallback:
         fallback = None
@@ -233,6 +257,8 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
         toolbox = make_toolbox()
         outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
                             fallback=fallback, toolbox_factory=make_toolbox)
+        if template_errors:
+            raise template_errors[0]
         outcome = _scrubbed(outcome, redact)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()

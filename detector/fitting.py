@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from detector.bank import MemoryBank
+from detector.calibration import loo_object_scores, object_threshold
 from detector.config import TRAIN_THREADS, DetectorConfig, FitError
 from detector.features import make_extractor, torch_threads
 from detector.fitted import FittedClass
@@ -24,8 +25,9 @@ from scans.geometry import voxel_downsample
 from scans.progress import Progress
 
 def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
-                      k: int = 16) -> list[np.ndarray]:
-    """Each template's patch distances to the nearest bank row from another template (normal-data calibration).
+                      k: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each template's (patch distances, nearest bank rows) among the rows from other templates (normal-data
+    calibration).
 
     Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
     exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between
@@ -41,7 +43,9 @@ def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source:
         _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
         exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
         exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
-        out.append(exact.min(axis=1))  # inf: every candidate came from the same template, no honest estimate
+        best = exact.argmin(axis=1)
+        # inf: every candidate came from the same template, no honest estimate
+        out.append((exact[np.arange(len(feats)), best], nn[np.arange(len(feats)), best]))
     return out
 
 
@@ -144,7 +148,8 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     if config.register:
         coord_bank = CoordinateBank.from_templates(scans, scale)
     if len(scans) > 1:
-        loo = _loo_patch_scores(per_template, bank, bank_source)
+        loo_pairs = _loo_patch_scores(per_template, bank, bank_source)
+        loo = [dist for dist, _ in loo_pairs]
         if coord_bank is not None:
             coord_loo = coord_bank.leave_one_out_patch_scores(scans, members)
             norms = _score_norms(loo, coord_loo)
@@ -154,6 +159,8 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         if normal.size:
             thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
             thresholds["patch_max"] = float(normal.max())
+        thresholds |= object_threshold(loo_object_scores(bank, _split_views(per_template, loo, loo_pairs,
+                                                                             config.bank_views)))
     timings["bank_s"] = time.perf_counter() - t0
     info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
             "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
@@ -163,6 +170,18 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
                        backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
+
+
+def _split_views(per_template: list[np.ndarray], loo: list[np.ndarray],
+                 loo_pairs: list[tuple[np.ndarray, np.ndarray]],
+                 n_views: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(features, leave-one-out scores, nearest feature-bank rows) of every bank view: each template's rows are its
+    views one after the other, of equal length (inference_groups patches each)."""
+    views = []
+    for feats, scores, (_, nn) in zip(per_template, loo, loo_pairs):
+        for part in np.array_split(np.arange(len(feats)), n_views):
+            views.append((feats[part], scores[part], nn[part]))
+    return views
 
 
 def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,

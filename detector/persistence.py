@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,44 +18,60 @@ from detector.bank import MemoryBank
 from detector.config import DETECTOR_VERSION, FORMAT_NAME, META_FILE, DetectorConfig, FitError
 from detector.features import FPFH_IDENTITY
 from detector.pointmae import PointMAE, backbone_hash, load_backbone, save_backbone
+from detector.manifest import ManifestError, verify_manifest, write_manifest
 from detector.registration import CoordinateBank
+from scans import strict_json
+from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
+
+FIT_KIND = "fitted class"  # the output marker's kind (scans.staging)
+
+
+def _is_unmarked_fit(folder: Path) -> bool:
+    """A fit saved before output markers existed: its metadata file names the format."""
+    return (folder / META_FILE).is_file()
+
+
+def check_save_target(directory: str | os.PathLike) -> None:
+    """FitError unless `FittedClass.save(directory)` can write there, as far as can be told before fitting: the
+    folder beside which the fit is staged can be written, and `directory` is absent, empty or a fit."""
+    target = Path(directory)
+    try:
+        check_writable(target.parent, "folder to hold the fit")
+    except OutputError as exc:
+        raise FitError(f"{target}: cannot be written: {exc}") from None
+    try:
+        check_replaceable(target, FIT_KIND, also_ours=_is_unmarked_fit)
+    except OutputError as exc:
+        raise FitError(str(exc)) from None
 
 
 def write_fit(directory: str | os.PathLike, *, config: DetectorConfig, scale: float, bank: MemoryBank,
               mean_feature: np.ndarray, thresholds: dict[str, float], backbone: PointMAE | None, info: dict,
               coord_bank: CoordinateBank | None, score_norms: dict[str, float], backbone_id: str) -> Path:
-    """Write the fit as one folder (an old fit at the same place is replaced; any other folder is refused)."""
+    """Write the fit as one folder: staged beside the target, then renamed, so a reader sees the old fit or the new
+    one. Only a fit (or an empty folder) at the same place is replaced; any other folder is refused (FitError),
+    since it may hold the user's files."""
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    old = None
     try:
-        if backbone is not None:
-            save_backbone(backbone, tmp / "backbone")
-        bank.save(tmp / "bank")
-        np.save(tmp / "mean_feature.npy", mean_feature, allow_pickle=False)
-        if coord_bank is not None:
-            np.save(tmp / "coord_points.npy", coord_bank.points, allow_pickle=False)
-            np.save(tmp / "coord_source.npy", coord_bank.source, allow_pickle=False)
-        meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": config.to_dict(),
-                "score_norms": score_norms,
-                "scale": scale, "thresholds": thresholds, "backbone_id": backbone_id,
-                "info": info}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if target.exists():
-            if not (target / META_FILE).is_file() and any(target.iterdir()):
-                raise FitError(f"{target}: exists and is not a fitted class folder; refusing to overwrite it")
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / "fit")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old / "fit", target)  # put the previous fit back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with staged_dir(target, FIT_KIND, also_ours=_is_unmarked_fit) as tmp:
+            if backbone is not None:
+                save_backbone(backbone, tmp / "backbone")
+            bank.save(tmp / "bank")
+            np.save(tmp / "mean_feature.npy", mean_feature, allow_pickle=False)
+            if coord_bank is not None:
+                np.save(tmp / "coord_points.npy", coord_bank.points, allow_pickle=False)
+                np.save(tmp / "coord_source.npy", coord_bank.source, allow_pickle=False)
+            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": config.to_dict(),
+                    "score_norms": score_norms,
+                    "scale": scale, "thresholds": thresholds, "backbone_id": backbone_id,
+                    "info": info}
+            (tmp / META_FILE).write_text(strict_json.dumps(meta, what=str(target / META_FILE), indent=2,
+                                                           sort_keys=True))
+            write_manifest(tmp)  # last: it hashes every file written above
+    except OutputError as exc:
+        raise FitError(str(exc)) from None
+    except OSError as exc:  # e.g. the disk filled up while writing: nothing was put in place
+        raise FitError(f"{target}: the fit could not be written ({exc.strerror or exc})") from None
     return target
 
 
@@ -67,6 +81,10 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
+    try:
+        verify_manifest(root, required=(META_FILE, "mean_feature.npy", "bank/bank.npy", "bank/bank.json"))
+    except ManifestError as exc:
+        raise FitError(str(exc)) from None
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -87,6 +105,9 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
                        "refit the class") from exc
     if not (np.isfinite(scale) and scale > 0):
         raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
+    bad = [k for k, v in thresholds.items() if not np.isfinite(v)]
+    if bad:
+        raise FitError(f"{root / META_FILE}: threshold {bad[0]} is not a finite number; refit the class")
     backbone = _read_backbone(root, config, backbone_id)
     expect = {"feature_name": config.feature, "backbone_hash": backbone_id}
     try:
@@ -94,6 +115,9 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
         mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise FitError(f"{root}: {exc}") from exc
+    if not (np.issubdtype(mean_feature.dtype, np.floating) and np.isfinite(mean_feature).all()):
+        raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the "
+                       "class")
     if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
         raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
                        f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")

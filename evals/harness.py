@@ -29,8 +29,9 @@ from evals.fits import dataset_root, ensure_fit, fit_dir
 from evals.methods import DEFAULT_METHODS, METHODS
 from evals.scan_jobs import JobContext, ScanJob
 from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, ScanResult, safe_name
+from scans import strict_json
 from scans.datasets import Dataset, Sample, open_dataset
-from scans.files import atomic_write_json
+from scans.files import atomic_write_text, json_default
 from scans.progress import Progress
 
 __all__ = ["DEFAULT_METHODS", "METHODS", "RESULTS_FILE", "BackendSpec", "HarnessConfig", "HarnessError",
@@ -163,7 +164,8 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
     meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
-    atomic_write_json(out / RUN_FILE, meta, indent=1, sort_keys=True)
+    atomic_write_text(out / RUN_FILE, strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True,
+                                                     default=json_default))
 
 
 def _inspection_dict(inspection: InspectionConfig) -> dict:

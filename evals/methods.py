@@ -39,16 +39,17 @@ class Method:
     feature: str | None                # the class fit it needs (None: no fit)
     verified_fraction: float           # share of points the bank scores
     default: bool = True               # run when --methods is not given
+    has_threshold: bool = False        # its object score is the fit's, so the fit's object threshold gives a verdict
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def method(name: str, *, feature: str | None, verified_fraction: float,
-           default: bool = True) -> Callable[[MethodFn], MethodFn]:
+def method(name: str, *, feature: str | None, verified_fraction: float, default: bool = True,
+           has_threshold: bool = False) -> Callable[[MethodFn], MethodFn]:
     """Register a method under `name`."""
     def register(run: MethodFn) -> MethodFn:
-        REGISTRY[name] = Method(name, run, feature, verified_fraction, default)
+        REGISTRY[name] = Method(name, run, feature, verified_fraction, default, has_threshold)
         return run
     return register
 
@@ -58,7 +59,7 @@ def scan_seed(seed: int, *parts: str) -> int:
     return zlib.crc32(":".join([str(seed), *parts]).encode()) & 0x7FFFFFFF
 
 
-@method("pointmae-bank", feature="pointmae", verified_fraction=1.0)
+@method("pointmae-bank", feature="pointmae", verified_fraction=1.0, has_threshold=True)
 def full_bank(scan: MethodInput) -> tuple[np.ndarray, float]:
     """M3DM's recipe: every patch through the bank."""
     result = scan.fit("pointmae").score(scan.analysis)
@@ -67,7 +68,7 @@ def full_bank(scan: MethodInput) -> tuple[np.ndarray, float]:
     return scores, result.object_score
 
 
-@method("btf", feature="fpfh", verified_fraction=1.0)
+@method("btf", feature="fpfh", verified_fraction=1.0, has_threshold=True)
 def btf(scan: MethodInput) -> tuple[np.ndarray, float]:
     """BTF: FPFH features, the same bank."""
     return scan.fit("fpfh").score_full(scan.points)
@@ -88,7 +89,7 @@ def random_scores(scan: MethodInput) -> tuple[np.ndarray, float]:
 
 # oracle-regions searches the whole bank to choose which points keep their scores, so it counts as 1.0 (read it at
 # the verification budget, not at its x position). A diagnostic: asked for by name only.
-@method("oracle-regions", feature="pointmae", verified_fraction=1.0, default=False)
+@method("oracle-regions", feature="pointmae", verified_fraction=1.0, default=False, has_threshold=True)
 def oracle_regions(scan: MethodInput) -> tuple[np.ndarray, float]:
     """The top-B full-bank points under the verifier's prior: the points the full bank scores highest, up to the
     verification budget B, keep their bank scores and every other point gets the verifier's low prior. Not a usable

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import math
 import os
 import re
@@ -24,10 +23,12 @@ from evals.summary import summarize
 from scans.datasets import Sample, open_dataset
 from scans.files import atomic_write_text
 from scans.progress import Progress
+from scans import strict_json
 
 REPORT_DIR = "report"
 MAX_ROC_CLASSES = 4
-SCALAR_COLUMNS = ("o_auroc", "p_auroc", "au_pro", "region_recall", "false_region_rate", "verified_fraction",
+SCALAR_COLUMNS = ("o_auroc", "p_auroc", "au_pro", "false_alarm_rate", "detection_rate", "region_recall",
+                  "false_region_rate", "verified_fraction",
                   "prompt_tokens", "completion_tokens", "tokens", "tool_calls", "wall_p50", "wall_p95", "fit_s",
                   "score_s", "n_scans", "n_failed", "n_fallbacks", "cost_per_scan", "cost_total")
 
@@ -71,6 +72,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 MAIN_COLUMNS: list[tuple[str, str, int]] = [
     ("O-AUROC", "o_auroc", 3), ("P-AUROC", "p_auroc", 3), ("AU-PRO@0.3", "au_pro", 3),
+    ("false alarms", "false_alarm_rate", 2), ("detected", "detection_rate", 2),
     ("region recall", "region_recall", 2), ("false regions", "false_region_rate", 2),
     ("share verified", "verified_fraction", 2), ("tokens/scan", "tokens", 0), ("tool calls", "tool_calls", 1),
     ("s/scan p50", "wall_p50", 2), ("s/scan p95", "wall_p95", 2), ("s/scan", "score_s", 2), ("fit s", "fit_s", 0),
@@ -316,9 +318,11 @@ def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 
             labels = [f"{i + 1}: {r.get('verdict', '?')} ({r.get('confidence', 0):.2f})"
                       for i, r in enumerate(row.get("regions", [])[:len(regions)])]
             labels += [f"{i + 1}" for i in range(len(labels), len(regions))]
-            kept = [(r, lab) for r, lab in zip(regions, labels) if r.size]
-            flagged = render_regions_png(directory / f"{stem}_flagged.png", loaded.points, [r for r, _ in kept],
-                                         [lab for _, lab in kept], title=f"{name}: flagged regions", views=views)
+            verdicts = [r.get("verdict", "skipped") for r in row.get("regions", [])[:len(regions)]]
+            verdicts += ["skipped"] * (len(regions) - len(verdicts))
+            # every region passed, empty ones too, so the picture numbers them as the labels do
+            flagged = render_regions_png(directory / f"{stem}_flagged.png", loaded.points, regions, labels,
+                                         title=f"{name}: flagged regions", views=views, verdicts=verdicts)
         else:
             scores = np.load(out / row["scores"], allow_pickle=False)
             flagged = render_points_png(directory / f"{stem}_flagged.png", loaded.points, scores,
@@ -372,7 +376,7 @@ def write_all(out: str | os.PathLike, *, progress: Progress | None = None, examp
     """summary.json, summary.csv, table.md, plots (report/*.png) and report.html for the run in `out`."""
     out = Path(out)
     summary, curves, meta = summarize(out, progress)
-    _write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=1, sort_keys=False))
+    _write_text(out / "summary.json", strict_json.dumps(summary, missing_as_null=True, indent=1))
     _write_text(out / "summary.csv", summary_csv(summary))
     _write_text(out / "table.md", markdown_report(summary, meta))
     report_dir = out / REPORT_DIR

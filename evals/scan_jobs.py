@@ -126,7 +126,8 @@ def run_scan(job: ScanJob, ctx: JobContext, resources: Resources) -> Iterator[Sc
             except Exception as exc:  # noqa: BLE001 -- a method failing on one scan is recorded, not fatal
                 yield ScanResult({**row, "status": "failed", "reason": f"{name} failed: {_failure(exc)}"})
                 continue
-            row.update(object_score=float(object_score), verified_fraction=entry.verified_fraction)
+            row.update(object_score=float(object_score), verified_fraction=entry.verified_fraction,
+                       verdict=_method_verdict(entry, job, ctx, resources, float(object_score)))
             result = ScanResult(row, scores=scores)
             shared = analyse_s if entry.feature == "pointmae" else 0.0
         own = time.perf_counter() - started
@@ -138,6 +139,17 @@ def _kind(name: str, ctx: JobContext) -> str:
     return "backend" if name in ctx.backends else "method"
 
 
+def _method_verdict(entry, job: ScanJob, ctx: JobContext, resources: Resources, object_score: float) -> str | None:
+    """'defective' / 'normal' against the class's object threshold of the method's fit, as agent.run's report.json
+    says it (methods without a fit give none)."""
+    from detector.calibration import OBJECT_THRESHOLD, verdict_of
+
+    if entry.feature is None or not entry.has_threshold:
+        return None
+    fitted = resources.fit(ctx.fit_dirs[(job.cls, entry.feature)])
+    return verdict_of(object_score, fitted.thresholds.get(OBJECT_THRESHOLD))
+
+
 def _needs_backbone(name: str, ctx: JobContext) -> bool:
     return name in ctx.backends or METHODS[name].feature == "pointmae"
 
@@ -145,6 +157,7 @@ def _needs_backbone(name: str, ctx: JobContext) -> bool:
 def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, resources: Resources, points: np.ndarray,
                  mask: np.ndarray | None, analysis, row: dict) -> ScanResult:
     from agent.pipeline import inspect_scan
+    from detector.calibration import verdict_of
 
     try:
         backend = resources.backend(spec)
@@ -165,6 +178,7 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, resources: Re
         region_of_point[flagged[index]] = index
     row.update(
         object_score=float(inspection.object_score),
+        verdict=verdict_of(float(inspection.object_score), inspection.verification.object_threshold),
         verified_fraction=float(inspection.verification.verified_fraction),
         prompt_tokens=int(outcome.usage.prompt_tokens), completion_tokens=int(outcome.usage.completion_tokens),
         tool_calls=int(outcome.n_tool_calls), turns=int(outcome.turns),

@@ -17,6 +17,7 @@ from typing import Self
 
 import numpy as np
 
+from scans import strict_json
 from scans.files import atomic_save_npy, json_default
 
 RESULTS_FILE = "results.jsonl"
@@ -100,7 +101,8 @@ class ResultStore:
                 rel_regions = rel.with_name(f"{row['scan']}.regions.npy")
                 atomic_save_npy(self.out / rel_regions, np.asarray(result.regions, dtype=np.int32))
                 row["regions_file"] = rel_regions.as_posix()
-        self._file.write(json.dumps(row, sort_keys=True, default=json_default) + "\n")
+        line = strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=json_default)
+        self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         return row

@@ -102,6 +102,7 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
     entry["o_auroc"] = o_auroc(obj_scores, labels) if obj_scores else math.nan
     entry["p_auroc"] = p_auroc(pscores, masks) if pscores else math.nan
     entry["au_pro"] = au_pro_points(pts, pscores, masks, 0.3) if pscores else math.nan
+    entry["false_alarm_rate"], entry["detection_rate"] = _verdict_rates(ok, scans)
     entry["score_s"] = float(np.mean([r["seconds"] for r in ok])) if ok else math.nan
     walls = [r["seconds"] for r in rows if "seconds" in r]
     entry["wall_p50"], entry["wall_p95"] = _quantile(walls, 0.5), _quantile(walls, 0.95)
@@ -143,6 +144,18 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
     entry["failure_reasons"] = dict(Counter(r.get("reason") or "unknown" for r in failed))
     entry["per_defect"] = per_defect
     return entry, curves
+
+
+def _verdict_rates(ok: list[dict], scans: _Scans) -> tuple[float, float]:
+    """(share of normal scans called defective, share of defective scans called defective) by the calibrated object
+    threshold; NaN where no scan of that kind has a verdict (methods without a threshold, uncalibrated fits)."""
+    called = {0: [], 1: []}
+    for row in ok:
+        if row.get("verdict") in ("defective", "normal"):
+            label = scans.get(row["path"])[2]
+            if label in called:
+                called[label].append(row["verdict"] == "defective")
+    return tuple(float(np.mean(v)) if v else math.nan for v in (called[0], called[1]))  # type: ignore[return-value]
 
 
 def _mean_entry(per_class: dict[str, dict]) -> dict:

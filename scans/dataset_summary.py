@@ -7,7 +7,6 @@ problems it lists are the files a run would refuse.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from scans import strict_json
 from scans.datasets import LAYOUTS, Dataset, DatasetError, Problem, open_dataset
 from scans.files import atomic_write_text
 from scans.io import ScanError
@@ -91,7 +91,7 @@ def summary_document(spec: str, dataset: Dataset, summaries: Sequence[ClassSumma
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     """Write to a temp file next to ``path`` and rename, so a crash never leaves half a JSON file."""
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    atomic_write_text(path, strict_json.dumps(document, what=str(path), indent=2) + "\n")
 
 
 def _format_share(value: float | None) -> str:
@@ -122,7 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Summarise a dataset tree; exit 0 clean, 1 problems found, 2 bad spec/root/class."""
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(prog="python -m evals.datasets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evals.datasets", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  scanagent datasets anomaly-shapenet:dev-bench --classes flange,gear --json out.json\n"
+               "  (`python -m evals.datasets ...` is the same command)\n\n"
+               "exit codes: 0 clean, 1 problems found in the tree, 2 bad spec, root or class")
     parser.add_argument("spec", help=f"<layout>:<root>, layout one of {', '.join(LAYOUTS)}")
     parser.add_argument("--classes", help="comma-separated classes (default: all)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")

@@ -17,6 +17,16 @@ from typing import IO, Any
 import numpy as np
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the process's umask (0644/0755 under umask 022).
+
+    Why: temp files from tempfile are 0600 and temp folders 0700; renamed into place they would make some outputs
+    private and others not. Every writer chmods its temp file to this before the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, suffix: str = ".tmp") -> Path:
     """Call `write(handle)` on a temporary binary file beside `path`, then rename it to `path`."""
     target = Path(path)
@@ -27,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             write(out)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(temp, umask_mode())  # mkstemp's 0600 would make this output private, unlike a plain open()
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -128,6 +128,14 @@ def read_label_file(gt_path: Path) -> np.ndarray:
     return array
 
 
+def _kept_rows(truth: np.ndarray, scan: Scan) -> np.ndarray:
+    """Truth given per row of the scan file, reduced to the rows read_scan kept (it drops non-finite rows and
+    isolated far outliers); truth of another length is returned as it is, for the checks that follow."""
+    if scan.input_rows is not None and scan.grid_shape is None and len(truth) == scan.n_input_rows:
+        return truth[scan.input_rows]
+    return truth
+
+
 def load_mask(sample: Any, scan: Scan) -> np.ndarray | None:
     """The per-point truth for ``scan`` following the sample's gt_format, or None when none is known."""
     fmt, gt_path = sample.gt_format, sample.gt_path
@@ -146,10 +154,10 @@ def load_mask(sample: Any, scan: Scan) -> np.ndarray | None:
     if fmt in (GT_TXT_COMMA, GT_TXT_SPACE):
         delimiter, what = (",", "comma-delimited x,y,z,label") if fmt == GT_TXT_COMMA else \
             (None, "space-delimited x y z label")
-        rows = _read_gt_rows(gt_path, delimiter, what)
+        rows = _kept_rows(_read_gt_rows(gt_path, delimiter, what), scan)
         return align_gt_rows(scan.points, rows, sample.path, gt_path, scan.dropped_nonfinite)
     if fmt == GT_LABEL_FILE:
-        array = read_label_file(gt_path)
+        array = _kept_rows(read_label_file(gt_path), scan)
         if array.ndim == 2:
             return align_gt_rows(scan.points, array, sample.path, gt_path, scan.dropped_nonfinite)
         if len(array) != len(scan.points):

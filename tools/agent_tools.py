@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from scans import strict_json
 from scans.geometry import fps
 from scans.patches import Patches, PatchTable
 from scans.files import json_default
@@ -380,7 +381,8 @@ class ToolBox:
 def _compact_json(name: str, data: dict) -> str:
     """Default tool-result text: compact JSON with sorted keys (what verbalize.render_tool_result also emits)."""
     try:
-        return json.dumps(data, separators=(",", ":"), sort_keys=True, default=json_default)
+        return strict_json.dumps(data, missing_as_null=True, separators=(",", ":"), sort_keys=True,
+                                 default=json_default)
     except TypeError as exc:
         raise TypeError(f"tool {name} returned a value that is not JSON ({exc})") from exc
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,9 @@ def _load_gguf(auto_model: Any, auto_tok: Any, gguf_path: Path) -> tuple[str, An
         tok.save_pretrained(tmp)
         if not cached.exists():
             tmp.rename(cached)
+            size_mb = sum(f.stat().st_size for f in cached.iterdir() if f.is_file()) / 1e6
+            print(f"hf backend: de-quantised model cached in {cached} ({size_mb:.0f} MB, once; "
+                  "SCANAGENT_CACHE moves it)", file=sys.stderr)
     except OSError:
         pass  # an unwritable cache only costs time next run
     finally:
