@@ -1,6 +1,7 @@
 """`scanagent <command> ...`: one console script for the project's commands, beside their `python -m` forms.
 
-Each command is the existing module's `main(argv)` (same flags, same outputs, same exit codes), imported only when it
+Each command is the existing module's `main(argv)` (same flags, same outputs, same exit codes), imported only
+when it
 is chosen so that `scanagent --help` stays fast.
 """
 
@@ -17,15 +18,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("evals.datasets", "summarise a dataset layout per class"),
 }
 
-USAGE = "usage: scanagent {" + ",".join(COMMANDS) + "} [options]   (scanagent <command> --help for its options)"
+USAGE = (
+    "usage: scanagent {" + ",".join(COMMANDS) + "} [options]   (scanagent <command> --help for its options)"
+)
 
 
 def _help() -> str:
     width = max(map(len, COMMANDS))
     lines = [USAGE, "", "commands:"]
-    lines += [f"  {name:<{width}}  {what}  (= python -m {module})" for name, (module, what) in COMMANDS.items()]
-    lines += ["", ("exit codes: 0 ok, 2 bad input, 3 backend unavailable (run), 1 some results failed (eval) "
-                   "or problems found (datasets), 130 interrupted")]
+    lines += [
+        f"  {name:<{width}}  {what}  (= python -m {module})" for name, (module, what) in COMMANDS.items()
+    ]
+    lines += [
+        "",
+        (
+            "exit codes: 0 ok, 2 bad input, 3 backend unavailable (run), 1 some results failed (eval) "
+            "or problems found (datasets), 130 interrupted"
+        ),
+    ]
     return "\n".join(lines)
 
 

@@ -1,11 +1,13 @@
-"""Argument types the command lines share (`agent.run`, `evals.run`), so both refuse bad values the same way."""
+"""Argument types the command lines share (`agent.run`, `evals.run`), so both refuse bad values the same
+way."""
 
 from __future__ import annotations
 
 import argparse
 
 MIN_CONTEXT_WINDOW = 256
-# A backend's wall time per scan (AgentBudget.max_seconds): several times what a small local model takes on a 2-core
+# A backend's wall time per scan (AgentBudget.max_seconds): several times what a small local model takes on a
+# 2-core
 # machine, far below what a hung server would cost under the openai SDK's timeout and retries.
 DEFAULT_MAX_SECONDS = 600.0
 
@@ -22,7 +24,8 @@ def seconds_arg(text: str) -> float:
 
 
 def context_window_arg(text: str) -> int:
-    """--context-window: an int of at least MIN_CONTEXT_WINDOW tokens (argparse turns the error into exit 2)."""
+    """--context-window: an int of at least MIN_CONTEXT_WINDOW tokens (argparse turns the error into exit
+    2)."""
     value = positive_int(text)
     if value < MIN_CONTEXT_WINDOW:
         raise argparse.ArgumentTypeError(f"must be at least {MIN_CONTEXT_WINDOW} tokens, got {value}")

@@ -1,9 +1,13 @@
 """Plain words for a report: each region's evidence in the scan's units, and the scan's verdict in one line.
 
-Why: the numbers the detector and the verbalizer work with (a bank distance of 0.98, `roughness z=-6.2`) mean nothing
-to someone holding the part. Each phrase here names what was measured, compares it with what is typical (the class's
-normal limit, or the scan's own median patch) and keeps the number, so the words can be checked against the data.
-Distances are in the scan's own units (whatever the scanner wrote: mm, m), also as a multiple of the point spacing.
+Why: the numbers the detector and the verbalizer work with (a bank distance of 0.98, `roughness z=-6.2`) mean
+nothing
+to someone holding the part. Each phrase here names what was measured, compares it with what is typical (the
+class's
+normal limit, or the scan's own median patch) and keeps the number, so the words can be checked against the
+data.
+Distances are in the scan's own units (whatever the scanner wrote: mm, m), also as a multiple of the point
+spacing.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import numpy as np
 
 from scans.patches import PatchTable
 
-NOTABLE_Z = 2.0      # a statistic is worth a phrase when some patch of the region is this many robust SDs off
-MAX_PHRASES = 2      # evidence phrases per region, strongest first
+NOTABLE_Z = 2.0  # a statistic is worth a phrase when some patch of the region is this many robust SDs off
+MAX_PHRASES = 2  # evidence phrases per region, strongest first
 
 # learned statistics: how to say "this is k times the scan's typical value"
 RATIO_PHRASES = {
@@ -44,15 +48,19 @@ def _geometry_phrase(name: str, table: PatchTable, ids: np.ndarray, z: float) ->
     typical = _typical(column)
     if name == "roughness":
         side = "rougher" if z > 0 else "smoother"
-        return (f"surface {side} than the rest: {value * scale:.3g} scan units RMS off its plane vs "
-                f"{typical * scale:.3g} typical")
+        return (
+            f"surface {side} than the rest: {value * scale:.3g} scan units RMS off its plane vs "
+            f"{typical * scale:.3g} typical"
+        )
     if name == "curvature":
         side = "more curved" if z > 0 else "flatter"
         return f"{side} than the rest of the surface (surface variation {value:.3f} vs {typical:.3f} typical)"
     side = "sparser" if z > 0 else "denser"
     note = " (a hole or a shadow?)" if z > 0 else ""
-    return (f"{side} sampling than the rest: points {value * scale:.3g} scan units apart vs "
-            f"{typical * scale:.3g} typical{note}")
+    return (
+        f"{side} sampling than the rest: points {value * scale:.3g} scan units apart vs "
+        f"{typical * scale:.3g} typical{note}"
+    )
 
 
 def _stat_phrase(stat: str, table: PatchTable, ids: np.ndarray) -> str:
@@ -97,23 +105,37 @@ def check_phrase(region: dict, mode: str) -> str:
     if mode != "bank":
         return f"{region['verdict']}: {top / limit:.2f}x the typical distance to the scan's own far patches"
     within = " (within normal)" if region["verdict"] == "rejected" else ""
-    return f"{region['verdict']} by the memory bank: {top / limit:.2f}x the class's normal patch limit{within}"
+    return (
+        f"{region['verdict']} by the memory bank: {top / limit:.2f}x the class's normal patch limit{within}"
+    )
 
 
 def region_explanation(region: dict, table: PatchTable, mode: str) -> str:
-    """One region's verification and evidence in words, e.g. 'confirmed: ... 2.31x ...; surface 0.6 scan units ...'."""
-    phrases = evidence_phrases(table, region["patch_ids"]) or ["nothing in the scan's own statistics stands out"]
+    """One region's verification and evidence in words, e.g. 'confirmed: ... 2.31x ...; surface 0.6 scan units
+    ...'."""
+    phrases = evidence_phrases(table, region["patch_ids"]) or [
+        "nothing in the scan's own statistics stands out"
+    ]
     return "; ".join([check_phrase(region, mode), *phrases])
 
 
-def scan_summary(verdict: str | None, object_score: float, threshold: float | None, regions: list[dict],
-                 mode: str, registration: dict | None = None) -> str:
+def scan_summary(
+    verdict: str | None,
+    object_score: float,
+    threshold: float | None,
+    regions: list[dict],
+    mode: str,
+    registration: dict | None = None,
+) -> str:
     """The one line a reader needs: defective or normal, against which threshold, and the strongest reason."""
     confirmed = [r for r in regions if r["verdict"] == "confirmed"]
     counted = f"{len(confirmed)} of {len(regions)} suspect regions above the normal patch limit"
     if verdict is None:
-        why = ("zero-shot mode has no normal scans to calibrate on" if mode != "bank"
-               else "this fit has no object threshold; refit the class to get one")
+        why = (
+            "zero-shot mode has no normal scans to calibrate on"
+            if mode != "bank"
+            else "this fit has no object threshold; refit the class to get one"
+        )
         line = f"no verdict (uncalibrated): {why}; object score {object_score:.4g}; {counted}"
     else:
         sign = ">" if verdict == "defective" else "<="

@@ -1,12 +1,17 @@
-"""`python -m agent.fit --data <layout>:<root> --cls <class> --out <dir>` (or `--train <dir of normal scans>`).
+"""`python -m agent.fit --data <layout>:<root> --cls <class> --out <dir>` (or `--train <dir of normal
+scans>`).
 
-Fits one class — Point-MAE trained on the class's normal scans, a memory bank of its patch features, thresholds
+Fits one class — Point-MAE trained on the class's normal scans, a memory bank of its patch features,
+thresholds
 calibrated on normal data — and writes it as one folder that `python -m agent.run --bank <dir>` reads.
-Exit codes: 0 fitted, 2 bad input (missing/empty/unreadable scans, unknown class or layout, bad options, an --out
-that is not a fit or cannot be written, checked before fitting). Nothing is written unless the fit succeeds (the
+Exit codes: 0 fitted, 2 bad input (missing/empty/unreadable scans, unknown class or layout, bad options, an
+--out
+that is not a fit or cannot be written, checked before fitting). Nothing is written unless the fit succeeds
+(the
 folder appears in one rename).
 
-Why the work lives in :func:`fit_from_options`: tests and other code call it directly and get a :class:`FitReport`;
+Why the work lives in :func:`fit_from_options`: tests and other code call it directly and get a
+:class:`FitReport`;
 :func:`main` only parses arguments, draws progress bars and prints the summary.
 """
 
@@ -24,8 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from scans.progress import Progress as ProgressCallback
 from agent.quiet import quiet_third_party
+from scans.progress import Progress as ProgressCallback
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_MESH_POINTS = 30000
@@ -37,20 +42,21 @@ class FitInputError(ValueError):
 
 @dataclass(frozen=True)
 class FitOptions:
-    """What to fit and how (the CLI's flags). Exactly one of ``train`` or ``data`` + ``cls`` names the scans."""
+    """What to fit and how (the CLI's flags). Exactly one of ``train`` or ``data`` + ``cls`` names the
+    scans."""
 
     out: Path
-    data: str | None = None             # "<layout>:<root>", see evals.datasets
+    data: str | None = None  # "<layout>:<root>", see evals.datasets
     cls: str | None = None
-    train: Path | None = None           # a folder of normal scans
-    feature: str = "pointmae"           # "pointmae" | "fpfh" (the BTF baseline)
-    steps: int | None = None            # Point-MAE training steps (default: DetectorConfig's)
+    train: Path | None = None  # a folder of normal scans
+    feature: str = "pointmae"  # "pointmae" | "fpfh" (the BTF baseline)
+    steps: int | None = None  # Point-MAE training steps (default: DetectorConfig's)
     coreset_ratio: float | None = None
     seed: int = 0
-    init: Path | None = None            # pretrained backbone folder (tools.pointmae_train CLI output)
-    preset: str = "small"               # "small" (2 CPU cores) | "paper" (Point-MAE's published size)
+    init: Path | None = None  # pretrained backbone folder (tools.pointmae_train CLI output)
+    preset: str = "small"  # "small" (2 CPU cores) | "paper" (Point-MAE's published size)
     mesh_points: int = DEFAULT_MESH_POINTS
-    register: bool = False              # align scans to the first template + coordinate bank (unaligned scans)
+    register: bool = False  # align scans to the first template + coordinate bank (unaligned scans)
 
 
 @dataclass
@@ -66,10 +72,12 @@ class FitReport:
     bank_size: int
     feature_dim: int
     train_steps: int
-    seconds: dict[str, float] = field(default_factory=dict)   # read, train, features, bank, total
+    seconds: dict[str, float] = field(default_factory=dict)  # read, train, features, bank, total
     peak_memory_mb: float = 0.0
     thresholds: dict[str, float] = field(default_factory=dict)
-    registration_fitness: list[float] = field(default_factory=list)  # per training scan; empty without --register
+    registration_fitness: list[float] = field(
+        default_factory=list
+    )  # per training scan; empty without --register
     coord_bank_size: int = 0
 
 
@@ -89,7 +97,8 @@ def _scan_files_in(folder: Path) -> list[Path]:
 @dataclass(frozen=True)
 class TrainingScan:
     """One training scan to read: its file, and the dataset sample when it came from --data (a layout may
-    preprocess what it reads, e.g. MVTec's background-plane removal, and a fit must see what the tests see)."""
+    preprocess what it reads, e.g. MVTec's background-plane removal, and a fit must see what the tests
+    see)."""
 
     path: Path
     sample: object | None = None  # evals.datasets.Sample
@@ -116,7 +125,9 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
         if not files:
             from scans.io import SUPPORTED_EXTENSIONS
 
-            raise FitInputError(f"{folder}: no scans in this folder (looked for {', '.join(SUPPORTED_EXTENSIONS)})")
+            raise FitInputError(
+                f"{folder}: no scans in this folder (looked for {', '.join(SUPPORTED_EXTENSIONS)})"
+            )
         return folder.resolve().name, [TrainingScan(f) for f in files]
     if options.data is None or options.cls is None:
         raise FitInputError("name the training scans: --train DIR, or --data <layout>:<root> --cls CLASS")
@@ -129,8 +140,9 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
         raise FitInputError(str(exc)) from None
     known = dataset.classes()
     if options.cls not in known:
-        raise FitInputError(f"unknown class {options.cls!r} in {options.data}; known classes: "
-                            f"{', '.join(known) or '(none)'}")
+        raise FitInputError(
+            f"unknown class {options.cls!r} in {options.data}; known classes: {', '.join(known) or '(none)'}"
+        )
     samples = dataset.train(options.cls)
     if not samples:
         raise FitInputError(f"{dataset.class_dir(options.cls)}: class {options.cls!r} has no training scans")
@@ -138,7 +150,8 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
 
 
 def _check_out(out: Path) -> None:
-    """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end):
+    """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the
+    end):
     a file, an unwritable place, or a folder of the user's that is not a fit."""
     from detector.config import FitError
     from detector.persistence import check_save_target
@@ -164,8 +177,12 @@ def _detector_config(options: FitOptions):
     if options.mesh_points < 1:
         raise FitInputError(f"--mesh-points must be >= 1, got {options.mesh_points}")
     backbone = PointMAEConfig.paper() if options.preset == "paper" else PointMAEConfig.small()
-    values: dict = {"feature": options.feature, "backbone": backbone, "seed": options.seed,
-                    "register": options.register}
+    values: dict = {
+        "feature": options.feature,
+        "backbone": backbone,
+        "seed": options.seed,
+        "register": options.register,
+    }
     if options.steps is not None:
         values["train_steps"] = options.steps
     if options.coreset_ratio is not None:
@@ -186,7 +203,8 @@ def _load_init(path: Path, config):
 def fit_from_options(options: FitOptions, progress: ProgressCallback | None = None) -> FitReport:
     """Read the class's normal scans, fit, save to ``options.out``; FitInputError for any bad input.
 
-    ``progress(stage, done, total)``: stage "read" per scan, "train" per Point-MAE step, "features" per bank view."""
+    ``progress(stage, done, total)``: stage "read" per scan, "train" per Point-MAE step, "features" per bank
+    view."""
     from detector.config import FitError
     from detector.fitting import fit_class
     from scans.io import ScanError
@@ -208,27 +226,46 @@ def fit_from_options(options: FitOptions, progress: ProgressCallback | None = No
             scans.append(scan.read(options.mesh_points, options.seed))
         except ScanError as exc:
             raise FitInputError(f"unreadable training scan: {exc}") from None
-        except ValueError as exc:  # a layout's preprocessing or ground-truth check (evals.datasets.DatasetError)
+        except (
+            ValueError
+        ) as exc:  # a layout's preprocessing or ground-truth check (evals.datasets.DatasetError)
             raise FitInputError(f"{scan.path}: {exc}") from None
         if progress is not None:
             progress("read", i + 1, len(inputs))
     read_s = time.perf_counter() - start
     try:
-        fitted = fit_class(scans, config, init_backbone=init, progress=progress, names=[str(p) for p in files])
+        fitted = fit_class(
+            scans, config, init_backbone=init, progress=progress, names=[str(p) for p in files]
+        )
         fitted.info["class"] = class_name
         fitted.save(out)
     except FitError as exc:
         raise FitInputError(str(exc)) from None
     info = fitted.info
-    seconds = {"read": read_s, "register": info.get("register_s", 0.0), "train": info["train_s"],
-               "features": info["features_s"], "bank": info["bank_s"], "total": time.perf_counter() - start}
-    return FitReport(out=out, class_name=class_name, feature=config.feature, scans=[str(p) for p in files],
-                     points=[len(s) for s in scans], patches=int(info["n_train_patches"]),
-                     bank_size=int(info["bank_size"]), feature_dim=int(fitted.bank.features.shape[1]),
-                     train_steps=config.train_steps if config.feature == "pointmae" else 0, seconds=seconds,
-                     peak_memory_mb=peak_memory_mb(), thresholds=dict(fitted.thresholds),
-                     registration_fitness=list(info.get("registration_fitness", [])),
-                     coord_bank_size=int(info.get("coord_bank_size", 0)))
+    seconds = {
+        "read": read_s,
+        "register": info.get("register_s", 0.0),
+        "train": info["train_s"],
+        "features": info["features_s"],
+        "bank": info["bank_s"],
+        "total": time.perf_counter() - start,
+    }
+    return FitReport(
+        out=out,
+        class_name=class_name,
+        feature=config.feature,
+        scans=[str(p) for p in files],
+        points=[len(s) for s in scans],
+        patches=int(info["n_train_patches"]),
+        bank_size=int(info["bank_size"]),
+        feature_dim=int(fitted.bank.features.shape[1]),
+        train_steps=config.train_steps if config.feature == "pointmae" else 0,
+        seconds=seconds,
+        peak_memory_mb=peak_memory_mb(),
+        thresholds=dict(fitted.thresholds),
+        registration_fitness=list(info.get("registration_fitness", [])),
+        coord_bank_size=int(info.get("coord_bank_size", 0)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -241,25 +278,44 @@ exit codes: 0 ok, 2 bad input (unreadable or too few scans, bad dataset spec or 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.fit", description=__doc__.split("\n\n")[0], epilog=FIT_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m agent.fit",
+        description=__doc__.split("\n\n")[0],
+        epilog=FIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     src = p.add_argument_group("training scans (one of)")
     src.add_argument("--train", type=Path, help="folder of normal scans of one class")
-    src.add_argument("--data", help="dataset as <layout>:<root> (anomaly-shapenet, real3d-ad, mvtec3d, folder)")
+    src.add_argument(
+        "--data", help="dataset as <layout>:<root> (anomaly-shapenet, real3d-ad, mvtec3d, folder)"
+    )
     src.add_argument("--cls", help="class to fit from --data")
     p.add_argument("--out", type=Path, required=True, help="fitted class folder to write")
-    p.add_argument("--feature", choices=["pointmae", "fpfh"], default="pointmae",
-                   help="pointmae: the learned detector; fpfh: the BTF baseline (no training)")
+    p.add_argument(
+        "--feature",
+        choices=["pointmae", "fpfh"],
+        default="pointmae",
+        help="pointmae: the learned detector; fpfh: the BTF baseline (no training)",
+    )
     p.add_argument("--steps", type=int, help="Point-MAE training steps (default: the detector's)")
     p.add_argument("--coreset-ratio", type=float, help="share of training patches kept in the bank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, help="pretrained backbone folder to start training from")
-    p.add_argument("--preset", choices=["small", "paper"], default="small",
-                   help="backbone size: small (CPU) or paper (Point-MAE's, wants a GPU)")
-    p.add_argument("--mesh-points", type=int, default=DEFAULT_MESH_POINTS, help="points sampled from mesh inputs")
-    p.add_argument("--register", action="store_true",
-                   help="scans are not pre-aligned: register each to the first training scan (FPFH+RANSAC+ICP) "
-                        "and add a bank of registered coordinates")
+    p.add_argument(
+        "--preset",
+        choices=["small", "paper"],
+        default="small",
+        help="backbone size: small (CPU) or paper (Point-MAE's, wants a GPU)",
+    )
+    p.add_argument(
+        "--mesh-points", type=int, default=DEFAULT_MESH_POINTS, help="points sampled from mesh inputs"
+    )
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="scans are not pre-aligned: register each to the first training scan (FPFH+RANSAC+ICP) "
+        "and add a bank of registered coordinates",
+    )
     return p
 
 
@@ -275,21 +331,32 @@ def summary_table(report: FitReport) -> Table:
         table.add_row("Point-MAE steps", str(report.train_steps))
     if report.registration_fitness:
         fit = report.registration_fitness
-        table.add_row("registration", f"onto {Path(report.scans[0]).name}; fitness of the others "
-                                      f"{min(fit):.2f}-{max(fit):.2f}; "
-                                      f"coordinate bank {report.coord_bank_size:,} points")
+        table.add_row(
+            "registration",
+            f"onto {Path(report.scans[0]).name}; fitness of the others "
+            f"{min(fit):.2f}-{max(fit):.2f}; "
+            f"coordinate bank {report.coord_bank_size:,} points",
+        )
     s = report.seconds
     registering = f"register {s['register']:.1f}, " if s.get("register") else ""
-    table.add_row("time", f"{s['total']:.1f} s (read {s['read']:.1f}, {registering}train {s['train']:.1f}, "
-                          f"features {s['features']:.1f}, bank {s['bank']:.1f})")
+    table.add_row(
+        "time",
+        f"{s['total']:.1f} s (read {s['read']:.1f}, {registering}train {s['train']:.1f}, "
+        f"features {s['features']:.1f}, bank {s['bank']:.1f})",
+    )
     table.add_row("peak memory", f"{report.peak_memory_mb:,.0f} MB")
     if report.thresholds:
-        table.add_row("normal patch p95 / max", f"{report.thresholds['patch_p95']:.4g} / "
-                                                f"{report.thresholds['patch_max']:.4g}")
+        table.add_row(
+            "normal patch p95 / max",
+            f"{report.thresholds['patch_p95']:.4g} / {report.thresholds['patch_max']:.4g}",
+        )
     if "object_threshold" in report.thresholds:
-        table.add_row("object threshold", f"{report.thresholds['object_threshold']:.4g} (normal object scores "
-                      f"max {report.thresholds['object_normal_max']:.4g}, leave-one-template-out: a scan above "
-                      "it is called defective)")
+        table.add_row(
+            "object threshold",
+            f"{report.thresholds['object_threshold']:.4g} (normal object scores "
+            f"max {report.thresholds['object_normal_max']:.4g}, leave-one-template-out: a scan above "
+            "it is called defective)",
+        )
     else:
         table.add_row("object threshold", "none (needs two or more training scans): runs give no verdict")
     table.add_row("written", str(report.out))
@@ -300,12 +367,29 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console(stderr=False)
     args = build_parser().parse_args(argv)
     quiet_third_party()
-    options = FitOptions(out=args.out, data=args.data, cls=args.cls, train=args.train, feature=args.feature,
-                         steps=args.steps, coreset_ratio=args.coreset_ratio, seed=args.seed, init=args.init,
-                         preset=args.preset, mesh_points=args.mesh_points, register=args.register)
+    options = FitOptions(
+        out=args.out,
+        data=args.data,
+        cls=args.cls,
+        train=args.train,
+        feature=args.feature,
+        steps=args.steps,
+        coreset_ratio=args.coreset_ratio,
+        seed=args.seed,
+        init=args.init,
+        preset=args.preset,
+        mesh_points=args.mesh_points,
+        register=args.register,
+    )
     labels = {"read": "reading scans", "train": "training Point-MAE", "features": "bank feature views"}
-    with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bars:
+    with Progress(
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bars:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int, detail: str = "") -> None:

@@ -1,8 +1,10 @@
 """One scan through the whole product: analyse -> verbalize -> agent loop -> verifier.
 
-`inspect_scan` is what `agent.run` calls per scan and what the eval harness calls per (backend, scan); it knows no
+`inspect_scan` is what `agent.run` calls per scan and what the eval harness calls per (backend, scan); it
+knows no
 dataset layout and no metric. The backbone runs once per scan (`FittedClass.analyse`), its statistics feed the
-verbalizer, the agent's bank look-ups and the verifier draw on the same analysis, and bank look-ups made during the
+verbalizer, the agent's bank look-ups and the verifier draw on the same analysis, and bank look-ups made
+during the
 conversation count towards the share of points verified.
 """
 
@@ -38,12 +40,12 @@ class InspectionConfig:
     """Knobs of one inspection; defaults keep the bank's share of points <= 20%."""
 
     verify: VerifyMode = "suspects"
-    max_verify_fraction: float = 0.2     # bank-scored points / all points, agent look-ups included
-    lookup_fraction: float = 0.1         # of which the agent's feature_lookup calls may spend at most this
-    margin: float = 0.0                  # extra radius around suspect regions, in scan units (0 = patch borders)
-    token_budget: int = 3000             # for the scan overview
+    max_verify_fraction: float = 0.2  # bank-scored points / all points, agent look-ups included
+    lookup_fraction: float = 0.1  # of which the agent's feature_lookup calls may spend at most this
+    margin: float = 0.0  # extra radius around suspect regions, in scan units (0 = patch borders)
+    token_budget: int = 3000  # for the scan overview
     guidance: str | None = None
-    templates: str | None = None         # user template folder overriding prompts/*.j2 by file name
+    templates: str | None = None  # user template folder overriding prompts/*.j2 by file name
     budget: AgentBudget = field(default_factory=AgentBudget)
     seed: int = 0
 
@@ -60,8 +62,10 @@ class Inspection:
     backend: str
     seconds: dict[str, float]
     verify_mode: VerifyMode = "suspects"
-    registration: dict | None = None     # how the scan was aligned onto the class template (registered fits only)
-    guidance: dict | None = None         # the user's guidance and whether the reporting backend read it
+    registration: dict | None = (
+        None  # how the scan was aligned onto the class template (registered fits only)
+    )
+    guidance: dict | None = None  # the user's guidance and whether the reporting backend read it
 
     @property
     def point_scores(self) -> np.ndarray:
@@ -90,8 +94,9 @@ class Inspection:
             "object_score": float(v.object_score),
             "verdict": verdict,
             "threshold": None if v.object_threshold is None else round(float(v.object_threshold), 6),
-            "summary": scan_summary(verdict, float(v.object_score), v.object_threshold, regions, v.mode,
-                                    self.registration),
+            "summary": scan_summary(
+                verdict, float(v.object_score), v.object_threshold, regions, v.mode, self.registration
+            ),
             "verified_fraction": round(v.verified_fraction, 6),
             "verify_mode": self.verify_mode,
             "mode": v.mode,
@@ -115,7 +120,8 @@ class Inspection:
 
 
 class ClassMismatch(ValueError):
-    """A scan and a fitted class that do not belong together (message names the scan, the class folder and why)."""
+    """A scan and a fitted class that do not belong together (message names the scan, the class folder and
+    why)."""
 
 
 SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is another part or other units
@@ -128,20 +134,27 @@ def scan_radius(points: np.ndarray, seed: int = 0) -> float:
     return robust_radius_mean(points, seed)
 
 
-def check_scan_fits_class(points: np.ndarray, fitted: FittedClass, source: str, bank_dir: str = "the bank") -> None:
-    """Refuse a scan whose size is far from the class's: a bank of another class, or a scan in other units (mm vs m).
+def check_scan_fits_class(
+    points: np.ndarray, fitted: FittedClass, source: str, bank_dir: str = "the bank"
+) -> None:
+    """Refuse a scan whose size is far from the class's: a bank of another class, or a scan in other units (mm
+    vs m).
 
-    Why: the detector normalises by the class scale, so such a scan gives confident nonsense, not an error. Partial
+    Why: the detector normalises by the class scale, so such a scan gives confident nonsense, not an error.
+    Partial
     scans of the right part stay well within the tolerance."""
     radius = scan_radius(points)
     ratio = radius / fitted.scale
     if not (1.0 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE):
-        raise ClassMismatch(f"{source}: its size (mean radius {radius:.4g}) is {ratio:.3g} x that of the class fitted "
-                            f"in {bank_dir} ({fitted.scale:.4g}): a bank of another class, or a scan in other units")
+        raise ClassMismatch(
+            f"{source}: its size (mean radius {radius:.4g}) is {ratio:.3g} x that of the class fitted "
+            f"in {bank_dir} ({fitted.scale:.4g}): a bank of another class, or a scan in other units"
+        )
 
 
-def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
-                 scored: np.ndarray) -> Callable[[list[int]], dict[int, dict]]:
+def _bank_lookup(
+    fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, scored: np.ndarray
+) -> Callable[[list[int]], dict[int, dict]]:
     """The agent's window on the memory bank: per verbalizer patch, its bank distances vs the normal range."""
     p99 = fitted.thresholds.get("patch_p99")
     p50 = fitted.thresholds.get("patch_p50")
@@ -153,8 +166,10 @@ def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
             result = fitted.score(analysis, members)
             scored[result.point_ids] = True
             top = float(result.point_scores.max()) if result.point_scores.size else 0.0
-            info = {"bank_distance_max": top,
-                    "bank_distance_mean": float(result.point_scores.mean()) if result.point_scores.size else 0.0}
+            info = {
+                "bank_distance_max": top,
+                "bank_distance_mean": float(result.point_scores.mean()) if result.point_scores.size else 0.0,
+            }
             if p99:
                 info["normal_p99"] = float(p99)
                 info["ratio_to_normal_p99"] = top / float(p99)
@@ -166,40 +181,57 @@ def _bank_lookup(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches,
     return lookup
 
 
-OVERVIEW_SHARE_OF_WINDOW = 0.25  # the rest of a small window: system prompt, tool schemas, tool results, replies
-MIN_OVERVIEW_TOKENS = 800        # below this the overview is little more than its header
+OVERVIEW_SHARE_OF_WINDOW = (
+    0.25  # the rest of a small window: system prompt, tool schemas, tool results, replies
+)
+MIN_OVERVIEW_TOKENS = 800  # below this the overview is little more than its header
 
 
 def overview_token_budget(configured: int, window: int | None) -> int:
-    """The overview's token budget: as configured, but at most a quarter of a known context window (never below
-    MIN_OVERVIEW_TOKENS, never above `configured`), so that a small local model has room left to call tools: an
-    8k-token model given a 3k overview filled its window in two look-ups. The budget also sets the number of patches
+    """The overview's token budget: as configured, but at most a quarter of a known context window (never
+    below
+    MIN_OVERVIEW_TOKENS, never above `configured`), so that a small local model has room left to call tools:
+    an
+    8k-token model given a 3k overview filled its window in two look-ups. The budget also sets the number of
+    patches
     (`describe_scan`), so a small window means fewer, coarser patches, for the fallback policy too."""
     if window is None:
         return configured
     return min(configured, max(MIN_OVERVIEW_TOKENS, int(OVERVIEW_SHARE_OF_WINDOW * window)))
 
 
-def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,
-                       config: InspectionConfig, scored: np.ndarray,
-                       template_errors: list[jinja2.TemplateError] | None = None,
-                       ) -> tuple[Patches, PatchTable, Callable[[], ToolBox], list[dict]]:
+def build_conversation(
+    points: np.ndarray,
+    fitted: FittedClass | None,
+    analysis: ScanAnalysis | None,
+    config: InspectionConfig,
+    scored: np.ndarray,
+    template_errors: list[jinja2.TemplateError] | None = None,
+) -> tuple[Patches, PatchTable, Callable[[], ToolBox], list[dict]]:
     """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages.
 
-    A tool result that a (user) template fails to render is appended to `template_errors`: the loop turns a failing
-    tool call into a message for the model, so without this a broken template would only degrade every scan."""
+    A tool result that a (user) template fails to render is appended to `template_errors`: the loop turns a
+    failing
+    tool call into a message for the model, so without this a broken template would only degrade every
+    scan."""
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
-    lookup = _bank_lookup(fitted, analysis, patches, scored) if fitted is not None and analysis is not None else None
+    lookup = (
+        _bank_lookup(fitted, analysis, patches, scored)
+        if fitted is not None and analysis is not None
+        else None
+    )
     # the agent's look-ups are part of the verifier's share, never more than all of it
     lookup_share = min(config.lookup_fraction, config.max_verify_fraction)
     lookup_points = int(lookup_share * len(points)) if lookup is not None else 0
 
     def make_toolbox() -> ToolBox:
-        # a fallback's fresh toolbox gets only what the failed attempt left: its look-ups were real bank searches
+        # a fallback's fresh toolbox gets only what the failed attempt left: its look-ups were real bank
+        # searches
         left = max(0, lookup_points - int(scored.sum()))
-        context = ScanContext(points=points, patches=patches, table=table, bank_lookup=lookup,
-                              verify_budget_points=left)
+        context = ScanContext(
+            points=points, patches=patches, table=table, bank_lookup=lookup, verify_budget_points=left
+        )
         return ToolBox(context, render=render)
 
     def render(name: str, data: dict) -> str:
@@ -213,16 +245,27 @@ def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis:
     toolbox = make_toolbox()
     messages = [
         {"role": "system", "content": render_system(toolbox.tools_summary(), templates=config.templates)},
-        {"role": "user", "content": render_overview(table, config.guidance, config.token_budget,
-                                                    templates=config.templates)},
+        {
+            "role": "user",
+            "content": render_overview(
+                table, config.guidance, config.token_budget, templates=config.templates
+            ),
+        },
     ]
     return patches, table, make_toolbox, messages
 
 
-def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backend, *,
-                 config: InspectionConfig = InspectionConfig(), transcript_path: str | Path | None = None,
-                 fallback: Backend | None = None, use_fallback: bool = True,
-                 analysis: ScanAnalysis | None = None) -> Inspection:
+def inspect_scan(
+    points: np.ndarray,
+    fitted: FittedClass | None,
+    backend: Backend,
+    *,
+    config: InspectionConfig = InspectionConfig(),
+    transcript_path: str | Path | None = None,
+    fallback: Backend | None = None,
+    use_fallback: bool = True,
+    analysis: ScanAnalysis | None = None,
+) -> Inspection:
     """Run one scan end to end. `fitted=None` runs the labelled zero-shot mode (geometry only).
 
     When the backend fails, `fallback` (default: the policy) finishes the scan and the report says why;
@@ -240,7 +283,8 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     overview_budget = overview_token_budget(config.token_budget, context_window(backend, config.budget))
     template_errors: list[jinja2.TemplateError] = []
     patches, table, make_toolbox, messages = build_conversation(
-        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors)
+        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors
+    )
     timings["verbalize"] = time.perf_counter() - t0
     if not use_fallback:
         fallback = None
@@ -248,55 +292,97 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
         fallback = get_backend("policy")
     # every configured secret (the environment's, the backends' keys) is scrubbed from what the run records
     redact = Redactor.for_run(backend_secrets(backend, fallback))
-    transcript = Transcript(transcript_path, extra_secrets=redact.secrets) if transcript_path is not None else None
+    transcript = (
+        Transcript(transcript_path, extra_secrets=redact.secrets) if transcript_path is not None else None
+    )
     t0 = time.perf_counter()
     try:
         if transcript is not None:
-            transcript.log("scan", n_points=len(pts), backend=backend.name, verify=config.verify,
-                           mode="bank" if fitted is not None else "zero-shot")
+            transcript.log(
+                "scan",
+                n_points=len(pts),
+                backend=backend.name,
+                verify=config.verify,
+                mode="bank" if fitted is not None else "zero-shot",
+            )
         toolbox = make_toolbox()
-        outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
-                            fallback=fallback, toolbox_factory=make_toolbox)
+        outcome = run_agent(
+            backend,
+            toolbox,
+            messages,
+            budget=config.budget,
+            transcript=transcript,
+            fallback=fallback,
+            toolbox_factory=make_toolbox,
+        )
         if template_errors:
             raise template_errors[0]
         outcome = _scrubbed(outcome, redact)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if fitted is not None and analysis is not None:
-            verification = verify(fitted, analysis, patches, outcome.regions,
-                                  max_fraction=config.max_verify_fraction, margin=config.margin,
-                                  already_scored=scored, verify_all=config.verify == "all")
+            verification = verify(
+                fitted,
+                analysis,
+                patches,
+                outcome.regions,
+                max_fraction=config.max_verify_fraction,
+                margin=config.margin,
+                already_scored=scored,
+                verify_all=config.verify == "all",
+            )
         else:
-            verification = verify_zero_shot(pts, patches, outcome.regions,
-                                             max_fraction=config.max_verify_fraction, seed=config.seed)
+            verification = verify_zero_shot(
+                pts, patches, outcome.regions, max_fraction=config.max_verify_fraction, seed=config.seed
+            )
         timings["verify"] = time.perf_counter() - t0
         if transcript is not None:
-            transcript.log("verification", mode=verification.mode, object_score=verification.object_score,
-                           verified_fraction=verification.verified_fraction,
-                           regions=[r.to_dict() for r in verification.regions])
+            transcript.log(
+                "verification",
+                mode=verification.mode,
+                object_score=verification.object_score,
+                verified_fraction=verification.verified_fraction,
+                regions=[r.to_dict() for r in verification.regions],
+            )
     finally:
         if transcript is not None:
             transcript.close()
     timings["total"] = sum(timings.values())
-    return Inspection(points=pts, verification=verification, outcome=outcome, patches=patches, table=table,
-                      backend=backend.name, seconds=timings,
-                      verify_mode=config.verify if verification.mode == "bank" else "suspects",
-                      registration=_registration_summary(analysis),
-                      guidance=guidance_summary(redact(config.guidance),
-                                                fallback if outcome.fallback_used else backend, outcome.fallback_used))
+    return Inspection(
+        points=pts,
+        verification=verification,
+        outcome=outcome,
+        patches=patches,
+        table=table,
+        backend=backend.name,
+        seconds=timings,
+        verify_mode=config.verify if verification.mode == "bank" else "suspects",
+        registration=_registration_summary(analysis),
+        guidance=guidance_summary(
+            redact(config.guidance), fallback if outcome.fallback_used else backend, outcome.fallback_used
+        ),
+    )
 
 
 def _scrubbed(outcome: AgentOutcome, redact: Redactor) -> AgentOutcome:
-    """The outcome with every secret removed from the text it carries (a server's error that echoed the key becomes
+    """The outcome with every secret removed from the text it carries (a server's error that echoed the key
+    becomes
     the fallback reason; a model may repeat anything it was sent)."""
-    return outcome.model_copy(update={
-        "fallback_reason": redact(outcome.fallback_reason), "error": redact(outcome.error),
-        "regions": redact(outcome.regions), "messages": redact(outcome.messages)})
+    return outcome.model_copy(
+        update={
+            "fallback_reason": redact(outcome.fallback_reason),
+            "error": redact(outcome.error),
+            "regions": redact(outcome.regions),
+            "messages": redact(outcome.messages),
+        }
+    )
 
 
 def guidance_summary(guidance: str | None, reporting: Backend | None, fallback_used: bool) -> dict | None:
-    """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it does not
-    say), with a note when it did not, so that guidance is never silently ignored. None when no guidance was given."""
+    """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it
+    does not
+    say), with a note when it did not, so that guidance is never silently ignored. None when no guidance was
+    given."""
     if not guidance:
         return None
     name = getattr(reporting, "name", "?")
@@ -311,9 +397,13 @@ def guidance_summary(guidance: str | None, reporting: Backend | None, fallback_u
 
 
 def _registration_summary(analysis: ScanAnalysis | None) -> dict | None:
-    """ICP fitness and the 4x4 transform onto the class template; a doubtful alignment makes every score suspect."""
+    """ICP fitness and the 4x4 transform onto the class template; a doubtful alignment makes every score
+    suspect."""
     if analysis is None or analysis.registered is None:
         return None
     a = analysis.alignment
-    return {"fitness": round(a.fitness, 4), "doubtful": a.doubtful,
-            "transform": [[round(float(v), 8) for v in row] for row in a.transform]}
+    return {
+        "fitness": round(a.fitness, 4),
+        "doubtful": a.doubtful,
+        "transform": [[round(float(v), 8) for v in row] for row in a.transform],
+    }

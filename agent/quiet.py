@@ -1,8 +1,12 @@
-"""Quiet third-party output for the CLIs: no progress bars or library warnings in a normal run, all of it with -v.
+"""Quiet third-party output for the CLIs: no progress bars or library warnings in a normal run, all of it with
+-v.
 
-Why: a run's terminal is the product's answer (verdicts, reasons); transformers' GGUF conversion bars, hub progress bars
-and FutureWarnings from torch/transformers bury it and say nothing about the scan. tqdm reads its TQDM_* settings when
-it is imported, so this must run before torch, transformers or tqdm are imported (first thing in a CLI's main).
+Why: a run's terminal is the product's answer (verdicts, reasons); transformers' GGUF conversion bars, hub
+progress bars
+and FutureWarnings from torch/transformers bury it and say nothing about the scan. tqdm reads its TQDM_*
+settings when
+it is imported, so this must run before torch, transformers or tqdm are imported (first thing in a CLI's
+main).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ import sys
 import warnings
 
 QUIET_ENV = {
-    "TQDM_DISABLE": "1",                       # every tqdm bar (transformers' GGUF de-quantisation uses tqdm)
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",       # huggingface_hub and transformers' own bars (weight loading)
+    "TQDM_DISABLE": "1",  # every tqdm bar (transformers' GGUF de-quantisation uses tqdm)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub and transformers' own bars (weight loading)
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
 }
@@ -22,7 +26,8 @@ NOISY_MODULES = r"(transformers|gguf|torch|accelerate|huggingface_hub|tqdm|open3
 
 
 def quiet_third_party(verbose: bool = False) -> None:
-    """Silence third-party progress bars, warnings and info logs unless `verbose` (settings the user made in the
+    """Silence third-party progress bars, warnings and info logs unless `verbose` (settings the user made in
+    the
     environment are kept)."""
     if verbose:
         return

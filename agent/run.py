@@ -1,7 +1,9 @@
 """`python -m agent.run scan.ply [more scans | a folder] [--bank DIR] [--backend ...] [--out DIR]`.
 
-Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report); a run over a
-folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model and the bank load once
+Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report); a
+run over a
+folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model and the bank
+load once
 for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
 3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline, no key.
 """
@@ -30,49 +32,88 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
 EPILOG = """examples:
   scanagent run scans/part_017.ply --bank banks/bracket --out runs/     # one scan, policy agent
   scanagent run scans/ --bank banks/bracket                             # a folder: summary.csv/.json in --out
-  scanagent run scan.ply --bank banks/bracket --backend hf -v           # local SmolLM2, with its progress bars
+  scanagent run scan.ply --bank banks/bracket --backend hf -v           # local SmolLM2, its progress bars
   scanagent run --demo                                                  # offline demo, no key
   (`python -m agent.run ...` is the same command)
 
-exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags), 3 backend unavailable, 130 interrupted
+exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags), 3 backend unavailable,
+  130 interrupted
 environment: SCANAGENT_CACHE (default ~/.cache/scanagent) holds the hf backend's dequantised model copy"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.run", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m agent.run",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("scans", nargs="*", help="scan files or folders of scans")
-    p.add_argument("--bank", help="fitted class folder from `python -m agent.fit` (omit for the zero-shot mode)")
+    p.add_argument(
+        "--bank", help="fitted class folder from `python -m agent.fit` (omit for the zero-shot mode)"
+    )
     p.add_argument("--backend", default="policy", choices=["policy", "hf", "openai", "langchain"])
-    p.add_argument("--model", help="hf: model dir, cached id or .gguf (default: packaged SmolLM2); openai: model name; "
-                                   "langchain: module:Class")
+    p.add_argument(
+        "--model",
+        help="hf: model dir, cached id or .gguf (default: packaged SmolLM2); openai: model name; "
+        "langchain: module:Class",
+    )
     p.add_argument("--base-url", help="openai: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--backend-kwargs", default="{}", help="JSON object of extra backend arguments")
     p.add_argument("--guidance", help="your text guidance for the agent, e.g. 'sharp ridges are normal'")
-    p.add_argument("--verify", choices=["suspects", "all"], default="suspects",
-                   help="suspects: the bank scores only the agent's regions; all: every point (full-bank baseline)")
-    p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
+    p.add_argument(
+        "--verify",
+        choices=["suspects", "all"],
+        default="suspects",
+        help="suspects: the bank scores only the agent's regions; all: every point (full-bank baseline)",
+    )
+    p.add_argument(
+        "--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score"
+    )
     p.add_argument("--templates", help="folder of .j2 templates overriding prompts/ by file name")
-    p.add_argument("--max-turns", type=positive_int, default=8,
-                   help="most model replies per scan before the agent must report (default 8)")
-    p.add_argument("--max-tool-calls", type=positive_int, default=16,
-                   help="most tool calls per scan, over all turns (default 16)")
-    p.add_argument("--context-window", type=context_window_arg,
-                   help="the LLM's context window in tokens (e.g. a llama.cpp server's "
-                   "--n_ctx): the agent is asked to report before a request would not fit")
-    p.add_argument("--max-seconds", type=seconds_arg, default=DEFAULT_MAX_SECONDS,
-                   help="the backend's wall time per scan, every request and retry included; past it the policy "
-                   "finishes the scan and the report says so (default %(default)g)")
+    p.add_argument(
+        "--max-turns",
+        type=positive_int,
+        default=8,
+        help="most model replies per scan before the agent must report (default 8)",
+    )
+    p.add_argument(
+        "--max-tool-calls",
+        type=positive_int,
+        default=16,
+        help="most tool calls per scan, over all turns (default 16)",
+    )
+    p.add_argument(
+        "--context-window",
+        type=context_window_arg,
+        help="the LLM's context window in tokens (e.g. a llama.cpp server's "
+        "--n_ctx): the agent is asked to report before a request would not fit",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=seconds_arg,
+        default=DEFAULT_MAX_SECONDS,
+        help="the backend's wall time per scan, every request and retry included; past it the policy "
+        "finishes the scan and the report says so (default %(default)g)",
+    )
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
-    p.add_argument("--max-analysis-points", type=positive_int, default=MAX_ANALYSIS_POINTS,
-                   help="larger scans are analysed on a seeded sample of this many points; every input point "
-                        "still gets a score (its nearest analysed point's)")
+    p.add_argument(
+        "--max-analysis-points",
+        type=positive_int,
+        default=MAX_ANALYSIS_POINTS,
+        help="larger scans are analysed on a seeded sample of this many points; every input point "
+        "still gets a score (its nearest analysed point's)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-render", action="store_true", help="skip the pictures (regions.png and viewer.html)")
     p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show third-party progress bars and warnings, and every scan's regions table")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show third-party progress bars and warnings, and every scan's regions table",
+    )
     return p
 
 
@@ -168,7 +209,9 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
     if args.demo:
         from agent.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
 
-        console.print("[bold]demo[/bold]: building a pipe elbow with a dent and fitting its class (memory bank)...")
+        console.print(
+            "[bold]demo[/bold]: building a pipe elbow with a dent and fitting its class (memory bank)..."
+        )
         scan_paths, bank_dir = prepare_demo(out_root / "demo-data", seed=args.seed, console=console)
         console.print(f"  built and fitted in {time.perf_counter() - started:.1f} s")
         args.scans, args.bank = [str(p) for p in scan_paths], str(bank_dir)
@@ -177,10 +220,14 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
         console.print("[red]no scans given[/red] (pass scan files or folders of scans, or --demo)")
         return EXIT_BAD_INPUT
     if not 0.0 < args.max_verify_fraction <= 1.0:
-        console.print(f"[red]bad option:[/red] --max-verify-fraction must be in (0, 1], got {args.max_verify_fraction}")
+        console.print(
+            f"[red]bad option:[/red] --max-verify-fraction must be in (0, 1], got {args.max_verify_fraction}"
+        )
         return EXIT_BAD_INPUT
     if args.verify == "all" and not args.bank:
-        console.print("[red]bad option:[/red] --verify all scores every point with a memory bank: give --bank DIR")
+        console.print(
+            "[red]bad option:[/red] --verify all scores every point with a memory bank: give --bank DIR"
+        )
         return EXIT_BAD_INPUT
     fitted = None
     if args.bank:
@@ -197,13 +244,23 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
     except (ValueError, TypeError) as exc:  # bad JSON, unknown keyword arguments, wrong flag combination
         console.print(f"[red]bad backend options:[/red] {exc}")
         return EXIT_BAD_INPUT
-    config = InspectionConfig(verify=args.verify, max_verify_fraction=args.max_verify_fraction, guidance=args.guidance,
-                              templates=args.templates, seed=args.seed,
-                              budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls,
-                                                 max_context_tokens=args.context_window,
-                                                 max_seconds=args.max_seconds))
+    config = InspectionConfig(
+        verify=args.verify,
+        max_verify_fraction=args.max_verify_fraction,
+        guidance=args.guidance,
+        templates=args.templates,
+        seed=args.seed,
+        budget=AgentBudget(
+            max_turns=args.max_turns,
+            max_tool_calls=args.max_tool_calls,
+            max_context_tokens=args.context_window,
+            max_seconds=args.max_seconds,
+        ),
+    )
     if fitted is None:
-        console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
+        console.print(
+            "[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)"
+        )
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
     min_points = max(MIN_POINTS, 4 * fitted.config.backbone.group_size) if fitted is not None else MIN_POINTS
     status, taken, written = EXIT_OK, set(), 0
@@ -224,12 +281,28 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
             with staged_dir(out_dir) as staging:
                 analysed = analysis_rows(len(scan.points), args.max_analysis_points, seed=args.seed)
                 if analysed is not None:
-                    console.print(f"  {path}: {len(scan.points)} points; analysing a sample of {len(analysed)}")
-                inspection = inspect_scan(scan.points if analysed is None else scan.points[analysed], fitted, backend,
-                                          config=config, transcript_path=staging / "transcript.jsonl")
-                write_outputs(inspection, staging, source=str(path), render=not args.no_render, scan=scan,
-                              analysed_rows=analysed, seed=args.seed)
-        except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
+                    console.print(
+                        f"  {path}: {len(scan.points)} points; analysing a sample of {len(analysed)}"
+                    )
+                inspection = inspect_scan(
+                    scan.points if analysed is None else scan.points[analysed],
+                    fitted,
+                    backend,
+                    config=config,
+                    transcript_path=staging / "transcript.jsonl",
+                )
+                write_outputs(
+                    inspection,
+                    staging,
+                    source=str(path),
+                    render=not args.no_render,
+                    scan=scan,
+                    analysed_rows=analysed,
+                    seed=args.seed,
+                )
+        except (
+            RegistrationError
+        ) as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
             status = EXIT_BAD_INPUT
@@ -240,7 +313,9 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
             status = EXIT_BAD_INPUT
             continue
         except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
-            console.print(f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}")
+            console.print(
+                f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}"
+            )
             return EXIT_BAD_INPUT
         except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
             console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
@@ -249,7 +324,9 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
             continue
         written += 1
         print_summary(inspection, str(path), console, regions_table=args.verbose or not several)
-        console.print(f"  outputs: {out_dir}" + ("" if args.no_render else f"  (open {out_dir / 'viewer.html'})"))
+        console.print(
+            f"  outputs: {out_dir}" + ("" if args.no_render else f"  (open {out_dir / 'viewer.html'})")
+        )
         rows.append(ScanRow.from_report(inspection.report(), str(path), str(out_dir)))
         if args.demo:
             _print_demo_check(inspection, path, console)
@@ -261,8 +338,12 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
         from agent.viewer import write_index
 
         index = write_index(out_root)
-        console.print(f"index of every scan in {out_root}: {index}" if index else
-                      f"[yellow]no index written:[/yellow] {out_root / 'index.html'} is not scanagent's; left alone")
+        console.print(
+            f"index of every scan in {out_root}: {index}"
+            if index
+            else f"[yellow]no index written:[/yellow] {out_root / 'index.html'} is not scanagent's; left "
+            "alone"
+        )
     if args.demo:
         console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     return status
@@ -275,14 +356,16 @@ def _print_demo_check(inspection, path: Path, console: Console) -> None:
     truth = ground_truth_for(path)
     if truth is None:
         return
-    check = check_against_ground_truth(inspection.flagged_regions(),
-                                       [r.verdict for r in inspection.verification.regions], truth)
+    check = check_against_ground_truth(
+        inspection.flagged_regions(), [r.verdict for r in inspection.verification.regions], truth
+    )
     colour = "green" if check.found else "red"
     console.print(f"  [{colour}]{check.summary()}[/{colour}]")
 
 
 def run_redactor(args: argparse.Namespace) -> Redactor:
-    """The run's secrets: credential-looking environment values and --backend-kwargs values (api_key, headers)."""
+    """The run's secrets: credential-looking environment values and --backend-kwargs values (api_key,
+    headers)."""
     try:
         given = secrets_in(backend_kwargs(args))
     except (ValueError, TypeError):  # bad JSON is reported by run(); it holds no usable secret to look for

@@ -14,7 +14,7 @@ import numpy as np
 
 # points analysed per scan; larger scans are sampled (agent.run --max-analysis-points)
 MAX_ANALYSIS_POINTS = 1_000_000
-_QUERY_CHUNK = 500_000           # points per nearest-neighbour query block (bounded temporary memory)
+_QUERY_CHUNK = 500_000  # points per nearest-neighbour query block (bounded temporary memory)
 
 
 def analysis_rows(n_points: int, cap: int = MAX_ANALYSIS_POINTS, seed: int = 0) -> np.ndarray | None:
@@ -39,7 +39,7 @@ def spread_to_all(points: np.ndarray, rows: np.ndarray, sample_scores: np.ndarra
     out = np.empty(len(points), dtype=np.float32)
     order = _spatial_order(points)
     for start in range(0, len(points), _QUERY_CHUNK):
-        idx = order[start:start + _QUERY_CHUNK]
+        idx = order[start : start + _QUERY_CHUNK]
         _, nearest = tree.query(np.asarray(points[idx], dtype=np.float64), k=1)
         out[idx] = sample_scores[nearest]
     out[rows] = sample_scores
@@ -53,6 +53,6 @@ def _spatial_order(points: np.ndarray, cells: int = 64) -> np.ndarray:
     size = max(float((points.max(axis=0).astype(np.float64) - low).max()) / cells, 1e-30)
     keys = np.empty(len(points), dtype=np.int64)
     for start in range(0, len(points), _QUERY_CHUNK):
-        cell = np.clip(((points[start:start + _QUERY_CHUNK] - low) / size).astype(np.int64), 0, cells - 1)
-        keys[start:start + len(cell)] = (cell[:, 0] * cells + cell[:, 1]) * cells + cell[:, 2]
+        cell = np.clip(((points[start : start + _QUERY_CHUNK] - low) / size).astype(np.int64), 0, cells - 1)
+        keys[start : start + len(cell)] = (cell[:, 0] * cells + cell[:, 1]) * cells + cell[:, 2]
     return np.argsort(keys, kind="stable")

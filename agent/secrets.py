@@ -1,8 +1,11 @@
 """Which strings of a run are secrets, and replacing them wherever the run writes or prints.
 
-Why one module: a key reaches the outputs by many roads -- a server's 401 message that echoes the Authorization header
-becomes a backend error, then a fallback reason in report.json, a transcript event and a line on the console. Every
-writer (transcript, report, terminal, logging) scrubs with the same `Redactor`, built from the same two sources: the
+Why one module: a key reaches the outputs by many roads -- a server's 401 message that echoes the
+Authorization header
+becomes a backend error, then a fallback reason in report.json, a transcript event and a line on the console.
+Every
+writer (transcript, report, terminal, logging) scrubs with the same `Redactor`, built from the same two
+sources: the
 environment's credential-looking variables and the credential-looking backend arguments the run was given.
 
 Values shorter than MIN_SECRET_LEN are never treated as secrets: an environment variable such as
@@ -21,10 +24,15 @@ from typing import Any, TextIO
 
 # Environment variables whose values are credentials (OPENAI_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...).
 SECRET_ENV = re.compile(r"(API_?KEY|ACCESS_?KEY|SECRET|PASSWORD|PASSWD|TOKEN)", re.IGNORECASE)
-# Argument names (backend kwargs, header names) whose string values are credentials; not "max_tokens" or "tokenizer".
-SECRET_ARG = re.compile(r"(api_?key|secret|password|passwd|authorization|credential|(^|_)token$)", re.IGNORECASE)
+# Argument names (backend kwargs, header names) whose string values are credentials; not "max_tokens" or
+# "tokenizer".
+SECRET_ARG = re.compile(
+    r"(api_?key|secret|password|passwd|authorization|credential|(^|_)token$)", re.IGNORECASE
+)
 # Record fields dropped outright from transcripts (but not e.g. "prompt_tokens").
-SECRET_FIELD = re.compile(r"^(api_?key|authorization|password|secret|token|access_token|bearer)$", re.IGNORECASE)
+SECRET_FIELD = re.compile(
+    r"^(api_?key|authorization|password|secret|token|access_token|bearer)$", re.IGNORECASE
+)
 REDACTED = "[redacted]"
 MIN_SECRET_LEN = 8
 AUTH_SCHEMES = ("bearer ", "basic ", "token ")
@@ -37,7 +45,8 @@ def secrets_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def secrets_in(arguments: Any) -> list[str]:
-    """String values under credential-looking names anywhere in `arguments` (nested dicts and lists included), and
+    """String values under credential-looking names anywhere in `arguments` (nested dicts and lists included),
+    and
     the bare credential of an "Authorization: Bearer <key>" value."""
     found: list[str] = []
     if isinstance(arguments, Mapping):
@@ -47,7 +56,7 @@ def secrets_in(arguments: Any) -> list[str]:
                 lowered = value.lower()
                 for scheme in AUTH_SCHEMES:
                     if lowered.startswith(scheme):
-                        found.append(value[len(scheme):].strip())
+                        found.append(value[len(scheme) :].strip())
             else:
                 found.extend(secrets_in(value))
     elif isinstance(arguments, (list, tuple)):
@@ -60,13 +69,15 @@ class Redactor:
     """Replaces every known secret in strings, and in the strings inside dicts and lists."""
 
     def __init__(self, secrets: Iterable[str] = (), *, drop_secret_fields: bool = False):
-        self.secrets = sorted({s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LEN},
-                              key=len, reverse=True)  # longest first: a key that contains another is removed whole
+        self.secrets = sorted(
+            {s for s in secrets if isinstance(s, str) and len(s) >= MIN_SECRET_LEN}, key=len, reverse=True
+        )  # longest first: a key that contains another is removed whole
         self.drop_secret_fields = drop_secret_fields
 
     @classmethod
     def for_run(cls, *extra: Iterable[str], drop_secret_fields: bool = False) -> Redactor:
-        """The environment's secrets plus each given collection (a backend's `secrets`, `secrets_in(kwargs)`)."""
+        """The environment's secrets plus each given collection (a backend's `secrets`,
+        `secrets_in(kwargs)`)."""
         secrets = list(secrets_from_env())
         for more in extra:
             secrets.extend(more)
@@ -81,8 +92,10 @@ class Redactor:
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {k: (REDACTED if self.drop_secret_fields and SECRET_FIELD.search(str(k)) else self(v))
-                    for k, v in value.items()}
+            return {
+                k: (REDACTED if self.drop_secret_fields and SECRET_FIELD.search(str(k)) else self(v))
+                for k, v in value.items()
+            }
         if isinstance(value, (list, tuple)):
             return [self(v) for v in value]
         return value
@@ -97,7 +110,8 @@ def backend_secrets(*backends: Any) -> list[str]:
 
 
 class RedactedStream(io.TextIOBase):
-    """A text stream that scrubs what is written and passes it on (the terminal: rich prints through one of these)."""
+    """A text stream that scrubs what is written and passes it on (the terminal: rich prints through one of
+    these)."""
 
     def __init__(self, stream: TextIO, redact: Callable[[str], str]):
         self._stream = stream

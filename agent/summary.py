@@ -1,7 +1,9 @@
 """The end of a run over several scans: one table in the terminal and summary.csv / summary.json in --out.
 
-Why: a folder of scans is inspected to sort parts, and the sorting (which scans are defective, how sure, where) should
-not have to be scrolled together from one table per scan. Failed scans are rows too, so nothing is silently missing.
+Why: a folder of scans is inspected to sort parts, and the sorting (which scans are defective, how sure,
+where) should
+not have to be scrolled together from one table per scan. Failed scans are rows too, so nothing is silently
+missing.
 """
 
 from __future__ import annotations
@@ -19,16 +21,26 @@ from rich.table import Table
 from scans import strict_json
 from scans.io import umask_mode
 
-SUMMARY_FIELDS = ("scan", "verdict", "object_score", "threshold", "regions", "confirmed_regions", "seconds",
-                  "outputs", "summary")
+SUMMARY_FIELDS = (
+    "scan",
+    "verdict",
+    "object_score",
+    "threshold",
+    "regions",
+    "confirmed_regions",
+    "seconds",
+    "outputs",
+    "summary",
+)
 
 
 @dataclass
 class ScanRow:
-    """One scan's line of the run summary (verdict 'failed' with the error as summary when it could not run)."""
+    """One scan's line of the run summary (verdict 'failed' with the error as summary when it could not
+    run)."""
 
     scan: str
-    verdict: str                 # "defective" | "normal" | "no verdict" | "failed"
+    verdict: str  # "defective" | "normal" | "no verdict" | "failed"
     object_score: float | None
     threshold: float | None
     regions: int
@@ -39,16 +51,31 @@ class ScanRow:
 
     @classmethod
     def from_report(cls, report: dict, source: str, outputs: str) -> ScanRow:
-        return cls(scan=source, verdict=report["verdict"] or "no verdict", object_score=report["object_score"],
-                   threshold=report["threshold"], regions=len(report["regions"]),
-                   confirmed_regions=sum(r["verdict"] == "confirmed" for r in report["regions"]),
-                   seconds=round(float(report["seconds"].get("total", 0.0)), 3), outputs=outputs,
-                   summary=report["summary"])
+        return cls(
+            scan=source,
+            verdict=report["verdict"] or "no verdict",
+            object_score=report["object_score"],
+            threshold=report["threshold"],
+            regions=len(report["regions"]),
+            confirmed_regions=sum(r["verdict"] == "confirmed" for r in report["regions"]),
+            seconds=round(float(report["seconds"].get("total", 0.0)), 3),
+            outputs=outputs,
+            summary=report["summary"],
+        )
 
     @classmethod
     def failed(cls, source: str, error: str) -> ScanRow:
-        return cls(scan=source, verdict="failed", object_score=None, threshold=None, regions=0, confirmed_regions=0,
-                   seconds=0.0, outputs="", summary=error)
+        return cls(
+            scan=source,
+            verdict="failed",
+            object_score=None,
+            threshold=None,
+            regions=0,
+            confirmed_regions=0,
+            seconds=0.0,
+            outputs="",
+            summary=error,
+        )
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -86,10 +113,14 @@ def print_run_summary(rows: list[ScanRow], console: Console) -> None:
     colours = {"defective": "red", "normal": "green", "failed": "red"}
     for row in rows:
         colour = colours.get(row.verdict, "yellow")
-        table.add_row(Path(row.scan).name, f"[{colour}]{row.verdict}[/{colour}]",
-                      "-" if row.object_score is None else f"{row.object_score:.4g}",
-                      "-" if row.threshold is None else f"{row.threshold:.4g}",
-                      f"{row.confirmed_regions} of {row.regions}", f"{row.seconds:.2f}")
+        table.add_row(
+            Path(row.scan).name,
+            f"[{colour}]{row.verdict}[/{colour}]",
+            "-" if row.object_score is None else f"{row.object_score:.4g}",
+            "-" if row.threshold is None else f"{row.threshold:.4g}",
+            f"{row.confirmed_regions} of {row.regions}",
+            f"{row.seconds:.2f}",
+        )
     console.print(table)
     counts = {v: sum(r.verdict == v for r in rows) for v in ("defective", "normal", "no verdict", "failed")}
     console.print("  " + ", ".join(f"{n} {v}" for v, n in counts.items() if n))

@@ -1,8 +1,11 @@
 """JSONL transcript of one agent run: every prompt, reply, tool call, tool result, usage, timing and fallback.
 
-Why: an agent's answer is only as trustworthy as the trail that produced it; a transcript lets a reader replay what the
-model saw and said, and lets tests check that real tokens were generated. Secrets never reach the file: every string is
-scrubbed of the values of environment variables whose names look like credentials and of the extra secrets given (the
+Why: an agent's answer is only as trustworthy as the trail that produced it; a transcript lets a reader replay
+what the
+model saw and said, and lets tests check that real tokens were generated. Secrets never reach the file: every
+string is
+scrubbed of the values of environment variables whose names look like credentials and of the extra secrets
+given (the
 backend's key), and keys whose names look like credentials are dropped entirely (agent.secrets).
 """
 

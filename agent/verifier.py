@@ -1,21 +1,32 @@
 """The verifier: rescore only the agent's suspect regions with the memory bank.
 
-Why this exists: the bank search is the trustworthy part of the detector and the agent only says *where* to spend it.
-The verifier takes the suspect regions (verbalizer patches), adds a margin of neighbouring points, searches the bank
-for exactly the detector patches that support those points (:meth:`tools.detector.FittedClass.score`, the same code
-path as ``--verify all``, so a verified point's score equals its full-bank score) and leaves every other point with a
+Why this exists: the bank search is the trustworthy part of the detector and the agent only says *where* to
+spend it.
+The verifier takes the suspect regions (verbalizer patches), adds a margin of neighbouring points, searches
+the bank
+for exactly the detector patches that support those points (:meth:`tools.detector.FittedClass.score`, the same
+code
+path as ``--verify all``, so a verified point's score equals its full-bank score) and leaves every other point
+with a
 low prior score below the class's normal range.
 
-The prior keeps the order the backbone's own statistics suggest among unverified points (so a missed defect is not tied
-with the whole surface), but it never rises above ``floor``: the 5th percentile of normal patch distances measured
-leave-one-template-out at fit time, i.e. below almost every verified normal point. The order is that of the point-wise
-cue: every learned statistic as a robust z-score over the scan's points, cut at 0, summed -- the learned part of the
-evidence the verbalizer's `cue` column combines per patch (which adds geometric outliers at a lower weight). One
+The prior keeps the order the backbone's own statistics suggest among unverified points (so a missed defect is
+not tied
+with the whole surface), but it never rises above ``floor``: the 5th percentile of normal patch distances
+measured
+leave-one-template-out at fit time, i.e. below almost every verified normal point. The order is that of the
+point-wise
+cue: every learned statistic as a robust z-score over the scan's points, cut at 0, summed -- the learned part
+of the
+evidence the verbalizer's `cue` column combines per patch (which adds geometric outliers at a lower weight).
+One
 statistic alone (say the distance to the class template) misses the defects that only another one sees; on the
-registered dev benchmark ordering by the sum instead of by the template distance alone lifted the policy's P-AUROC
+registered dev benchmark ordering by the sum instead of by the template distance alone lifted the policy's
+P-AUROC
 from 96.6% to 98.9% of the full bank's, at the same 13% verified.
 
-Without a fitted bank, a labelled zero-shot mode compares each suspect patch's FPFH features with those of the scan's
+Without a fitted bank, a labelled zero-shot mode compares each suspect patch's FPFH features with those of the
+scan's
 own far-away patches (a defect is unlike the rest of its own part).
 """
 
@@ -42,7 +53,7 @@ class RegionVerdict:
     reason: str
     confidence: float
     point_count: int
-    verdict: str                      # "confirmed" | "rejected" | "skipped" (verification budget spent)
+    verdict: str  # "confirmed" | "rejected" | "skipped" (verification budget spent)
     max_distance: float | None = None
     mean_distance: float | None = None
     threshold: float | None = None
@@ -55,14 +66,16 @@ class RegionVerdict:
 class Verification:
     """Per-point scores (input order), object score and region verdicts of one scan."""
 
-    point_scores: np.ndarray          # float32 (N,)
+    point_scores: np.ndarray  # float32 (N,)
     object_score: float
-    verified: np.ndarray              # bool (N,) points that got a bank score
+    verified: np.ndarray  # bool (N,) points that got a bank score
     regions: list[RegionVerdict] = field(default_factory=list)
-    mode: str = "bank"                # "bank" | "zero-shot"
+    mode: str = "bank"  # "bank" | "zero-shot"
     patches_searched: int = 0
     patches_total: int = 0
-    object_threshold: float | None = None  # the class's calibrated object threshold; None: no verdict possible
+    object_threshold: float | None = (
+        None  # the class's calibrated object threshold; None: no verdict possible
+    )
 
     @property
     def verified_fraction(self) -> float:
@@ -87,7 +100,9 @@ def point_cue(point_stats: dict[str, np.ndarray]) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
         if values.shape != cue.shape or not np.isfinite(values).all():
             raise ValueError(f"statistic {name!r} must be {cue.size} finite values, one per point")
-        cue += np.maximum(robust_z(values, z_floor(name, values)), 0.0)  # the verbalizer's z-scores, per point
+        cue += np.maximum(
+            robust_z(values, z_floor(name, values)), 0.0
+        )  # the verbalizer's z-scores, per point
     return cue
 
 
@@ -112,13 +127,22 @@ def prior_floor(fitted: FittedClass) -> float:
 
 def _region_fields(region: dict, own: np.ndarray) -> dict:
     """The agent's description of a region, as every verdict carries it."""
-    return {"patch_ids": [int(p) for p in region["patch_ids"]], "reason": str(region.get("reason", "")),
-            "confidence": float(region.get("confidence", 0.0)), "point_count": int(own.size)}
+    return {
+        "patch_ids": [int(p) for p in region["patch_ids"]],
+        "reason": str(region.get("reason", "")),
+        "confidence": float(region.get("confidence", 0.0)),
+        "point_count": int(own.size),
+    }
 
 
-def _budgeted_regions(regions: list[dict], patches: Patches, points: np.ndarray, max_points: int,
-                      margin: float, already: np.ndarray | None = None
-                      ) -> tuple[list[tuple[dict, np.ndarray, np.ndarray | None]], np.ndarray]:
+def _budgeted_regions(
+    regions: list[dict],
+    patches: Patches,
+    points: np.ndarray,
+    max_points: int,
+    margin: float,
+    already: np.ndarray | None = None,
+) -> tuple[list[tuple[dict, np.ndarray, np.ndarray | None]], np.ndarray]:
     """Regions in confidence order with their points (+margin) while the point budget lasts; None = skipped.
     Points `already` scored (the agent's bank look-ups) count towards the budget."""
     order = sorted(range(len(regions)), key=lambda i: (-float(regions[i].get("confidence", 0.0)), i))
@@ -138,9 +162,11 @@ def _budgeted_regions(regions: list[dict], patches: Patches, points: np.ndarray,
     return planned, chosen
 
 
-def _verdicts(planned: list[tuple[dict, np.ndarray, np.ndarray | None]], scores: np.ndarray,
-              threshold: float | None) -> list[RegionVerdict]:
-    """Per region: skipped when the budget left it out, else confirmed when its top score passes `threshold`."""
+def _verdicts(
+    planned: list[tuple[dict, np.ndarray, np.ndarray | None]], scores: np.ndarray, threshold: float | None
+) -> list[RegionVerdict]:
+    """Per region: skipped when the budget left it out, else confirmed when its top score passes
+    `threshold`."""
     verdicts = []
     for region, own, grown in planned:
         base = _region_fields(region, own)
@@ -150,23 +176,38 @@ def _verdicts(planned: list[tuple[dict, np.ndarray, np.ndarray | None]], scores:
         region_scores = scores[own]
         top = float(region_scores.max())
         confirmed = threshold is not None and top > threshold
-        verdicts.append(RegionVerdict(**base, verdict="confirmed" if confirmed else "rejected", max_distance=top,
-                                      mean_distance=float(region_scores.mean()),
-                                      threshold=None if threshold is None else float(threshold)))
+        verdicts.append(
+            RegionVerdict(
+                **base,
+                verdict="confirmed" if confirmed else "rejected",
+                max_distance=top,
+                mean_distance=float(region_scores.mean()),
+                threshold=None if threshold is None else float(threshold),
+            )
+        )
     return verdicts
 
 
-def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, regions: list[dict], *,
-           max_fraction: float = 0.2, margin: float = 0.0, already_scored: np.ndarray | None = None,
-           verify_all: bool = False) -> Verification:
+def verify(
+    fitted: FittedClass,
+    analysis: ScanAnalysis,
+    patches: Patches,
+    regions: list[dict],
+    *,
+    max_fraction: float = 0.2,
+    margin: float = 0.0,
+    already_scored: np.ndarray | None = None,
+    verify_all: bool = False,
+) -> Verification:
     """Bank scores for the suspect regions only (or for every point with ``verify_all``), prior elsewhere."""
     points = analysis.points
     n = len(points)
     floor = prior_floor(fitted)
     threshold = fitted.thresholds.get(CONFIRM_QUANTILE)
     scores = prior_scores(analysis, n, floor)
-    planned, chosen = _budgeted_regions(regions, patches, points, int(max_fraction * n) if not verify_all else n,
-                                        margin, already_scored)
+    planned, chosen = _budgeted_regions(
+        regions, patches, points, int(max_fraction * n) if not verify_all else n, margin, already_scored
+    )
     if verify_all:
         chosen[:] = True
     result = fitted.score(analysis, None if verify_all else np.flatnonzero(chosen))
@@ -175,17 +216,33 @@ def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, region
     verified[result.point_ids] = True
     object_score = result.object_score if result.point_ids.size else float(scores.max(initial=0.0))
     verdicts = _verdicts(planned, scores, threshold)
-    return Verification(point_scores=scores, object_score=float(object_score), verified=verified, regions=verdicts,
-                        mode="bank", patches_searched=int(result.patch_ids.size), patches_total=analysis.n_patches,
-                        object_threshold=fitted.thresholds.get(OBJECT_THRESHOLD))
+    return Verification(
+        point_scores=scores,
+        object_score=float(object_score),
+        verified=verified,
+        regions=verdicts,
+        mode="bank",
+        patches_searched=int(result.patch_ids.size),
+        patches_total=analysis.n_patches,
+        object_threshold=fitted.thresholds.get(OBJECT_THRESHOLD),
+    )
 
 
-def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], *, max_fraction: float = 0.2,
-                     far_share: float = 0.25, seed: int = 0) -> Verification:
+def verify_zero_shot(
+    points: np.ndarray,
+    patches: Patches,
+    regions: list[dict],
+    *,
+    max_fraction: float = 0.2,
+    far_share: float = 0.25,
+    seed: int = 0,
+) -> Verification:
     """No fitted class: a suspect patch's FPFH signature against those of the scan's own far-away patches.
 
-    Scores are distances in FPFH space to the nearest far patch (far = beyond ``far_share`` of the bounding-box
-    diagonal); unsuspected points get 0. Labelled ``zero-shot`` in every report because it has no notion of the
+    Scores are distances in FPFH space to the nearest far patch (far = beyond ``far_share`` of the
+    bounding-box
+    diagonal); unsuspected points get 0. Labelled ``zero-shot`` in every report because it has no notion of
+    the
     class's normal variation."""
     from scans.geometry import fpfh
 
@@ -208,6 +265,12 @@ def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], 
         scores[members[chosen[members]]] = all_dist[p]
     baseline = float(np.median(all_dist[all_dist > 0])) if (all_dist > 0).any() else 0.0
     verdicts = _verdicts(planned, scores, 1.5 * baseline)
-    return Verification(point_scores=scores, object_score=float(scores.max(initial=0.0)), verified=chosen,
-                        regions=verdicts, mode="zero-shot", patches_searched=len(np.unique(pid[chosen])),
-                        patches_total=patches.n_patches)
+    return Verification(
+        point_scores=scores,
+        object_score=float(scores.max(initial=0.0)),
+        verified=chosen,
+        regions=verdicts,
+        mode="zero-shot",
+        patches_searched=len(np.unique(pid[chosen])),
+        patches_total=patches.n_patches,
+    )

@@ -1,20 +1,27 @@
 """Speed and memory of the detector against the budgets of issue 3, in one run.
 
-    python benchmarks/bench_detector.py [--part flange] [--points 30000] [--out benchmarks/results/detector.json]
+    python benchmarks/bench_detector.py [--part flange] [--points 30000] [--out
+    benchmarks/results/detector.json]
 
-What is measured (each stage in a fresh subprocess, so ``ru_maxrss`` is that stage's own peak and no stage inherits
+What is measured (each stage in a fresh subprocess, so ``ru_maxrss`` is that stage's own peak and no stage
+inherits
 another's warm caches or allocations):
 
-* fit    — ``fit_class`` with the default ``DetectorConfig`` on 4 templates of ~30k points of a procedural part
+* fit    — ``fit_class`` with the default ``DetectorConfig`` on 4 templates of ~30k points of a procedural
+part
            (Point-MAE training included)                                                  budget <= 120 s
 * score  — full scoring of a 30k-point scan: ``analyse`` + ``score`` of every patch, after the fit was loaded
            and one warm-up scan was scored (the median of ``--repeats`` scans is reported)  budget <= 1.5 s
 * memory — peak resident memory of the fit and of the scoring process                     budget <= 1.5 GB
-* subset — the bank search for 20% of the patches (``score(analysis, patch_ids=...)``), one faiss thread, against the search for all of
-           them (``score(analysis)``), medians over many repeats                          budget <= 25% of full
+* subset — the bank search for 20% of the patches (``score(analysis, patch_ids=...)``), one faiss thread,
+against the search for all of
+           them (``score(analysis)``), medians over many repeats                          budget <= 25% of
+           full
 
-Scans are made like ``evals.bench`` makes them (evals.parts surface sampling + ``scan_like`` sensor noise and pose);
-the test scan carries a bulge from evals.defects so the scoring path sees a real defect. The load average is recorded
+Scans are made like ``evals.bench`` makes them (evals.parts surface sampling + ``scan_like`` sensor noise and
+pose);
+the test scan carries a bulge from evals.defects so the scoring path sees a real defect. The load average is
+recorded
 before and after: on a shared machine the timings are only as good as the quiet they were taken in.
 """
 
@@ -36,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np
+import numpy as np  # noqa: E402 -- after the sys.path line above
 
-from scans import strict_json
+from scans import strict_json  # noqa: E402
 
 BUDGETS = {"fit_s": 120.0, "score_s": 1.5, "peak_mb": 1536.0, "subset_ratio": 0.25}
 MESH_NOISE = 0.003  # as evals.bench for mesh sources
@@ -105,8 +112,13 @@ def worker_fit(args: argparse.Namespace) -> dict:
     fitted = fit_class(scans, config)
     fit_s, fit_cpu_s = time.perf_counter() - start, cpu_s() - cpu0
     fitted.save(args.fit_dir)
-    return {"fit_s": fit_s, "fit_cpu_s": fit_cpu_s, "peak_mb": peak_mb(), "info": fitted.info,
-            "config": fitted.config.to_dict()}
+    return {
+        "fit_s": fit_s,
+        "fit_cpu_s": fit_cpu_s,
+        "peak_mb": peak_mb(),
+        "info": fitted.info,
+        "config": fitted.config.to_dict(),
+    }
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -145,28 +157,55 @@ def worker_score(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     scattered = rng.choice(analysis.n_patches, size=n_sub, replace=False)
     reps = max(20, args.repeats * 10)
-    # Both searches on one faiss thread: the ratio is then the compute a subset costs. (With the default two threads
-    # the full 512-row search borrows the second core while a 102-row subset stays on one — faiss's OpenMP wake-up
+    # Both searches on one faiss thread: the ratio is then the compute a subset costs. (With the default two
+    # threads
+    # the full 512-row search borrows the second core while a 102-row subset stays on one — faiss's OpenMP
+    # wake-up
     # costs more than it saves there — so a wall-clock ratio would measure the core count, not the cost.)
     fitted.bank.threads = 1
     full_search = _median_time(lambda: fitted.score(analysis), reps)
     region_search = _median_time(lambda: fitted.score(analysis, patch_ids=region), reps)
     scattered_search = _median_time(lambda: fitted.score(analysis, patch_ids=scattered), reps)
     part = fitted.score(analysis, patch_ids=region)
-    exact = bool(np.array_equal(part.patch_scores, full.patch_scores[part.patch_ids])
-                 and np.array_equal(part.point_scores, full.point_scores[part.point_ids]))
-    return {"score_s": statistics.median(totals), "analyse_s": statistics.median(analyse_times),
-            "bank_search_s": statistics.median(score_times), "score_runs_s": totals, "score_cpu_s": score_cpu_s,
-            "n_points": len(test), "n_patches": int(analysis.n_patches), "bank_rows": len(fitted.bank),
-            "full_search_s": full_search, "subset_search_s": region_search,
-            "subset_scattered_search_s": scattered_search, "subset_patches": int(n_sub),
-            "subset_points_scored": int(part.point_ids.size), "subset_exact": exact,
-            "subset_ratio": region_search / full_search, "peak_mb": peak_mb()}
+    exact = bool(
+        np.array_equal(part.patch_scores, full.patch_scores[part.patch_ids])
+        and np.array_equal(part.point_scores, full.point_scores[part.point_ids])
+    )
+    return {
+        "score_s": statistics.median(totals),
+        "analyse_s": statistics.median(analyse_times),
+        "bank_search_s": statistics.median(score_times),
+        "score_runs_s": totals,
+        "score_cpu_s": score_cpu_s,
+        "n_points": len(test),
+        "n_patches": int(analysis.n_patches),
+        "bank_rows": len(fitted.bank),
+        "full_search_s": full_search,
+        "subset_search_s": region_search,
+        "subset_scattered_search_s": scattered_search,
+        "subset_patches": int(n_sub),
+        "subset_points_scored": int(part.point_ids.size),
+        "subset_exact": exact,
+        "subset_ratio": region_search / full_search,
+        "peak_mb": peak_mb(),
+    }
 
 
 def run_worker(stage: str, args: argparse.Namespace, scans: list[str], fit_dir: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", stage, "--fit-dir", str(fit_dir),
-           "--seed", str(args.seed), "--repeats", str(args.repeats), "--scans", *scans]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        stage,
+        "--fit-dir",
+        str(fit_dir),
+        "--seed",
+        str(args.seed),
+        "--repeats",
+        str(args.repeats),
+        "--scans",
+        *scans,
+    ]
     if args.train_steps is not None:
         cmd += ["--train-steps", str(args.train_steps)]
     if args.threads:
@@ -185,6 +224,7 @@ def table(rows: list[tuple[str, float, float, str]]):
     t = Table(title="detector speed / memory vs issue-3 budgets")
     for col in ("measure", "measured", "budget", "measured / budget", "ok"):
         t.add_column(col, justify="left" if col == "measure" else "right")
+
     def fmt(v: float, unit: str) -> str:
         return f"{v:.1%}" if unit == "%" else f"{v:,.2f} {unit}"
 
@@ -202,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--templates", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="scored scans (median reported)")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in the workers (0: torch default)")
-    ap.add_argument("--train-steps", type=int, help="override the default config's Point-MAE steps (smoke runs only)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads in the workers (0: torch default)"
+    )
+    ap.add_argument(
+        "--train-steps", type=int, help="override the default config's Point-MAE steps (smoke runs only)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detector.json")
     ap.add_argument("--worker", choices=["fit", "score"], help=argparse.SUPPRESS)
     ap.add_argument("--fit-dir", type=Path, help=argparse.SUPPRESS)
@@ -220,39 +264,68 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-detector-") as tmp:
         work = Path(tmp)
-        console.print(f"making {args.templates} templates + 2 test scans of {args.points:,} points ({args.part})...")
+        console.print(
+            f"making {args.templates} templates + 2 test scans of {args.points:,} points ({args.part})..."
+        )
         scans = make_scans(args.part, args.points, args.templates, args.seed, work)
         templates = [scans[f"{args.part}_template{i}"] for i in range(args.templates)]
         fit_dir = work / "fit"
         console.print("fitting (fresh process)...")
         fit = run_worker("fit", args, templates, fit_dir)
         console.print(f"  fit {fit['fit_s']:.1f} s; scoring (fresh process)...")
-        score = run_worker("score", args, [scans[f"{args.part}_positive0"], scans[f"{args.part}_bulge0"]], fit_dir)
+        score = run_worker(
+            "score", args, [scans[f"{args.part}_positive0"], scans[f"{args.part}_bulge0"]], fit_dir
+        )
     load_after = os.getloadavg()
     peak = max(fit["peak_mb"], score["peak_mb"])
-    rows = [("fit one class (s)", fit["fit_s"], BUDGETS["fit_s"], "s"),
-            ("score a 30k scan: analyse + score (s)", score["score_s"], BUDGETS["score_s"], "s"),
-            ("peak memory, fit (MB)", fit["peak_mb"], BUDGETS["peak_mb"], "MB"),
-            ("peak memory, scoring (MB)", score["peak_mb"], BUDGETS["peak_mb"], "MB"),
-            ("subset search 20% / full", score["subset_ratio"], BUDGETS["subset_ratio"], "%")]
+    rows = [
+        ("fit one class (s)", fit["fit_s"], BUDGETS["fit_s"], "s"),
+        ("score a 30k scan: analyse + score (s)", score["score_s"], BUDGETS["score_s"], "s"),
+        ("peak memory, fit (MB)", fit["peak_mb"], BUDGETS["peak_mb"], "MB"),
+        ("peak memory, scoring (MB)", score["peak_mb"], BUDGETS["peak_mb"], "MB"),
+        ("subset search 20% / full", score["subset_ratio"], BUDGETS["subset_ratio"], "%"),
+    ]
     console.print(table(rows))
-    console.print(f"fit stages: {json.dumps({k: fit['info'][k] for k in ('train_s', 'features_s', 'bank_s')})}; "
-                  f"bank {fit['info']['bank_size']} of {fit['info']['n_train_patches']} patches")
-    console.print(f"scoring: analyse {score['analyse_s']:.3f} s + bank search {score['bank_search_s']:.3f} s; "
-                  f"subset search {score['subset_search_s'] * 1e3:.1f} ms vs full {score['full_search_s'] * 1e3:.1f} ms "
-                  f"(scattered 20%: {score['subset_scattered_search_s'] * 1e3:.1f} ms); subset exact: "
-                  f"{score['subset_exact']}")
-    console.print(f"CPU seconds: fit {fit.get('fit_cpu_s', float('nan')):.1f}, one scan scored "
-                  f"{score.get('score_cpu_s', float('nan')):.2f} (wall >> cpu / threads means a busy machine)")
-    console.print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
-                  f"{os.cpu_count()} CPUs; torch threads: {args.threads or 'default'}")
-    document = {"budgets": BUDGETS, "part": args.part, "points": args.points, "templates": args.templates,
-                "seed": args.seed, "train_steps_override": args.train_steps, "threads": args.threads or None, "cpu_count": os.cpu_count(),
-                "load_before": load_before, "load_after": load_after, "fit": fit, "score": score,
-                "peak_mb": peak, "within_budget": {"fit_s": fit["fit_s"] <= BUDGETS["fit_s"],
-                                                   "score_s": score["score_s"] <= BUDGETS["score_s"],
-                                                   "peak_mb": peak <= BUDGETS["peak_mb"],
-                                                   "subset_ratio": score["subset_ratio"] <= BUDGETS["subset_ratio"]}}
+    console.print(
+        f"fit stages: {json.dumps({k: fit['info'][k] for k in ('train_s', 'features_s', 'bank_s')})}; "
+        f"bank {fit['info']['bank_size']} of {fit['info']['n_train_patches']} patches"
+    )
+    console.print(
+        f"scoring: analyse {score['analyse_s']:.3f} s + bank search {score['bank_search_s']:.3f} s; "
+        f"subset search {score['subset_search_s'] * 1e3:.1f} ms vs full {score['full_search_s'] * 1e3:.1f} "
+        "ms "
+        f"(scattered 20%: {score['subset_scattered_search_s'] * 1e3:.1f} ms); subset exact: "
+        f"{score['subset_exact']}"
+    )
+    console.print(
+        f"CPU seconds: fit {fit.get('fit_cpu_s', float('nan')):.1f}, one scan scored "
+        f"{score.get('score_cpu_s', float('nan')):.2f} (wall >> cpu / threads means a busy machine)"
+    )
+    console.print(
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); "
+        f"{os.cpu_count()} CPUs; torch threads: {args.threads or 'default'}"
+    )
+    document = {
+        "budgets": BUDGETS,
+        "part": args.part,
+        "points": args.points,
+        "templates": args.templates,
+        "seed": args.seed,
+        "train_steps_override": args.train_steps,
+        "threads": args.threads or None,
+        "cpu_count": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": load_after,
+        "fit": fit,
+        "score": score,
+        "peak_mb": peak,
+        "within_budget": {
+            "fit_s": fit["fit_s"] <= BUDGETS["fit_s"],
+            "score_s": score["score_s"] <= BUDGETS["score_s"],
+            "peak_mb": peak <= BUDGETS["peak_mb"],
+            "subset_ratio": score["subset_ratio"] <= BUDGETS["subset_ratio"],
+        },
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(strict_json.dumps(document, missing_as_null=True, indent=2))

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np
+import numpy as np  # noqa: E402 -- after the sys.path line above
 
-from scans import strict_json
+from scans import strict_json  # noqa: E402
 
 PART = "flange"
 TEMPLATE_POINTS = 30_000
@@ -75,8 +75,10 @@ def child(scan: str, bank: str, out: str, cap: int | None) -> None:
         argv += ["--max-analysis-points", str(cap)]
     start = time.perf_counter()
     code = run_cli.main(argv)
-    print("RESULT " + strict_json.dumps({"wall_s": time.perf_counter() - start, "peak_mb": peak_mb(),
-                                         "exit": code}))
+    print(
+        "RESULT "
+        + strict_json.dumps({"wall_s": time.perf_counter() - start, "peak_mb": peak_mb(), "exit": code})
+    )
 
 
 def measure(scan: Path, bank: Path, out: Path, cap: int | None) -> dict:
@@ -87,11 +89,13 @@ def measure(scan: Path, bank: Path, out: Path, cap: int | None) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise SystemExit(f"{scan}: agent.run failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
-                         f"{done.stderr[-2000:]}")
+        raise SystemExit(
+            f"{scan}: agent.run failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
+            f"{done.stderr[-2000:]}"
+        )
     import json
 
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main() -> None:
@@ -116,18 +120,31 @@ def main() -> None:
             scores = np.load(work / "runs" / f"scan_{size}" / "scores.npy", mmap_mode="r")
             results[size]["scores_rows"] = len(scores)
             got = results[size]
-            print(f"{size:>11,} points: {got['wall_s']:7.1f} s  {got['peak_mb']:7.0f} MB peak  "
-                  f"(scores.npy rows {len(scores):,})", flush=True)
+            print(
+                f"{size:>11,} points: {got['wall_s']:7.1f} s  {got['peak_mb']:7.0f} MB peak  "
+                f"(scores.npy rows {len(scores):,})",
+                flush=True,
+            )
     load_after = os.getloadavg()[0]
     small, large = results[sizes[0]], results[sizes[-1]]
-    ratio = {"points": sizes[-1] / sizes[0], "wall": large["wall_s"] / small["wall_s"],
-             "peak_memory": large["peak_mb"] / small["peak_mb"]}
-    print(f"ratio {sizes[-1]:,} / {sizes[0]:,} points: x{ratio['points']:.0f} points -> "
-          f"wall x{ratio['wall']:.2f}, "
-          f"peak memory x{ratio['peak_memory']:.2f}; load average {load_before:.1f} -> {load_after:.1f}")
-    document = {"sizes": sizes, "results": {str(k): v for k, v in results.items()}, "ratio": ratio,
-                "cap": args.cap, "train_steps": args.train_steps,
-                "load_average": {"before": load_before, "after": load_after}}
+    ratio = {
+        "points": sizes[-1] / sizes[0],
+        "wall": large["wall_s"] / small["wall_s"],
+        "peak_memory": large["peak_mb"] / small["peak_mb"],
+    }
+    print(
+        f"ratio {sizes[-1]:,} / {sizes[0]:,} points: x{ratio['points']:.0f} points -> "
+        f"wall x{ratio['wall']:.2f}, "
+        f"peak memory x{ratio['peak_memory']:.2f}; load average {load_before:.1f} -> {load_after:.1f}"
+    )
+    document = {
+        "sizes": sizes,
+        "results": {str(k): v for k, v in results.items()},
+        "ratio": ratio,
+        "cap": args.cap,
+        "train_steps": args.train_steps,
+        "load_average": {"before": load_before, "after": load_after},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(strict_json.dumps(document, what=str(out), indent=2))

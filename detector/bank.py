@@ -1,16 +1,19 @@
 """PatchCore memory bank: a k-center coreset of normal patch features behind a faiss index.
 
-Scoring a patch = Euclidean distance to its nearest bank feature. Two properties the rest of the system leans on:
+Scoring a patch = Euclidean distance to its nearest bank feature. Two properties the rest of the system leans
+on:
 
 * Subset scoring is exact. The agent scores only the patches it asks about and the verifier (`--verify all`)
   scores every patch; both must agree bit for bit on shared patches. faiss's default flat search switches to a
   BLAS matrix product once a batch holds enough queries, and that changes the last bits of a distance with the
   batch's composition (docs/design.md: a few queries alone vs inside a large batch differ visibly). While
-  scoring, this module therefore raises faiss's `distance_compute_blas_threshold` so every query is answered by
+  scoring, this module therefore raises faiss's `distance_compute_blas_threshold` so every query is answered
+  by
   faiss's per-query kernel: each row's result then depends only on that row and the bank, so
   `score(F[subset]) == score(F)[subset]` holds exactly, and cost is proportional to the rows given.
 * Large banks use an IVF index (IndexIVFFlat). Its `nprobe` is calibrated at fit time: the training features
-  that did not make the coreset are realistic queries, so the smallest nprobe whose recall against exact search
+  that did not make the coreset are realistic queries, so the smallest nprobe whose recall against exact
+  search
   reaches `target_recall` is kept, and the measured recall is stored in the metadata.
 
 Files (no pickles): bank.npy (float32 coreset), coreset_idx.npy (rows of the training features it came from),
@@ -31,8 +34,8 @@ import faiss
 import numpy as np
 
 from detector.sampling import KCenterGreedy
-from scans.files import atomic_save_npy, atomic_write_text
 from scans import strict_json
+from scans.files import atomic_save_npy, atomic_write_text
 
 __all__ = [
     "BANK_VERSION",
@@ -79,7 +82,8 @@ class BankMetadataError(BankError):
 
 @contextmanager
 def _faiss_settings(threads: int, per_query: bool = True) -> Iterator[None]:
-    """A fixed faiss thread count and (per_query) batch-independent search; restores the globals afterwards."""
+    """A fixed faiss thread count and (per_query) batch-independent search; restores the globals
+    afterwards."""
     old_threshold = faiss.cvar.distance_compute_blas_threshold
     old_threads = faiss.omp_get_max_threads()
     if per_query:
@@ -152,8 +156,10 @@ class MemoryBank:
     ) -> np.ndarray:
         """Select a k-center coreset of `features` (M, D) and index it.
 
-        Returns the int64 rows of `features` that form the bank, in bank order (callers use them to trace a bank row
-        back to its training scan). coreset_ratio: share of rows kept (1.0 keeps all rows, skipping selection);
+        Returns the int64 rows of `features` that form the bank, in bank order (callers use them to trace a
+        bank row
+        back to its training scan). coreset_ratio: share of rows kept (1.0 keeps all rows, skipping
+        selection);
         max_bank caps the count.
         """
         feats = _as_features(features, None, "MemoryBank.fit")
@@ -273,7 +279,8 @@ class MemoryBank:
         feats = _as_features(features, self.features.shape[1], "MemoryBank.score", allow_empty=True)
         dist = np.empty(len(feats), dtype=np.float32)
         nn_idx = np.empty(len(feats), dtype=np.int64)
-        # Small batches run on one thread: waking an OpenMP team costs more than it saves on a shared 2-core box
+        # Small batches run on one thread: waking an OpenMP team costs more than it saves on a shared 2-core
+        # box
         # (measured under load: 102 rows took 2.8 ms on 1 thread, 10-30 ms on 2). Results do not depend on it.
         threads = max(1, min(self.threads, len(feats) // _ROWS_PER_THREAD))
         with _faiss_settings(threads):
@@ -289,10 +296,12 @@ class MemoryBank:
         return dist, nn_idx
 
     def object_score(self, features: np.ndarray, dist: np.ndarray, nn_idx: np.ndarray, k: int = 3) -> float:
-        """PatchCore's object score: the largest patch distance s*, down-weighted when its nearest bank feature m*
+        """PatchCore's object score: the largest patch distance s*, down-weighted when its nearest bank
+        feature m*
         sits in a dense part of the bank.
 
-        With m_test the most anomalous patch and N_k(m*) the k nearest bank features of m* (m* first), the weight is
+        With m_test the most anomalous patch and N_k(m*) the k nearest bank features of m* (m* first), the
+        weight is
         1 - softmax_j(|m_test - n_j|)[m*]: if m_test is about as close to m*'s neighbours as to m* itself, the
         region is well covered and the score shrinks; k=1 returns s* unchanged.
         """
@@ -301,7 +310,8 @@ class MemoryBank:
         dist, nn_idx = np.asarray(dist), np.asarray(nn_idx)
         if dist.shape != (len(feats),) or nn_idx.shape != (len(feats),):
             raise ValueError(
-                f"MemoryBank.object_score: dist {dist.shape} and nn_idx {nn_idx.shape} must be ({len(feats)},)"
+                f"MemoryBank.object_score: dist {dist.shape} and nn_idx {nn_idx.shape} must be "
+                f"({len(feats)},)"
             )
         if k < 1:
             raise ValueError(f"MemoryBank.object_score: k must be >= 1, got {k}")
@@ -336,8 +346,9 @@ class MemoryBank:
         if clash:
             raise ValueError(f"MemoryBank.save: extra metadata may not overwrite the bank's own keys {clash}")
         try:
-            meta_text = strict_json.dumps({**self.meta, **extra}, what=f"{directory}/{_META_FILE}", indent=2,
-                                          sort_keys=True)
+            meta_text = strict_json.dumps(
+                {**self.meta, **extra}, what=f"{directory}/{_META_FILE}", indent=2, sort_keys=True
+            )
         except TypeError as exc:
             raise ValueError(f"MemoryBank.save: metadata is not json-serialisable: {exc}") from exc
         folder = Path(directory)
@@ -361,7 +372,8 @@ class MemoryBank:
     ) -> MemoryBank:
         """Read a bank written by `save`, refusing one whose metadata differs from what the caller expects.
 
-        Always checked: format version == BANK_VERSION and the arrays match the recorded shape. expect_dim and every
+        Always checked: format version == BANK_VERSION and the arrays match the recorded shape. expect_dim and
+        every
         key of expect_meta (e.g. {"backbone_hash": ..., "feature_name": ...}) must equal the stored values.
         """
         folder = Path(directory)

@@ -1,13 +1,19 @@
-"""BTF baseline features ("Back to the Feature", Horwitz & Hoshen 2023): hand-crafted FPFH descriptors pooled per
+"""BTF baseline features ("Back to the Feature", Horwitz & Hoshen 2023): hand-crafted FPFH descriptors pooled
+per
 patch, scored by the same PatchCore memory bank as the learned Point-MAE features.
 
-BTF computes FPFH on the raw scan and average-pools it over image patches of MVTec's organised grid. Scans here are
-unorganised, so a patch is what the Point-MAE detector uses instead: an FPS centre plus its kNN group. That keeps
-the two feature kinds interchangeable in the detector (same centres, same group shape, same interpolation back to
+BTF computes FPFH on the raw scan and average-pools it over image patches of MVTec's organised grid. Scans
+here are
+unorganised, so a patch is what the Point-MAE detector uses instead: an FPS centre plus its kNN group. That
+keeps
+the two feature kinds interchangeable in the detector (same centres, same group shape, same interpolation back
+to
 points) and makes the comparison about the descriptor alone.
 
-Scale: the scan is centred on its centroid and divided by the class-level `scale` (tools.pointmae.estimate_scale:
-mean point distance to the centroid over the training scans), exactly like the Point-MAE path, so one set of radii
+Scale: the scan is centred on its centroid and divided by the class-level `scale`
+(tools.pointmae.estimate_scale:
+mean point distance to the centroid over the training scans), exactly like the Point-MAE path, so one set of
+radii
 serves every class. In those units (a typical part has mean radius 1):
     voxel          = 0.03   downsampling cell before FPFH (a 30k-point bunny scan keeps ~11k points)
     radius_normal  = 2 * voxel = 0.06   normals, as in BTF and open3d's registration recipe
@@ -49,8 +55,10 @@ def _normalise(points: np.ndarray, scale: float) -> np.ndarray:
 def btf_point_features(points: np.ndarray, *, scale: float, voxel: float = DEFAULT_VOXEL) -> np.ndarray:
     """FPFH (N, 33) float32 for every input point.
 
-    FPFH is computed once on the voxel-downsampled scan (radii 2 and 5 voxels, in class-scale units) and each input
-    point takes the descriptor of its nearest kept point: the cost follows the surface area, not the point count.
+    FPFH is computed once on the voxel-downsampled scan (radii 2 and 5 voxels, in class-scale units) and each
+    input
+    point takes the descriptor of its nearest kept point: the cost follows the surface area, not the point
+    count.
     """
     norm = _normalise(points, scale)
     kept = voxel_downsample(norm, voxel)

@@ -1,4 +1,5 @@
-"""What a class fit does (DetectorConfig), the error every fitting or loading problem raises, and the fit's format."""
+"""What a class fit does (DetectorConfig), the error every fitting or loading problem raises, and the fit's
+format."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from detector.pointmae import PointMAEConfig
 DETECTOR_VERSION = 1
 FORMAT_NAME = "scanagent-fitted-class"
 META_FILE = "fitted.json"
-# Training is pinned to one thread: with two, a fit stalls whenever another process holds a core (docs/design.md).
+# Training is pinned to one thread: with two, a fit stalls whenever another process holds a core
+# (docs/design.md).
 TRAIN_THREADS = 1
 FeatureKind = Literal["pointmae", "fpfh"]
 
@@ -22,17 +24,19 @@ class FitError(ValueError):
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """What a class fit does. Saved with the fit; the defaults fit one class in well under two minutes on 2 cores."""
+    """What a class fit does. Saved with the fit; the defaults fit one class in well under two minutes on 2
+    cores."""
 
     feature: FeatureKind = "pointmae"
     backbone: PointMAEConfig = field(default_factory=PointMAEConfig.small)
     train_steps: int = 300
     train_batch: int = 8
-    bank_views: int = 4           # patchings per template put into the bank (sampling variance, see module doc)
+    bank_views: int = 4  # patchings per template put into the bank (sampling variance, see module doc)
     coreset_ratio: float = 0.25
     recon_rounds: int = 2
     seed: int = 0
-    # Align every scan to the first template and add the bank of registered coordinates (detector.registration), for
+    # Align every scan to the first template and add the bank of registered coordinates
+    # (detector.registration), for
     # scans that are not pre-aligned. Costs one registration per scan (a few seconds on 2 cores).
     register: bool = False
 

@@ -1,9 +1,12 @@
 """Patch features behind one interface: a learned Point-MAE backbone or hand-crafted FPFH (the BTF baseline).
 
 The memory bank, the fitted class and the fitting never ask which kind they hold: they call an extractor's
-``patch_features`` (patches of one scan with their feature vectors and per-patch statistics) and ``identity`` (what
-the bank's rows came from, so a bank is never read with features of another model). Both kinds share the detector's
-patching (FPS centres, kNN groups of ``group_size`` points, the class-level scale), so a comparison between them is
+``patch_features`` (patches of one scan with their feature vectors and per-patch statistics) and ``identity``
+(what
+the bank's rows came from, so a bank is never read with features of another model). Both kinds share the
+detector's
+patching (FPS centres, kNN groups of ``group_size`` points, the class-level scale), so a comparison between
+them is
 about the descriptor alone.
 """
 
@@ -18,10 +21,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.pointmae import PATCH_OVERLAP, PointMAE, backbone_hash, covering_masks, group_points, normalise_points
+from detector.pointmae import (
+    PATCH_OVERLAP,
+    PointMAE,
+    backbone_hash,
+    covering_masks,
+    group_points,
+    normalise_points,
+)
 
-# Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
-# inference is many small ops (FPS is a loop over the centres) and an OpenMP team stalls whenever another process
+# Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread,
+# because
+# inference is many small ops (FPS is a loop over the centres) and an OpenMP team stalls whenever another
+# process
 # holds a core (docs/design.md has the measurements). Fixing the count also keeps features independent of the
 # caller's torch setting.
 INFERENCE_THREADS = 1
@@ -41,11 +53,11 @@ def torch_threads(count: int) -> Iterator[None]:
 
 @dataclass
 class PatchFeatures:
-    centers: np.ndarray        # float32 (G,3) patch centres in the input's coordinates
-    group_idx: np.ndarray      # int64 (G,K) indices into the input points
-    features: np.ndarray       # float32 (G,D) multi-layer features (M3DM-style concat)
-    recon_error: np.ndarray    # float32 (G,) Chamfer-L2 of the patch when masked (normalised units)
-    feature_norm: np.ndarray   # float32 (G,) L2 norm of features
+    centers: np.ndarray  # float32 (G,3) patch centres in the input's coordinates
+    group_idx: np.ndarray  # int64 (G,K) indices into the input points
+    features: np.ndarray  # float32 (G,D) multi-layer features (M3DM-style concat)
+    recon_error: np.ndarray  # float32 (G,) Chamfer-L2 of the patch when masked (normalised units)
+    feature_norm: np.ndarray  # float32 (G,) L2 norm of features
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -53,15 +65,27 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def extract_patch_features(model: PointMAE, points: np.ndarray, *, num_groups: int, group_size: int, seed: int,
-                           scale: float, recon_rounds: int = 2) -> PatchFeatures:
+def extract_patch_features(
+    model: PointMAE,
+    points: np.ndarray,
+    *,
+    num_groups: int,
+    group_size: int,
+    seed: int,
+    scale: float,
+    recon_rounds: int = 2,
+) -> PatchFeatures:
     """Patch features + per-patch reconstruction error of one scan.
 
-    The scan is normalised (centroid, class ``scale``), randomly subsampled to ``num_groups*group_size/2`` points
-    (the density training crops use when ``num_groups == config.inference_groups``), grouped by FPS + kNN, embedded
-    once, encoded unmasked for features, and reconstructed in ``recon_rounds`` masking rounds that together hide
+    The scan is normalised (centroid, class ``scale``), randomly subsampled to ``num_groups*group_size/2``
+    points
+    (the density training crops use when ``num_groups == config.inference_groups``), grouped by FPS + kNN,
+    embedded
+    once, encoded unmasked for features, and reconstructed in ``recon_rounds`` masking rounds that together
+    hide
     every patch; a patch's recon_error is its Chamfer-L2 averaged over the rounds that hid it.
-    ``recon_rounds=0`` skips reconstruction (about half the time) and returns recon_error as NaN, for callers that
+    ``recon_rounds=0`` skips reconstruction (about half the time) and returns recon_error as NaN, for callers
+    that
     only need features (e.g. filling a memory bank)."""
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3 or not np.isfinite(pts).all():
@@ -119,7 +143,8 @@ class FeatureExtractor(Protocol):
         ...
 
     def patch_features(self, points: np.ndarray, *, seed: int, recon: bool = True) -> PatchFeatures:
-        """Detector patches of one scan with their features; ``recon=False`` may skip costly extra statistics."""
+        """Detector patches of one scan with their features; ``recon=False`` may skip costly extra
+        statistics."""
         ...
 
 
@@ -139,12 +164,19 @@ class PointMAEExtractor:
         return backbone_hash(self.backbone)
 
     def patch_features(self, points: np.ndarray, *, seed: int, recon: bool = True) -> PatchFeatures:
-        """``recon=False`` skips the masked-reconstruction rounds (recon_error comes back NaN): the memory bank
+        """``recon=False`` skips the masked-reconstruction rounds (recon_error comes back NaN): the memory
+        bank
         only needs features, and the rounds cost about as much as the feature pass itself."""
         with torch_threads(INFERENCE_THREADS):
-            return extract_patch_features(self.backbone, points, num_groups=self.num_groups,
-                                          group_size=self.group_size, seed=seed, scale=self.scale,
-                                          recon_rounds=self.recon_rounds if recon else 0)
+            return extract_patch_features(
+                self.backbone,
+                points,
+                num_groups=self.num_groups,
+                group_size=self.group_size,
+                seed=seed,
+                scale=self.scale,
+                recon_rounds=self.recon_rounds if recon else 0,
+            )
 
 
 @dataclass
@@ -163,21 +195,29 @@ class FPFHExtractor:
     def patch_features(self, points: np.ndarray, *, seed: int, recon: bool = True) -> PatchFeatures:
         from detector.btf import btf_patch_features
 
-        centers, group_idx, feats = btf_patch_features(points, num_groups=self.num_groups,
-                                                       group_size=self.group_size, scale=self.scale, seed=seed)
+        centers, group_idx, feats = btf_patch_features(
+            points, num_groups=self.num_groups, group_size=self.group_size, scale=self.scale, seed=seed
+        )
         zeros = np.zeros(len(centers), dtype=np.float32)
-        return PatchFeatures(centers=centers, group_idx=group_idx, features=feats, recon_error=zeros,
-                             feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32))
+        return PatchFeatures(
+            centers=centers,
+            group_idx=group_idx,
+            features=feats,
+            recon_error=zeros,
+            feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32),
+        )
 
 
-def make_extractor(kind: str, backbone: PointMAE | None, *, num_groups: int, group_size: int, scale: float,
-                   recon_rounds: int) -> FeatureExtractor:
+def make_extractor(
+    kind: str, backbone: PointMAE | None, *, num_groups: int, group_size: int, scale: float, recon_rounds: int
+) -> FeatureExtractor:
     """The extractor for a feature kind ("pointmae" needs its backbone, "fpfh" none)."""
     if kind == "fpfh":
         return FPFHExtractor(num_groups=num_groups, group_size=group_size, scale=scale)
     if kind == "pointmae":
         if backbone is None:
             raise ValueError("Point-MAE features need a backbone")
-        return PointMAEExtractor(backbone, num_groups=num_groups, group_size=group_size, scale=scale,
-                                 recon_rounds=recon_rounds)
+        return PointMAEExtractor(
+            backbone, num_groups=num_groups, group_size=group_size, scale=scale, recon_rounds=recon_rounds
+        )
     raise ValueError(f"unknown feature kind {kind!r}; known: pointmae, fpfh")

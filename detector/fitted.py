@@ -1,8 +1,10 @@
 """A fitted class: backbone + memory bank + normalisation + thresholds, saved as one folder.
 
-This is the detector every other stage reads from. It stands on its own as an unsupervised detector (M3DM's recipe:
+This is the detector every other stage reads from. It stands on its own as an unsupervised detector (M3DM's
+recipe:
 PatchCore on Point-MAE patch features) and, because the backbone forward pass (:meth:`FittedClass.analyse`) is
-separate from the memory-bank search (:meth:`FittedClass.score`), the verifier can search the bank for only the
+separate from the memory-bank search (:meth:`FittedClass.score`), the verifier can search the bank for only
+the
 patches it needs: the analysis is computed once per scan and also feeds the verbalizer's statistics.
 Fitting lives in detector.fitting, the folder format in detector.persistence.
 """
@@ -29,17 +31,21 @@ from detector.registration import IDENTITY, Alignment, CoordinateBank, align
 class ScanAnalysis:
     """Everything the backbone says about one scan, before any memory-bank search.
 
-    Per patch: centres, member indices, features and the Point-MAE statistics; per point: the same statistics spread
+    Per patch: centres, member indices, features and the Point-MAE statistics; per point: the same statistics
+    spread
     by inverse-distance 3-NN interpolation (what the verbalizer aggregates)."""
 
-    points: np.ndarray                 # float32 (N,3), the input's order
-    patches: PatchFeatures             # detector patches (G of them)
-    feature_deviation: np.ndarray      # float32 (G,) distance of each patch feature to the class's mean feature
+    points: np.ndarray  # float32 (N,3), the input's order
+    patches: PatchFeatures  # detector patches (G of them)
+    feature_deviation: np.ndarray  # float32 (G,) distance of each patch feature to the class's mean feature
     point_stats: dict[str, np.ndarray]  # name -> float32 (N,)
     seconds: float = 0.0
-    alignment: Alignment = IDENTITY    # how the points were moved onto the class's reference (register=True)
-    registered: np.ndarray | None = None  # float32 (N,3) the points after that move; None without registration
-    # each point's 3 nearest patch centres and their interpolation weights, found once: statistics and bank scores
+    alignment: Alignment = IDENTITY  # how the points were moved onto the class's reference (register=True)
+    registered: np.ndarray | None = (
+        None  # float32 (N,3) the points after that move; None without registration
+    )
+    # each point's 3 nearest patch centres and their interpolation weights, found once: statistics and bank
+    # scores
     # are spread over the same support, so a point's score depends on exactly these patches
     support: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -48,11 +54,13 @@ class ScanAnalysis:
         return len(self.patches.centers)
 
     def support_of(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
-        """(M, k) int64: each given point's k nearest detector patch centres, the support of its interpolated score."""
+        """(M, k) int64: each given point's k nearest detector patch centres, the support of its interpolated
+        score."""
         return self.interpolation(k)[0][np.asarray(point_idx, dtype=np.int64)]
 
     def interpolation(self, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
-        """(nearest centres (N,k), weights (N,k)) of every point; the k=3 support (the scores') is computed once."""
+        """(nearest centres (N,k), weights (N,k)) of every point; the k=3 support (the scores') is computed
+        once."""
         if k != 3:
             return interpolation_support(self.points, self.patches.centers, k)
         if self.support is None:
@@ -60,8 +68,10 @@ class ScanAnalysis:
         return self.support
 
     def patches_for_points(self, point_idx: np.ndarray, k: int = 3) -> np.ndarray:
-        """Detector patches whose scores decide the given points' scores: each point's k nearest patch centres (the
-        interpolation's support). Scoring exactly these patches gives those points the same scores as full scoring."""
+        """Detector patches whose scores decide the given points' scores: each point's k nearest patch centres
+        (the
+        interpolation's support). Scoring exactly these patches gives those points the same scores as full
+        scoring."""
         return np.unique(self.support_of(point_idx, k).ravel())
 
 
@@ -69,14 +79,16 @@ class ScanAnalysis:
 class ScanScores:
     """Memory-bank scores of a scan (or of the patches a verifier asked for)."""
 
-    patch_ids: np.ndarray       # int64 (S,) the detector patches that were searched
-    # float32 (S,) each searched patch's nearest-neighbour distance in the bank; for a registered fit the unitless
-    # feature/f99 + coord/c99 (FittedClass.patch_distances). The object score's PatchCore reweighting always uses
+    patch_ids: np.ndarray  # int64 (S,) the detector patches that were searched
+    # float32 (S,) each searched patch's nearest-neighbour distance in the bank; for a registered fit the
+    # unitless
+    # feature/f99 + coord/c99 (FittedClass.patch_distances). The object score's PatchCore reweighting always
+    # uses
     # the feature bank's neighbours of the worst patch, scaling that patch's (combined) score.
     patch_scores: np.ndarray
-    point_ids: np.ndarray       # int64 (M,) points that got a bank score
-    point_scores: np.ndarray    # float32 (M,)
-    object_score: float         # PatchCore-reweighted max over the searched patches
+    point_ids: np.ndarray  # int64 (M,) points that got a bank score
+    point_scores: np.ndarray  # float32 (M,)
+    object_score: float  # PatchCore-reweighted max over the searched patches
     seconds: float = 0.0
 
 
@@ -89,7 +101,8 @@ def _checked_ids(ids: np.ndarray, size: int, what: str) -> np.ndarray:
 
 
 def _points_supported_by(analysis: ScanAnalysis, patch_ids: np.ndarray, k: int = 3) -> np.ndarray:
-    """Points (sorted) among the given patches' members whose k nearest patch centres are all in ``patch_ids``."""
+    """Points (sorted) among the given patches' members whose k nearest patch centres are all in
+    ``patch_ids``."""
     if patch_ids.size == 0:
         return np.zeros(0, dtype=np.int64)
     candidates = np.unique(analysis.patches.group_idx[patch_ids].ravel())
@@ -101,11 +114,22 @@ def _points_supported_by(analysis: ScanAnalysis, patch_ids: np.ndarray, k: int =
 class FittedClass:
     """A class's detector: use :func:`fit_class` to make one, :meth:`load` to read one from disk."""
 
-    def __init__(self, config: DetectorConfig, scale: float, bank: MemoryBank, mean_feature: np.ndarray,
-                 thresholds: dict[str, float], backbone: PointMAE | None, info: dict | None = None, *,
-                 coord_bank: CoordinateBank | None = None, score_norms: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        config: DetectorConfig,
+        scale: float,
+        bank: MemoryBank,
+        mean_feature: np.ndarray,
+        thresholds: dict[str, float],
+        backbone: PointMAE | None,
+        info: dict | None = None,
+        *,
+        coord_bank: CoordinateBank | None = None,
+        score_norms: dict[str, float] | None = None,
+    ) -> None:
         self.config = config
-        # register=True: the registered training points and the normal-data scales (feature, coord) that put the two
+        # register=True: the registered training points and the normal-data scales (feature, coord) that put
+        # the two
         # banks' distances in one unit before they are added
         self.coord_bank = coord_bank
         self.score_norms = dict(score_norms or {})
@@ -120,18 +144,27 @@ class FittedClass:
         self.backbone = backbone
         self.info = dict(info or {})
         cfg = config.backbone
-        self.extractor = make_extractor(config.feature, backbone, num_groups=cfg.inference_groups,
-                                        group_size=cfg.group_size, scale=self.scale,
-                                        recon_rounds=config.recon_rounds)
+        self.extractor = make_extractor(
+            config.feature,
+            backbone,
+            num_groups=cfg.inference_groups,
+            group_size=cfg.group_size,
+            scale=self.scale,
+            recon_rounds=config.recon_rounds,
+        )
 
     # ------------------------------------------------------------------------------------------ analysis
     def backbone_id(self) -> str:
         """What the bank's features came from; a bank is only valid with this backbone."""
         return self.extractor.identity()
 
-    def patch_features(self, points: np.ndarray, seed: int | None = None, *, recon: bool = True) -> PatchFeatures:
+    def patch_features(
+        self, points: np.ndarray, seed: int | None = None, *, recon: bool = True
+    ) -> PatchFeatures:
         """Detector patches of one scan with their features (see detector.features)."""
-        return self.extractor.patch_features(points, seed=self.config.seed if seed is None else seed, recon=recon)
+        return self.extractor.patch_features(
+            points, seed=self.config.seed if seed is None else seed, recon=recon
+        )
 
     def analyse(self, points: np.ndarray) -> ScanAnalysis:
         """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""
@@ -142,7 +175,9 @@ class FittedClass:
             alignment = align(pts, self.reference, self.scale, seed=self.config.seed)
             registered = alignment.apply(pts)
             patches = self.patch_features(registered)
-            patches.centers = alignment.undo(patches.centers)  # back to the input's frame (a rigid move: same order)
+            patches.centers = alignment.undo(
+                patches.centers
+            )  # back to the input's frame (a rigid move: same order)
         else:
             patches = self.patch_features(pts)
         deviation = np.linalg.norm(patches.features - self.mean_feature, axis=1).astype(np.float32)
@@ -153,15 +188,26 @@ class FittedClass:
         support = interpolation_support(pts, patches.centers)
         spread = interpolate_with(support, stacked)
         point_stats = {name: spread[:, i].copy() for i, name in enumerate(per_patch)}
-        if alignment.template_distance is not None:  # distance to the one reference template, found while aligning
+        if (
+            alignment.template_distance is not None
+        ):  # distance to the one reference template, found while aligning
             point_stats["template_distance"] = alignment.template_distance
-        return ScanAnalysis(points=pts, patches=patches, feature_deviation=deviation, point_stats=point_stats,
-                            seconds=time.perf_counter() - start, alignment=alignment, registered=registered,
-                            support=support)
+        return ScanAnalysis(
+            points=pts,
+            patches=patches,
+            feature_deviation=deviation,
+            point_stats=point_stats,
+            seconds=time.perf_counter() - start,
+            alignment=alignment,
+            registered=registered,
+            support=support,
+        )
 
     def patch_distances(self, analysis: ScanAnalysis, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(score, nearest bank row) of the given patches. With registration the score adds the coordinate bank's
-        distance, each part divided by its normal-data 99th percentile (so 1 + 1 is a patch at both limits)."""
+        """(score, nearest bank row) of the given patches. With registration the score adds the coordinate
+        bank's
+        distance, each part divided by its normal-data 99th percentile (so 1 + 1 is a patch at both
+        limits)."""
         feats = analysis.patches.features[patch_ids]
         dist, nn_idx = self.bank.score(feats)
         if self.coord_bank is not None:
@@ -172,17 +218,25 @@ class FittedClass:
         return dist, nn_idx
 
     # ------------------------------------------------------------------------------------------- scoring
-    def score(self, analysis: ScanAnalysis, point_ids: np.ndarray | None = None, *,
-              patch_ids: np.ndarray | None = None) -> ScanScores:
-        """Bank scores for all points (the full-bank baseline), for the given points, or for the given patches.
+    def score(
+        self,
+        analysis: ScanAnalysis,
+        point_ids: np.ndarray | None = None,
+        *,
+        patch_ids: np.ndarray | None = None,
+    ) -> ScanScores:
+        """Bank scores for all points (the full-bank baseline), for the given points, or for the given
+        patches.
 
         * ``point_ids``: the detector patches that support those points are searched (what the verifier asks).
         * ``patch_ids``: exactly those patches are searched; point scores come back for the points whose whole
           interpolation support lies among them (their scores are then final).
         * neither: every patch and every point.
 
-        Only the chosen patches reach the bank, so the cost follows the subset, and every score returned equals the
-        full scoring's value for the same patch or point exactly: the bank answers each row on its own, and a point's
+        Only the chosen patches reach the bank, so the cost follows the subset, and every score returned
+        equals the
+        full scoring's value for the same patch or point exactly: the bank answers each row on its own, and a
+        point's
         score depends only on its supporting patches."""
         start = time.perf_counter()
         n_points, n_patches = len(analysis.points), analysis.n_patches
@@ -198,8 +252,14 @@ class FittedClass:
             pids = _checked_ids(point_ids, n_points, "point ids")
             patch_ids = analysis.patches_for_points(pids)
         if patch_ids.size == 0:
-            return ScanScores(patch_ids, np.zeros(0, np.float32), pids[:0], np.zeros(0, np.float32), 0.0,
-                              time.perf_counter() - start)
+            return ScanScores(
+                patch_ids,
+                np.zeros(0, np.float32),
+                pids[:0],
+                np.zeros(0, np.float32),
+                0.0,
+                time.perf_counter() - start,
+            )
         feats = analysis.patches.features[patch_ids]
         dist, nn_idx = self.patch_distances(analysis, patch_ids)
         point_scores = np.zeros(0, np.float32)
@@ -209,12 +269,18 @@ class FittedClass:
             support_idx, weights = analysis.interpolation()
             point_scores = interpolate_with((support_idx[pids], weights[pids]), by_patch)
         obj = float(self.bank.object_score(feats, dist, nn_idx))
-        return ScanScores(patch_ids=patch_ids, patch_scores=dist.astype(np.float32), point_ids=pids,
-                          point_scores=point_scores.astype(np.float32), object_score=obj,
-                          seconds=time.perf_counter() - start)
+        return ScanScores(
+            patch_ids=patch_ids,
+            patch_scores=dist.astype(np.float32),
+            point_ids=pids,
+            point_scores=point_scores.astype(np.float32),
+            object_score=obj,
+            seconds=time.perf_counter() - start,
+        )
 
     def score_full(self, points: np.ndarray) -> tuple[np.ndarray, float]:
-        """Convenience: (per-point scores in input order, object score) with the whole bank, the M3DM recipe."""
+        """Convenience: (per-point scores in input order, object score) with the whole bank, the M3DM
+        recipe."""
         analysis = self.analyse(points)
         scores = self.score(analysis)
         out = np.empty(len(points), dtype=np.float32)
@@ -224,10 +290,19 @@ class FittedClass:
     # ------------------------------------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the fit as one folder, atomically (detector.persistence)."""
-        return write_fit(directory, config=self.config, scale=self.scale, bank=self.bank,
-                         mean_feature=self.mean_feature, thresholds=self.thresholds, backbone=self.backbone,
-                         info=self.info, coord_bank=self.coord_bank, score_norms=self.score_norms,
-                         backbone_id=self.backbone_id())
+        return write_fit(
+            directory,
+            config=self.config,
+            scale=self.scale,
+            bank=self.bank,
+            mean_feature=self.mean_feature,
+            thresholds=self.thresholds,
+            backbone=self.backbone,
+            info=self.info,
+            coord_bank=self.coord_bank,
+            score_norms=self.score_norms,
+            backbone_id=self.backbone_id(),
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> FittedClass:

@@ -1,10 +1,13 @@
-"""Fitting a class from its normal scans: Point-MAE training, a bank of patch features, normal-data thresholds.
+"""Fitting a class from its normal scans: Point-MAE training, a bank of patch features, normal-data
+thresholds.
 
-Why the bank is built from several *views* of each template: normal test scans differ from the templates by fresh
+Why the bank is built from several *views* of each template: normal test scans differ from the templates by
+fresh
 surface sampling and a small pose change; patching each template a few times with different subsamples and FPS
 starts puts that sampling variance into the bank, so it is not mistaken for an anomaly.
 
-Thresholds are calibrated on normal data only, leave-one-template-out: each template's patches are scored against
+Thresholds are calibrated on normal data only, leave-one-template-out: each template's patches are scored
+against
 the bank rows that came from the *other* templates, which is what a normal test scan sees.
 """
 
@@ -20,17 +23,20 @@ from detector.config import TRAIN_THREADS, DetectorConfig, FitError
 from detector.features import make_extractor, torch_threads
 from detector.fitted import FittedClass
 from detector.pointmae import PointMAE, estimate_scale
-from detector.registration import MIN_FITNESS, COORD_VOXEL_SHARE, CoordinateBank, align
+from detector.registration import COORD_VOXEL_SHARE, MIN_FITNESS, CoordinateBank, align
 from scans.geometry import voxel_downsample
 from scans.progress import Progress
 
-def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
-                      k: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+
+def _loo_patch_scores(
+    features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray, k: int = 16
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each template's (patch distances, nearest bank rows) among the rows from other templates (normal-data
     calibration).
 
     Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
-    exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between
+    exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances
+    between
     normal patches to cancellation."""
     import faiss
 
@@ -49,7 +55,9 @@ def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source:
     return out
 
 
-def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: DetectorConfig) -> list[np.ndarray]:
+def _check_train_scans(
+    train_scans: list[np.ndarray], names: list[str], config: DetectorConfig
+) -> list[np.ndarray]:
     """float32 copies of the scans, or FitError naming the first one that cannot be fitted on."""
     if not train_scans:
         raise FitError("no training scans given: a class needs at least one normal scan")
@@ -63,20 +71,30 @@ def _check_train_scans(train_scans: list[np.ndarray], names: list[str], config: 
         if arr.ndim != 2 or arr.shape[1] != 3:
             raise FitError(f"{name}: expected an (N, 3) point array, got shape {arr.shape}")
         if len(arr) < min_points:
-            raise FitError(f"{name}: has {len(arr)} points; fitting needs at least {min_points} per training scan "
-                           f"(inference_groups={config.backbone.inference_groups}, "
-                           f"group_size={config.backbone.group_size})")
+            raise FitError(
+                f"{name}: has {len(arr)} points; fitting needs at least {min_points} per training scan "
+                f"(inference_groups={config.backbone.inference_groups}, "
+                f"group_size={config.backbone.group_size})"
+            )
         if not np.isfinite(arr).all():
-            raise FitError(f"{name}: contains NaN or infinite coordinates (read it with scans.io.read_scan, which "
-                           "drops them)")
+            raise FitError(
+                f"{name}: contains NaN or infinite coordinates (read it with scans.io.read_scan, which "
+                "drops them)"
+            )
         out.append(np.ascontiguousarray(arr, dtype=np.float32))
     return out
 
 
-def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorConfig(), *,
-              init_backbone: PointMAE | None = None, progress: Progress | None = None,
-              names: list[str] | None = None) -> FittedClass:
-    """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank of
+def fit_class(
+    train_scans: list[np.ndarray],
+    config: DetectorConfig = DetectorConfig(),
+    *,
+    init_backbone: PointMAE | None = None,
+    progress: Progress | None = None,
+    names: list[str] | None = None,
+) -> FittedClass:
+    """Fit one class from its normal scans: Point-MAE self-supervised training (the "compression" model), bank
+    of
     patch features with a k-center greedy coreset, and normal-data thresholds.
 
     ``progress(stage, done, total)`` is called after every training step (stage "train") and every bank view
@@ -85,14 +103,20 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     names = list(names) if names is not None else [f"training scan {i}" for i in range(len(train_scans))]
     scans = _check_train_scans(list(train_scans), names, config)
     if config.register and len(scans) < 2:
-        raise FitError("registration needs at least two training scans: the coordinate bank's scale is measured on "
-                       "one template against the others")
+        raise FitError(
+            "registration needs at least two training scans: the coordinate bank's scale is measured on "
+            "one template against the others"
+        )
     if config.train_steps < 0 or config.bank_views < 1 or not 0 < config.coreset_ratio <= 1:
-        raise FitError(f"invalid DetectorConfig: train_steps={config.train_steps} (>= 0), bank_views="
-                       f"{config.bank_views} (>= 1), coreset_ratio={config.coreset_ratio} (in (0, 1])")
+        raise FitError(
+            f"invalid DetectorConfig: train_steps={config.train_steps} (>= 0), bank_views="
+            f"{config.bank_views} (>= 1), coreset_ratio={config.coreset_ratio} (in (0, 1])"
+        )
     if init_backbone is not None and init_backbone.config != config.backbone:
-        raise FitError("the pretrained backbone given as init has another architecture than the detector config "
-                       f"({init_backbone.config} vs {config.backbone})")
+        raise FitError(
+            "the pretrained backbone given as init has another architecture than the detector config "
+            f"({init_backbone.config} vs {config.backbone})"
+        )
     timings: dict[str, float] = {}
     scale = estimate_scale(scans)
     backbone: PointMAE | None = None
@@ -111,19 +135,32 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
 
         try:
             with torch_threads(TRAIN_THREADS):
-                backbone = train_pointmae(scans, config.backbone, steps=config.train_steps, seed=config.seed,
-                                          init=init_backbone, progress=report, batch_size=config.train_batch,
-                                          scale=scale)
+                backbone = train_pointmae(
+                    scans,
+                    config.backbone,
+                    steps=config.train_steps,
+                    seed=config.seed,
+                    init=init_backbone,
+                    progress=report,
+                    batch_size=config.train_batch,
+                    scale=scale,
+                )
         except ValueError as exc:
             raise FitError(f"Point-MAE training failed: {exc}") from exc
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # features only: the scans are aligned already and no bank is searched
-    probe = make_extractor(config.feature, backbone, num_groups=config.backbone.inference_groups,
-                           group_size=config.backbone.group_size, scale=scale, recon_rounds=config.recon_rounds)
+    probe = make_extractor(
+        config.feature,
+        backbone,
+        num_groups=config.backbone.inference_groups,
+        group_size=config.backbone.group_size,
+        scale=scale,
+        recon_rounds=config.recon_rounds,
+    )
     bank = MemoryBank(feature_name=config.feature, backbone_hash=probe.identity())
     per_template: list[np.ndarray] = []
-    members: list[np.ndarray] = []   # each bank row's patch members (point indices into its template)
+    members: list[np.ndarray] = []  # each bank row's patch members (point indices into its template)
     total = len(scans) * config.bank_views
     for i, (name, scan) in enumerate(zip(names, scans)):
         views = []
@@ -159,23 +196,43 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         if normal.size:
             thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
             thresholds["patch_max"] = float(normal.max())
-        thresholds |= object_threshold(loo_object_scores(bank, _split_views(per_template, loo, loo_pairs,
-                                                                             config.bank_views)))
+        thresholds |= object_threshold(
+            loo_object_scores(bank, _split_views(per_template, loo, loo_pairs, config.bank_views))
+        )
     timings["bank_s"] = time.perf_counter() - t0
-    info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
-            "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
-            **{k: round(v, 3) for k, v in timings.items()}}
+    info = {
+        "n_train": len(scans),
+        "train_names": names,
+        "n_train_points": [len(s) for s in scans],
+        "n_train_patches": len(all_feats),
+        "bank_size": len(kept),
+        "scale": scale,
+        **{k: round(v, 3) for k, v in timings.items()},
+    }
     if config.register:
         info["registration_fitness"] = [round(f, 4) for f in fitness]  # of scans 2.. onto the first
         info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
-    return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
-                       backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
+    return FittedClass(
+        config=config,
+        scale=scale,
+        bank=bank,
+        mean_feature=mean_feature,
+        thresholds=thresholds,
+        backbone=backbone,
+        info=info,
+        coord_bank=coord_bank,
+        score_norms=norms,
+    )
 
 
-def _split_views(per_template: list[np.ndarray], loo: list[np.ndarray],
-                 loo_pairs: list[tuple[np.ndarray, np.ndarray]],
-                 n_views: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(features, leave-one-out scores, nearest feature-bank rows) of every bank view: each template's rows are its
+def _split_views(
+    per_template: list[np.ndarray],
+    loo: list[np.ndarray],
+    loo_pairs: list[tuple[np.ndarray, np.ndarray]],
+    n_views: int,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(features, leave-one-out scores, nearest feature-bank rows) of every bank view: each template's rows
+    are its
     views one after the other, of equal length (inference_groups patches each)."""
     views = []
     for feats, scores, (_, nn) in zip(per_template, loo, loo_pairs):
@@ -184,9 +241,11 @@ def _split_views(per_template: list[np.ndarray], loo: list[np.ndarray],
     return views
 
 
-def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
-                        seed: int) -> tuple[list[np.ndarray], list[float]]:
-    """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
+def _register_templates(
+    scans: list[np.ndarray], names: list[str], scale: float, seed: int
+) -> tuple[list[np.ndarray], list[float]]:
+    """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at
+    the
     coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
     first = scans[0]
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
@@ -197,15 +256,18 @@ def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
         except ValueError as exc:
             raise FitError(f"{name}: {exc} (reference {names[0]})") from exc
         if alignment.doubtful:
-            raise FitError(f"{name}: registration onto {names[0]} is doubtful (fitness {alignment.fitness:.2f} < "
-                           f"{MIN_FITNESS}): is it the same part? Remove it or fit without --register")
+            raise FitError(
+                f"{name}: registration onto {names[0]} is doubtful (fitness {alignment.fitness:.2f} < "
+                f"{MIN_FITNESS}): is it the same part? Remove it or fit without --register"
+            )
         aligned.append(alignment.apply(scan))
         fitness.append(alignment.fitness)
     return aligned, fitness
 
 
 def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray]) -> dict[str, float]:
-    """Normal-data 99th percentiles of both banks' patch scores: the units in which registered scores are added."""
+    """Normal-data 99th percentiles of both banks' patch scores: the units in which registered scores are
+    added."""
     norms = {}
     for name, parts in (("feature", feature_loo), ("coord", coord_loo)):
         values = np.concatenate(parts)

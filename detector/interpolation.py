@@ -1,7 +1,10 @@
-"""Spreading per-patch values over the points: inverse-distance weights over each point's nearest patch centres.
+"""Spreading per-patch values over the points: inverse-distance weights over each point's nearest patch
+centres.
 
-PointNet++'s feature propagation, as M3DM's ``interpolating_points``. Statistics and bank scores are spread over the
-same support, so a point's score depends on exactly its supporting patches; that is what lets the verifier score a
+PointNet++'s feature propagation, as M3DM's ``interpolating_points``. Statistics and bank scores are spread
+over the
+same support, so a point's score depends on exactly its supporting patches; that is what lets the verifier
+score a
 subset of patches and get the full scoring's values for the points they support.
 """
 
@@ -10,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def interpolation_support(points: np.ndarray, centers: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def interpolation_support(
+    points: np.ndarray, centers: np.ndarray, k: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
     """Each point's k nearest centres and their weights 1/d^2 (normalised): the support of
     :func:`interpolate_to_points`. int64 (N,k), float32 (N,k)."""
     import faiss
@@ -35,7 +40,9 @@ def interpolate_with(support: tuple[np.ndarray, np.ndarray], values: np.ndarray)
     return out.reshape((len(nn_idx),) + vals.shape[1:]).astype(np.float32)
 
 
-def interpolate_to_points(points: np.ndarray, centers: np.ndarray, values: np.ndarray, k: int = 3) -> np.ndarray:
+def interpolate_to_points(
+    points: np.ndarray, centers: np.ndarray, values: np.ndarray, k: int = 3
+) -> np.ndarray:
     """Spread per-patch values to every point: weights 1/d^2 over the k nearest centres (PointNet++ feature
     propagation, as M3DM's ``interpolating_points``). values (G,) or (G,D) -> (N,) or (N,D) float32."""
     if len(centers) != len(values):

@@ -61,8 +61,10 @@ def verify_manifest(folder: str | os.PathLike, required: Iterable[str] = ()) -> 
     root = Path(folder)
     path = root / MANIFEST_FILE
     if not path.is_file():
-        raise ManifestError(f"{path}: missing: the folder cannot be checked for damage (it was written by an "
-                            "older version or an interrupted save); refit the class")
+        raise ManifestError(
+            f"{path}: missing: the folder cannot be checked for damage (it was written by an "
+            "older version or an interrupted save); refit the class"
+        )
     try:
         document = json.loads(path.read_text())
         listed = dict(document["sha256"])
@@ -81,5 +83,7 @@ def verify_manifest(folder: str | os.PathLike, required: Iterable[str] = ()) -> 
         if not target.is_file():
             raise ManifestError(f"{target}: missing (listed in {MANIFEST_FILE}); refit the class")
         if file_sha256(target) != expected:
-            raise ManifestError(f"{target}: damaged or modified since the fit was saved (sha256 differs from "
-                                f"{MANIFEST_FILE}); refit the class")
+            raise ManifestError(
+                f"{target}: damaged or modified since the fit was saved (sha256 differs from "
+                f"{MANIFEST_FILE}); refit the class"
+            )

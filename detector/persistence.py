@@ -1,7 +1,10 @@
-"""A fitted class on disk: one folder (fitted.json, the bank, the backbone, the coordinate bank), written whole.
+"""A fitted class on disk: one folder (fitted.json, the bank, the backbone, the coordinate bank), written
+whole.
 
-A reader sees the old fit or the new one, never a half-written folder: the fit is written beside the target and
-renamed into place. Loading refuses another format or version, a garbled or incomplete folder, or a bank made with
+A reader sees the old fit or the new one, never a half-written folder: the fit is written beside the target
+and
+renamed into place. Loading refuses another format or version, a garbled or incomplete folder, or a bank made
+with
 another backbone, and always names the folder and says to refit.
 """
 
@@ -17,8 +20,8 @@ import numpy as np
 from detector.bank import MemoryBank
 from detector.config import DETECTOR_VERSION, FORMAT_NAME, META_FILE, DetectorConfig, FitError
 from detector.features import FPFH_IDENTITY
-from detector.pointmae import PointMAE, backbone_hash, load_backbone, save_backbone
 from detector.manifest import ManifestError, verify_manifest, write_manifest
+from detector.pointmae import PointMAE, backbone_hash, load_backbone, save_backbone
 from detector.registration import CoordinateBank
 from scans import strict_json
 from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
@@ -32,7 +35,8 @@ def _is_unmarked_fit(folder: Path) -> bool:
 
 
 def check_save_target(directory: str | os.PathLike) -> None:
-    """FitError unless `FittedClass.save(directory)` can write there, as far as can be told before fitting: the
+    """FitError unless `FittedClass.save(directory)` can write there, as far as can be told before fitting:
+    the
     folder beside which the fit is staged can be written, and `directory` is absent, empty or a fit."""
     target = Path(directory)
     try:
@@ -45,11 +49,24 @@ def check_save_target(directory: str | os.PathLike) -> None:
         raise FitError(str(exc)) from None
 
 
-def write_fit(directory: str | os.PathLike, *, config: DetectorConfig, scale: float, bank: MemoryBank,
-              mean_feature: np.ndarray, thresholds: dict[str, float], backbone: PointMAE | None, info: dict,
-              coord_bank: CoordinateBank | None, score_norms: dict[str, float], backbone_id: str) -> Path:
-    """Write the fit as one folder: staged beside the target, then renamed, so a reader sees the old fit or the new
-    one. Only a fit (or an empty folder) at the same place is replaced; any other folder is refused (FitError),
+def write_fit(
+    directory: str | os.PathLike,
+    *,
+    config: DetectorConfig,
+    scale: float,
+    bank: MemoryBank,
+    mean_feature: np.ndarray,
+    thresholds: dict[str, float],
+    backbone: PointMAE | None,
+    info: dict,
+    coord_bank: CoordinateBank | None,
+    score_norms: dict[str, float],
+    backbone_id: str,
+) -> Path:
+    """Write the fit as one folder: staged beside the target, then renamed, so a reader sees the old fit or
+    the new
+    one. Only a fit (or an empty folder) at the same place is replaced; any other folder is refused
+    (FitError),
     since it may hold the user's files."""
     target = Path(directory)
     try:
@@ -61,12 +78,19 @@ def write_fit(directory: str | os.PathLike, *, config: DetectorConfig, scale: fl
             if coord_bank is not None:
                 np.save(tmp / "coord_points.npy", coord_bank.points, allow_pickle=False)
                 np.save(tmp / "coord_source.npy", coord_bank.source, allow_pickle=False)
-            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": config.to_dict(),
-                    "score_norms": score_norms,
-                    "scale": scale, "thresholds": thresholds, "backbone_id": backbone_id,
-                    "info": info}
-            (tmp / META_FILE).write_text(strict_json.dumps(meta, what=str(target / META_FILE), indent=2,
-                                                           sort_keys=True))
+            meta = {
+                "format": FORMAT_NAME,
+                "version": DETECTOR_VERSION,
+                "config": config.to_dict(),
+                "score_norms": score_norms,
+                "scale": scale,
+                "thresholds": thresholds,
+                "backbone_id": backbone_id,
+                "info": info,
+            }
+            (tmp / META_FILE).write_text(
+                strict_json.dumps(meta, what=str(target / META_FILE), indent=2, sort_keys=True)
+            )
             write_manifest(tmp)  # last: it hashes every file written above
     except OutputError as exc:
         raise FitError(str(exc)) from None
@@ -80,7 +104,9 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
     root = Path(directory)
     meta_path = root / META_FILE
     if not meta_path.is_file():
-        raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
+        raise FitError(
+            f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`"
+        )
     try:
         verify_manifest(root, required=(META_FILE, "mean_feature.npy", "bank/bank.npy", "bank/bank.json"))
     except ManifestError as exc:
@@ -92,8 +118,10 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise FitError(f"{root}: {META_FILE} does not hold a json object; refit the class")
     if meta.get("format") != FORMAT_NAME or meta.get("version") != DETECTOR_VERSION:
-        raise FitError(f"{root}: fitted with format {meta.get('format')!r} version {meta.get('version')!r}; "
-                       f"this build reads {FORMAT_NAME!r} version {DETECTOR_VERSION} — refit the class")
+        raise FitError(
+            f"{root}: fitted with format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"this build reads {FORMAT_NAME!r} version {DETECTOR_VERSION} — refit the class"
+        )
     try:
         config = DetectorConfig.from_dict(meta["config"])
         scale = float(meta["scale"])
@@ -101,8 +129,9 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
         backbone_id = str(meta["backbone_id"])
         info = dict(meta.get("info") or {})
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise FitError(f"{root}: {META_FILE} is incomplete or invalid ({type(exc).__name__}: {exc}); "
-                       "refit the class") from exc
+        raise FitError(
+            f"{root}: {META_FILE} is incomplete or invalid ({type(exc).__name__}: {exc}); refit the class"
+        ) from exc
     if not (np.isfinite(scale) and scale > 0):
         raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
     bad = [k for k, v in thresholds.items() if not np.isfinite(v)]
@@ -116,14 +145,24 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise FitError(f"{root}: {exc}") from exc
     if not (np.issubdtype(mean_feature.dtype, np.floating) and np.isfinite(mean_feature).all()):
-        raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the "
-                       "class")
+        raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the class")
     if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
-        raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
-                       f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
+        raise FitError(
+            f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
+            f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class"
+        )
     coord_bank, norms = _read_coordinate_bank(root, meta) if config.register else (None, {})
-    return {"config": config, "scale": scale, "bank": bank, "mean_feature": mean_feature, "thresholds": thresholds,
-            "backbone": backbone, "info": info, "coord_bank": coord_bank, "score_norms": norms}
+    return {
+        "config": config,
+        "scale": scale,
+        "bank": bank,
+        "mean_feature": mean_feature,
+        "thresholds": thresholds,
+        "backbone": backbone,
+        "info": info,
+        "coord_bank": coord_bank,
+        "score_norms": norms,
+    }
 
 
 def _read_backbone(root: Path, config: DetectorConfig, backbone_id: str) -> PointMAE | None:
@@ -138,22 +177,29 @@ def _read_backbone(root: Path, config: DetectorConfig, backbone_id: str) -> Poin
         raise FitError(f"{root}: backbone does not load ({exc})") from exc
     found = backbone_hash(backbone)
     if found != backbone_id:
-        raise FitError(f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
-                       f"({backbone_id[:12]}); the bank belongs to another backbone — refit the class")
+        raise FitError(
+            f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
+            f"({backbone_id[:12]}); the bank belongs to another backbone — refit the class"
+        )
     return backbone
 
 
 def _read_coordinate_bank(root: Path, meta: dict) -> tuple[CoordinateBank, dict[str, float]]:
     try:
-        coord_bank = CoordinateBank(np.load(root / "coord_points.npy", allow_pickle=False),
-                                    np.load(root / "coord_source.npy", allow_pickle=False))
+        coord_bank = CoordinateBank(
+            np.load(root / "coord_points.npy", allow_pickle=False),
+            np.load(root / "coord_source.npy", allow_pickle=False),
+        )
         norms = {str(k): float(v) for k, v in dict(meta["score_norms"]).items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FitError(f"{root}: registered fit without a readable coordinate bank ({exc}); "
-                       "refit the class") from exc
+        raise FitError(
+            f"{root}: registered fit without a readable coordinate bank ({exc}); refit the class"
+        ) from exc
     if int((coord_bank.source == 0).sum()) < 3:
-        raise FitError(f"{root}: the coordinate bank holds fewer than 3 points of the reference template; "
-                       "refit the class")
+        raise FitError(
+            f"{root}: the coordinate bank holds fewer than 3 points of the reference template; "
+            "refit the class"
+        )
     if not all(np.isfinite(v) and v > 0 for v in norms.values()) or not {"feature", "coord"} <= norms.keys():
         raise FitError(f"{root}: invalid score norms {norms}; refit the class")
     return coord_bank, norms

@@ -1,18 +1,26 @@
 """Point-MAE in plain torch: the "compression" backbone of the detector.
 
 Reads top to bottom like Point-MAE's ``models/Point_MAE.py`` (Pang et al., 2022):
-farthest point sampling and kNN grouping -> mini-PointNet patch embedding -> transformer encoder on the visible
-patches -> light transformer decoder with mask tokens -> Chamfer-L2 on the masked patches only. Features for the
-memory bank follow M3DM (Wang et al., 2023): the encoder runs on *all* patches unmasked and the outputs of a few
+farthest point sampling and kNN grouping -> mini-PointNet patch embedding -> transformer encoder on the
+visible
+patches -> light transformer decoder with mask tokens -> Chamfer-L2 on the masked patches only. Features for
+the
+memory bank follow M3DM (Wang et al., 2023): the encoder runs on *all* patches unmasked and the outputs of a
+few
 blocks (after the final norm) are concatenated per patch.
 
-Everything is plain torch (CPU or CUDA); FPS, kNN and Chamfer are written here so no compiled extension is needed.
+Everything is plain torch (CPU or CUDA); FPS, kNN and Chamfer are written here so no compiled extension is
+needed.
 
-Scale conventions (why they matter): a class has a known physical size, so points are centred per scan and divided
-by one class-level ``scale`` (see :func:`estimate_scale`) instead of being fitted into a unit sphere per scan. Patch
+Scale conventions (why they matter): a class has a known physical size, so points are centred per scan and
+divided
+by one class-level ``scale`` (see :func:`estimate_scale`) instead of being fitted into a unit sphere per scan.
+Patch
 *scale* is fixed by point density: a scan is randomly subsampled to ``num_groups * group_size / 2`` points
-(:data:`PATCH_OVERLAP` = 2, every point lies in ~2 patches) before grouping, and training crops use the same density
-(see ``detector.pointmae_train``), so a patch at inference describes the same surface extent as a patch in training.
+(:data:`PATCH_OVERLAP` = 2, every point lies in ~2 patches) before grouping, and training crops use the same
+density
+(see ``detector.pointmae_train``), so a patch at inference describes the same surface extent as a patch in
+training.
 """
 
 from __future__ import annotations
@@ -61,11 +69,13 @@ class PointMAEConfig:
     def __post_init__(self) -> None:
         problems = []
         if self.width % self.heads or self.width % self.decoder_heads:
-            problems.append(f"width {self.width} must be divisible by heads {self.heads}/{self.decoder_heads}")
+            problems.append(f"width {self.width} must be divisible by heads "
+                            f"{self.heads}/{self.decoder_heads}")
         if not 0.0 < self.mask_ratio < 1.0:
             problems.append(f"mask_ratio {self.mask_ratio} must be in (0, 1)")
         if not self.feature_layers or any(not 0 <= i < self.depth for i in self.feature_layers):
-            problems.append(f"feature_layers {self.feature_layers} must be non-empty indices into {self.depth} blocks")
+            problems.append(f"feature_layers {self.feature_layers} must be non-empty indices into "
+                            f"{self.depth} blocks")
         if min(self.width, self.depth, self.heads, self.decoder_depth, self.group_size, self.num_groups,
                self.inference_groups, *self.embed_dims) < 1:
             problems.append("sizes must be positive")
@@ -104,7 +114,8 @@ class PointMAEConfig:
         return cls(**data)
 
 
-# --------------------------------------------------------------------------------------- normalisation helpers
+# --------------------------------------------------------------------------------------- normalisation
+# helpers
 def estimate_scale(scans: list[np.ndarray]) -> float:
     """Class-level scale: mean distance of a point to its scan's centroid, averaged over the templates."""
     if not scans:
@@ -117,7 +128,8 @@ def estimate_scale(scans: list[np.ndarray]) -> float:
 
 
 def normalise_points(points: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Centre on the centroid and divide by the class scale. Returns (normalised float32, centroid float64)."""
+    """Centre on the centroid and divide by the class scale. Returns (normalised float32, centroid
+    float64)."""
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     centroid = points.astype(np.float64).mean(axis=0)
@@ -156,7 +168,8 @@ def group_points(xyz: torch.Tensor, num_groups: int, group_size: int,
                  start: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FPS centres + kNN patches.
 
-    Returns (neighborhood (B,G,K,3) relative to its centre, centres (B,G,3), idx (B,G,K), centre idx (B,G))."""
+    Returns (neighborhood (B,G,K,3) relative to its centre, centres (B,G,3), idx (B,G,K), centre idx
+    (B,G))."""
     b = xyz.shape[0]
     rows = torch.arange(b, device=xyz.device)[:, None]
     center_idx = farthest_point_sample(xyz, num_groups, start)
@@ -168,9 +181,11 @@ def group_points(xyz: torch.Tensor, num_groups: int, group_size: int,
 
 # ---------------------------------------------------------------------------------------------- Chamfer-L2
 def chamfer_l2_per_patch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Chamfer-L2 of each patch pair (M,K,3) x (M,K',3) -> (M,): mean squared NN distance, both directions summed.
+    """Chamfer-L2 of each patch pair (M,K,3) x (M,K',3) -> (M,): mean squared NN distance, both directions
+    summed.
 
-    The mean over patches equals Point-MAE's ChamferDistanceL2 (mean(dist1) + mean(dist2)) for equal-size patches."""
+    The mean over patches equals Point-MAE's ChamferDistanceL2 (mean(dist1) + mean(dist2)) for equal-size
+    patches."""
     d = ((pred.unsqueeze(2) - target.unsqueeze(1)) ** 2).sum(-1)  # (M,K,K')
     return d.min(dim=2).values.mean(dim=1) + d.min(dim=1).values.mean(dim=1)
 
@@ -179,7 +194,8 @@ def chamfer_l2_per_patch(pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
 class PatchEmbed(nn.Module):
     """Mini-PointNet: shared MLP per point, max-pool, concat the pooled code back, second MLP, max-pool.
 
-    Point-MAE writes the shared MLPs as 1x1 convolutions; here they are Linear layers on channel-last rows, the
+    Point-MAE writes the shared MLPs as 1x1 convolutions; here they are Linear layers on channel-last rows,
+    the
     same maths but a plain matmul, which is several times faster on CPU."""
 
     def __init__(self, dims: tuple[int, int, int], width: int):
@@ -243,7 +259,8 @@ def _pos_mlp(width: int) -> nn.Sequential:
 
 
 class PointMAE(nn.Module):
-    """Masked autoencoder over point patches. ``forward`` gives the pretraining loss; ``encode`` gives features."""
+    """Masked autoencoder over point patches. ``forward`` gives the pretraining loss; ``encode`` gives
+    features."""
 
     def __init__(self, config: PointMAEConfig):
         super().__init__()
@@ -276,7 +293,8 @@ class PointMAE(nn.Module):
     # -- encoder ---------------------------------------------------------------------------------------
     def run_encoder(self, tokens: torch.Tensor, centers: torch.Tensor,
                     keep_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Transformer over tokens (B,G,C) at centres (B,G,3). Returns (normed last output, normed kept layers)."""
+        """Transformer over tokens (B,G,C) at centres (B,G,3). Returns (normed last output, normed kept
+        layers)."""
         pos = self.pos_embed(centers)
         x = tokens
         kept = []
@@ -291,7 +309,8 @@ class PointMAE(nn.Module):
                            mask: torch.Tensor) -> torch.Tensor:
         """Chamfer-L2 (B,M) of every masked patch, predicted from the visible ones.
 
-        mask (B,G) bool with the same number of masked patches per row; masked patches come out in index order."""
+        mask (B,G) bool with the same number of masked patches per row; masked patches come out in index
+        order."""
         b, g, c = tokens.shape
         m = int(mask[0].sum())
         if m == 0 or m == g or bool((mask.sum(1) != m).any()):
@@ -307,7 +326,8 @@ class PointMAE(nn.Module):
         return chamfer_l2_per_patch(pred, target).reshape(b, m)
 
     def forward(self, points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pretraining loss on normalised points (B,N,3): random-mask ``mask_ratio`` of ``num_groups`` patches."""
+        """Pretraining loss on normalised points (B,N,3): random-mask ``mask_ratio`` of ``num_groups``
+        patches."""
         c = self.config
         b, n, _ = points.shape
         start = torch.randint(n, (b,), generator=generator, device="cpu").to(points.device)
@@ -327,7 +347,8 @@ def random_mask(batch: int, groups: int, ratio: float, generator: torch.Generato
 def covering_masks(groups: int, ratio: float, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
     """(rounds,G) bool masks that together hide every patch at least once.
 
-    Patches are put in a random order and round r hides a cyclic window of that order starting at r*G/rounds; the
+    Patches are put in a random order and round r hides a cyclic window of that order starting at r*G/rounds;
+    the
     window is max(ratio*G, G/rounds) long, so consecutive windows touch and the union is everything."""
     if rounds < 1:
         raise ValueError("covering_masks: rounds must be >= 1")
@@ -342,7 +363,8 @@ def covering_masks(groups: int, ratio: float, rounds: int, generator: torch.Gene
     return masks
 
 
-# ------------------------------------------------------------------------------------------ save / load / hash
+# ------------------------------------------------------------------------------------------ save / load /
+# hash
 def _config_dict(config: PointMAEConfig) -> dict[str, Any]:
     return json.loads(config.to_json())
 
@@ -412,7 +434,8 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise ValueError(f"{weights_path}: tensors do not match the config (missing {missing}, extra {extra})")
+        raise ValueError(f"{weights_path}: tensors do not match the config (missing {missing}, extra "
+                         f"{extra})")
     bad_shapes = [k for k in expected if tuple(expected[k].shape) != tuple(tensors[k].shape)
                   or expected[k].dtype != tensors[k].dtype]
     if bad_shapes:

@@ -1,4 +1,5 @@
-"""`python -m evals.bench`: the documented command for building the dev benchmark (the builder lives in scans.bench)."""
+"""`python -m evals.bench`: the documented command for building the dev benchmark (the builder lives in
+scans.bench)."""
 
 from scans.bench import main
 

@@ -1,6 +1,8 @@
-"""What a harness run is asked to do: the methods and backends by name, the data, the detector and agent settings.
+"""What a harness run is asked to do: the methods and backends by name, the data, the detector and agent
+settings.
 
-Bad input fails here, before anything is fitted or written: unknown methods or backends, a name given twice, an
+Bad input fails here, before anything is fitted or written: unknown methods or backends, a name given twice,
+an
 empty run.
 """
 
@@ -35,9 +37,11 @@ class BackendSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_backend(text: str, *, base_url: str | None = None, seed: int = 0,
-                  llm_kwargs: dict[str, Any] | None = None) -> BackendSpec:
-    """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any registry name.
+def parse_backend(
+    text: str, *, base_url: str | None = None, seed: int = 0, llm_kwargs: dict[str, Any] | None = None
+) -> BackendSpec:
+    """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any
+    registry name.
 
     `llm_kwargs` (from `--backend-kwargs`) go to the server backends (openai, langchain), e.g.
     `{"llama_cpp_compat": true}` for a llama.cpp server whose chat format drops `role: tool` messages."""
@@ -70,17 +74,34 @@ def parse_backend(text: str, *, base_url: str | None = None, seed: int = 0,
 
 
 def quick_detector_config(seed: int = 0) -> DetectorConfig:
-    """A small, fast backbone for `--quick` and tests: the pipeline end to end, not the detector's best numbers."""
-    backbone = PointMAEConfig(width=96, depth=2, heads=4, decoder_depth=1, decoder_heads=4, embed_dims=(32, 64, 96),
-                              inference_groups=256, feature_layers=(0, 1))
-    return DetectorConfig(backbone=backbone, train_steps=QUICK_TRAIN_STEPS, train_batch=4, bank_views=2, seed=seed)
+    """A small, fast backbone for `--quick` and tests: the pipeline end to end, not the detector's best
+    numbers."""
+    backbone = PointMAEConfig(
+        width=96,
+        depth=2,
+        heads=4,
+        decoder_depth=1,
+        decoder_heads=4,
+        embed_dims=(32, 64, 96),
+        inference_groups=256,
+        feature_layers=(0, 1),
+    )
+    return DetectorConfig(
+        backbone=backbone, train_steps=QUICK_TRAIN_STEPS, train_batch=4, bank_views=2, seed=seed
+    )
 
 
 def quick_bench_config(seed: int = 0):
     from scans.bench import BenchConfig
 
-    return BenchConfig(points=4000, templates=3, normal_per_class=2, defects_per_type=1,
-                       defect_types=("bulge", "concavity", "hole"), seed=seed)
+    return BenchConfig(
+        points=4000,
+        templates=3,
+        normal_per_class=2,
+        defects_per_type=1,
+        defect_types=("bulge", "concavity", "hole"),
+        seed=seed,
+    )
 
 
 def ensure_quick_bench(out: Path, seed: int = 0) -> str:
@@ -89,30 +110,31 @@ def ensure_quick_bench(out: Path, seed: int = 0) -> str:
 
     root = Path(out) / "quick-bench"
     if not (root / "manifest.json").is_file():
-        build_benchmark(root, classes=list(QUICK_CLASSES), config=quick_bench_config(seed), scans_dir=None,
-                        overwrite=True)
+        build_benchmark(
+            root, classes=list(QUICK_CLASSES), config=quick_bench_config(seed), scans_dir=None, overwrite=True
+        )
     return f"anomaly-shapenet:{root}"
 
 
 @dataclass(frozen=True)
 class HarnessConfig:
-    data: str                                       # "<layout>:<root>"
+    data: str  # "<layout>:<root>"
     out: Path
-    classes: tuple[str, ...] | None = None          # None: every class of the dataset
+    classes: tuple[str, ...] | None = None  # None: every class of the dataset
     methods: tuple[str, ...] = DEFAULT_METHODS
     backends: tuple[BackendSpec, ...] = ()
-    limit: int | None = None                        # test scans per class (a balanced, deterministic subset)
+    limit: int | None = None  # test scans per class (a balanced, deterministic subset)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
-    init_backbone: Path | None = None               # pretrained Point-MAE folder the class fits start from
+    init_backbone: Path | None = None  # pretrained Point-MAE folder the class fits start from
     inspection: InspectionConfig = field(default_factory=InspectionConfig)
     executor: Executor = "local"
     ray_address: str | None = None
-    price_prompt: float | None = None               # currency per 1k prompt tokens
-    price_completion: float | None = None           # currency per 1k completion tokens
-    fallback: bool = True                           # False: a backend failure is recorded as failed, no policy rescue
+    price_prompt: float | None = None  # currency per 1k prompt tokens
+    price_completion: float | None = None  # currency per 1k completion tokens
+    fallback: bool = True  # False: a backend failure is recorded as failed, no policy rescue
     transcripts: bool = True
     seed: int = 0
-    command: str = ""                               # how the run was started (for the report)
+    command: str = ""  # how the run was started (for the report)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]

@@ -1,4 +1,5 @@
-"""`python -m evals.datasets <layout>:<root>`: the documented dataset summary (the loaders live in scans.datasets)."""
+"""`python -m evals.datasets <layout>:<root>`: the documented dataset summary (the loaders live in
+scans.datasets)."""
 
 from scans.dataset_summary import main
 

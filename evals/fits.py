@@ -1,7 +1,9 @@
 """The harness's fit cache: one fit per (class, feature) under ``<out>/fits/<class>/<feature>-<hash>/``.
 
-The hash covers the detector config, the training files and the pretrained backbone a Point-MAE fit starts from, so
-a rerun (or another run into the same folder) never refits what it already has, and a changed config or dataset
+The hash covers the detector config, the training files and the pretrained backbone a Point-MAE fit starts
+from, so
+a rerun (or another run into the same folder) never refits what it already has, and a changed config or
+dataset
 never silently reuses a stale fit.
 """
 
@@ -22,24 +24,41 @@ from scans.datasets import Dataset, Sample
 from scans.progress import Progress
 
 
-def fit_dir(out: Path, cls: str, feature: str, config: DetectorConfig, train: list[Sample],
-            init_hash: str | None = None) -> Path:
-    """`<out>/fits/<class>/<feature>-<hash>`: the hash covers the config, the training files (name, size, mtime) and
+def fit_dir(
+    out: Path,
+    cls: str,
+    feature: str,
+    config: DetectorConfig,
+    train: list[Sample],
+    init_hash: str | None = None,
+) -> Path:
+    """`<out>/fits/<class>/<feature>-<hash>`: the hash covers the config, the training files (name, size,
+    mtime) and
     the pretrained backbone a Point-MAE fit starts from."""
     settings = replace(config, feature=feature).to_dict()
     if not settings["register"]:
         del settings["register"]  # fits cached before registration existed stay valid
-    payload = {"config": settings,
-               "train": [[s.path.name, s.path.stat().st_size, int(s.path.stat().st_mtime)] for s in train]}
+    payload = {
+        "config": settings,
+        "train": [[s.path.name, s.path.stat().st_size, int(s.path.stat().st_mtime)] for s in train],
+    }
     if init_hash is not None and feature == "pointmae":
         payload["init"] = init_hash
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
     return Path(out) / "fits" / cls / f"{feature}-{digest}"
 
 
-def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: DetectorConfig,
-               progress: Progress | None = None, init_backbone: Path | None = None) -> dict:
-    """Fit a class (or reuse its cached fit); returns {"dir", "fit_s", "reused"}. ``init_backbone``: a pretrained
+def ensure_fit(
+    out: Path,
+    dataset: Dataset,
+    cls: str,
+    feature: str,
+    config: DetectorConfig,
+    progress: Progress | None = None,
+    init_backbone: Path | None = None,
+) -> dict:
+    """Fit a class (or reuse its cached fit); returns {"dir", "fit_s", "reused"}. ``init_backbone``: a
+    pretrained
     backbone folder (``python -m tools.pointmae_train``) that Point-MAE fits start from."""
     train = list(dataset.train(cls))
     if not train:
@@ -62,8 +81,13 @@ def ensure_fit(out: Path, dataset: Dataset, cls: str, feature: str, config: Dete
         if progress is not None:
             progress(f"fit {cls} ({feature})", done, total, stage)
 
-    fitted = fit_class(scans, replace(config, feature=feature), progress=report, names=[str(s.path) for s in train],
-                       init_backbone=init)
+    fitted = fit_class(
+        scans,
+        replace(config, feature=feature),
+        progress=report,
+        names=[str(s.path) for s in train],
+        init_backbone=init,
+    )
     fitted.info["fit_s"] = round(time.perf_counter() - started, 3)
     if init is not None:
         fitted.info["init_backbone"] = {"path": str(init_backbone), "hash": backbone_hash(init)}

@@ -1,4 +1,5 @@
-"""The eval harness: every detector method and agent backend on the same test scans, resumable, local or on Ray.
+"""The eval harness: every detector method and agent backend on the same test scans, resumable, local or on
+Ray.
 
 This module plans a run and drives it: pick the classes and test scans, fit (or reuse) each class
 (evals.fits), run every pending (name, scan) as scan jobs (evals.scan_jobs) on an executor (evals.executors),
@@ -34,16 +35,36 @@ from scans.datasets import Dataset, Sample, open_dataset
 from scans.files import atomic_write_text, json_default
 from scans.progress import Progress
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "RESULTS_FILE", "BackendSpec", "HarnessConfig", "HarnessError",
-           "ResultStore", "RunOutcome", "ScanResult", "dataset_root", "ensure_fit", "ensure_quick_bench", "fit_dir",
-           "parse_backend", "plan", "quick_bench_config", "quick_detector_config", "run_harness", "safe_name",
-           "scan_ids", "select_tests"]
+__all__ = [
+    "DEFAULT_METHODS",
+    "METHODS",
+    "RESULTS_FILE",
+    "BackendSpec",
+    "HarnessConfig",
+    "HarnessError",
+    "ResultStore",
+    "RunOutcome",
+    "ScanResult",
+    "dataset_root",
+    "ensure_fit",
+    "ensure_quick_bench",
+    "fit_dir",
+    "parse_backend",
+    "plan",
+    "quick_bench_config",
+    "quick_detector_config",
+    "run_harness",
+    "safe_name",
+    "scan_ids",
+    "select_tests",
+]
 
 RowHook = Callable[[dict], None]
 
 
 def select_tests(samples: list[Sample], limit: int | None) -> list[Sample]:
-    """All test scans, or `limit` of them alternating defective and normal (so both kinds stay), in name order."""
+    """All test scans, or `limit` of them alternating defective and normal (so both kinds stay), in name
+    order."""
     if limit is None or limit >= len(samples):
         return list(samples)
     defective = sorted((s for s in samples if s.label != 0), key=lambda s: str(s.path))
@@ -57,7 +78,8 @@ def select_tests(samples: list[Sample], limit: int | None) -> list[Sample]:
 
 
 def scan_ids(samples: list[Sample]) -> list[str]:
-    """Unique ids per class: the file stem, prefixed with the defect type where stems repeat (MVTec's 000.tiff)."""
+    """Unique ids per class: the file stem, prefixed with the defect type where stems repeat (MVTec's
+    000.tiff)."""
     stems = [s.path.stem for s in samples]
     ids = [f"{s.defect_type}_{s.path.stem}" if stems.count(s.path.stem) > 1 else s.path.stem for s in samples]
     seen: dict[str, int] = {}
@@ -71,14 +93,16 @@ def scan_ids(samples: list[Sample]) -> list[str]:
 @dataclass
 class RunOutcome:
     out: Path
-    ran: int                       # (name, scan) results produced by this run
-    skipped: int                   # already done before this run
-    failed: int                    # failed results produced by this run
+    ran: int  # (name, scan) results produced by this run
+    skipped: int  # already done before this run
+    failed: int  # failed results produced by this run
     seconds: float
     summary: dict | None = None
 
 
-def plan(config: HarnessConfig, dataset: Dataset) -> tuple[list[str], dict[str, list[tuple[str, Sample]]], dict]:
+def plan(
+    config: HarnessConfig, dataset: Dataset
+) -> tuple[list[str], dict[str, list[tuple[str, Sample]]], dict]:
     """(classes, {class: [(scan id, sample)]}, limit info) for this run."""
     available = list(dataset.classes())
     classes = list(config.classes) if config.classes else available
@@ -91,15 +115,26 @@ def plan(config: HarnessConfig, dataset: Dataset) -> tuple[list[str], dict[str, 
         every = list(dataset.test(cls))
         chosen = select_tests(every, config.limit)
         tests[cls] = list(zip(scan_ids(chosen), chosen))
-        limited[cls] = {"selected": len(chosen), "total": len(every), "scans": [scan for scan, _ in tests[cls]]}
+        limited[cls] = {
+            "selected": len(chosen),
+            "total": len(every),
+            "scans": [scan for scan, _ in tests[cls]],
+        }
     return classes, tests, limited
 
 
-def run_harness(config: HarnessConfig, *, progress: Progress | None = None, on_row: RowHook | None = None,
-                write_report: bool = True) -> RunOutcome:
-    """Fit (or reuse) each class, run every pending (name, scan), then write the summary, tables, plots and HTML.
+def run_harness(
+    config: HarnessConfig,
+    *,
+    progress: Progress | None = None,
+    on_row: RowHook | None = None,
+    write_report: bool = True,
+) -> RunOutcome:
+    """Fit (or reuse) each class, run every pending (name, scan), then write the summary, tables, plots and
+    HTML.
 
-    `on_row(row)` is called after each row is durably stored (tests use it to interrupt a run). KeyboardInterrupt
+    `on_row(row)` is called after each row is durably stored (tests use it to interrupt a run).
+    KeyboardInterrupt
     propagates after the store is closed: what was stored stays valid and the next run resumes from it."""
     started = time.perf_counter()
     out = Path(config.out)
@@ -110,8 +145,9 @@ def run_harness(config: HarnessConfig, *, progress: Progress | None = None, on_r
     fits: dict[str, dict[str, dict]] = {}
     for cls in classes:
         for feature in config.features():
-            fits.setdefault(cls, {})[feature] = ensure_fit(out, dataset, cls, feature, config.detector, progress,
-                                                           config.init_backbone)
+            fits.setdefault(cls, {})[feature] = ensure_fit(
+                out, dataset, cls, feature, config.detector, progress, config.init_backbone
+            )
     _write_run_meta(out, config, classes, limited, fits)
 
     store = ResultStore(out)
@@ -126,13 +162,18 @@ def run_harness(config: HarnessConfig, *, progress: Progress | None = None, on_r
                 jobs.append(ScanJob(cls=cls, scan=scan, sample=sample, names=pending))
     ctx = JobContext(
         fit_dirs={(cls, feature): info["dir"] for cls, per in fits.items() for feature, info in per.items()},
-        backends={b.label: b for b in config.backends}, inspection=replace(config.inspection, seed=config.seed),
-        fallback=config.fallback, seed=config.seed,
-        transcript_root=str(out / "transcripts") if config.transcripts else None)
+        backends={b.label: b for b in config.backends},
+        inspection=replace(config.inspection, seed=config.seed),
+        fallback=config.fallback,
+        seed=config.seed,
+        transcript_root=str(out / "transcripts") if config.transcripts else None,
+    )
 
     total = sum(len(j.names) for j in jobs)
     ran = failed = 0
-    results = run_ray(jobs, ctx, config.ray_address) if config.executor == "ray" and jobs else run_local(jobs, ctx)
+    results = (
+        run_ray(jobs, ctx, config.ray_address) if config.executor == "ray" and jobs else run_local(jobs, ctx)
+    )
     with store, closing(results):  # closing: an interrupt stops Ray tasks now, not at garbage collection
         if progress is not None:
             progress("scans", 0, total, "")
@@ -144,7 +185,9 @@ def run_harness(config: HarnessConfig, *, progress: Progress | None = None, on_r
                 progress("scans", ran, total, f"{row['name']} {row['class']}/{row['scan']}")
             if on_row is not None:
                 on_row(row)
-    outcome = RunOutcome(out=out, ran=ran, skipped=skipped, failed=failed, seconds=time.perf_counter() - started)
+    outcome = RunOutcome(
+        out=out, ran=ran, skipped=skipped, failed=failed, seconds=time.perf_counter() - started
+    )
     if write_report:
         from evals.report import write_all
 
@@ -154,18 +197,30 @@ def run_harness(config: HarnessConfig, *, progress: Progress | None = None, on_r
 
 def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limited: dict, fits: dict) -> None:
     meta = {
-        "data": config.data, "classes": classes, "methods": list(config.methods),
+        "data": config.data,
+        "classes": classes,
+        "methods": list(config.methods),
         "backends": [{"label": b.label, "name": b.name, "kwargs": b.kwargs} for b in config.backends],
-        "names": list(config.names), "limit": config.limit, "tests": limited, "fits": fits,
-        "executor": config.executor, "seed": config.seed, "fallback": config.fallback,
+        "names": list(config.names),
+        "limit": config.limit,
+        "tests": limited,
+        "fits": fits,
+        "executor": config.executor,
+        "seed": config.seed,
+        "fallback": config.fallback,
         "prices_per_1k": {"prompt": config.price_prompt, "completion": config.price_completion},
-        "detector": config.detector.to_dict(), "inspection": _inspection_dict(config.inspection),
+        "detector": config.detector.to_dict(),
+        "inspection": _inspection_dict(config.inspection),
         "command": config.command,
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
-    meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
-    atomic_write_text(out / RUN_FILE, strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True,
-                                                     default=json_default))
+    meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(
+        meta
+    )  # keys in kwargs and command
+    atomic_write_text(
+        out / RUN_FILE,
+        strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True, default=json_default),
+    )
 
 
 def _inspection_dict(inspection: InspectionConfig) -> dict:

@@ -1,7 +1,9 @@
 """The detector methods the harness compares, as a registry: each method is one small function with its facts.
 
-A method gets one scan (its points, the shared Point-MAE analysis, the class's fits) and returns per-point scores
-and an object score. Its entry says which class fit it needs (``feature``) and what share of the points the memory
+A method gets one scan (its points, the shared Point-MAE analysis, the class's fits) and returns per-point
+scores
+and an object score. Its entry says which class fit it needs (``feature``) and what share of the points the
+memory
 bank scores for it (``verified_fraction``, the x axis of "accuracy vs share verified"). Adding a method is one
 ``@method(...)`` function; nothing else branches on method names.
 """
@@ -23,10 +25,10 @@ class MethodInput:
     cls: str
     scan: str
     points: np.ndarray
-    analysis: Any                      # detector.fitted.ScanAnalysis of the Point-MAE fit, or None
-    fit: Callable[[str], Any]          # feature kind -> this class's FittedClass
+    analysis: Any  # detector.fitted.ScanAnalysis of the Point-MAE fit, or None
+    fit: Callable[[str], Any]  # feature kind -> this class's FittedClass
     seed: int
-    verify_budget: float               # share of points a verifier may score (the agents' budget)
+    verify_budget: float  # share of points a verifier may score (the agents' budget)
 
 
 MethodFn = Callable[[MethodInput], tuple[np.ndarray, float]]
@@ -36,26 +38,37 @@ MethodFn = Callable[[MethodInput], tuple[np.ndarray, float]]
 class Method:
     name: str
     run: MethodFn
-    feature: str | None                # the class fit it needs (None: no fit)
-    verified_fraction: float           # share of points the bank scores
-    default: bool = True               # run when --methods is not given
-    has_threshold: bool = False        # its object score is the fit's, so the fit's object threshold gives a verdict
+    feature: str | None  # the class fit it needs (None: no fit)
+    verified_fraction: float  # share of points the bank scores
+    default: bool = True  # run when --methods is not given
+    has_threshold: bool = (
+        False  # its object score is the fit's, so the fit's object threshold gives a verdict
+    )
 
 
 REGISTRY: dict[str, Method] = {}
 
 
-def method(name: str, *, feature: str | None, verified_fraction: float, default: bool = True,
-           has_threshold: bool = False) -> Callable[[MethodFn], MethodFn]:
+def method(
+    name: str,
+    *,
+    feature: str | None,
+    verified_fraction: float,
+    default: bool = True,
+    has_threshold: bool = False,
+) -> Callable[[MethodFn], MethodFn]:
     """Register a method under `name`."""
+
     def register(run: MethodFn) -> MethodFn:
         REGISTRY[name] = Method(name, run, feature, verified_fraction, default, has_threshold)
         return run
+
     return register
 
 
 def scan_seed(seed: int, *parts: str) -> int:
-    """A per-scan seed that depends only on the run seed and the scan's names (not on run order or executor)."""
+    """A per-scan seed that depends only on the run seed and the scan's names (not on run order or
+    executor)."""
     return zlib.crc32(":".join([str(seed), *parts]).encode()) & 0x7FFFFFFF
 
 
@@ -87,14 +100,19 @@ def random_scores(scan: MethodInput) -> tuple[np.ndarray, float]:
     return rng.random(len(scan.points), dtype=np.float32), float(rng.random())
 
 
-# oracle-regions searches the whole bank to choose which points keep their scores, so it counts as 1.0 (read it at
+# oracle-regions searches the whole bank to choose which points keep their scores, so it counts as 1.0 (read
+# it at
 # the verification budget, not at its x position). A diagnostic: asked for by name only.
 @method("oracle-regions", feature="pointmae", verified_fraction=1.0, default=False, has_threshold=True)
 def oracle_regions(scan: MethodInput) -> tuple[np.ndarray, float]:
-    """The top-B full-bank points under the verifier's prior: the points the full bank scores highest, up to the
-    verification budget B, keep their bank scores and every other point gets the verifier's low prior. Not a usable
-    method (it searched the whole bank to choose) and not a strict ceiling (an agent that named exactly the defect's
-    points would beat it); it shows how much of the full bank's accuracy survives the low prior at that budget when
+    """The top-B full-bank points under the verifier's prior: the points the full bank scores highest, up to
+    the
+    verification budget B, keep their bank scores and every other point gets the verifier's low prior. Not a
+    usable
+    method (it searched the whole bank to choose) and not a strict ceiling (an agent that named exactly the
+    defect's
+    points would beat it); it shows how much of the full bank's accuracy survives the low prior at that budget
+    when
     the budget goes where the bank itself would put it."""
     from agent.verifier import prior_baseline
 

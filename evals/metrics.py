@@ -1,14 +1,20 @@
 """Detection and localisation metrics for images (MVTec grids) and point clouds.
 
 The PRO curve follows MVTec's official evaluation script v2.0 (BSD-3) step for step, so grid numbers match the
-published evaluation to ~1e-12 (see /work/shared/reference/metrics.md): ground-truth regions are connected components,
-all scores are sorted in descending order, per-pixel false-positive and per-region overlap increments are accumulated,
-tied scores keep only the last point of their threshold, values are clipped to <= 1, (0,0) and (1,1) are added and the
+published evaluation to ~1e-12 (see /work/shared/reference/metrics.md): ground-truth regions are connected
+components,
+all scores are sorted in descending order, per-pixel false-positive and per-region overlap increments are
+accumulated,
+tied scores keep only the last point of their threshold, values are clipped to <= 1, (0,0) and (1,1) are added
+and the
 curve is integrated with the trapezoid rule up to the FPR limit (interpolating linearly at the cut-off).
 
-Grids and point clouds share one accumulation (`pro_curve_from_regions`); only the way regions are found differs:
-`scipy.ndimage.label` with a 3x3 structure on grids, connected components of a kNN or radius graph on the anomalous
-points of a cloud (`point_regions`). Region ids use one convention everywhere: -1 = normal, 0..R-1 = anomalous region.
+Grids and point clouds share one accumulation (`pro_curve_from_regions`); only the way regions are found
+differs:
+`scipy.ndimage.label` with a 3x3 structure on grids, connected components of a kNN or radius graph on the
+anomalous
+points of a cloud (`point_regions`). Region ids use one convention everywhere: -1 = normal, 0..R-1 = anomalous
+region.
 
 Region recall and false alarms of the agent's regions live in evals.regions.
 """
@@ -42,9 +48,9 @@ __all__ = [
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Regions
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def grid_regions(ground_truth: np.ndarray) -> np.ndarray:
     """Region id per pixel of a 2-D ground-truth map (-1 = normal), 8-connected like MVTec's script."""
     gt = np.asarray(ground_truth)
@@ -54,18 +60,22 @@ def grid_regions(ground_truth: np.ndarray) -> np.ndarray:
     return labeled.astype(np.int64) - 1
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # PRO curve (shared exact accumulation)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def pro_curve_from_regions(
     scores_list: Sequence[np.ndarray], regions_list: Sequence[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact PRO curve (fpr, pro) from scores and region ids (-1 = normal) of every sample, pooled.
 
-    Mirrors MVTec's script v2.0, including its float32 rounding of the FPR (counts are cast to float32 before the
-    division): that is what makes our numbers equal the official ones to ~1e-12 rather than ~1e-8. The official
-    script argsorts all scores and keeps the last point of each tie group; we sort the scores once and count what
-    lies at or above each distinct score, which gives the same points (and sums the overlap increments in the same
+    Mirrors MVTec's script v2.0, including its float32 rounding of the FPR (counts are cast to float32 before
+    the
+    division): that is what makes our numbers equal the official ones to ~1e-12 rather than ~1e-8. The
+    official
+    script argsorts all scores and keeps the last point of each tie group; we sort the scores once and count
+    what
+    lies at or above each distinct score, which gives the same points (and sums the overlap increments in the
+    same
     descending order) at a fraction of the memory traffic. Raises ValueError when the curve is undefined (no
     anomalous region or no normal element in the whole set).
     """
@@ -104,7 +114,8 @@ def pro_curve_from_regions(
     if num_normal == 0:
         raise ValueError("PRO is undefined: no normal element in any sample")
 
-    # One curve point per distinct score t, in descending t, holding everything with score >= t: that is the official
+    # One curve point per distinct score t, in descending t, holding everything with score >= t: that is the
+    # official
     # "sort descending, cumsum, keep the last point of each tie group", computed without a full-size argsort.
     ascending = np.sort(np.concatenate(flat_scores))
     del flat_scores
@@ -119,7 +130,8 @@ def pro_curve_from_regions(
     n_at_or_above = n_total - group_start[::-1]  # descending thresholds from here on
     del group_start
 
-    # Overlap increments are summed in descending score order, like the official cumsum (normal elements add 0.0).
+    # Overlap increments are summed in descending score order, like the official cumsum (normal elements add
+    # 0.0).
     a_scores = np.concatenate(anomalous_scores)
     a_order = np.argsort(a_scores, kind="stable")[::-1]
     overlap_sum = np.concatenate(([0.0], np.cumsum(np.concatenate(anomalous_weights)[a_order])))
@@ -142,7 +154,8 @@ def pro_curve_from_regions(
 
 
 def trapezoid(x: np.ndarray, y: np.ndarray, x_max: float | None = None) -> float:
-    """Area under y(x) for ascending x up to ``x_max``, interpolating y linearly at the cut-off (MVTec style)."""
+    """Area under y(x) for ascending x up to ``x_max``, interpolating y linearly at the cut-off (MVTec
+    style)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     finite = np.isfinite(x) & np.isfinite(y)
@@ -186,7 +199,8 @@ def au_pro(
 ) -> float:
     """Normalised area under the PRO curve up to ``fpr_limit`` on image grids (1.0 = perfect).
 
-    Returns nan (instead of raising) when no map has an anomalous region or no pixel is normal: a class without
+    Returns nan (instead of raising) when no map has an anomalous region or no pixel is normal: a class
+    without
     defective test samples then shows up as a gap in a table rather than aborting a whole benchmark run.
     """
     _check_fpr_limit(fpr_limit)
@@ -217,7 +231,8 @@ def au_pro_points(
     radius: float | None = None,
     k: int = 8,
 ) -> float:
-    """AU-PRO over point clouds: the grid metric with regions = connected anomalous points (see `point_regions`).
+    """AU-PRO over point clouds: the grid metric with regions = connected anomalous points (see
+    `point_regions`).
 
     Returns nan when undefined (no anomalous region or no normal point in the set), like `au_pro`.
     """
@@ -258,13 +273,14 @@ def _scores_and_point_regions(
     return scores_out, regions_out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ROC AUC
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def o_auroc(object_scores: Sequence[float] | np.ndarray, object_labels: Sequence[int] | np.ndarray) -> float:
     """Object-level ROC AUC (label 1 = anomalous).
 
-    Returns nan, not an error, when only one class is present: ROC AUC is undefined then, and a benchmark over many
+    Returns nan, not an error, when only one class is present: ROC AUC is undefined then, and a benchmark over
+    many
     classes (or a small smoke subset) must still produce the rest of its table.
     """
     scores = np.asarray(object_scores, dtype=np.float64).ravel()
@@ -301,11 +317,12 @@ def _auroc(scores: np.ndarray, labels: np.ndarray, what: str) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tables
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def mean_table(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of every metric over classes, ignoring nan (a class where the metric is undefined); nan if all are."""
+    """Mean of every metric over classes, ignoring nan (a class where the metric is undefined); nan if all
+    are."""
     metrics: list[str] = []
     for row in per_class.values():
         metrics += [name for name in row if name not in metrics]

@@ -1,8 +1,11 @@
 """Defect regions on point clouds, and whether the agent named them.
 
-A ground-truth region is a connected set of anomalous points (`point_regions`); an agent finds a defect when it
-flags at least one point of its region, however large the region (`region_hits`, `region_recall`), and raises a
-false alarm when a flagged region holds no anomalous point (`false_region_count`, `false_region_rate`). The harness
+A ground-truth region is a connected set of anomalous points (`point_regions`); an agent finds a defect when
+it
+flags at least one point of its region, however large the region (`region_hits`, `region_recall`), and raises
+a
+false alarm when a flagged region holds no anomalous point (`false_region_count`, `false_region_rate`). The
+harness
 stores the counts per scan and the report pools them, so both use these functions.
 """
 
@@ -22,9 +25,12 @@ def point_regions(
 ) -> np.ndarray:
     """Region id per point (-1 for normal points): connected components of the anomalous points.
 
-    Two anomalous points are linked when one is among the other's ``k`` nearest neighbours *in the whole cloud*
-    (so a band of normal points between two defects keeps them apart), or, when ``radius`` is given, when they are at
-    most ``radius`` apart. Region ids are numbered 0..R-1 in order of each region's first point, so the result is
+    Two anomalous points are linked when one is among the other's ``k`` nearest neighbours *in the whole
+    cloud*
+    (so a band of normal points between two defects keeps them apart), or, when ``radius`` is given, when they
+    are at
+    most ``radius`` apart. Region ids are numbered 0..R-1 in order of each region's first point, so the result
+    is
     deterministic. On a unit grid, ``radius=1.5`` reproduces 8-connectivity.
     """
     pts = as_points(points, "points")
@@ -74,7 +80,8 @@ def region_hits(
     radius: float | None = None,
     k: int = 8,
 ) -> tuple[int, int]:
-    """(ground-truth regions with at least ``min_overlap`` flagged points, ground-truth regions): the counts behind
+    """(ground-truth regions with at least ``min_overlap`` flagged points, ground-truth regions): the counts
+    behind
     `region_recall`, which a report pools over scans."""
     if min_overlap < 1:
         raise ValueError(f"min_overlap must be >= 1, got {min_overlap}")
@@ -97,7 +104,8 @@ def region_recall(
     radius: float | None = None,
     k: int = 8,
 ) -> float:
-    """Share of ground-truth regions with at least ``min_overlap`` flagged points (nan if there is no GT region).
+    """Share of ground-truth regions with at least ``min_overlap`` flagged points (nan if there is no GT
+    region).
 
     This is what "the agent found the defect" means: one hit per region counts, however large the region.
     """
@@ -108,7 +116,8 @@ def region_recall(
 def false_region_rate(
     points: np.ndarray, gt_mask: np.ndarray, flagged_regions: Sequence[np.ndarray]
 ) -> float:
-    """Share of flagged regions (arrays of point indices) that contain no GT-anomalous point (nan if none flagged).
+    """Share of flagged regions (arrays of point indices) that contain no GT-anomalous point (nan if none
+    flagged).
 
     The counterpart of `region_recall`: how often the agent points at a place where nothing is wrong.
     """

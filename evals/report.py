@@ -1,6 +1,7 @@
 """A harness run for people: summary.json/csv, a README-ready markdown table, plots and one HTML page.
 
-The numbers come from evals.summary (computed from the run's folder alone, so a report can be rebuilt at any time
+The numbers come from evals.summary (computed from the run's folder alone, so a report can be rebuilt at any
+time
 with ``write_all(out)``); this module only writes them out.
 """
 
@@ -20,10 +21,10 @@ import numpy as np
 
 from evals.store import ResultStore
 from evals.summary import summarize
+from scans import strict_json
 from scans.datasets import Sample, open_dataset
 from scans.files import atomic_write_text
 from scans.progress import Progress
-from scans import strict_json
 
 REPORT_DIR = "report"
 MAX_ROC_CLASSES = 4
@@ -33,7 +34,8 @@ SCALAR_COLUMNS = ("o_auroc", "p_auroc", "au_pro", "false_alarm_rate", "detection
                   "score_s", "n_scans", "n_failed", "n_fallbacks", "cost_per_scan", "cost_total")
 
 
-# ------------------------------------------------------------------------------------------------------ tables
+# ------------------------------------------------------------------------------------------------------
+# tables
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -102,11 +104,13 @@ def limit_note(meta: dict) -> str:
     if meta.get("limit") is None or selected == total:
         return f"All {total} test scans of {len(tests)} classes were used (no --limit)."
     return (f"Limited by --limit {meta['limit']}: {selected} of {total} test scans over {len(tests)} classes "
-            f"(at most {meta['limit']} per class, defective and normal alternating) — for every method and backend.")
+            f"(at most {meta['limit']} per class, defective and normal alternating) — for every method and "
+            "backend.")
 
 
 def budget_note(meta: dict) -> str | None:
-    """What each backend's run was allowed to spend per scan (None when no backend ran): the cost columns' ceiling."""
+    """What each backend's run was allowed to spend per scan (None when no backend ran): the cost columns'
+    ceiling."""
     if not meta.get("backends"):
         return None
     inspection = meta.get("inspection") or {}
@@ -114,7 +118,8 @@ def budget_note(meta: dict) -> str | None:
     parts = [f"at most {budget[k]:,} {what}" for k, what in (("max_turns", "turns"), ("max_tool_calls", "tool calls"),
                                                              ("max_total_tokens", "tokens")) if budget.get(k)]
     if budget.get("max_context_tokens"):
-        parts.append(f"a context window of {budget['max_context_tokens']:,} tokens (the agent is asked to report "
+        parts.append(f"a context window of {budget['max_context_tokens']:,} tokens (the agent is asked to "
+                     "report "
                      "before a request would not fit)")
     if inspection.get("max_verify_fraction"):
         parts.append(f"the bank scores at most {inspection['max_verify_fraction']:.0%} of the points")
@@ -122,7 +127,8 @@ def budget_note(meta: dict) -> str | None:
 
 
 def grouped_reasons(summary: dict, limit: int | None = 4) -> list[tuple[str, str, str, int]]:
-    """(method/backend, "failed" | "fell back", reason, count), most frequent first, at most `limit` per kind; numbers
+    """(method/backend, "failed" | "fell back", reason, count), most frequent first, at most `limit` per kind;
+    numbers
     in a reason are folded to N so that alike reasons (token counts, ids) group."""
     out = []
     for name, entry in summary.items():
@@ -144,8 +150,10 @@ def markdown_report(summary: dict, meta: dict) -> str:
     """The README-ready table (means over classes) plus per-class O-AUROC and per-defect-type tables."""
     columns = _columns(summary)
     lines = [f"Dataset `{meta['data']}`, classes: {', '.join(meta['classes'])}. {limit_note(meta)}",
-             ("Means over classes; AUROC/AU-PRO over the scans that succeeded (failures are counted, not scored); "
-              "share verified = points the memory bank scored; seconds include the shared Point-MAE pass."), "",
+             ("Means over classes; AUROC/AU-PRO over the scans that succeeded (failures are counted, not "
+              "scored); "
+              "share verified = points the memory bank scored; seconds include the shared Point-MAE "
+              "pass."), "",
              _table([(n, e.get("mean", {})) for n, e in summary.items()], columns, "method / backend")]
     if budget_note(meta):
         lines += ["", budget_note(meta)]
@@ -204,7 +212,8 @@ def _colours(names: list[str]) -> dict[str, Any]:
 
 
 def plot_tradeoff(summary: dict, path: Path, x_key: str, x_label: str, *, log_x: bool = False) -> Path:
-    """Mean O-AUROC and P-AUROC of each method/backend against its cost (share verified or tokens per scan)."""
+    """Mean O-AUROC and P-AUROC of each method/backend against its cost (share verified or tokens per
+    scan)."""
     names = [n for n, e in summary.items() if e.get("mean")]
     colours = _colours(names)
     figure = _figure(10, 4.2)
@@ -285,7 +294,8 @@ def plot_per_class(summary: dict, classes: list[str], path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------------ html
 def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 4) -> list[dict]:
-    """Ground truth and flagged regions of a few defective scans (one per class first), for the first backend."""
+    """Ground truth and flagged regions of a few defective scans (one per class first), for the first
+    backend."""
     from scans.render import render_points_png, render_regions_png
 
     latest = ResultStore(out).latest()
@@ -367,7 +377,8 @@ def write_html(out: Path, summary: dict, meta: dict, plots: dict[str, str], exam
     return atomic_write_text(out / "report.html", page)
 
 
-# ------------------------------------------------------------------------------------------------------ all of it
+# ------------------------------------------------------------------------------------------------------ all
+# of it
 def _write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
@@ -386,7 +397,8 @@ def write_all(out: str | os.PathLike, *, progress: Progress | None = None, examp
     plots = {
         "verified": plot_tradeoff(summary, report_dir / "accuracy_vs_verified.png", "verified_fraction",
                                   "share of points verified by the bank"),
-        "tokens": plot_tradeoff(summary, report_dir / "accuracy_vs_tokens.png", "tokens", "LLM tokens per scan",
+        "tokens": plot_tradeoff(summary, report_dir / "accuracy_vs_tokens.png", "tokens", "LLM tokens per "
+                                                                                          "scan",
                                 log_x=True),
         "roc": plot_roc(curves, meta["classes"], report_dir / "roc.png"),
         "per_class": plot_per_class(summary, meta["classes"], report_dir / "per_class.png"),

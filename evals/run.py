@@ -1,8 +1,12 @@
-"""`python -m evals.run --data <layout>:<root> [--methods ...] [--backends ...] [--out DIR]`: the eval harness CLI.
+"""`python -m evals.run --data <layout>:<root> [--methods ...] [--backends ...] [--out DIR]`: the eval harness
+CLI.
 
-Parses arguments, shows progress and prints where the results are; the work is `evals.harness.run_harness`. A rerun
-into the same --out resumes (skips every finished method/backend x scan). Exit codes: 0 ok, 1 some scans failed
-(recorded in results.jsonl and the report), 2 bad input, 130 interrupted (the partial result stays consistent).
+Parses arguments, shows progress and prints where the results are; the work is `evals.harness.run_harness`. A
+rerun
+into the same --out resumes (skips every finished method/backend x scan). Exit codes: 0 ok, 1 some scans
+failed
+(recorded in results.jsonl and the report), 2 bad input, 130 interrupted (the partial result stays
+consistent).
 """
 
 from __future__ import annotations
@@ -28,56 +32,107 @@ def _csv(text: str) -> list[str]:
 
 
 EPILOG = """examples:
-  scanagent eval --quick --out /tmp/smoke              # smoke test: tiny benchmark, fast fits; numbers mean nothing
-  scanagent eval --data anomaly-shapenet:dev-bench --classes flange,gear --methods pointmae-bank --backends policy
+  scanagent eval --quick --out /tmp/smoke     # smoke test: tiny benchmark, fast fits; numbers mean nothing
+  scanagent eval --data anomaly-shapenet:dev-bench --classes flange,gear --methods pointmae-bank
+      --backends policy
   (`python -m evals.run ...` is the same command)
 
-exit codes: 0 ok, 1 some results failed (see the table's failed column), 2 bad input, 130 interrupted (rerun resumes)"""
-QUICK_NOTE = ("--quick is a smoke test: a tiny benchmark and a detector trained for a few steps, so its numbers say "
-              "the pipeline runs end to end, not how well anything detects")
+exit codes: 0 ok, 1 some results failed (see the table's failed column), 2 bad input,
+  130 interrupted (rerun resumes)"""
+QUICK_NOTE = (
+    "--quick is a smoke test: a tiny benchmark and a detector trained for a few steps, so its numbers say "
+    "the pipeline runs end to end, not how well anything detects"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help="<layout>:<root>, e.g. anomaly-shapenet:data/dev-bench (not needed with --quick)")
+    p = argparse.ArgumentParser(
+        prog="python -m evals.run",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--data", help="<layout>:<root>, e.g. anomaly-shapenet:data/dev-bench (not needed with --quick)"
+    )
     p.add_argument("--classes", type=_csv, help="comma-separated classes (default: all)")
-    p.add_argument("--methods", type=_csv, help="comma-separated: pointmae-bank,btf,recon,random (default: these "
-                                                "four when --backends is not given), oracle-regions (the top "
-                                                "--max-verify-fraction of the full bank's points under the "
-                                                "verifier's prior: a diagnostic for the agents' budget)")
-    p.add_argument("--backends", type=_csv, default=[],
-                   help="comma-separated: policy, random-regions, hf[:model], openai:<model>, langchain:<module:Class>")
+    p.add_argument(
+        "--methods",
+        type=_csv,
+        help="comma-separated: pointmae-bank,btf,recon,random (default: these "
+        "four when --backends is not given), oracle-regions (the top "
+        "--max-verify-fraction of the full bank's points under the "
+        "verifier's prior: a diagnostic for the agents' budget)",
+    )
+    p.add_argument(
+        "--backends",
+        type=_csv,
+        default=[],
+        help="comma-separated: policy, random-regions, hf[:model], openai:<model>, langchain:<module:Class>",
+    )
     p.add_argument("--out", default="eval-out", help="output folder (a rerun into it resumes)")
-    p.add_argument("--limit", type=int, help="at most N test scans per class (defective and normal alternating)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny dev benchmark under <out>/quick-bench and a fast detector config (smoke test, CI)")
+    p.add_argument(
+        "--limit", type=int, help="at most N test scans per class (defective and normal alternating)"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny dev benchmark under <out>/quick-bench and a fast detector config (smoke test, CI)",
+    )
     p.add_argument("--executor", choices=["local", "ray"], default="local")
     p.add_argument("--ray-address", help="Ray cluster address (default: a local Ray with 2 CPUs)")
-    p.add_argument("--base-url", help="OpenAI-compatible server for the openai backend, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--backend-kwargs", default="{}",
-                   help='JSON object of extra arguments for the openai and langchain backends, e.g. \'{"llama_cpp_compat": true}\'')
-    p.add_argument("--price-per-1k-prompt", type=float, help="cost per 1000 prompt tokens (for the cost column)")
+    p.add_argument(
+        "--base-url", help="OpenAI-compatible server for the openai backend, e.g. http://127.0.0.1:8000/v1"
+    )
+    p.add_argument(
+        "--backend-kwargs",
+        default="{}",
+        help="JSON object of extra arguments for the openai and langchain backends, e.g. "
+        "'{\"llama_cpp_compat\": true}'",
+    )
+    p.add_argument(
+        "--price-per-1k-prompt", type=float, help="cost per 1000 prompt tokens (for the cost column)"
+    )
     p.add_argument("--price-per-1k-completion", type=float, help="cost per 1000 completion tokens")
-    p.add_argument("--train-steps", type=int, help="Point-MAE training steps per class (default: the detector's)")
-    p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
-    p.add_argument("--context-window", type=context_window_arg,
-                   help="the LLM's context window in tokens (e.g. a llama.cpp server's "
-                   "--n_ctx): agents are asked to report before a request would not fit")
-    p.add_argument("--max-seconds", type=seconds_arg, default=DEFAULT_MAX_SECONDS,
-                   help="a backend's wall time per scan, every request and retry included; past it the policy "
-                   "finishes the scan (or, with --no-fallback, the scan fails) and the result says why "
-                   "(default %(default)g)")
-    p.add_argument("--no-fallback", action="store_true",
-                   help="record a backend failure as failed instead of letting the policy finish the scan")
+    p.add_argument(
+        "--train-steps", type=int, help="Point-MAE training steps per class (default: the detector's)"
+    )
+    p.add_argument(
+        "--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score"
+    )
+    p.add_argument(
+        "--context-window",
+        type=context_window_arg,
+        help="the LLM's context window in tokens (e.g. a llama.cpp server's "
+        "--n_ctx): agents are asked to report before a request would not fit",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=seconds_arg,
+        default=DEFAULT_MAX_SECONDS,
+        help="a backend's wall time per scan, every request and retry included; past it the policy "
+        "finishes the scan (or, with --no-fallback, the scan fails) and the result says why "
+        "(default %(default)g)",
+    )
+    p.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="record a backend failure as failed instead of letting the policy finish the scan",
+    )
     p.add_argument("--no-transcripts", action="store_true", help="do not write per-scan agent transcripts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", type=Path,
-                   help="pretrained Point-MAE backbone folder (python -m tools.pointmae_train) the Point-MAE class "
-                        "fits start from (FPFH fits need none)")
-    p.add_argument("--register", action="store_true",
-                   help="fit every class with registration to its first template + a coordinate bank (scans that "
-                        "are not pre-aligned)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="pretrained Point-MAE backbone folder (python -m tools.pointmae_train) the Point-MAE class "
+        "fits start from (FPFH fits need none)",
+    )
+    p.add_argument(
+        "--register",
+        action="store_true",
+        help="fit every class with registration to its first template + a coordinate bank (scans that "
+        "are not pre-aligned)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show third-party progress bars and warnings")
     return p
 
@@ -117,18 +172,32 @@ def make_config(args: argparse.Namespace):
         raise HarnessError(f"--backend-kwargs is not JSON: {exc}") from exc
     if not isinstance(llm_kwargs, dict):
         raise HarnessError("--backend-kwargs must be a JSON object")
-    backends = tuple(parse_backend(b, base_url=args.base_url, seed=args.seed, llm_kwargs=llm_kwargs)
-                     for b in args.backends)
+    backends = tuple(
+        parse_backend(b, base_url=args.base_url, seed=args.seed, llm_kwargs=llm_kwargs) for b in args.backends
+    )
     return HarnessConfig(
-        data=data, out=out, classes=tuple(args.classes) if args.classes else None, methods=tuple(methods),
-        backends=backends, limit=args.limit, detector=detector, init_backbone=args.init,
-        inspection=InspectionConfig(max_verify_fraction=args.max_verify_fraction, seed=args.seed,
-                                    budget=AgentBudget(max_context_tokens=args.context_window,
-                                                       max_seconds=args.max_seconds)),
-        executor=args.executor, ray_address=args.ray_address, price_prompt=args.price_per_1k_prompt,
-        price_completion=args.price_per_1k_completion, fallback=not args.no_fallback,
-        transcripts=not args.no_transcripts, seed=args.seed,
-        command="python -m evals.run " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        data=data,
+        out=out,
+        classes=tuple(args.classes) if args.classes else None,
+        methods=tuple(methods),
+        backends=backends,
+        limit=args.limit,
+        detector=detector,
+        init_backbone=args.init,
+        inspection=InspectionConfig(
+            max_verify_fraction=args.max_verify_fraction,
+            seed=args.seed,
+            budget=AgentBudget(max_context_tokens=args.context_window, max_seconds=args.max_seconds),
+        ),
+        executor=args.executor,
+        ray_address=args.ray_address,
+        price_prompt=args.price_per_1k_prompt,
+        price_completion=args.price_per_1k_completion,
+        fallback=not args.no_fallback,
+        transcripts=not args.no_transcripts,
+        seed=args.seed,
+        command="python -m evals.run " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +217,16 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]bad input:[/red] {exc}")
         return EXIT_BAD_INPUT
     tasks: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[detail]}"), console=console, transient=False) as bars:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=console,
+        transient=False,
+    ) as bars:
+
         def progress(stage: str, done: int, total: int, detail: str) -> None:
             if stage not in tasks:
                 tasks[stage] = bars.add_task(stage, total=total, detail="")
@@ -158,19 +235,25 @@ def main(argv: list[str] | None = None) -> int:
         try:
             outcome = run_harness(config, progress=progress)
         except KeyboardInterrupt:
-            console.print(f"[yellow]interrupted[/yellow]: finished results are in {config.out / 'results.jsonl'}; "
-                          "rerun the same command to resume")
+            console.print(
+                f"[yellow]interrupted[/yellow]: finished results are in {config.out / 'results.jsonl'}; "
+                "rerun the same command to resume"
+            )
             return EXIT_INTERRUPTED
         except (HarnessError, DatasetError, FitError) as exc:
             console.print(f"[red]bad input:[/red] {exc}")
             return EXIT_BAD_INPUT
     out = config.out
-    print(f"ran {outcome.ran} (name x scan) results, skipped {outcome.skipped} already done, "
-          f"{outcome.failed} failed, in {outcome.seconds:.1f} s")
+    print(
+        f"ran {outcome.ran} (name x scan) results, skipped {outcome.skipped} already done, "
+        f"{outcome.failed} failed, in {outcome.seconds:.1f} s"
+    )
     print((out / "table.md").read_text())
     if args.quick:
         print(f"note: {QUICK_NOTE}")
-    print(f"written: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'table.md'}, {out / 'report.html'}")
+    print(
+        f"written: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'table.md'}, {out / 'report.html'}"
+    )
     return EXIT_FAILURES if outcome.failed else EXIT_OK
 
 

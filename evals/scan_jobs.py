@@ -1,8 +1,11 @@
 """One scan job: every pending method and backend on one test scan, yielding one result row per name.
 
-The scan is read once and the Point-MAE analysis (the backbone forward pass) is computed once and shared by the
-full-bank method, the recon-error method and every backend, so they are compared on exactly the same numbers and
-the expensive part is not repeated. A failure (unreadable scan, backbone pass, a method, a backend) is a row with
+The scan is read once and the Point-MAE analysis (the backbone forward pass) is computed once and shared by
+the
+full-bank method, the recon-error method and every backend, so they are compared on exactly the same numbers
+and
+the expensive part is not repeated. A failure (unreadable scan, backbone pass, a method, a backend) is a row
+with
 its reason, never a crash of the run.
 """
 
@@ -28,16 +31,16 @@ from scans.datasets import Sample
 @dataclass(frozen=True)
 class ScanJob:
     cls: str
-    scan: str                      # unique id of the scan within its class (file stem, disambiguated if needed)
+    scan: str  # unique id of the scan within its class (file stem, disambiguated if needed)
     sample: Sample
-    names: tuple[str, ...]         # what still has to run on this scan
+    names: tuple[str, ...]  # what still has to run on this scan
 
 
 @dataclass(frozen=True)
 class JobContext:
     """What a scan job needs besides the scan; picklable, so a Ray worker can rebuild everything from it."""
 
-    fit_dirs: dict[tuple[str, str], str]          # (class, feature) -> fitted class folder
+    fit_dirs: dict[tuple[str, str], str]  # (class, feature) -> fitted class folder
     backends: dict[str, BackendSpec]
     inspection: InspectionConfig
     fallback: bool
@@ -46,9 +49,11 @@ class JobContext:
 
 
 class Resources:
-    """Fitted classes and backends, each loaded once per run (or per Ray task): a scan job asks, this keeps them.
+    """Fitted classes and backends, each loaded once per run (or per Ray task): a scan job asks, this keeps
+    them.
 
-    A backend whose construction failed is remembered and raised for every scan, so the failure is recorded per
+    A backend whose construction failed is remembered and raised for every scan, so the failure is recorded
+    per
     scan without retrying the construction each time."""
 
     def __init__(self) -> None:
@@ -83,13 +88,25 @@ def _failure(exc: BaseException) -> str:
 
 def run_scan(job: ScanJob, ctx: JobContext, resources: Resources) -> Iterator[ScanResult]:
     """Every pending method and backend on one scan, yielding one result per name as soon as it is done."""
-    base = {"class": job.cls, "scan": job.scan, "path": str(job.sample.path), "defect_type": job.sample.defect_type}
+    base = {
+        "class": job.cls,
+        "scan": job.scan,
+        "path": str(job.sample.path),
+        "defect_type": job.sample.defect_type,
+    }
     try:
         loaded = job.sample.load()
     except Exception as exc:  # noqa: BLE001 -- an unreadable scan is recorded for each name, the run goes on
         for name in job.names:
-            yield ScanResult({**base, "name": name, "kind": _kind(name, ctx), "status": "failed",
-                              "reason": f"scan unreadable: {_failure(exc)}"})
+            yield ScanResult(
+                {
+                    **base,
+                    "name": name,
+                    "kind": _kind(name, ctx),
+                    "status": "failed",
+                    "reason": f"scan unreadable: {_failure(exc)}",
+                }
+            )
         return
     points = loaded.points
     label = int(loaded.object_label)
@@ -118,16 +135,25 @@ def run_scan(job: ScanJob, ctx: JobContext, resources: Resources) -> Iterator[Sc
             shared = analyse_s
         else:
             entry = METHODS[name]
-            scan = MethodInput(cls=job.cls, scan=job.scan, points=points, analysis=analysis,
-                               fit=lambda feature: resources.fit(ctx.fit_dirs[(job.cls, feature)]), seed=ctx.seed,
-                               verify_budget=ctx.inspection.max_verify_fraction)
+            scan = MethodInput(
+                cls=job.cls,
+                scan=job.scan,
+                points=points,
+                analysis=analysis,
+                fit=lambda feature: resources.fit(ctx.fit_dirs[(job.cls, feature)]),
+                seed=ctx.seed,
+                verify_budget=ctx.inspection.max_verify_fraction,
+            )
             try:
                 scores, object_score = entry.run(scan)
             except Exception as exc:  # noqa: BLE001 -- a method failing on one scan is recorded, not fatal
                 yield ScanResult({**row, "status": "failed", "reason": f"{name} failed: {_failure(exc)}"})
                 continue
-            row.update(object_score=float(object_score), verified_fraction=entry.verified_fraction,
-                       verdict=_method_verdict(entry, job, ctx, resources, float(object_score)))
+            row.update(
+                object_score=float(object_score),
+                verified_fraction=entry.verified_fraction,
+                verdict=_method_verdict(entry, job, ctx, resources, float(object_score)),
+            )
             result = ScanResult(row, scores=scores)
             shared = analyse_s if entry.feature == "pointmae" else 0.0
         own = time.perf_counter() - started
@@ -139,8 +165,11 @@ def _kind(name: str, ctx: JobContext) -> str:
     return "backend" if name in ctx.backends else "method"
 
 
-def _method_verdict(entry, job: ScanJob, ctx: JobContext, resources: Resources, object_score: float) -> str | None:
-    """'defective' / 'normal' against the class's object threshold of the method's fit, as agent.run's report.json
+def _method_verdict(
+    entry, job: ScanJob, ctx: JobContext, resources: Resources, object_score: float
+) -> str | None:
+    """'defective' / 'normal' against the class's object threshold of the method's fit, as agent.run's
+    report.json
     says it (methods without a fit give none)."""
     from detector.calibration import OBJECT_THRESHOLD, verdict_of
 
@@ -154,8 +183,16 @@ def _needs_backbone(name: str, ctx: JobContext) -> bool:
     return name in ctx.backends or METHODS[name].feature == "pointmae"
 
 
-def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, resources: Resources, points: np.ndarray,
-                 mask: np.ndarray | None, analysis, row: dict) -> ScanResult:
+def _run_backend(
+    spec: BackendSpec,
+    job: ScanJob,
+    ctx: JobContext,
+    resources: Resources,
+    points: np.ndarray,
+    mask: np.ndarray | None,
+    analysis,
+    row: dict,
+) -> ScanResult:
     from agent.pipeline import inspect_scan
     from detector.calibration import verdict_of
 
@@ -166,8 +203,15 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, resources: Re
         if ctx.transcript_root is not None:
             transcript = Path(ctx.transcript_root) / safe_name(spec.label) / job.cls / f"{job.scan}.jsonl"
             transcript.parent.mkdir(parents=True, exist_ok=True)
-        inspection = inspect_scan(points, fitted, backend, config=ctx.inspection, transcript_path=transcript,
-                                  analysis=analysis, use_fallback=ctx.fallback)
+        inspection = inspect_scan(
+            points,
+            fitted,
+            backend,
+            config=ctx.inspection,
+            transcript_path=transcript,
+            analysis=analysis,
+            use_fallback=ctx.fallback,
+        )
     except Exception as exc:  # noqa: BLE001 -- a failing backend is a result, not a crash
         row.update(status="failed", reason=Redactor.for_run(secrets_in(spec.kwargs)).text(_failure(exc)))
         return ScanResult(row)
@@ -180,12 +224,22 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, resources: Re
         object_score=float(inspection.object_score),
         verdict=verdict_of(float(inspection.object_score), inspection.verification.object_threshold),
         verified_fraction=float(inspection.verification.verified_fraction),
-        prompt_tokens=int(outcome.usage.prompt_tokens), completion_tokens=int(outcome.usage.completion_tokens),
-        tool_calls=int(outcome.n_tool_calls), turns=int(outcome.turns),
-        fallback_used=bool(outcome.fallback_used), fallback_reason=outcome.fallback_reason,
+        prompt_tokens=int(outcome.usage.prompt_tokens),
+        completion_tokens=int(outcome.usage.completion_tokens),
+        tool_calls=int(outcome.n_tool_calls),
+        turns=int(outcome.turns),
+        fallback_used=bool(outcome.fallback_used),
+        fallback_reason=outcome.fallback_reason,
         reporting_backend=outcome.backend,
-        regions=[{"n_points": int(f.size), "verdict": v.verdict, "confidence": float(v.confidence),
-                  "reason": v.reason} for f, v in zip(flagged, inspection.verification.regions)],
+        regions=[
+            {
+                "n_points": int(f.size),
+                "verdict": v.verdict,
+                "confidence": float(v.confidence),
+                "reason": v.reason,
+            }
+            for f, v in zip(flagged, inspection.verification.regions)
+        ],
         **_region_counts(points, mask, flagged),
     )
     if outcome.error:
@@ -198,14 +252,21 @@ def _region_counts(points: np.ndarray, mask: np.ndarray | None, flagged: list[np
     """GT regions and how many were named; flagged regions and how many hold no GT-anomalous point."""
     from evals.regions import false_region_count, region_hits
 
-    counts = {"n_flagged_regions": len(flagged), "n_gt_regions": None, "n_gt_regions_found": None,
-              "n_false_regions": None}
+    counts = {
+        "n_flagged_regions": len(flagged),
+        "n_gt_regions": None,
+        "n_gt_regions_found": None,
+        "n_false_regions": None,
+    }
     if mask is None:
         return counts
     flagged_mask = np.zeros(len(points), dtype=bool)
     for region in flagged:
         flagged_mask[region] = True
     found, n_regions = region_hits(points, mask, flagged_mask)
-    counts.update(n_gt_regions=n_regions, n_gt_regions_found=found,
-                  n_false_regions=false_region_count(points, mask, [r for r in flagged if r.size]))
+    counts.update(
+        n_gt_regions=n_regions,
+        n_gt_regions_found=found,
+        n_false_regions=false_region_count(points, mask, [r for r in flagged if r.size]),
+    )
     return counts

@@ -1,8 +1,10 @@
 """A run's results on disk: ``<out>/results.jsonl`` plus per-point score files, durable and resumable.
 
 A row is appended one (name, scan) at a time, after that row's per-point scores were written (atomically) to
-``<out>/scores/<name>/<class>/<scan>.npy``. A row therefore always has its scores, a rerun skips every (name, scan)
-with an ``ok`` row, and Ctrl-C at any moment leaves a consistent partial result. Failed rows are kept (with their
+``<out>/scores/<name>/<class>/<scan>.npy``. A row therefore always has its scores, a rerun skips every (name,
+scan)
+with an ``ok`` row, and Ctrl-C at any moment leaves a consistent partial result. Failed rows are kept (with
+their
 reason) and retried by the next run; the latest row of a (name, scan) wins.
 """
 
@@ -34,11 +36,14 @@ def safe_name(label: str) -> str:
 class ScanResult:
     row: dict
     scores: np.ndarray | None = None
-    regions: np.ndarray | None = None   # int32 (N,) index of the flagged region holding each point, -1 elsewhere
+    regions: np.ndarray | None = (
+        None  # int32 (N,) index of the flagged region holding each point, -1 elsewhere
+    )
 
 
 class ResultStore:
-    """`<out>/results.jsonl` plus the per-point score files; appends are durable and ordered npy-before-row."""
+    """`<out>/results.jsonl` plus the per-point score files; appends are durable and ordered
+    npy-before-row."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
@@ -50,7 +55,8 @@ class ResultStore:
         return (row["name"], row["class"], row["scan"])
 
     def rows(self) -> list[dict]:
-        """Every stored row, latest last; a line torn by a kill mid-write is ignored (its npy may exist, harmlessly)."""
+        """Every stored row, latest last; a line torn by a kill mid-write is ignored (its npy may exist,
+        harmlessly)."""
         if not self.path.is_file():
             return []
         rows = []
@@ -72,8 +78,11 @@ class ResultStore:
 
     def done(self) -> set[tuple[str, str, str]]:
         """(name, class, scan) with an ok row whose score file is present."""
-        return {k for k, row in self.latest().items()
-                if row.get("status") == "ok" and (self.out / row.get("scores", "")).is_file()}
+        return {
+            k
+            for k, row in self.latest().items()
+            if row.get("status") == "ok" and (self.out / row.get("scores", "")).is_file()
+        }
 
     def __enter__(self) -> Self:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -1,16 +1,25 @@
 """What a harness run measured: the summary of every (name, class), computed from the run's folder alone.
 
-Everything here is computed from the run's folder alone (``run.json``, ``results.jsonl``, the score files and the
-dataset's ground truth), so a report can be rebuilt at any time (``write_all(out)``) and a partial run reports what
-it has. Metrics are computed over the scans whose row is ``ok``; failed scans are counted and their reasons listed,
+Everything here is computed from the run's folder alone (``run.json``, ``results.jsonl``, the score files and
+the
+dataset's ground truth), so a report can be rebuilt at any time (``write_all(out)``) and a partial run reports
+what
+it has. Metrics are computed over the scans whose row is ``ok``; failed scans are counted and their reasons
+listed,
 never scored as if they had an answer.
 
-``summary.json`` is ``{name: {class: {...}, "mean": {...}}}``. A class entry holds o_auroc, p_auroc, au_pro (points,
-FPR 0.3), fit_s, score_s (mean seconds per scan, the shared backbone pass included), verified_fraction, and for
-backends region_recall (share of ground-truth regions named, pooled over scans), false_region_rate (share of named
-regions without a defective point), tokens, tool calls, wall-time p50/p95, failures, fallbacks with their reasons and
-cost; ``per_defect`` holds each defect type's o_auroc (that type vs the normal scans) and region recall. ``mean``
-averages rates over classes (ignoring undefined ones) and sums counts (n_scans, n_failed, n_fallbacks, cost_total).
+``summary.json`` is ``{name: {class: {...}, "mean": {...}}}``. A class entry holds o_auroc, p_auroc, au_pro
+(points,
+FPR 0.3), fit_s, score_s (mean seconds per scan, the shared backbone pass included), verified_fraction, and
+for
+backends region_recall (share of ground-truth regions named, pooled over scans), false_region_rate (share of
+named
+regions without a defective point), tokens, tool calls, wall-time p50/p95, failures, fallbacks with their
+reasons and
+cost; ``per_defect`` holds each defect type's o_auroc (that type vs the normal scans) and region recall.
+``mean``
+averages rates over classes (ignoring undefined ones) and sums counts (n_scans, n_failed, n_fallbacks,
+cost_total).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from evals.store import FIT_META, RUN_FILE, ResultStore
 from scans.datasets import Sample, open_dataset
 from scans.progress import Progress
 
-ROC_POINTS = 200             # points kept per plotted ROC curve
+ROC_POINTS = 200  # points kept per plotted ROC curve
 COUNT_KEYS = ("n_scans", "n_failed", "n_fallbacks", "cost_total")
 
 
@@ -47,8 +56,9 @@ def _pooled_rate(numerators: list[int | None], denominators: list[int | None]) -
 def _cost(row: dict, prices: dict) -> float | None:
     if prices.get("prompt") is None and prices.get("completion") is None:
         return None
-    return (row.get("prompt_tokens", 0) / 1000.0 * (prices.get("prompt") or 0.0)
-            + row.get("completion_tokens", 0) / 1000.0 * (prices.get("completion") or 0.0))
+    return row.get("prompt_tokens", 0) / 1000.0 * (prices.get("prompt") or 0.0) + row.get(
+        "completion_tokens", 0
+    ) / 1000.0 * (prices.get("completion") or 0.0)
 
 
 def _roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]] | None:
@@ -74,13 +84,16 @@ class _Scans:
         if path not in self.cache:
             loaded = self.samples[path].load()
             label = int(loaded.object_label)
-            mask = loaded.mask if loaded.mask is not None or label != 0 else np.zeros(len(loaded.points), bool)
+            mask = (
+                loaded.mask if loaded.mask is not None or label != 0 else np.zeros(len(loaded.points), bool)
+            )
             self.cache[path] = (loaded.points, mask, label)
         return self.cache[path]
 
 
-def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Path, fit_s: float | None,
-                 prices: dict) -> tuple[dict, dict]:
+def _class_entry(
+    name: str, kind: str, rows: list[dict], scans: _Scans, out: Path, fit_s: float | None, prices: dict
+) -> tuple[dict, dict]:
     """Metrics of one (name, class) and its ROC curves."""
     ok = [r for r in rows if r.get("status") == "ok"]
     failed = [r for r in rows if r.get("status") != "ok"]
@@ -106,7 +119,9 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
     entry["score_s"] = float(np.mean([r["seconds"] for r in ok])) if ok else math.nan
     walls = [r["seconds"] for r in rows if "seconds" in r]
     entry["wall_p50"], entry["wall_p95"] = _quantile(walls, 0.5), _quantile(walls, 0.95)
-    entry["verified_fraction"] = float(np.mean([r.get("verified_fraction", 0.0) for r in ok])) if ok else math.nan
+    entry["verified_fraction"] = (
+        float(np.mean([r.get("verified_fraction", 0.0) for r in ok])) if ok else math.nan
+    )
     curves = {"object": _roc_points(np.asarray(obj_scores), labels)}
     if pscores:
         pooled = np.concatenate(pscores)
@@ -117,24 +132,31 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
     normal_scores = [s for s, lab in zip(obj_scores, obj_labels) if lab == 0]
     for kind_name in sorted({t for t, lab in zip(types, obj_labels) if lab == 1}):
         these = [s for s, t, lab in zip(obj_scores, types, obj_labels) if lab == 1 and t == kind_name]
-        per_defect[kind_name] = {"n": len(these),
-                                 "o_auroc": o_auroc(these + normal_scores, [1] * len(these) + [0] * len(normal_scores))}
+        per_defect[kind_name] = {
+            "n": len(these),
+            "o_auroc": o_auroc(these + normal_scores, [1] * len(these) + [0] * len(normal_scores)),
+        }
 
     if kind == "backend":
-        entry["region_recall"] = _pooled_rate([r.get("n_gt_regions_found") for r in ok],
-                                              [r.get("n_gt_regions") for r in ok])
-        entry["false_region_rate"] = _pooled_rate([r.get("n_false_regions") for r in ok],
-                                                  [r.get("n_flagged_regions") for r in ok])
+        entry["region_recall"] = _pooled_rate(
+            [r.get("n_gt_regions_found") for r in ok], [r.get("n_gt_regions") for r in ok]
+        )
+        entry["false_region_rate"] = _pooled_rate(
+            [r.get("n_false_regions") for r in ok], [r.get("n_flagged_regions") for r in ok]
+        )
         for kind_name, stats in per_defect.items():
             these = [r for r in ok if r.get("defect_type") == kind_name and r.get("label") == 1]
-            stats["region_recall"] = _pooled_rate([r.get("n_gt_regions_found") for r in these],
-                                                  [r.get("n_gt_regions") for r in these])
+            stats["region_recall"] = _pooled_rate(
+                [r.get("n_gt_regions_found") for r in these], [r.get("n_gt_regions") for r in these]
+            )
         answered = [r for r in rows if "prompt_tokens" in r]  # failed rows may carry usage too
         for key in ("prompt_tokens", "completion_tokens", "tool_calls"):
             entry[key] = float(np.mean([r[key] for r in answered])) if answered else math.nan
         entry["tokens"] = entry["prompt_tokens"] + entry["completion_tokens"] if answered else math.nan
         entry["n_fallbacks"] = sum(bool(r.get("fallback_used")) for r in rows)
-        entry["fallback_reasons"] = dict(Counter(r["fallback_reason"] for r in rows if r.get("fallback_used")))
+        entry["fallback_reasons"] = dict(
+            Counter(r["fallback_reason"] for r in rows if r.get("fallback_used"))
+        )
         costs = [c for c in (_cost(r, prices) for r in answered) if c is not None]
         if costs:
             entry["cost_total"] = float(sum(costs))
@@ -147,8 +169,10 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
 
 
 def _verdict_rates(ok: list[dict], scans: _Scans) -> tuple[float, float]:
-    """(share of normal scans called defective, share of defective scans called defective) by the calibrated object
-    threshold; NaN where no scan of that kind has a verdict (methods without a threshold, uncalibrated fits)."""
+    """(share of normal scans called defective, share of defective scans called defective) by the calibrated
+    object
+    threshold; NaN where no scan of that kind has a verdict (methods without a threshold, uncalibrated
+    fits)."""
     called = {0: [], 1: []}
     for row in ok:
         if row.get("verdict") in ("defective", "normal"):
@@ -159,8 +183,14 @@ def _verdict_rates(ok: list[dict], scans: _Scans) -> tuple[float, float]:
 
 
 def _mean_entry(per_class: dict[str, dict]) -> dict:
-    scalars = {cls: {k: v for k, v in e.items() if isinstance(v, (int, float)) and v is not None
-                     and k not in COUNT_KEYS} for cls, e in per_class.items()}
+    scalars = {
+        cls: {
+            k: v
+            for k, v in e.items()
+            if isinstance(v, (int, float)) and v is not None and k not in COUNT_KEYS
+        }
+        for cls, e in per_class.items()
+    }
     mean: dict[str, Any] = mean_table(scalars) if scalars else {}
     for key in COUNT_KEYS:
         values = [e[key] for e in per_class.values() if e.get(key) is not None]
@@ -175,9 +205,16 @@ def _mean_entry(per_class: dict[str, dict]) -> dict:
         if merged or any(key in e for e in per_class.values()):
             mean[key] = dict(merged)
     types = sorted({t for e in per_class.values() for t in e.get("per_defect", {})})
-    mean["per_defect"] = {t: mean_table({c: {k: v for k, v in e["per_defect"][t].items() if k != "n"}
-                                         for c, e in per_class.items() if t in e.get("per_defect", {})})
-                          for t in types}
+    mean["per_defect"] = {
+        t: mean_table(
+            {
+                c: {k: v for k, v in e["per_defect"][t].items() if k != "n"}
+                for c, e in per_class.items()
+                if t in e.get("per_defect", {})
+            }
+        )
+        for t in types
+    }
     return mean
 
 
@@ -199,7 +236,9 @@ def summarize(out: str | os.PathLike, progress: Progress | None = None) -> tuple
             rows = [latest[(name, cls, scan)] for scan in wanted if (name, cls, scan) in latest]
             if not rows:
                 continue
-            feature = METHODS[name].feature if name in METHODS else "pointmae"  # backends read the Point-MAE fit
+            feature = (
+                METHODS[name].feature if name in METHODS else "pointmae"
+            )  # backends read the Point-MAE fit
             fit = meta["fits"].get(cls, {}).get(feature) if feature else None
             entry, curve = _class_entry(name, kinds[name], rows, scans, out, _fit_seconds(fit), prices)
             summary[name][cls] = entry

@@ -1,22 +1,27 @@
 """Build a dev benchmark in the exact Anomaly-ShapeNet layout from parts and shapes available offline.
 
-Why: the public benchmarks are not downloadable here, but the loaders, metrics, detector and agent must be developed
+Why: the public benchmarks are not downloadable here, but the loaders, metrics, detector and agent must be
+developed
 and tested on data with per-point ground truth. The builder writes
 
     <root>/pcd/<class>/train/<class>_template{0..T-1}.pcd
     <root>/pcd/<class>/test/<class>_positive{i}.pcd          normal test samples
     <root>/pcd/<class>/test/<class>_<defect>{i}.pcd          defective test samples
     <root>/pcd/<class>/GT/<class>_<defect>{i}.txt            x,y,z,label rows: the same points as the test pcd
-    <root>/recipe.json                                       recipe version, seed, sources, per-sample defect info
+    <root>/recipe.json                                       recipe version, seed, sources, per-sample defect
+    info
     <root>/manifest.json                                     every file with its point count and sha256
 
 Sources (all optional except the procedural parts): the parts of `evals.parts`; the real scans in
-../shared/data/scans (bunny mesh sampled; PCL single-view clouds resampled, skipped when too small); meshes shipped by
+../shared/data/scans (bunny mesh sampled; PCL single-view clouds resampled, skipped when too small); meshes
+shipped by
 pip packages (`pymeshlab` sample meshes, `pybullet_data` objects) when those are installed.
 
-A sample of a class differs from its siblings by surface sampling, sensor noise along the normal and a small pose
+A sample of a class differs from its siblings by surface sampling, sensor noise along the normal and a small
+pose
 change; defective samples additionally carry one defect from `evals.defects`. Every sample's seed derives from
-(seed, class, file stem), so a class is identical whichever other classes are built with it. The dataset is built in
+(seed, class, file stem), so a class is identical whichever other classes are built with it. The dataset is
+built in
 `<out>.tmp` and renamed at the end: an interrupted build leaves no half-written dataset at `<out>`.
 """
 
@@ -75,7 +80,8 @@ class BenchConfig:
     defects_per_type: int = 1
     defect_types: tuple[str, ...] = defect_lib.DEFECT_TYPES
     seed: int = 0
-    # Largest rotation (degrees, random axis) of each sample away from the part's own pose, so two samples differ by
+    # Largest rotation (degrees, random axis) of each sample away from the part's own pose, so two samples
+    # differ by
     # up to twice this. The default is a fixture's play; a large value makes a benchmark of scans that are not
     # pre-aligned, as Real3D-AD's test scans are (see tools.registration).
     pose_deg: float = 4.0
@@ -85,9 +91,9 @@ class BenchConfig:
             raise ValueError(f"pose_deg must be in [0, 180] degrees, got {self.pose_deg}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Sources
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _package_dir(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -132,7 +138,8 @@ REAL_CLASSES = ("bunny", *(name.split(".")[0].replace("_cloud", "") for name in 
 def missing_scans_hint(scans_dir: Path | None) -> str:
     """Why the real-scan classes are absent, and how to point the builder at them."""
     where = "no real-scans folder given" if scans_dir is None else f"{scans_dir} does not exist"
-    return (f"{where}; they need the shared scans folder (data/scans under $SCANAGENT_SHARED, default ../shared "
+    return (f"{where}; they need the shared scans folder (data/scans under $SCANAGENT_SHARED, default "
+            "../shared "
             "beside the checkout): set SCANAGENT_SHARED or pass --scans DIR")
 
 
@@ -195,17 +202,19 @@ def _clean_sample(source: Source, count: int, seed: int) -> tuple[np.ndarray, np
     return points, normals, source._cache["size"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Building
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def sample_seed(seed: int, *names: str) -> int:
-    """Seed for one sample from the global seed and its names (independent of which other classes are built)."""
+    """Seed for one sample from the global seed and its names (independent of which other classes are
+    built)."""
     key = zlib.crc32("|".join(names).encode("utf-8"))
     return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
 def _write_gt(path: Path, points32: np.ndarray, mask: np.ndarray) -> None:
-    """Comma-delimited x,y,z,label rows with the same float formatting as tools.io.write_pcd (%.9g of float32).
+    """Comma-delimited x,y,z,label rows with the same float formatting as tools.io.write_pcd (%.9g of
+    float32).
 
     Formatted as one string (about 3x faster than np.savetxt, which formats row by row).
     """
@@ -297,7 +306,8 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             reasons = "; ".join(_refusal(c, scans_dir) for c in unknown)
             raise ValueError(f"cannot build {', '.join(unknown)}: {reasons}. Available: {', '.join(sources)}")
         sources = {c: sources[c] for c in classes}
-        if not set(classes) & set(REAL_CLASSES):  # the real scans were not asked for: their absence is no news
+        # the real scans were not asked for: their absence is no news
+        if not set(classes) & set(REAL_CLASSES):
             skipped = [note for note in skipped if not note.startswith("real-scan classes")]
 
     started = time.perf_counter()
@@ -353,9 +363,9 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             "seconds": manifest["build_seconds"], "sources": used}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # CLI
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 EPILOG = """examples:
   scanagent bench --out dev-bench --pictures             # every available class
   scanagent bench --out dev-bench --classes flange,bunny
@@ -369,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evals.bench", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
-    parser.add_argument("--classes", nargs="+", help="comma-separated class names, e.g. flange,bunny (default: every "
+    parser.add_argument("--classes", nargs="+", help="comma-separated class names, e.g. flange,bunny "
+                                                     "(default: every "
                         "available source; real-scan classes need the shared scans, see --scans)")
     parser.add_argument("--points", type=int, default=30000, help="points per sample (default 30000)")
     parser.add_argument("--seed", type=int, default=0)
@@ -377,16 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--normal", type=int, default=3, help="normal test samples per class")
     parser.add_argument("--per-defect", type=int, default=1, help="defective test samples per defect type")
     parser.add_argument("--defects", nargs="+", default=list(defect_lib.DEFECT_TYPES),
-                        help=f"comma-separated defect types (default all: {','.join(defect_lib.DEFECT_TYPES)})")
+                        help="comma-separated defect types (default all: "
+                             f"{','.join(defect_lib.DEFECT_TYPES)})")
     parser.add_argument("--scans", type=Path, default=DEFAULT_SCANS,
-                        help=f"real scans folder (default {DEFAULT_SCANS}, i.e. $SCANAGENT_SHARED/data/scans or "
+                        help=f"real scans folder (default {DEFAULT_SCANS}, i.e. $SCANAGENT_SHARED/data/scans "
+                             "or "
                         "../shared/data/scans; its classes are skipped, with the reason, when it is absent)")
     parser.add_argument("--pose-deg", type=float, default=4.0,
                         help="largest rotation of a sample away from the part's pose, in degrees (default 4: "
                              "pre-aligned scans; e.g. 30 for scans that need registration)")
     parser.add_argument("--pictures", action="store_true", help="also write <out>/examples.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
-    parser.add_argument("--workers", type=int, default=2, help="processes building classes in parallel (default 2)")
+    parser.add_argument("--workers", type=int, default=2, help="processes building classes in parallel "
+                                                               "(default 2)")
     args = parser.parse_args(argv)
     try:
         config = BenchConfig(points=args.points, templates=args.templates, normal_per_class=args.normal,

@@ -1,4 +1,5 @@
-"""`python -m evals.bench --pictures`: one PNG with a few samples of every class, defects in red, for a person to
+"""`python -m evals.bench --pictures`: one PNG with a few samples of every class, defects in red, for a person
+to
 check what the benchmark builder made."""
 
 from __future__ import annotations

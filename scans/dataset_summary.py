@@ -1,6 +1,8 @@
-"""What a dataset holds, class by class, and the `python -m evals.datasets <layout>:<root>` command that prints it.
+"""What a dataset holds, class by class, and the `python -m evals.datasets <layout>:<root>` command that
+prints it.
 
-Every scan is read and its ground truth checked, so the summary doubles as a check of a downloaded benchmark: the
+Every scan is read and its ground truth checked, so the summary doubles as a check of a downloaded benchmark:
+the
 problems it lists are the files a run would refuse.
 """
 
@@ -31,17 +33,28 @@ class ClassSummary:
     n_defective: int = 0
     n_unknown: int = 0
     points_per_sample: list[int] = field(default_factory=list)
-    anomalous_shares: list[float] = field(default_factory=list)   # one per loaded defective test sample
+    anomalous_shares: list[float] = field(default_factory=list)  # one per loaded defective test sample
     problems: list[Problem] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         counts = np.asarray(self.points_per_sample)
-        points = ({"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
-                  if len(counts) else None)
+        points = (
+            {"min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())}
+            if len(counts)
+            else None
+        )
         share = float(np.mean(self.anomalous_shares)) if self.anomalous_shares else None
-        return {"class": self.cls, "train": self.n_train, "validation": self.n_validation,
-                "test": self.n_test, "defective": self.n_defective, "unknown_label": self.n_unknown,
-                "points": points, "anomalous_share_mean": share, "problems": len(self.problems)}
+        return {
+            "class": self.cls,
+            "train": self.n_train,
+            "validation": self.n_validation,
+            "test": self.n_test,
+            "defective": self.n_defective,
+            "unknown_label": self.n_unknown,
+            "points": points,
+            "anomalous_share_mean": share,
+            "problems": len(self.problems),
+        }
 
 
 def summarize_class(dataset: Dataset, cls: str, **read_kwargs: Any) -> ClassSummary:
@@ -61,8 +74,9 @@ def summarize_class(dataset: Dataset, cls: str, **read_kwargs: Any) -> ClassSumm
             label = loaded.object_label
             if sample.split == "test" and sample.label == 1 and loaded.mask is not None:
                 if not loaded.mask.any():
-                    summary.problems.append(Problem(
-                        sample.path, "defective sample but its ground truth marks no anomalous point"))
+                    summary.problems.append(
+                        Problem(sample.path, "defective sample but its ground truth marks no anomalous point")
+                    )
                 summary.anomalous_shares.append(float(loaded.mask.mean()) if len(loaded.mask) else 0.0)
             elif sample.split == "test" and label == 1 and loaded.mask is not None:  # resolved on load
                 summary.anomalous_shares.append(float(loaded.mask.mean()))
@@ -72,8 +86,9 @@ def summarize_class(dataset: Dataset, cls: str, **read_kwargs: Any) -> ClassSumm
     return summary
 
 
-def summarize(dataset: Dataset, classes: Sequence[str] | None = None,
-              **read_kwargs: Any) -> list[ClassSummary]:
+def summarize(
+    dataset: Dataset, classes: Sequence[str] | None = None, **read_kwargs: Any
+) -> list[ClassSummary]:
     chosen = list(classes) if classes else dataset.classes()
     for cls in chosen:
         dataset.class_dir(cls)  # unknown class -> DatasetError before any loading
@@ -82,10 +97,13 @@ def summarize(dataset: Dataset, classes: Sequence[str] | None = None,
 
 def summary_document(spec: str, dataset: Dataset, summaries: Sequence[ClassSummary]) -> dict[str, Any]:
     return {
-        "spec": spec, "layout": dataset.layout, "root": str(dataset.root),
+        "spec": spec,
+        "layout": dataset.layout,
+        "root": str(dataset.root),
         "classes": [s.as_dict() for s in summaries],
-        "problems": [{"class": s.cls, "path": str(p.path), "message": p.message}
-                     for s in summaries for p in s.problems],
+        "problems": [
+            {"class": s.cls, "path": str(p.path), "message": p.message} for s in summaries for p in s.problems
+        ],
     }
 
 
@@ -107,27 +125,40 @@ def render_table(document: dict[str, Any]) -> Any:
         table.add_column(name, justify="left" if name == "class" else "right", overflow="fold")
     for row in document["classes"]:
         points = row["points"]
-        median = points and (f"{points['median']:.0f}" if float(points["median"]).is_integer()
-                             else f"{points['median']:.1f}")
+        median = points and (
+            f"{points['median']:.0f}" if float(points["median"]).is_integer() else f"{points['median']:.1f}"
+        )
         points_text = "-" if points is None else f"{points['min']} / {median} / {points['max']}"
-        table.add_row(row["class"], str(row["train"]), str(row["validation"]), str(row["test"]),
-                      str(row["defective"]), str(row["unknown_label"]), points_text,
-                      _format_share(row["anomalous_share_mean"]), str(row["problems"]))
+        table.add_row(
+            row["class"],
+            str(row["train"]),
+            str(row["validation"]),
+            str(row["test"]),
+            str(row["defective"]),
+            str(row["unknown_label"]),
+            points_text,
+            _format_share(row["anomalous_share_mean"]),
+            str(row["problems"]),
+        )
     return table
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Summarise a dataset tree; exit 0 clean, 1 problems found, 2 bad spec/root/class."""
     from rich.console import Console
 
     parser = argparse.ArgumentParser(
-        prog="python -m evals.datasets", description=__doc__.split("\n")[0],
+        prog="python -m evals.datasets",
+        description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  scanagent datasets anomaly-shapenet:dev-bench --classes flange,gear --json out.json\n"
-               "  (`python -m evals.datasets ...` is the same command)\n\n"
-               "exit codes: 0 clean, 1 problems found in the tree, 2 bad spec, root or class")
+        epilog="examples:\n  scanagent datasets anomaly-shapenet:dev-bench --classes flange,gear --json "
+        "out.json\n"
+        "  (`python -m evals.datasets ...` is the same command)\n\n"
+        "exit codes: 0 clean, 1 problems found in the tree, 2 bad spec, root or class",
+    )
     parser.add_argument("spec", help=f"<layout>:<root>, layout one of {', '.join(LAYOUTS)}")
     parser.add_argument("--classes", help="comma-separated classes (default: all)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")

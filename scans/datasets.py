@@ -55,13 +55,13 @@ class Sample:
 
     path: Path
     cls: str
-    split: str                          # "train" | "validation" | "test"
-    label: int                          # 0 normal, 1 defective, -1 unknown (folder scans without label files)
-    defect_type: str                    # "good", one of DEFECT_TYPES, MVTec's folder name, or "unknown"
-    gt_path: Path | None = None         # where the per-point truth is (or must be, for defective samples)
+    split: str  # "train" | "validation" | "test"
+    label: int  # 0 normal, 1 defective, -1 unknown (folder scans without label files)
+    defect_type: str  # "good", one of DEFECT_TYPES, MVTec's folder name, or "unknown"
+    gt_path: Path | None = None  # where the per-point truth is (or must be, for defective samples)
     gt_format: str = GT_NONE
-    remove_background: bool = False     # MVTec: drop the support plane from points and mask together
-    seed: int = 0                       # seeds the background-plane RANSAC
+    remove_background: bool = False  # MVTec: drop the support plane from points and mask together
+    seed: int = 0  # seeds the background-plane RANSAC
 
     def load(self, **read_kwargs: Any) -> LoadedSample:
         """Read the scan (``read_kwargs`` go to ``scans.io.read_scan``) and its per-point mask.
@@ -74,8 +74,9 @@ class Sample:
         if self.remove_background:
             from scans.preprocess import remove_background_plane
 
-            removal = remove_background_plane(scan.points, grid_shape=scan.grid_shape,
-                                              grid_index=scan.grid_index, seed=self.seed)
+            removal = remove_background_plane(
+                scan.points, grid_shape=scan.grid_shape, grid_index=scan.grid_index, seed=self.seed
+            )
             keep = np.flatnonzero(removal.keep)
             points = scan.points[keep]
             mask = None if mask is None else mask[keep]
@@ -85,9 +86,9 @@ class Sample:
 @dataclass(frozen=True, eq=False)
 class LoadedSample:
     sample: Sample
-    points: np.ndarray                  # float32 (N, 3) after any preprocessing
-    mask: np.ndarray | None             # bool (N,) True = anomalous point; None = no truth known
-    scan: Scan                          # the scan as read (before background removal)
+    points: np.ndarray  # float32 (N, 3) after any preprocessing
+    mask: np.ndarray | None  # bool (N,) True = anomalous point; None = no truth known
+    scan: Scan  # the scan as read (before background removal)
     kept_rows: np.ndarray | None = None  # int64 rows of scan.points that survived preprocessing (None = all)
 
     @property
@@ -99,6 +100,7 @@ class LoadedSample:
 
 
 # ---------------------------------------------------------------- listing helpers
+
 
 def defect_type_from_name(stem: str, normal_marker: str) -> str:
     """'good' if the name has the layout's normal marker, else its first known defect word, else 'other'.
@@ -120,18 +122,22 @@ def _files(directory: Path, pattern: str = "*") -> list[Path]:
     """Regular, non-hidden files matching ``pattern``, sorted by name (stable across machines)."""
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
 
 
 def _subdirs(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
+    return sorted(
+        (p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name
+    )
 
 
 # ---------------------------------------------------------------- datasets
+
 
 class Dataset:
     """Base class: one layout on disk. Subclasses list samples; loading and checking are shared."""
@@ -154,8 +160,10 @@ class Dataset:
     def class_dir(self, cls: str) -> Path:
         roots = self._class_roots()
         if cls not in roots:
-            raise DatasetError(f"{self.root}: no class {cls!r} in this {self.layout} tree; classes: "
-                               f"{', '.join(sorted(roots)) or '(none)'}")
+            raise DatasetError(
+                f"{self.root}: no class {cls!r} in this {self.layout} tree; classes: "
+                f"{', '.join(sorted(roots)) or '(none)'}"
+            )
         return roots[cls]
 
     def train(self, cls: str) -> list[Sample]:
@@ -193,8 +201,11 @@ class _TemplateLayout(Dataset):
         return self.root
 
     def _class_roots(self) -> dict[str, Path]:
-        return {d.name: d for d in _subdirs(self._classes_parent())
-                if (d / "train").is_dir() or (d / "test").is_dir()}
+        return {
+            d.name: d
+            for d in _subdirs(self._classes_parent())
+            if (d / "train").is_dir() or (d / "test").is_dir()
+        }
 
     def train(self, cls: str) -> list[Sample]:
         directory = self.class_dir(cls) / "train"
@@ -233,8 +244,9 @@ class AnomalyShapeNet(_TemplateLayout):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         if not (self.root / "pcd").is_dir():
-            raise DatasetError(f"{self.root}: no pcd/ folder; an anomaly-shapenet root holds "
-                               "pcd/<class>/{train,test,GT}")
+            raise DatasetError(
+                f"{self.root}: no pcd/ folder; an anomaly-shapenet root holds pcd/<class>/{{train,test,GT}}"
+            )
 
     def _classes_parent(self) -> Path:
         return self.root / "pcd"
@@ -268,8 +280,10 @@ class MVTec3D(Dataset):
 
     def _normal(self, cls: str, split: str) -> list[Sample]:
         directory = self.class_dir(cls) / split / "good"
-        return [Sample(p, cls, split, 0, "good", remove_background=self.remove_background, seed=self.seed)
-                for p in self._tiffs(directory)]
+        return [
+            Sample(p, cls, split, 0, "good", remove_background=self.remove_background, seed=self.seed)
+            for p in self._tiffs(directory)
+        ]
 
     def train(self, cls: str) -> list[Sample]:
         return self._normal(cls, "train")
@@ -282,9 +296,19 @@ class MVTec3D(Dataset):
         for defect_dir in _subdirs(self.class_dir(cls) / "test"):
             label = 0 if defect_dir.name == "good" else 1
             for path in self._tiffs(defect_dir):
-                samples.append(Sample(path, cls, "test", label, defect_dir.name,
-                                      defect_dir / "gt" / f"{path.stem}.png", GT_MASK_PNG,
-                                      remove_background=self.remove_background, seed=self.seed))
+                samples.append(
+                    Sample(
+                        path,
+                        cls,
+                        "test",
+                        label,
+                        defect_dir.name,
+                        defect_dir / "gt" / f"{path.stem}.png",
+                        GT_MASK_PNG,
+                        remove_background=self.remove_background,
+                        seed=self.seed,
+                    )
+                )
         return samples
 
     def structure_problems(self, cls: str) -> list[Problem]:
@@ -305,9 +329,11 @@ class FolderDataset(Dataset):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         if not self._class_roots():
-            raise DatasetError(f"{self.root}: no train/ or test/ folder, neither directly nor in class "
-                               "subfolders; a folder root holds train/ and test/ "
-                               "(or <class>/train, <class>/test)")
+            raise DatasetError(
+                f"{self.root}: no train/ or test/ folder, neither directly nor in class "
+                "subfolders; a folder root holds train/ and test/ "
+                "(or <class>/train, <class>/test)"
+            )
 
     def _class_roots(self) -> dict[str, Path]:
         if (self.root / "train").is_dir() or (self.root / "test").is_dir():
@@ -315,8 +341,11 @@ class FolderDataset(Dataset):
         return {d.name: d for d in _subdirs(self.root) if (d / "train").is_dir() or (d / "test").is_dir()}
 
     def train(self, cls: str) -> list[Sample]:
-        return [Sample(p, cls, "train", 0, "good")
-                for p in _files(self.class_dir(cls) / "train") if is_scan_file(p)]
+        return [
+            Sample(p, cls, "train", 0, "good")
+            for p in _files(self.class_dir(cls) / "train")
+            if is_scan_file(p)
+        ]
 
     def test(self, cls: str) -> list[Sample]:
         directory = self.class_dir(cls) / "test"
@@ -324,8 +353,14 @@ class FolderDataset(Dataset):
         for path in _files(directory):
             if not is_scan_file(path):
                 continue
-            label_file = next((directory / f"{path.stem}{s}" for s in LABEL_SUFFIXES
-                               if (directory / f"{path.stem}{s}").is_file()), None)
+            label_file = next(
+                (
+                    directory / f"{path.stem}{s}"
+                    for s in LABEL_SUFFIXES
+                    if (directory / f"{path.stem}{s}").is_file()
+                ),
+                None,
+            )
             if label_file is None:  # labels may sit inside the scan; known only once it is read
                 samples.append(Sample(path, cls, "test", -1, "unknown", None, GT_IN_SCAN))
                 continue
@@ -340,8 +375,9 @@ class FolderDataset(Dataset):
         scans = {p.stem for p in _files(directory) if is_scan_file(p)}
         for label_file in _files(directory):
             if is_label_file(label_file):
-                stem = label_file.name[: -len(next(s for s in LABEL_SUFFIXES
-                                                   if label_file.name.lower().endswith(s)))]
+                stem = label_file.name[
+                    : -len(next(s for s in LABEL_SUFFIXES if label_file.name.lower().endswith(s)))
+                ]
                 if stem not in scans:
                     problems.append(Problem(label_file, f"label file has no scan named {stem}.*"))
         return problems
@@ -367,18 +403,24 @@ def open_dataset(spec: str, **options: Any) -> Dataset:
     layout, sep, root = spec.partition(":")
     layout = layout.strip().lower()
     if not sep or not root:
-        raise DatasetError(f"dataset spec {spec!r} must look like <layout>:<root>; "
-                           f"layouts: {', '.join(LAYOUTS)}")
+        raise DatasetError(
+            f"dataset spec {spec!r} must look like <layout>:<root>; layouts: {', '.join(LAYOUTS)}"
+        )
     if layout not in _DATASETS:
-        raise DatasetError(f"unknown dataset layout {layout!r} in {spec!r}; "
-                           f"valid layouts: {', '.join(LAYOUTS)}")
+        raise DatasetError(
+            f"unknown dataset layout {layout!r} in {spec!r}; valid layouts: {', '.join(LAYOUTS)}"
+        )
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DatasetError(f"{path}: dataset root does not exist or is not a folder (layout {layout}; "
-                           f"valid layouts: {', '.join(LAYOUTS)})")
+        raise DatasetError(
+            f"{path}: dataset root does not exist or is not a folder (layout {layout}; "
+            f"valid layouts: {', '.join(LAYOUTS)})"
+        )
     dataset_type = _DATASETS[layout]
     unknown = sorted(set(options) - set(dataset_type.options))
     if unknown:
-        raise DatasetError(f"layout {layout} does not take option(s) {', '.join(unknown)}; it takes: "
-                           f"{', '.join(dataset_type.options) or 'none'}")
+        raise DatasetError(
+            f"layout {layout} does not take option(s) {', '.join(unknown)}; it takes: "
+            f"{', '.join(dataset_type.options) or 'none'}"
+        )
     return dataset_type(path, **options)

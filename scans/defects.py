@@ -1,22 +1,33 @@
 """Defect synthesis on point clouds with per-point ground truth, deterministic by seed.
 
-Why: the detector and the agent need labelled defects on parts we can generate here. The defect kinds and their size
-follow Anomaly-ShapeNet (bulge, concavity, crack, hole, broken; 1-7 % of points anomalous) plus a shallow scratch.
-Sizes are relative to the object (its largest bounding-box side), amplitudes well above the simulated sensor noise
+Why: the detector and the agent need labelled defects on parts we can generate here. The defect kinds and
+their size
+follow Anomaly-ShapeNet (bulge, concavity, crack, hole, broken; 1-7 % of points anomalous) plus a shallow
+scratch.
+Sizes are relative to the object (its largest bounding-box side), amplitudes well above the simulated sensor
+noise
 (0.3 % of the size), and every region is chosen by *rank* (the k points nearest to a centre or curve along the
 surface), so the anomalous share is controlled directly and does not depend on point density or units.
 
-Distances "along the surface" are shortest paths in a k-nearest-neighbour graph (scipy Dijkstra), so a region on one
-face of a thin plate does not leak through to the opposite face; deformations additionally skip points whose normal
+Distances "along the surface" are shortest paths in a k-nearest-neighbour graph (scipy Dijkstra), so a region
+on one
+face of a thin plate does not leak through to the opposite face; deformations additionally skip points whose
+normal
 faces away from the defect's normal.
 
-Labels: a deformed point is anomalous when its displacement exceeds 10 % of the defect's peak amplitude (the flat
+Labels: a deformed point is anomalous when its displacement exceeds 10 % of the defect's peak amplitude (the
+flat
 rim of a smooth bump cannot be told apart from a normal surface, so labelling it would only cap point AUROC).
-Holes: removed points cannot carry a label, so the ring of remaining points around the hole is labelled anomalous.
-Anomaly-ShapeNet makes holes by deleting mesh faces and marks points on the hole's border; we could not confirm the
-exact ring width from the stored paper text, so the ring here holds ~1.5-3 % of the points. Broken: points beyond a
-plane are removed; on a closed surface with outward normals (``solid=True``) the new cut face is sampled at the
-cloud's density and labelled, together with a thin band of old points along the break; on an open single-view scan only
+Holes: removed points cannot carry a label, so the ring of remaining points around the hole is labelled
+anomalous.
+Anomaly-ShapeNet makes holes by deleting mesh faces and marks points on the hole's border; we could not
+confirm the
+exact ring width from the stored paper text, so the ring here holds ~1.5-3 % of the points. Broken: points
+beyond a
+plane are removed; on a closed surface with outward normals (``solid=True``) the new cut face is sampled at
+the
+cloud's density and labelled, together with a thin band of old points along the break; on an open single-view
+scan only
 that band is labelled.
 """
 
@@ -30,7 +41,9 @@ from scipy.sparse.csgraph import dijkstra
 from scipy.spatial import cKDTree
 
 DEFECT_TYPES: tuple[str, ...] = ("bulge", "concavity", "crack", "hole", "broken", "scratch")
-LABEL_FRACTION = 0.1  # a displaced point is anomalous when moved by more than this fraction of the peak amplitude
+LABEL_FRACTION = (
+    0.1  # a displaced point is anomalous when moved by more than this fraction of the peak amplitude
+)
 
 
 def extent(points: np.ndarray) -> float:
@@ -41,7 +54,8 @@ def extent(points: np.ndarray) -> float:
 def estimate_normals(points: np.ndarray, *, viewpoint: np.ndarray | None = None, k: int = 20) -> np.ndarray:
     """Unit normals by local PCA (open3d), oriented toward `viewpoint` (single-view scans) or outward.
 
-    Without a viewpoint the orientation is made consistent over the tangent-plane graph and then flipped so most
+    Without a viewpoint the orientation is made consistent over the tangent-plane graph and then flipped so
+    most
     normals point away from the centroid: right for closed, roughly star-shaped objects.
     """
     import open3d as o3d
@@ -95,8 +109,15 @@ def _tangent_basis(normal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _surface_curve(points: np.ndarray, normals: np.ndarray, tree: cKDTree, start: int, length: float,
-                   wiggle_deg: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _surface_curve(
+    points: np.ndarray,
+    normals: np.ndarray,
+    tree: cKDTree,
+    start: int,
+    length: float,
+    wiggle_deg: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """Walk along the surface: step, turn by a random angle in the tangent plane, snap to the nearest point.
 
     Returns the dense curve (M, 3) and the index of the surface point nearest each curve sample.
@@ -121,7 +142,9 @@ def _surface_curve(points: np.ndarray, normals: np.ndarray, tree: cKDTree, start
         _, index = tree.query(target)
         q, n = points[index], normals[index]
         target = target - (target - q).dot(n) * n
-        if np.linalg.norm(target - q) > off_surface:  # walked off an open border: stay on it and turn along it
+        if (
+            np.linalg.norm(target - q) > off_surface
+        ):  # walked off an open border: stay on it and turn along it
             target = q.copy()
             direction = np.cross(n, direction) * rng.choice([-1.0, 1.0])
         moved = target - position
@@ -138,14 +161,18 @@ def _surface_curve(points: np.ndarray, normals: np.ndarray, tree: cKDTree, start
     return dense, dense_nearest
 
 
-def _deform(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, kind: str, share: float,
-            size: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _deform(
+    points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, kind: str, share: float, size: float
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Bulge or concavity: a smooth bump (1 - u^2)^2 along the mean normal of the region."""
     centre, direction = _pick_centre(points, normals, rng)
     geodesic = geodesic_from(points, centre)
-    # (1-u^2)^2 > 0.1 for u < 0.827, which holds ~68 % of a disc's area: enlarge the region so the labelled share
+    # (1-u^2)^2 > 0.1 for u < 0.827, which holds ~68 % of a disc's area: enlarge the region so the labelled
+    # share
     # matches the target
-    facing = normals @ direction > 0.2  # do not bend the far side of a thin wall or the back of a small cylinder
+    facing = (
+        normals @ direction > 0.2
+    )  # do not bend the far side of a thin wall or the back of a small cylinder
     region = _rank_region(np.where(facing, geodesic, np.inf), round(share / 0.68 * len(points)))
     radius = float(geodesic[region].max()) if len(region) else 0.0
     amplitude = float(min(rng.uniform(0.03, 0.06) * size, 0.6 * radius))
@@ -156,13 +183,18 @@ def _deform(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, k
     moved[region] += sign * height[:, None] * direction
     mask = np.zeros(len(points), dtype=bool)
     mask[region[height > LABEL_FRACTION * amplitude]] = True
-    info = {"centre": points[centre].tolist(), "size": radius, "amplitude": sign * amplitude,
-            "direction": direction.tolist()}
+    info = {
+        "centre": points[centre].tolist(),
+        "size": radius,
+        "amplitude": sign * amplitude,
+        "direction": direction.tolist(),
+    }
     return moved, mask, info
 
 
-def _groove(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, kind: str, share: float,
-            size: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _groove(
+    points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, kind: str, share: float, size: float
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Crack (wiggly, deep, V-shaped) or scratch (nearly straight, long, shallow) pressed into the surface."""
     tree = cKDTree(points)
     centre, _ = _pick_centre(points, normals, rng)
@@ -185,14 +217,22 @@ def _groove(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, k
     mask[region[profile > LABEL_FRACTION]] = True
     arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(curve, axis=0), axis=1))])
     middle = curve[int(np.searchsorted(arc, arc[-1] / 2))]
-    # centre = arc-length midpoint and size = curve length: every labelled point is within size/2 + width/2 of it
-    info = {"centre": middle.tolist(), "size": float(arc[-1]), "width": 2 * width, "depth": float(depth),
-            "start": curve[0].tolist(), "end": curve[-1].tolist()}
+    # centre = arc-length midpoint and size = curve length: every labelled point is within size/2 + width/2 of
+    # it
+    info = {
+        "centre": middle.tolist(),
+        "size": float(arc[-1]),
+        "width": 2 * width,
+        "depth": float(depth),
+        "start": curve[0].tolist(),
+        "end": curve[-1].tolist(),
+    }
     return moved, mask, info
 
 
-def _hole(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, share: float,
-          size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+def _hole(
+    points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, share: float, size: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Remove a surface patch; label the ring of remaining points around it."""
     del size
     centre, _ = _pick_centre(points, normals, rng)
@@ -205,16 +245,27 @@ def _hole(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, sha
     keep[removed] = False
     mask = np.zeros(len(points), dtype=bool)
     mask[ring] = True
-    info = {"centre": points[centre].tolist(), "size": float(geodesic[removed].max()),
-            "removed_points": int(n_removed)}
+    info = {
+        "centre": points[centre].tolist(),
+        "size": float(geodesic[removed].max()),
+        "removed_points": int(n_removed),
+    }
     return keep, mask, normals, info
 
 
-def _cut_face(points: np.ndarray, normals: np.ndarray, origin: np.ndarray, axis: np.ndarray, spacing: float,
-              rng: np.random.Generator) -> np.ndarray:
-    """Points filling the cross-section of the closed surface with the plane (origin, axis), at the cloud's density.
+def _cut_face(
+    points: np.ndarray,
+    normals: np.ndarray,
+    origin: np.ndarray,
+    axis: np.ndarray,
+    spacing: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Points filling the cross-section of the closed surface with the plane (origin, axis), at the cloud's
+    density.
 
-    A plane point q is inside the solid when it lies behind its nearest surface point p, i.e. (q - p) . n_p < 0.
+    A plane point q is inside the solid when it lies behind its nearest surface point p, i.e. (q - p) . n_p <
+    0.
     """
     u = np.cross(axis, [1.0, 0.0, 0.0])
     if np.linalg.norm(u) < 0.1:
@@ -234,9 +285,11 @@ def _cut_face(points: np.ndarray, normals: np.ndarray, origin: np.ndarray, axis:
     return candidates[inside]
 
 
-def _broken(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, share: float, size: float,
-            solid: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Cut away the part beyond a plane near a random point; sample and label the new face (closed surfaces)."""
+def _broken(
+    points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, share: float, size: float, solid: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Cut away the part beyond a plane near a random point; sample and label the new face (closed
+    surfaces)."""
     del size
     centre, _ = _pick_centre(points, normals, rng)
     centroid = points.mean(axis=0)
@@ -245,13 +298,17 @@ def _broken(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, s
     axis /= np.linalg.norm(axis)
     height = (points - centroid) @ axis
     nn_dist, _ = cKDTree(points).query(points, k=2)
-    spacing = 2.0 * float(np.median(nn_dist[:, 1]))  # mean spacing of uniform random samples ~ 2x the NN distance
+    spacing = 2.0 * float(
+        np.median(nn_dist[:, 1])
+    )  # mean spacing of uniform random samples ~ 2x the NN distance
     best = None
     for cut_share in (0.08, 0.06, 0.045, 0.03, 0.02, 0.012, 0.006):
         offset = float(np.quantile(height, 1 - cut_share))
         keep = height <= offset
         origin = centroid + offset * axis
-        face = _cut_face(points[keep], normals[keep], origin, axis, spacing, rng) if solid else np.empty((0, 3))
+        face = (
+            _cut_face(points[keep], normals[keep], origin, axis, spacing, rng) if solid else np.empty((0, 3))
+        )
         if solid:
             band = keep & (height > offset - 0.75 * spacing)
         else:  # no cut face on an open surface: label the points along the break, as many as the target share
@@ -267,21 +324,37 @@ def _broken(points: np.ndarray, normals: np.ndarray, rng: np.random.Generator, s
     new_points = np.concatenate([kept_points, face])
     new_normals = np.concatenate([normals[keep], np.tile(axis, (len(face), 1))])
     mask = np.concatenate([band[keep], np.ones(len(face), dtype=bool)])
-    info = {"centre": origin.tolist(), "size": extent(new_points[mask]) if mask.any() else 0.0,
-            "plane_normal": axis.tolist(), "removed_points": int((~keep).sum()), "cut_face_points": len(face),
-            "cut_share": cut_share}
+    info = {
+        "centre": origin.tolist(),
+        "size": extent(new_points[mask]) if mask.any() else 0.0,
+        "plane_normal": axis.tolist(),
+        "removed_points": int((~keep).sum()),
+        "cut_face_points": len(face),
+        "cut_share": cut_share,
+    }
     return new_points, mask, new_normals, info
 
 
-def make_defect(points: np.ndarray, normals: np.ndarray | None, kind: str, seed: int, *, solid: bool = True,
-                share: float | None = None, scale: float | None = None,
-                return_normals: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | tuple:
+def make_defect(
+    points: np.ndarray,
+    normals: np.ndarray | None,
+    kind: str,
+    seed: int,
+    *,
+    solid: bool = True,
+    share: float | None = None,
+    scale: float | None = None,
+    return_normals: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | tuple:
     """Apply one defect of `kind` to a clean cloud; returns (points, mask, info) [+ normals if asked].
 
-    points (N,3) and outward unit normals (estimated with open3d when None). `share` is the target anomalous share
-    (default: random in 2-5 %, 1.2-2.5 % for cracks and scratches). `scale` overrides the object size used for amplitudes.
+    points (N,3) and outward unit normals (estimated with open3d when None). `share` is the target anomalous
+    share
+    (default: random in 2-5 %, 1.2-2.5 % for cracks and scratches). `scale` overrides the object size used for
+    amplitudes.
     `solid` says the cloud samples a closed surface with outward normals (enables the cut face of `broken`).
-    info holds JSON-ready values: type, centre, size (defect extent in the cloud's units), share (labelled fraction
+    info holds JSON-ready values: type, centre, size (defect extent in the cloud's units), share (labelled
+    fraction
     of the returned points) and kind-specific amplitudes.
     """
     if kind not in DEFECT_TYPES:

@@ -1,7 +1,10 @@
-"""Writing files so that a reader sees the old file or the new one, never half of one; and plain JSON of numpy values.
+"""Writing files so that a reader sees the old file or the new one, never half of one; and plain JSON of numpy
+values.
 
-Every writer in the project goes through `atomic_write`: the payload goes to a temporary file in the target's folder
-(the same filesystem, so the final `os.replace` is atomic), is flushed to disk, and only then takes the target's
+Every writer in the project goes through `atomic_write`: the payload goes to a temporary file in the target's
+folder
+(the same filesystem, so the final `os.replace` is atomic), is flushed to disk, and only then takes the
+target's
 name. A failure or Ctrl-C at any point leaves the previous file untouched and no temporary file behind.
 """
 
@@ -20,14 +23,17 @@ import numpy as np
 def umask_mode(directory: bool = False) -> int:
     """The mode a plain open()/mkdir() would give under the process's umask (0644/0755 under umask 022).
 
-    Why: temp files from tempfile are 0600 and temp folders 0700; renamed into place they would make some outputs
+    Why: temp files from tempfile are 0600 and temp folders 0700; renamed into place they would make some
+    outputs
     private and others not. Every writer chmods its temp file to this before the rename."""
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if directory else 0o666) & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, suffix: str = ".tmp") -> Path:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, suffix: str = ".tmp"
+) -> Path:
     """Call `write(handle)` on a temporary binary file beside `path`, then rename it to `path`."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Point-cloud geometry: kNN, farthest point sampling, voxel downsampling, normals, local shape statistics,
 FPFH descriptors and rigid registration.
 
-Everything takes and returns plain numpy arrays so callers (Point-MAE grouping, the BTF baseline, the verbaliser)
-never touch open3d objects. Open3D is used only where it is the well-kept implementation (normals, FPFH, RANSAC,
+Everything takes and returns plain numpy arrays so callers (Point-MAE grouping, the BTF baseline, the
+verbaliser)
+never touch open3d objects. Open3D is used only where it is the well-kept implementation (normals, FPFH,
+RANSAC,
 ICP); the rest is vectorised numpy/scipy so it can be checked against brute force in the tests.
 
 kNN uses scipy's cKDTree rather than faiss: a k-d tree is the right structure for 3 dimensions and was several
@@ -67,7 +69,8 @@ def knn(points: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
 def fps(points: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """Exact farthest point sampling: `n` indices into `points`, in pick order.
 
-    The first index is drawn from `seed`; each next pick is the point whose distance to the already picked set is
+    The first index is drawn from `seed`; each next pick is the point whose distance to the already picked set
+    is
     largest (first index wins ties, as numpy's argmax does). O(N * n) time and O(N) memory.
     """
     pts = _as_points(points)
@@ -113,14 +116,16 @@ def _to_o3d(points: np.ndarray) -> o3d.geometry.PointCloud:
 
 def _orient_outwards(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
     """Flip normals to point away from the centroid: a cheap, deterministic sign convention that is right for
-    closed, roughly star-shaped parts (most industrial objects); the sign does not matter to FPFH or curvature."""
+    closed, roughly star-shaped parts (most industrial objects); the sign does not matter to FPFH or
+    curvature."""
     flip = np.einsum("ij,ij->i", normals, points - points.mean(axis=0)) < 0
     normals[flip] *= -1
     return normals
 
 
 def estimate_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
-    """Unit normals (N, 3) float32 from the k-neighbour covariance (open3d), oriented away from the centroid."""
+    """Unit normals (N, 3) float32 from the k-neighbour covariance (open3d), oriented away from the
+    centroid."""
     pts = _as_points(points, min_rows=3)
     if k < 3:
         raise ValueError(f"estimate_normals: k={k} must be at least 3")
@@ -132,7 +137,8 @@ def estimate_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
 def local_pca(points: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA of each point's k-neighbourhood (the point included).
 
-    Returns (centroids (N,3), eigenvalues (N,3) ascending, eigenvectors (N,3,3) with column j for eigenvalue j).
+    Returns (centroids (N,3), eigenvalues (N,3) ascending, eigenvectors (N,3,3) with column j for eigenvalue
+    j).
     Shared by curvature and roughness so both describe the same neighbourhood.
     """
     pts = _as_points(points, min_rows=3)
@@ -148,7 +154,8 @@ def local_pca(points: np.ndarray, k: int = 20) -> tuple[np.ndarray, np.ndarray, 
 
 
 def curvature(points: np.ndarray, k: int = 20) -> np.ndarray:
-    """Surface variation lambda0 / (lambda0 + lambda1 + lambda2) of the k-neighbourhood, (N,) float32 in [0, 1/3].
+    """Surface variation lambda0 / (lambda0 + lambda1 + lambda2) of the k-neighbourhood, (N,) float32 in [0,
+    1/3].
 
     0 on a plane, growing with bending; scale-free, so it reads the same for any object size.
     """
@@ -161,7 +168,8 @@ def curvature(points: np.ndarray, k: int = 20) -> np.ndarray:
 def roughness(points: np.ndarray, k: int = 20) -> np.ndarray:
     """Distance (N,) float32 of each point to the least-squares plane of its k-neighbourhood, in input units.
 
-    Unlike curvature this keeps the scale: a 0.1 mm bump reads as 0.1 mm, which is what a dent or burr looks like.
+    Unlike curvature this keeps the scale: a 0.1 mm bump reads as 0.1 mm, which is what a dent or burr looks
+    like.
     """
     pts = _as_points(points, min_rows=3)
     centroids, _, eigvec = local_pca(pts, k)
@@ -190,7 +198,8 @@ def fpfh(
     pcd = _to_o3d(pts)
     pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=radius_normal, max_nn=max_nn_normal))
     # FPFH angles depend on the normals' signs; orienting them outwards makes the descriptor the same for the
-    # same surface in any pose (open3d's default sign follows the coordinate axes, so it changes with rotation).
+    # same surface in any pose (open3d's default sign follows the coordinate axes, so it changes with
+    # rotation).
     pcd.normals = o3d.utility.Vector3dVector(_orient_outwards(pts, np.asarray(pcd.normals).copy()))
     feat = o3d.pipelines.registration.compute_fpfh_feature(
         pcd, o3d.geometry.KDTreeSearchParamHybrid(radius=radius_feature, max_nn=max_nn_feature)
@@ -206,9 +215,11 @@ def register(
     seed: int = 0,
     ransac_iterations: int = 100_000,
 ) -> tuple[np.ndarray, float]:
-    """Rigidly align `source` to `target`: returns (4x4 float64 transform T with target ~ T @ source, fitness).
+    """Rigidly align `source` to `target`: returns (4x4 float64 transform T with target ~ T @ source,
+    fitness).
 
-    For scans that are not pre-aligned (as Reg3D-AD does): both clouds are voxel-downsampled at `voxel`, described
+    For scans that are not pre-aligned (as Reg3D-AD does): both clouds are voxel-downsampled at `voxel`,
+    described
     by FPFH (radii 2 and 5 voxels), coarsely aligned by RANSAC on feature matches (seeded through
     o3d.utility.random.seed), then refined by point-to-plane ICP on the downsampled clouds. `fitness` is ICP's
     share of source points with a target point within 1.5 voxels (1.0 = fully overlapping).

@@ -1,6 +1,7 @@
 """Per-point ground truth of a dataset sample, read in each layout's format and checked against its scan.
 
-Ground truth that does not describe the scan's points (other row count, other coordinates, another image size) is
+Ground truth that does not describe the scan's points (other row count, other coordinates, another image size)
+is
 refused with both files named, instead of silently scoring against wrong labels.
 """
 
@@ -19,12 +20,12 @@ GT_RELATIVE_TOLERANCE = 1e-4
 GT_ABSOLUTE_TOLERANCE = 1e-6
 
 # How a sample's ground truth is stored; Sample.load dispatches on it.
-GT_NONE = "none"                # no per-point truth (train scans, normal test scans of labelled layouts)
-GT_TXT_COMMA = "txt-comma"      # Anomaly-ShapeNet: rows x,y,z,label
-GT_TXT_SPACE = "txt-space"      # Real3D-AD: rows x y z label
-GT_MASK_PNG = "mask-png"        # MVTec 3D-AD: H x W mask on the scan's pixel grid
-GT_LABEL_FILE = "label-file"    # folder: one 0/1 per point, or x y z label rows (.txt or .npy)
-GT_IN_SCAN = "in-scan"          # folder: labels column inside the scan file, if there is one
+GT_NONE = "none"  # no per-point truth (train scans, normal test scans of labelled layouts)
+GT_TXT_COMMA = "txt-comma"  # Anomaly-ShapeNet: rows x,y,z,label
+GT_TXT_SPACE = "txt-space"  # Real3D-AD: rows x y z label
+GT_MASK_PNG = "mask-png"  # MVTec 3D-AD: H x W mask on the scan's pixel grid
+GT_LABEL_FILE = "label-file"  # folder: one 0/1 per point, or x y z label rows (.txt or .npy)
+GT_IN_SCAN = "in-scan"  # folder: labels column inside the scan file, if there is one
 
 
 class DatasetError(ValueError):
@@ -53,8 +54,9 @@ def _read_gt_rows(gt_path: Path, delimiter: str | None, what: str) -> np.ndarray
     return rows
 
 
-def align_gt_rows(points: np.ndarray, gt_rows: np.ndarray, scan_path: Path, gt_path: Path,
-                  dropped_nonfinite: int = 0) -> np.ndarray:
+def align_gt_rows(
+    points: np.ndarray, gt_rows: np.ndarray, scan_path: Path, gt_path: Path, dropped_nonfinite: int = 0
+) -> np.ndarray:
     """Per-point bool mask for ``points`` from GT rows ``x y z label`` that must be the same points.
 
     Row order is tried first; if it differs, every scan point and every GT row must have a partner within the
@@ -66,8 +68,9 @@ def align_gt_rows(points: np.ndarray, gt_rows: np.ndarray, scan_path: Path, gt_p
     xyz, labels = xyz[finite], labels[finite]
     if len(xyz) != len(points):
         note = f" after dropping {dropped_nonfinite} non-finite scan rows" if dropped_nonfinite else ""
-        raise GroundTruthError(f"{gt_path}: {len(xyz)} ground-truth rows but {scan_path} has {len(points)} "
-                               f"points{note}")
+        raise GroundTruthError(
+            f"{gt_path}: {len(xyz)} ground-truth rows but {scan_path} has {len(points)} points{note}"
+        )
     mask = _check_label_values(labels, gt_path)
     cloud = points.astype(np.float64)
     diagonal = float(np.linalg.norm(cloud.max(axis=0) - cloud.min(axis=0)))
@@ -81,8 +84,10 @@ def align_gt_rows(points: np.ndarray, gt_rows: np.ndarray, scan_path: Path, gt_p
     far = int((dist_scan > tolerance).sum() + (dist_gt > tolerance).sum())
     if far:
         worst = float(max(dist_scan.max(), dist_gt.max()))
-        raise GroundTruthError(f"{gt_path}: ground-truth points do not match {scan_path}: {far} points "
-                               f"have no partner within {tolerance:.3g} (largest gap {worst:.3g})")
+        raise GroundTruthError(
+            f"{gt_path}: ground-truth points do not match {scan_path}: {far} points "
+            f"have no partner within {tolerance:.3g} (largest gap {worst:.3g})"
+        )
     return mask[nearest_gt]
 
 
@@ -91,16 +96,19 @@ def _load_png_mask(sample: Any, scan: Scan) -> np.ndarray:
 
     assert sample.gt_path is not None
     if scan.grid_shape is None or scan.grid_index is None:
-        raise GroundTruthError(f"{sample.gt_path}: a pixel mask needs an organized scan, but {sample.path} "
-                               "has no pixel grid")
+        raise GroundTruthError(
+            f"{sample.gt_path}: a pixel mask needs an organized scan, but {sample.path} has no pixel grid"
+        )
     try:
         with Image.open(sample.gt_path) as image:
             pixels = np.asarray(image.convert("L"))
     except OSError:
         raise GroundTruthError(f"{sample.gt_path}: unreadable mask image") from None
     if pixels.shape != tuple(scan.grid_shape):
-        raise GroundTruthError(f"{sample.gt_path}: mask is {pixels.shape[0]}x{pixels.shape[1]} pixels but "
-                               f"{sample.path} is {scan.grid_shape[0]}x{scan.grid_shape[1]}")
+        raise GroundTruthError(
+            f"{sample.gt_path}: mask is {pixels.shape[0]}x{pixels.shape[1]} pixels but "
+            f"{sample.path} is {scan.grid_shape[0]}x{scan.grid_shape[1]}"
+        )
     return pixels.reshape(-1)[scan.grid_index] > 0
 
 
@@ -123,8 +131,9 @@ def read_label_file(gt_path: Path) -> np.ndarray:
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if not (array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 4)) or len(array) == 0:
-        raise GroundTruthError(f"{gt_path}: expected one label per point or x y z label rows, got shape "
-                               f"{array.shape}")
+        raise GroundTruthError(
+            f"{gt_path}: expected one label per point or x y z label rows, got shape {array.shape}"
+        )
     return array
 
 
@@ -152,8 +161,11 @@ def load_mask(sample: Any, scan: Scan) -> np.ndarray | None:
     if fmt == GT_MASK_PNG:
         return _load_png_mask(sample, scan)
     if fmt in (GT_TXT_COMMA, GT_TXT_SPACE):
-        delimiter, what = (",", "comma-delimited x,y,z,label") if fmt == GT_TXT_COMMA else \
-            (None, "space-delimited x y z label")
+        delimiter, what = (
+            (",", "comma-delimited x,y,z,label")
+            if fmt == GT_TXT_COMMA
+            else (None, "space-delimited x y z label")
+        )
         rows = _kept_rows(_read_gt_rows(gt_path, delimiter, what), scan)
         return align_gt_rows(scan.points, rows, sample.path, gt_path, scan.dropped_nonfinite)
     if fmt == GT_LABEL_FILE:
@@ -163,7 +175,8 @@ def load_mask(sample: Any, scan: Scan) -> np.ndarray | None:
         if len(array) != len(scan.points):
             dropped = scan.dropped_nonfinite
             note = f" ({dropped} non-finite rows were dropped)" if dropped else ""
-            raise GroundTruthError(f"{gt_path}: {len(array)} labels but {sample.path} has {len(scan.points)} "
-                                   f"points{note}")
+            raise GroundTruthError(
+                f"{gt_path}: {len(array)} labels but {sample.path} has {len(scan.points)} points{note}"
+            )
         return _check_label_values(array, gt_path)
     raise DatasetError(f"{sample.path}: unknown ground-truth format {fmt!r}")

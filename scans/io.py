@@ -382,7 +382,8 @@ def write_pcd(path, points, labels=None) -> Path:
     lines += [f"FIELDS {' '.join(fields)}", f"SIZE {' '.join(sizes)}", f"TYPE {' '.join(types)}",
               f"COUNT {' '.join('1' for _ in fields)}", f"WIDTH {n}", "HEIGHT 1", "VIEWPOINT 0 0 0 1 0 0 0",
               f"POINTS {n}", "DATA ascii"]
-    # %.9g round-trips float32 exactly; one format string for the whole array is ~3x faster than per-row joins.
+    # %.9g round-trips float32 exactly; one format string for the whole array is ~3x faster than per-row
+    # joins.
     values = array.astype(np.float32).astype(np.float64)
     if label_values is None:
         body = ("%.9g %.9g %.9g\n" * n) % tuple(values.ravel())

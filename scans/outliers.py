@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-FAR_FACTOR = 10.0        # far: farther than this many robust radii from the robust centre
-ISOLATED_BELOW = 8       # isolated: fewer points than this (itself included) within one robust radius
-SCALE_SAMPLE = 200_000   # rows the robust centre and radius are measured on (a seeded sample of larger scans)
-_CHUNK = 1_000_000       # rows per block when measuring every point's distance (bounded temporary memory)
+FAR_FACTOR = 10.0  # far: farther than this many robust radii from the robust centre
+ISOLATED_BELOW = 8  # isolated: fewer points than this (itself included) within one robust radius
+SCALE_SAMPLE = 200_000  # rows the robust centre and radius are measured on (a seeded sample of larger scans)
+_CHUNK = 1_000_000  # rows per block when measuring every point's distance (bounded temporary memory)
 
 
 def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
@@ -37,8 +37,8 @@ def distances_to(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
     """float64 (N,) distance of every point to ``centre``, computed block by block."""
     out = np.empty(len(points), dtype=np.float64)
     for start in range(0, len(points), _CHUNK):
-        block = np.asarray(points[start:start + _CHUNK], dtype=np.float64)
-        out[start:start + len(block)] = np.linalg.norm(block - centre, axis=1)
+        block = np.asarray(points[start : start + _CHUNK], dtype=np.float64)
+        out[start : start + len(block)] = np.linalg.norm(block - centre, axis=1)
     return out
 
 

@@ -1,16 +1,25 @@
 """Procedural industrial parts as triangle meshes, plus scan-like surface sampling.
 
-Why procedural parts: the public benchmarks (Anomaly-ShapeNet, Real3D-AD) cannot be downloaded here, yet the detector
-and the agent need classes with machined geometry (bores, bolt holes, teeth, fillets, keyways) to be developed on.
+Why procedural parts: the public benchmarks (Anomaly-ShapeNet, Real3D-AD) cannot be downloaded here, yet the
+detector
+and the agent need classes with machined geometry (bores, bolt holes, teeth, fillets, keyways) to be developed
+on.
 
-How they are built without a boolean engine (trimesh booleans need manifold3d/blender, shapely and earcut are not
-installed): every part is a union of *prisms* (a 2D region with holes, triangulated by Delaunay on boundary + interior
-samples and extruded) or *swept tubes*. A union is made watertight-ish by dropping the faces of one solid that lie
-inside (or on the surface of) another solid: each face's centroid is nudged along its outward normal and tested with the
-other solids' exact inside functions. Touching faces thus cancel pairwise, which is what a boolean union would do.
+How they are built without a boolean engine (trimesh booleans need manifold3d/blender, shapely and earcut are
+not
+installed): every part is a union of *prisms* (a 2D region with holes, triangulated by Delaunay on boundary +
+interior
+samples and extruded) or *swept tubes*. A union is made watertight-ish by dropping the faces of one solid that
+lie
+inside (or on the surface of) another solid: each face's centroid is nudged along its outward normal and
+tested with the
+other solids' exact inside functions. Touching faces thus cancel pairwise, which is what a boolean union would
+do.
 
-A part is a function of its class only (no seed): every sample of a class is the same part, and samples differ only by
-surface sampling, sensor noise along the normal and a small pose change (`scan_like`), as real scans of one part do.
+A part is a function of its class only (no seed): every sample of a class is the same part, and samples differ
+only by
+surface sampling, sensor noise along the normal and a small pose change (`scan_like`), as real scans of one
+part do.
 """
 
 from __future__ import annotations
@@ -26,9 +35,9 @@ from scipy.spatial import Delaunay, cKDTree
 InsideFn = Callable[[np.ndarray], np.ndarray]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # 2D regions and prisms
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def circle(center: tuple[float, float], radius: float, segments: int = 96) -> np.ndarray:
     """Closed polyline (counter-clockwise, last vertex not repeated) approximating a circle."""
     t = np.linspace(0.0, 2.0 * np.pi, segments, endpoint=False)
@@ -66,7 +75,8 @@ class Region2D:
 def triangulate_region(region: Region2D, spacing: float) -> tuple[np.ndarray, np.ndarray]:
     """Delaunay triangulation of boundary + interior grid samples, keeping triangles whose centroid is inside.
 
-    Returns (vertices (V,2), counter-clockwise faces (F,3)). The boundary is sampled at `spacing`, so features must be
+    Returns (vertices (V,2), counter-clockwise faces (F,3)). The boundary is sampled at `spacing`, so features
+    must be
     a few spacings wide for the centroid test to carve them correctly.
     """
     boundary = region.boundary_samples(spacing)
@@ -101,7 +111,8 @@ class Solid:
 def prism(region: Region2D, z0: float, z1: float, spacing: float, frame: np.ndarray | None = None) -> Solid:
     """Extrude `region` from z0 to z1 in its local frame, then place it with the 4x4 `frame`.
 
-    Side walls follow the boundary edges of the 2D triangulation (edges used by exactly one triangle), oriented so
+    Side walls follow the boundary edges of the 2D triangulation (edges used by exactly one triangle),
+    oriented so
     their normals point out of the region, and are split into rows about `spacing` tall.
     """
     v2, f2 = triangulate_region(region, spacing)
@@ -167,9 +178,9 @@ def _frame(origin: np.ndarray, x_axis: np.ndarray, y_axis: np.ndarray) -> np.nda
     return frame
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Parts (units: millimetres)
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def flange() -> trimesh.Trimesh:
     """Disc with a bore, six bolt holes on a pitch circle, and a raised hub around the bore."""
     s = 1.5
@@ -212,7 +223,8 @@ def gear_outline(teeth: int, module: float, pressure_deg: float = 20.0, flank_sa
 def keyed_circle(radius: float, key_half_width: float, key_x: float, segments: int = 96) -> np.ndarray:
     """Circle with a rectangular key slot centred on +x reaching to x = key_x.
 
-    key_x > radius cuts the slot outward (keyway in a bore); key_x < radius cuts it inward (keyway in a shaft).
+    key_x > radius cuts the slot outward (keyway in a bore); key_x < radius cuts it inward (keyway in a
+    shaft).
     """
     a0 = np.arcsin(key_half_width / radius)
     t = np.linspace(a0, 2 * np.pi - a0, segments)
@@ -231,8 +243,14 @@ def bracket() -> trimesh.Trimesh:
     """L-bracket: base plate and upright plate with holes, joined by a fillet on the inner corner."""
     t, width, length, height, r = 8.0, 40.0, 70.0, 60.0, 8.0
     s = 1.5
-    base = Region2D((rectangle(t, 0, length, width), circle((45, 12), 4.0, 40), circle((45, 28), 4.0, 40),
-                     circle((60, 20), 4.0, 40)))
+    base = Region2D(
+        (
+            rectangle(t, 0, length, width),
+            circle((45, 12), 4.0, 40),
+            circle((45, 28), 4.0, 40),
+            circle((60, 20), 4.0, 40),
+        )
+    )
     base_solid = prism(base, 0, t, s)
     # upright: local (x, y) = world (y, z), extruded along world +x from 0 to t
     upright = Region2D((rectangle(0, 0, width, height), circle((12, 42), 4.0, 40), circle((28, 42), 4.0, 40)))
@@ -241,16 +259,21 @@ def bracket() -> trimesh.Trimesh:
     a = np.linspace(-np.pi / 2, -np.pi, 16)
     arc = np.stack([t + r + r * np.cos(a), t + r + r * np.sin(a)], axis=1)
     fillet_region = Region2D((np.concatenate([[[t, t]], arc]),))
-    # local x -> world x, local y -> world z, so local z -> world -y: extrude over [-width, 0] to span y in [0, width]
+    # local x -> world x, local y -> world z, so local z -> world -y: extrude over [-width, 0] to span y in
+    # [0, width]
     fillet_solid = prism(fillet_region, -width, 0, s * 0.5, frame=_frame(np.zeros(3), [1, 0, 0], [0, 0, 1]))
     return union([base_solid, upright_solid, fillet_solid], nudge=0.05)
 
 
-def _tube_grid(path: np.ndarray, normals: np.ndarray, binormals: np.ndarray, radius: float, around: int,
-               outward: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Quad grid of a circle of `radius` swept along `path`; faces point away from (outward) or to the axis."""
+def _tube_grid(
+    path: np.ndarray, normals: np.ndarray, binormals: np.ndarray, radius: float, around: int, outward: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quad grid of a circle of `radius` swept along `path`; faces point away from (outward) or to the
+    axis."""
     phi = np.linspace(0, 2 * np.pi, around, endpoint=False)
-    ring = np.cos(phi)[None, :, None] * normals[:, None, :] + np.sin(phi)[None, :, None] * binormals[:, None, :]
+    ring = (
+        np.cos(phi)[None, :, None] * normals[:, None, :] + np.sin(phi)[None, :, None] * binormals[:, None, :]
+    )
     verts = (path[:, None, :] + radius * ring).reshape(-1, 3)
     m = len(path)
     i, j = np.meshgrid(np.arange(m - 1), np.arange(around), indexing="ij")
@@ -270,11 +293,13 @@ def pipe_elbow() -> trimesh.Trimesh:
     z_leg = np.linspace(-leg, 0, 16)
     arc_t = np.linspace(0, np.pi / 2, 48)[1:]
     x_leg = np.linspace(0, -leg, 16)[1:]
-    path = np.concatenate([
-        np.column_stack([np.full_like(z_leg, bend), np.zeros_like(z_leg), z_leg]),
-        np.column_stack([bend * np.cos(arc_t), np.zeros_like(arc_t), bend * np.sin(arc_t)]),
-        np.column_stack([x_leg, np.zeros_like(x_leg), np.full_like(x_leg, bend)]),
-    ])
+    path = np.concatenate(
+        [
+            np.column_stack([np.full_like(z_leg, bend), np.zeros_like(z_leg), z_leg]),
+            np.column_stack([bend * np.cos(arc_t), np.zeros_like(arc_t), bend * np.sin(arc_t)]),
+            np.column_stack([x_leg, np.zeros_like(x_leg), np.full_like(x_leg, bend)]),
+        ]
+    )
     tangent_angle = np.concatenate([np.zeros_like(z_leg), arc_t, np.full_like(x_leg, np.pi / 2)])
     tangents = np.column_stack([-np.sin(tangent_angle), np.zeros_like(tangent_angle), np.cos(tangent_angle)])
     binormals = np.tile([0.0, 1.0, 0.0], (len(path), 1))
@@ -341,9 +366,9 @@ def part_mesh(name: str) -> trimesh.Trimesh:
     return _MESH_CACHE[name]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Sampling and scan simulation
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def sample_surface(mesh: trimesh.Trimesh, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Area-weighted uniform samples on the surface with the normal of the face each point lies on."""
     points, face_index = trimesh.sample.sample_surface(mesh, count, seed=seed)
@@ -355,13 +380,23 @@ def extent(points: np.ndarray) -> float:
     return float(np.max(points.max(axis=0) - points.min(axis=0)))
 
 
-def scan_like(points: np.ndarray, normals: np.ndarray, seed: int, *, noise: float = 0.003,
-              max_rotation_deg: float = 4.0, max_shift: float = 0.01,
-              scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Sensor-like copy: Gaussian noise along the normal (sigma = noise * extent) and a small random pose change.
+def scan_like(
+    points: np.ndarray,
+    normals: np.ndarray,
+    seed: int,
+    *,
+    noise: float = 0.003,
+    max_rotation_deg: float = 4.0,
+    max_shift: float = 0.01,
+    scale: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sensor-like copy: Gaussian noise along the normal (sigma = noise * extent) and a small random pose
+    change.
 
-    The pose change is a rotation of 1..max_rotation_deg degrees about a random axis through the centroid plus a shift
-    of up to max_shift * extent per axis: what separates two scans of one part on a fixture. `scale` fixes the extent
+    The pose change is a rotation of 1..max_rotation_deg degrees about a random axis through the centroid plus
+    a shift
+    of up to max_shift * extent per axis: what separates two scans of one part on a fixture. `scale` fixes the
+    extent
     used (so a defective copy gets the same noise as its normal siblings).
     """
     rng = np.random.default_rng(seed)
@@ -369,7 +404,9 @@ def scan_like(points: np.ndarray, normals: np.ndarray, seed: int, *, noise: floa
     noisy = points + rng.normal(0.0, noise * size, size=(len(points), 1)) * normals
     axis = rng.normal(size=3)
     axis /= np.linalg.norm(axis)
-    angle = np.radians(rng.uniform(min(1.0, max_rotation_deg), max_rotation_deg)) if max_rotation_deg > 0 else 0.0
+    angle = (
+        np.radians(rng.uniform(min(1.0, max_rotation_deg), max_rotation_deg)) if max_rotation_deg > 0 else 0.0
+    )
     rotation = trimesh.transformations.rotation_matrix(angle, axis)[:3, :3]
     centre = points.mean(axis=0)
     shift = rng.uniform(-max_shift, max_shift, size=3) * size

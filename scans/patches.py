@@ -1,15 +1,21 @@
 """Surface patches: the unit the agent talks about.
 
-A scan of any size is cut into a few dozen to a few hundred patches so that one line of text per patch fits an LLM
-prompt. Centres come from farthest-point sampling (even coverage of the surface, unlike random or voxel centres) run on a
-seeded random downsample, because FPS is O(n * P) and a 500k-point scan does not need every point to place 100 centres.
+A scan of any size is cut into a few dozen to a few hundred patches so that one line of text per patch fits an
+LLM
+prompt. Centres come from farthest-point sampling (even coverage of the surface, unlike random or voxel
+centres) run on a
+seeded random downsample, because FPS is O(n * P) and a 500k-point scan does not need every point to place 100
+centres.
 Every point is then assigned to its nearest centre (a Voronoi partition of the surface).
 
-Patch ids are stable: they follow a Morton (z-order) sort of the centres on a fixed grid in the scan's normalised box,
-so neighbouring patches tend to get nearby ids, and the same points in the same order with the same seed always yield
+Patch ids are stable: they follow a Morton (z-order) sort of the centres on a fixed grid in the scan's
+normalised box,
+so neighbouring patches tend to get nearby ids, and the same points in the same order with the same seed
+always yield
 the same patches and ids.
 
-`PatchTable` (the per-patch descriptors) lives here as a plain container so that `tools.agent_tools` can read it without
+`PatchTable` (the per-patch descriptors) lives here as a plain container so that `tools.agent_tools` can read
+it without
 importing `verbalize` (imports only point down); `verbalize.describe` is what fills it.
 """
 
@@ -21,20 +27,20 @@ import numpy as np
 
 from scans.geometry import fps, knn
 
-FPS_SAMPLE_CAP = 10_000        # FPS runs on at most this many randomly chosen points
-MIN_POINTS_PER_PATCH = 16      # a patch needs a few points for a plane fit / curvature to mean anything
+FPS_SAMPLE_CAP = 10_000  # FPS runs on at most this many randomly chosen points
+MIN_POINTS_PER_PATCH = 16  # a patch needs a few points for a plane fit / curvature to mean anything
 MIN_PATCHES = 4
 MAX_PATCHES = 512
-_MORTON_BITS = 10              # 1024 cells per axis for the id sort
+_MORTON_BITS = 10  # 1024 cells per axis for the id sort
 
 
 @dataclass(frozen=True)
 class Patches:
     """A partition of the scan's points into patches. Ids are 0..P-1 (rows of `centers`)."""
 
-    centers: np.ndarray          # float32 (P, 3) in the scan's own coordinates (each centre is one of the points)
-    patch_of_point: np.ndarray   # int64 (N,) patch id of every point
-    counts: np.ndarray           # int64 (P,) points per patch, all >= 1
+    centers: np.ndarray  # float32 (P, 3) in the scan's own coordinates (each centre is one of the points)
+    patch_of_point: np.ndarray  # int64 (N,) patch id of every point
+    counts: np.ndarray  # int64 (P,) points per patch, all >= 1
 
     @property
     def n_patches(self) -> int:
@@ -56,9 +62,9 @@ class Patches:
 class Normalisation:
     """Maps scan coordinates to the normalised box: (p - center) / scale lies in [-1, 1]^3."""
 
-    center: np.ndarray           # float64 (3,) bounding-box centre in scan units
-    scale: float                 # half of the largest bounding-box side, in scan units
-    extent: np.ndarray           # float64 (3,) bounding-box side lengths in scan units
+    center: np.ndarray  # float64 (3,) bounding-box centre in scan units
+    scale: float  # half of the largest bounding-box side, in scan units
+    extent: np.ndarray  # float64 (3,) bounding-box side lengths in scan units
     n_points: int
 
     def apply(self, points: np.ndarray) -> np.ndarray:
@@ -97,12 +103,17 @@ def _morton_keys(unit_coords: np.ndarray) -> np.ndarray:
     return keys
 
 
-def adaptive_patch_count(n_points: int, budget: int, *, tokens_per_row: int = 40, reserved_tokens: int = 600) -> int:
+def adaptive_patch_count(
+    n_points: int, budget: int, *, tokens_per_row: int = 40, reserved_tokens: int = 600
+) -> int:
     """How many patches a scan should get so that one table row per patch fits `budget` tokens.
 
-    `tokens_per_row` is the estimated cost of one rendered row (about 40 for the default columns with three learned
-    statistics, see verbalize.render); `reserved_tokens` covers the header, legend and guidance. The count is also capped
-    so that patches keep at least MIN_POINTS_PER_PATCH points. The renderer still coarsens if a table comes out longer.
+    `tokens_per_row` is the estimated cost of one rendered row (about 40 for the default columns with three
+    learned
+    statistics, see verbalize.render); `reserved_tokens` covers the header, legend and guidance. The count is
+    also capped
+    so that patches keep at least MIN_POINTS_PER_PATCH points. The renderer still coarsens if a table comes
+    out longer.
     """
     if n_points < 1:
         raise ValueError(f"adaptive_patch_count needs at least one point, got {n_points}")
@@ -114,7 +125,8 @@ def adaptive_patch_count(n_points: int, budget: int, *, tokens_per_row: int = 40
 
 
 def build_patches(points: np.ndarray, n_patches: int, seed: int = 0) -> Patches:
-    """Partition `points` (N, 3) into at most `n_patches` patches (fewer when the scan has fewer distinct points)."""
+    """Partition `points` (N, 3) into at most `n_patches` patches (fewer when the scan has fewer distinct
+    points)."""
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
         raise ValueError(f"build_patches needs points of shape (N, 3) with N >= 1, got {points.shape}")

@@ -17,9 +17,16 @@ import numpy as np
 
 # (TYPE letter, SIZE) -> numpy scalar type. PCD data is little-endian in practice (PCL writes x86 host order).
 _PCD_DTYPES: dict[tuple[str, int], str] = {
-    ("F", 4): "<f4", ("F", 8): "<f8",
-    ("I", 1): "i1", ("I", 2): "<i2", ("I", 4): "<i4", ("I", 8): "<i8",
-    ("U", 1): "u1", ("U", 2): "<u2", ("U", 4): "<u4", ("U", 8): "<u8",
+    ("F", 4): "<f4",
+    ("F", 8): "<f8",
+    ("I", 1): "i1",
+    ("I", 2): "<i2",
+    ("I", 4): "<i4",
+    ("I", 8): "<i8",
+    ("U", 1): "u1",
+    ("U", 2): "<u2",
+    ("U", 4): "<u4",
+    ("U", 8): "<u8",
 }
 _DATA_KINDS = ("ascii", "binary", "binary_compressed")
 _MAX_HEADER_LINES = 64  # a PCD header has ~11 lines; a file without DATA within this many lines is not a PCD
@@ -106,8 +113,7 @@ def parse_pcd_header(data: bytes) -> PCDHeader:
         raise ValueError(f"PCD header WIDTH x HEIGHT ({width} x {height}) differs from POINTS ({points})")
     if not entries["DATA"] or entries["DATA"][0].lower() not in _DATA_KINDS:
         raise ValueError(f"PCD DATA must be one of {', '.join(_DATA_KINDS)}")
-    return PCDHeader(fields, sizes, types, counts, width, height, points,
-                     entries["DATA"][0].lower(), offset)
+    return PCDHeader(fields, sizes, types, counts, width, height, points, entries["DATA"][0].lower(), offset)
 
 
 def lzf_decompress(src: bytes, expected_size: int) -> bytes:
@@ -126,7 +132,7 @@ def lzf_decompress(src: bytes, expected_size: int) -> bytes:
             run = ctrl + 1
             if i + run > n:
                 raise ValueError("LZF stream is truncated inside a literal run")
-            out += src[i:i + run]
+            out += src[i : i + run]
             i += run
             continue
         length = ctrl >> 5
@@ -144,7 +150,7 @@ def lzf_decompress(src: bytes, expected_size: int) -> bytes:
             raise ValueError("LZF stream refers before the start of the output (corrupt data)")
         distance = len(out) - start
         if distance >= length:
-            out += out[start:start + length]
+            out += out[start : start + length]
         else:  # overlapping copy repeats the last `distance` bytes
             pattern = bytes(out[start:])
             reps, rest = divmod(length, distance)
@@ -170,12 +176,14 @@ def decode_pcd_body(data: bytes, header: PCDHeader) -> dict[str, np.ndarray]:
     """Decode the point data after the header into named field arrays of length ``header.points``."""
     dtype = header.record_dtype()
     n = header.points
-    body = memoryview(data)[header.data_offset:]
+    body = memoryview(data)[header.data_offset :]
     if header.data_kind == "binary":
         need = n * dtype.itemsize
         if len(body) < need:
-            raise ValueError(f"binary PCD is truncated: header declares {n} points ({need} bytes) "
-                             f"but only {len(body)} bytes follow")
+            raise ValueError(
+                f"binary PCD is truncated: header declares {n} points ({need} bytes) "
+                f"but only {len(body)} bytes follow"
+            )
         records = np.frombuffer(body, dtype=dtype, count=n)
         return _split_record(records, header)
 
@@ -185,12 +193,15 @@ def decode_pcd_body(data: bytes, header: PCDHeader) -> dict[str, np.ndarray]:
         compressed_size, raw_size = np.frombuffer(body[:8], dtype="<u4")
         need = n * dtype.itemsize
         if raw_size != need:
-            raise ValueError(f"binary_compressed PCD declares {raw_size} uncompressed bytes, "
-                             f"{n} points need {need}")
+            raise ValueError(
+                f"binary_compressed PCD declares {raw_size} uncompressed bytes, {n} points need {need}"
+            )
         if len(body) - 8 < compressed_size:
-            raise ValueError(f"binary_compressed PCD is truncated: {compressed_size} compressed bytes "
-                             f"declared, {len(body) - 8} present")
-        raw = lzf_decompress(bytes(body[8:8 + int(compressed_size)]), int(raw_size)) if n else b""
+            raise ValueError(
+                f"binary_compressed PCD is truncated: {compressed_size} compressed bytes "
+                f"declared, {len(body) - 8} present"
+            )
+        raw = lzf_decompress(bytes(body[8 : 8 + int(compressed_size)]), int(raw_size)) if n else b""
         # Column layout: every field's values for all points, one field after the other.
         out: dict[str, np.ndarray] = {}
         pos = 0
@@ -206,8 +217,10 @@ def decode_pcd_body(data: bytes, header: PCDHeader) -> dict[str, np.ndarray]:
     text = bytes(body).decode("ascii", errors="replace")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) != n:
-        raise ValueError(f"ascii PCD has {len(lines)} data lines, header declares {n} points"
-                         + (" (file truncated)" if len(lines) < n else ""))
+        raise ValueError(
+            f"ascii PCD has {len(lines)} data lines, header declares {n} points"
+            + (" (file truncated)" if len(lines) < n else "")
+        )
     width = sum(header.counts)
     tokens = " ".join(lines).split()
     if len(tokens) != n * width:
@@ -220,6 +233,6 @@ def decode_pcd_body(data: bytes, header: PCDHeader) -> dict[str, np.ndarray]:
     col = 0
     for name, count in zip(header.fields, header.counts):
         if name != "_":
-            out[name] = table[:, col] if count == 1 else table[:, col:col + count]
+            out[name] = table[:, col] if count == 1 else table[:, col : col + count]
         col += count
     return out

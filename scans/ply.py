@@ -15,10 +15,22 @@ from typing import BinaryIO
 import numpy as np
 
 _PLY_TYPES: dict[str, str] = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
-    "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
-    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+    "char": "i1",
+    "int8": "i1",
+    "uchar": "u1",
+    "uint8": "u1",
+    "short": "i2",
+    "int16": "i2",
+    "ushort": "u2",
+    "uint16": "u2",
+    "int": "i4",
+    "int32": "i4",
+    "uint": "u4",
+    "uint32": "u4",
+    "float": "f4",
+    "float32": "f4",
+    "double": "f8",
+    "float64": "f8",
 }
 _FORMATS = {"ascii": "", "binary_little_endian": "<", "binary_big_endian": ">"}
 _MAX_HEADER_BYTES = 1 << 20
@@ -27,7 +39,7 @@ _MAX_HEADER_BYTES = 1 << 20
 @dataclass(frozen=True)
 class PLYProperty:
     name: str
-    dtype: str                      # numpy type code without byte order, e.g. "f4"
+    dtype: str  # numpy type code without byte order, e.g. "f4"
     list_count_dtype: str | None = None  # set for "property list <count type> <item type> name"
 
 
@@ -44,7 +56,7 @@ class PLYElement:
 
 @dataclass(frozen=True)
 class PLYHeader:
-    fmt: str                        # "ascii", "binary_little_endian" or "binary_big_endian"
+    fmt: str  # "ascii", "binary_little_endian" or "binary_big_endian"
     elements: tuple[PLYElement, ...]
     data_offset: int
 
@@ -111,15 +123,18 @@ def _fixed_dtype(element: PLYElement, order: str, list_lengths: dict[str, int] |
     return np.dtype(entries)
 
 
-def _binary_element(buf: memoryview, pos: int, element: PLYElement,
-                    order: str) -> tuple[np.ndarray | None, int]:
+def _binary_element(
+    buf: memoryview, pos: int, element: PLYElement, order: str
+) -> tuple[np.ndarray | None, int]:
     """Read one binary element starting at ``pos``; return (records or None for list elements, next pos)."""
     if not element.has_lists:
         dtype = _fixed_dtype(element, order)
         need = element.count * dtype.itemsize
         if len(buf) - pos < need:
-            raise ValueError(f"binary PLY is truncated: element '{element.name}' needs {need} bytes "
-                             f"({element.count} items), only {len(buf) - pos} follow")
+            raise ValueError(
+                f"binary PLY is truncated: element '{element.name}' needs {need} bytes "
+                f"({element.count} items), only {len(buf) - pos} follow"
+            )
         return np.frombuffer(buf, dtype=dtype, count=element.count, offset=pos), pos + need
     # Lists (faces, range grids): try constant list lengths (the usual case, one numpy read), else walk items.
     if element.count == 0:
@@ -171,19 +186,24 @@ def read_ply_vertices(data: bytes, header: PLYHeader) -> dict[str, np.ndarray]:
         for element in header.elements:
             records, pos = _binary_element(buf, pos, element, order)
             if element is vertex and records is not None:
-                result = {p.name: records[p.name].astype(records[p.name].dtype.newbyteorder("="))
-                          for p in element.properties if not p.list_count_dtype}
+                result = {
+                    p.name: records[p.name].astype(records[p.name].dtype.newbyteorder("="))
+                    for p in element.properties
+                    if not p.list_count_dtype
+                }
         return result
 
-    lines = bytes(buf[header.data_offset:]).decode("ascii", errors="replace").splitlines()
+    lines = bytes(buf[header.data_offset :]).decode("ascii", errors="replace").splitlines()
     lines = [ln for ln in lines if ln.strip()]
     start = 0
     result = {}
     for element in header.elements:
-        chunk = lines[start:start + element.count]
+        chunk = lines[start : start + element.count]
         if len(chunk) < element.count:
-            raise ValueError(f"ascii PLY is truncated: element '{element.name}' declares {element.count} "
-                             f"lines, {len(chunk)} present")
+            raise ValueError(
+                f"ascii PLY is truncated: element '{element.name}' declares {element.count} "
+                f"lines, {len(chunk)} present"
+            )
         start += element.count
         if element is not vertex:
             continue
@@ -217,12 +237,16 @@ def write_ply_binary(out: BinaryIO, columns: list[tuple[str, np.ndarray]]) -> No
 
 def _ply_records(columns: list[tuple[str, np.ndarray]]) -> tuple[bytes, np.ndarray]:
     n = len(columns[0][1])
-    type_names = {np.dtype(v): k for k, v in _PLY_TYPES.items() if k in
-                  ("char", "uchar", "short", "ushort", "int", "uint", "float", "double")}
+    type_names = {
+        np.dtype(v): k
+        for k, v in _PLY_TYPES.items()
+        if k in ("char", "uchar", "short", "ushort", "int", "uint", "float", "double")
+    }
     dtype = np.dtype([(name, "<" + np.dtype(col.dtype).str[1:]) for name, col in columns])
     header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
-    header += [f"property {type_names[np.dtype(col.dtype).newbyteorder('=')]} {name}"
-               for name, col in columns]
+    header += [
+        f"property {type_names[np.dtype(col.dtype).newbyteorder('=')]} {name}" for name, col in columns
+    ]
     header.append("end_header")
     records = np.empty(n, dtype=dtype)
     for name, col in columns:

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_DISTANCE_RATIO = 0.01   # plane inlier distance as a share of the scan's bounding-box diagonal
-DEFAULT_BORDER_PIXELS = 10      # organized scans: fit the plane on this band along the image border (as BTF)
+DEFAULT_DISTANCE_RATIO = 0.01  # plane inlier distance as a share of the scan's bounding-box diagonal
+DEFAULT_BORDER_PIXELS = 10  # organized scans: fit the plane on this band along the image border (as BTF)
 
 
 @dataclass(frozen=True, eq=False)
 class PlaneRemoval:
-    keep: np.ndarray            # bool (N,): True for points that are not on the background plane
-    plane: np.ndarray           # float64 (4,): a, b, c, d with unit normal (a, b, c); a*x + b*y + c*z + d = 0
-    distance_threshold: float   # absolute distance used, in the scan's units
+    keep: np.ndarray  # bool (N,): True for points that are not on the background plane
+    plane: np.ndarray  # float64 (4,): a, b, c, d with unit normal (a, b, c); a*x + b*y + c*z + d = 0
+    distance_threshold: float  # absolute distance used, in the scan's units
 
 
 def _border_rows(grid_shape: tuple[int, int], grid_index: np.ndarray, border: int) -> np.ndarray:
@@ -31,11 +31,16 @@ def _border_rows(grid_shape: tuple[int, int], grid_index: np.ndarray, border: in
     return np.flatnonzero(on_border)
 
 
-def remove_background_plane(points: np.ndarray, *, grid_shape: tuple[int, int] | None = None,
-                            grid_index: np.ndarray | None = None,
-                            distance_ratio: float = DEFAULT_DISTANCE_RATIO,
-                            border_pixels: int = DEFAULT_BORDER_PIXELS, num_iterations: int = 1000,
-                            seed: int = 0) -> PlaneRemoval:
+def remove_background_plane(
+    points: np.ndarray,
+    *,
+    grid_shape: tuple[int, int] | None = None,
+    grid_index: np.ndarray | None = None,
+    distance_ratio: float = DEFAULT_DISTANCE_RATIO,
+    border_pixels: int = DEFAULT_BORDER_PIXELS,
+    num_iterations: int = 1000,
+    seed: int = 0,
+) -> PlaneRemoval:
     """Fit the dominant support plane with open3d RANSAC and mark the points off that plane.
 
     The distance threshold is ``distance_ratio`` times the bounding-box diagonal, so the same setting works
@@ -66,8 +71,9 @@ def remove_background_plane(points: np.ndarray, *, grid_shape: tuple[int, int] |
 
     o3d.utility.random.seed(int(seed))
     fit_cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(cloud[fit_rows]))
-    model, _ = fit_cloud.segment_plane(distance_threshold=threshold, ransac_n=3,
-                                       num_iterations=num_iterations)
+    model, _ = fit_cloud.segment_plane(
+        distance_threshold=threshold, ransac_n=3, num_iterations=num_iterations
+    )
     plane = np.asarray(model, dtype=np.float64).reshape(4)
     plane = plane / np.linalg.norm(plane[:3])
     distance = np.abs(cloud @ plane[:3] + plane[3])

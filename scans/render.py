@@ -20,9 +20,9 @@ from scans.files import atomic_write
 # (elevation, azimuth) in degrees for matplotlib's 3-D axes.
 # Views assume z is up (MVTec 3D-AD, Real3D-AD); a y-up scan (Stanford bunny) shows "top" as a side view.
 VIEWS: dict[str, tuple[float, float]] = {
-    "front": (0.0, -90.0),   # look along +y: x to the right, z up
-    "side": (0.0, 0.0),      # look along -x: y to the right, z up
-    "top": (90.0, -90.0),    # look down -z: x to the right, y up
+    "front": (0.0, -90.0),  # look along +y: x to the right, z up
+    "side": (0.0, 0.0),  # look along -x: y to the right, z up
+    "top": (90.0, -90.0),  # look down -z: x to the right, y up
     "iso": (30.0, -60.0),
 }
 PANEL_INCHES = 4.0
@@ -30,7 +30,8 @@ DPI = 100
 BASE_GREY = (0.62, 0.62, 0.62)
 FLAG_RED = (0.9, 0.05, 0.05)
 HEAT_CMAP = "inferno"  # the anomaly-score colour map of scores.ply, regions.png and viewer.html
-# How each verdict's region outline is drawn: confirmed stands out, rejected and skipped recede (also the viewer's).
+# How each verdict's region outline is drawn: confirmed stands out, rejected and skipped recede (also the
+# viewer's).
 CONFIRMED_BLUE, REJECTED_GREY, SKIPPED_GREY = "#0072ce", "#8a8a8a", "#b5b5b5"
 VERDICT_STYLES: dict[str, dict] = {
     "confirmed": {"color": CONFIRMED_BLUE, "linestyle": "-", "linewidth": 1.8},
@@ -96,14 +97,26 @@ def _marker_size(n: int) -> float:
 
 def _save(figure: Figure, path, *, tight: bool = False) -> Path:
     """Render to a temp PNG beside the target and rename, so a failed render leaves no partial image."""
-    return atomic_write(path, lambda out: figure.savefig(out, dpi=DPI, format="png",
-                                                         bbox_inches="tight" if tight else None, pad_inches=0.1),
-                        suffix=".png")
+    return atomic_write(
+        path,
+        lambda out: figure.savefig(
+            out, dpi=DPI, format="png", bbox_inches="tight" if tight else None, pad_inches=0.1
+        ),
+        suffix=".png",
+    )
 
 
-def render_points_png(path, points, values=None, *, mask=None, title: str | None = None,
-                      views: Sequence[str] = ("front", "side", "top"), max_points: int = 20000,
-                      seed: int = 0) -> Path:
+def render_points_png(
+    path,
+    points,
+    values=None,
+    *,
+    mask=None,
+    title: str | None = None,
+    views: Sequence[str] = ("front", "side", "top"),
+    max_points: int = 20000,
+    seed: int = 0,
+) -> Path:
     """Draw the cloud in grey (or coloured by ``values`` with viridis), flagged ``mask`` points in red on top.
 
     The image is ``400 * len(views)`` x 400 pixels. Returns the path written.
@@ -134,16 +147,33 @@ def render_points_png(path, points, values=None, *, mask=None, title: str | None
         if colour_values is not None:
             finite = colour_values[np.isfinite(colour_values)]
             low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 1.0)
-            axes.scatter(base[:, 0], base[:, 1], base[:, 2], c=colour_values[keep][~flagged_shown],
-                         cmap="viridis", vmin=low, vmax=high if high > low else low + 1, s=size,
-                         depthshade=False, linewidths=0)
+            axes.scatter(
+                base[:, 0],
+                base[:, 1],
+                base[:, 2],
+                c=colour_values[keep][~flagged_shown],
+                cmap="viridis",
+                vmin=low,
+                vmax=high if high > low else low + 1,
+                s=size,
+                depthshade=False,
+                linewidths=0,
+            )
         else:
-            axes.scatter(base[:, 0], base[:, 1], base[:, 2], color=BASE_GREY, s=size, depthshade=False,
-                         linewidths=0)
+            axes.scatter(
+                base[:, 0], base[:, 1], base[:, 2], color=BASE_GREY, s=size, depthshade=False, linewidths=0
+            )
         if flagged_shown.any():
             red = shown[flagged_shown]
-            axes.scatter(red[:, 0], red[:, 1], red[:, 2], color=FLAG_RED, s=max(size * 3, 4.0),
-                         depthshade=False, linewidths=0)
+            axes.scatter(
+                red[:, 0],
+                red[:, 1],
+                red[:, 2],
+                color=FLAG_RED,
+                s=max(size * 3, 4.0),
+                depthshade=False,
+                linewidths=0,
+            )
     return _save(figure, path)
 
 
@@ -160,12 +190,22 @@ def _region_box(axes, corners_low: np.ndarray, corners_high: np.ndarray, style: 
                 axes.plot(*np.stack([start, end]).T, **style)
 
 
-def regions_figure(points, regions: list[np.ndarray], labels: list[str], title: str | None = None, *,
-                   scores=None, verdicts: Sequence[str] | None = None,
-                   views: Sequence[str] = ("front", "side", "top"), max_points: int = 20000,
-                   seed: int = 0) -> Figure:
-    """The figure behind regions.png: the cloud as a heat map of ``scores`` (grey without), each region outlined by
-    its box and numbered 1..n in list order (report.json's order), confirmed solid, rejected/skipped dashed grey, and
+def regions_figure(
+    points,
+    regions: list[np.ndarray],
+    labels: list[str],
+    title: str | None = None,
+    *,
+    scores=None,
+    verdicts: Sequence[str] | None = None,
+    views: Sequence[str] = ("front", "side", "top"),
+    max_points: int = 20000,
+    seed: int = 0,
+) -> Figure:
+    """The figure behind regions.png: the cloud as a heat map of ``scores`` (grey without), each region
+    outlined by
+    its box and numbered 1..n in list order (report.json's order), confirmed solid, rejected/skipped dashed
+    grey, and
     a legend with every label whole (wrapped, never cut)."""
     array = _check_points(points)
     n = len(array)
@@ -200,38 +240,83 @@ def regions_figure(points, regions: list[np.ndarray], labels: list[str], title: 
             axes.scatter(*array[keep].T, color=BASE_GREY, s=size, depthshade=False, linewidths=0)
         else:
             order = keep[np.argsort(values[keep], kind="stable")]  # high scores drawn last, on top
-            axes.scatter(*array[order].T, c=values[order], cmap=HEAT_CMAP, vmin=low,
-                         vmax=high if high > low else low + 1, s=size, depthshade=False, linewidths=0)
+            axes.scatter(
+                *array[order].T,
+                c=values[order],
+                cmap=HEAT_CMAP,
+                vmin=low,
+                vmax=high if high > low else low + 1,
+                s=size,
+                depthshade=False,
+                linewidths=0,
+            )
         for number, (index, verdict) in enumerate(zip(region_indices, verdicts), start=1):
             if not len(index):
                 continue
             style = VERDICT_STYLES.get(verdict, VERDICT_STYLES["skipped"])
             box_low, box_high = array[index].min(axis=0) - pad, array[index].max(axis=0) + pad
             _region_box(axes, box_low, box_high, style)
-            axes.text(*box_high, str(number), color="white", fontsize=8, fontweight="bold", zorder=10,
-                      bbox={"boxstyle": "round,pad=0.15", "facecolor": style["color"], "edgecolor": "none"})
+            axes.text(
+                *box_high,
+                str(number),
+                color="white",
+                fontsize=8,
+                fontweight="bold",
+                zorder=10,
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": style["color"], "edgecolor": "none"},
+            )
     if values is not None:
         from matplotlib.cm import ScalarMappable
         from matplotlib.colors import Normalize
 
         bar = figure.add_axes((1.0, 0.15, 0.008, 0.6))  # right of the panels; the tight crop keeps it
-        figure.colorbar(ScalarMappable(Normalize(low, high if high > low else low + 1), cmap=HEAT_CMAP), cax=bar,
-                        orientation="vertical", label="anomaly score")
+        figure.colorbar(
+            ScalarMappable(Normalize(low, high if high > low else low + 1), cmap=HEAT_CMAP),
+            cax=bar,
+            orientation="vertical",
+            label="anomaly score",
+        )
     if labels:
         from matplotlib.lines import Line2D
 
         handles = [Line2D([], [], **VERDICT_STYLES.get(v, VERDICT_STYLES["skipped"])) for v in verdicts]
         wrapped = [textwrap.fill(label, LEGEND_WRAP, subsequent_indent="    ") for label in labels]
-        figure.legend(handles=handles, labels=wrapped, loc="upper left", bbox_to_anchor=(0.01, -0.02),
-                      ncol=1, fontsize=8, frameon=False, handlelength=2.5)
+        figure.legend(
+            handles=handles,
+            labels=wrapped,
+            loc="upper left",
+            bbox_to_anchor=(0.01, -0.02),
+            ncol=1,
+            fontsize=8,
+            frameon=False,
+            handlelength=2.5,
+        )
     return figure
 
 
-def render_regions_png(path, points, regions: list[np.ndarray], labels: list[str],
-                       title: str | None = None, *, scores=None, verdicts: Sequence[str] | None = None,
-                       views: Sequence[str] = ("front", "side", "top"), max_points: int = 20000,
-                       seed: int = 0) -> Path:
+def render_regions_png(
+    path,
+    points,
+    regions: list[np.ndarray],
+    labels: list[str],
+    title: str | None = None,
+    *,
+    scores=None,
+    verdicts: Sequence[str] | None = None,
+    views: Sequence[str] = ("front", "side", "top"),
+    max_points: int = 20000,
+    seed: int = 0,
+) -> Path:
     """Write :func:`regions_figure` as a PNG cropped to everything drawn (so the legend is never cut off)."""
-    figure = regions_figure(points, regions, labels, title, scores=scores, verdicts=verdicts, views=views,
-                            max_points=max_points, seed=seed)
+    figure = regions_figure(
+        points,
+        regions,
+        labels,
+        title,
+        scores=scores,
+        verdicts=verdicts,
+        views=views,
+        max_points=max_points,
+        seed=seed,
+    )
     return _save(figure, path, tight=True)

@@ -1,6 +1,7 @@
 """Where the project's shared, read-only data lives: `../shared/` beside the checkout, or `$SCANAGENT_SHARED`.
 
-Tests and the benchmark builder read real scans from there and skip (with a reason) when it is absent; the project
+Tests and the benchmark builder read real scans from there and skip (with a reason) when it is absent; the
+project
 never copies it into its own tree.
 """
 

@@ -1,14 +1,20 @@
 """Output folders written whole, and replaced only when this tool wrote them.
 
-Every folder scanagent writes (a scan's outputs, a fitted class) is built under a temporary name beside its target,
-carries a marker file naming what it is, and is swapped into place by renames. Why a marker: a rerun replaces the
-earlier outputs of the same scan, but a folder of the user's that happens to sit where an output would go must never
+Every folder scanagent writes (a scan's outputs, a fitted class) is built under a temporary name beside its
+target,
+carries a marker file naming what it is, and is swapped into place by renames. Why a marker: a rerun replaces
+the
+earlier outputs of the same scan, but a folder of the user's that happens to sit where an output would go must
+never
 be deleted; only a folder with the marker (or an empty one) is ever replaced, anything else is refused with an
 :class:`OutputError` naming it.
 
-Why renames and a retry loop: two processes writing the same target (two runs into one --out) must not trip over each
-other. The new folder is renamed onto the target, which succeeds atomically when nothing is there; when an earlier
-output is in the way it is renamed aside first (a concurrent writer may have moved it already, or put its own result
+Why renames and a retry loop: two processes writing the same target (two runs into one --out) must not trip
+over each
+other. The new folder is renamed onto the target, which succeeds atomically when nothing is there; when an
+earlier
+output is in the way it is renamed aside first (a concurrent writer may have moved it already, or put its own
+result
 in place meanwhile: both are retried), so the target always ends up holding one complete output.
 """
 
@@ -28,7 +34,7 @@ from scans.io import umask_mode
 
 MARKER_FILE = ".scanagent"
 WRITER = "scanagent"
-SWAP_ATTEMPTS = 50      # each failed attempt means another writer changed the target in between
+SWAP_ATTEMPTS = 50  # each failed attempt means another writer changed the target in between
 # rename(2) errors that mean "something is in the way at the target"
 _OCCUPIED = {errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 
@@ -36,7 +42,8 @@ OwnershipTest = Callable[[Path], bool]
 
 
 class OutputError(ValueError):
-    """An output place that cannot or must not be written; the message starts with the path (exit 2 in the CLIs)."""
+    """An output place that cannot or must not be written; the message starts with the path (exit 2 in the
+    CLIs)."""
 
 
 def _reason(exc: OSError) -> str:
@@ -44,10 +51,13 @@ def _reason(exc: OSError) -> str:
 
 
 def check_writable(folder: str | os.PathLike, what: str = "output folder") -> None:
-    """Refuse early a folder that could not be created or written, so no work is spent before the write would fail.
+    """Refuse early a folder that could not be created or written, so no work is spent before the write would
+    fail.
 
-    Probes by making (and removing) a temporary entry in the folder, or in its nearest existing ancestor when it does
-    not exist yet: permission bits alone say nothing when running as root, and read-only mounts fail only on write."""
+    Probes by making (and removing) a temporary entry in the folder, or in its nearest existing ancestor when
+    it does
+    not exist yet: permission bits alone say nothing when running as root, and read-only mounts fail only on
+    write."""
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path}: the {what} exists and is a file, not a folder")
@@ -84,7 +94,8 @@ def marker_kind(folder: Path) -> str | None:
 def check_replaceable(target: str | os.PathLike, kind: str, also_ours: OwnershipTest | None = None) -> None:
     """Return quietly if `target` is absent, empty or a `kind` folder this tool wrote; else raise OutputError.
 
-    `also_ours` accepts folders written before markers existed (a fitted class recognises its own metadata file)."""
+    `also_ours` accepts folders written before markers existed (a fitted class recognises its own metadata
+    file)."""
     path = Path(target)
     try:
         mode = os.lstat(path).st_mode
@@ -92,8 +103,10 @@ def check_replaceable(target: str | os.PathLike, kind: str, also_ours: Ownership
         return
     if not stat.S_ISDIR(mode):
         thing = "a symbolic link" if stat.S_ISLNK(mode) else "a file"
-        raise OutputError(f"{path}: exists and is {thing}, not a {kind} folder; refusing to replace it "
-                          "(move it away or choose another --out)")
+        raise OutputError(
+            f"{path}: exists and is {thing}, not a {kind} folder; refusing to replace it "
+            "(move it away or choose another --out)"
+        )
     found = marker_kind(path)
     if found == kind or (found is None and also_ours is not None and also_ours(path)):
         return
@@ -105,14 +118,17 @@ def check_replaceable(target: str | os.PathLike, kind: str, also_ours: Ownership
     except OSError as exc:
         raise OutputError(f"{path}: cannot be read ({_reason(exc)}); refusing to replace it") from None
     holds = f"holds scanagent's {found}" if found else f"has no {MARKER_FILE} marker"
-    raise OutputError(f"{path}: exists and is not a {kind} folder written by scanagent ({holds}); refusing to "
-                      "replace it (move it away or choose another --out)")
+    raise OutputError(
+        f"{path}: exists and is not a {kind} folder written by scanagent ({holds}); refusing to "
+        "replace it (move it away or choose another --out)"
+    )
 
 
 def replace_dir(staging: Path, target: Path, kind: str, also_ours: OwnershipTest | None = None) -> None:
     """Rename the complete folder `staging` to `target`, moving an earlier output of this tool out of the way.
 
-    Safe against a concurrent writer of the same target: whichever rename lands last wins, and neither raises."""
+    Safe against a concurrent writer of the same target: whichever rename lands last wins, and neither
+    raises."""
     retired: list[Path] = []
     try:
         for _ in range(SWAP_ATTEMPTS):
@@ -129,7 +145,9 @@ def replace_dir(staging: Path, target: Path, kind: str, also_ours: OwnershipTest
                 os.rename(target, aside / "old")
             except FileNotFoundError:
                 pass  # a concurrent writer moved it first; try again
-        raise OutputError(f"{target}: kept changing while being replaced ({SWAP_ATTEMPTS} attempts); try again")
+        raise OutputError(
+            f"{target}: kept changing while being replaced ({SWAP_ATTEMPTS} attempts); try again"
+        )
     except OSError as exc:  # making the aside folder or moving the old output failed: not a race
         _restore(retired, target)
         raise OutputError(f"{target}: cannot be replaced ({_reason(exc)})") from None
@@ -153,8 +171,11 @@ def _restore(retired: list[Path], target: Path) -> None:
 
 
 @contextmanager
-def staged_dir(target: str | os.PathLike, kind: str, *, also_ours: OwnershipTest | None = None) -> Iterator[Path]:
-    """Yield an empty marked folder beside `target`; on success it replaces `target`, on any error it is removed.
+def staged_dir(
+    target: str | os.PathLike, kind: str, *, also_ours: OwnershipTest | None = None
+) -> Iterator[Path]:
+    """Yield an empty marked folder beside `target`; on success it replaces `target`, on any error it is
+    removed.
 
     Refuses (OutputError) before the caller's work when `target` is someone else's file or folder."""
     target = Path(target)

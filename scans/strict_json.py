@@ -21,7 +21,8 @@ class NonFiniteJSONError(ValueError):
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars and arrays as Python values (what ``json`` can write). Recognised without importing numpy:
+    """numpy scalars and arrays as Python values (what ``json`` can write). Recognised without importing
+    numpy:
     the agent loop and the transcript use this module and must stay free of numpy."""
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
@@ -80,5 +81,6 @@ def dumps(obj: Any, *, what: str = "json document", missing_as_null: bool = Fals
         key = first_nonfinite(obj)
         if key is None:
             raise
-        raise NonFiniteJSONError(f"{what}: {key} is not a finite number (NaN or infinite); refusing to write "
-                                 "invalid JSON") from None
+        raise NonFiniteJSONError(
+            f"{what}: {key} is not a finite number (NaN or infinite); refusing to write invalid JSON"
+        ) from None

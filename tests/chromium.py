@@ -1,8 +1,11 @@
 """A headless Chromium driven over the DevTools protocol, for tests of the pages scanagent writes.
 
-Why not playwright or selenium: both want a browser build of their own, which cannot be downloaded here; Debian's
-chromium with `--remote-debugging-port` and a websocket client does the job. Every request the page makes is logged
-(`Network.requestWillBeSent`), and the browser's proxy points at a closed loopback port so any request that slipped
+Why not playwright or selenium: both want a browser build of their own, which cannot be downloaded here;
+Debian's
+chromium with `--remote-debugging-port` and a websocket client does the job. Every request the page makes is
+logged
+(`Network.requestWillBeSent`), and the browser's proxy points at a closed loopback port so any request that
+slipped
 through would fail rather than reach a network.
 """
 
@@ -41,19 +44,35 @@ class Browser:
             raise RuntimeError("chromium is not installed")
         self._profile = tempfile.mkdtemp(prefix="scanagent-chromium-")
         self._process = subprocess.Popen(
-            [executable, "--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-             "--remote-debugging-port=0", f"--user-data-dir={self._profile}",
-             f"--window-size={self.width},{self.height}", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--proxy-server={CLOSED_PORT_PROXY}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                executable,
+                "--headless",
+                "--no-sandbox",
+                "--use-angle=swiftshader",
+                "--enable-unsafe-swiftshader",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self._profile}",
+                f"--window-size={self.width},{self.height}",
+                "--no-first-run",
+                "--no-default-browser-check",
+                "--disable-extensions",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--proxy-server={CLOSED_PORT_PROXY}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             port = self._wait_for_port()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as answer:
                 targets = json.load(answer)
             page = next(t for t in targets if t["type"] == "page")
-            self._socket: ClientConnection = connect(page["webSocketDebuggerUrl"], max_size=2**28,
-                                                     open_timeout=10)
+            self._socket: ClientConnection = connect(
+                page["webSocketDebuggerUrl"], max_size=2**28, open_timeout=10
+            )
             self.call("Network.enable")
             self.call("Page.enable")
             self.call("Runtime.enable")
@@ -88,7 +107,8 @@ class Browser:
         raise TimeoutError("chromium did not open its DevTools port")
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
-        """Send one DevTools command and return its result; events that arrive meanwhile are kept in `events`."""
+        """Send one DevTools command and return its result; events that arrive meanwhile are kept in
+        `events`."""
         self._next_id += 1
         self._socket.send(json.dumps({"id": self._next_id, "method": method, "params": params}))
         while True:
@@ -106,7 +126,8 @@ class Browser:
         return result["result"].get("value")
 
     def open(self, path: Path, ready: str, wait_seconds: float = 60.0) -> Any:
-        """Navigate to a local file and poll the JS expression `ready` until it is truthy; returns its value."""
+        """Navigate to a local file and poll the JS expression `ready` until it is truthy; returns its
+        value."""
         self.call("Page.navigate", url=path.resolve().as_uri())
         deadline = time.monotonic() + wait_seconds
         while time.monotonic() < deadline:
@@ -124,7 +145,11 @@ class Browser:
             self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
     def requested_urls(self) -> list[str]:
-        return [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+        return [
+            e["params"]["request"]["url"]
+            for e in self.events
+            if e.get("method") == "Network.requestWillBeSent"
+        ]
 
     def exceptions(self) -> list[dict]:
         return [e["params"] for e in self.events if e.get("method") == "Runtime.exceptionThrown"]

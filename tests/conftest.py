@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: a seeded generator, one torch thread, and the tiny fitted class several modules use."""
+"""Shared pytest fixtures: a seeded generator, one torch thread, and the tiny fitted class several modules
+use."""
 
 import os
 
@@ -8,9 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.tiny import TINY_FIT, part_scans  # noqa: E402
 from detector.fitted import FittedClass, ScanAnalysis  # noqa: E402
 from detector.fitting import fit_class  # noqa: E402
+from tests.tiny import TINY_FIT, part_scans  # noqa: E402
 
 
 @pytest.fixture
@@ -21,7 +22,8 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """One torch intra-op thread for the whole suite: on 2 shared cores an OpenMP team waiting on a busy core makes
+    """One torch intra-op thread for the whole suite: on 2 shared cores an OpenMP team waiting on a busy core
+    makes
     small models many times slower, and results do not depend on the count (the detector pins its own)."""
     import torch
 
@@ -31,7 +33,8 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-# A tiny fit of the bracket, one test scan and its analysis (the verifier and pipeline tests use them; module-scoped, so
+# A tiny fit of the bracket, one test scan and its analysis (the verifier and pipeline tests use them;
+# module-scoped, so
 # each module fits once; a module that defines its own fixture of the same name uses its own).
 @pytest.fixture(scope="module")
 def fitted() -> FittedClass:

@@ -18,14 +18,14 @@ from scans.io import write_pcd
 
 @dataclass(frozen=True, eq=False)
 class Expected:
-    name: str                   # file name of the scan
-    split: str                  # "train" | "validation" | "test"
-    label: int                  # 0 / 1 / -1
+    name: str  # file name of the scan
+    split: str  # "train" | "validation" | "test"
+    label: int  # 0 / 1 / -1
     defect_type: str
-    mask: np.ndarray | None     # bool per point in file order (after dropped invalid pixels); None = no truth
+    mask: np.ndarray | None  # bool per point in file order (after dropped invalid pixels); None = no truth
 
 
-Manifest = dict[str, list[Expected]]   # class -> expected samples
+Manifest = dict[str, list[Expected]]  # class -> expected samples
 
 
 def sphere_cloud(n_points: int, seed: int, radius: float = 1.0) -> np.ndarray:
@@ -44,8 +44,9 @@ def defect_mask(points: np.ndarray, n_anomalous: int) -> np.ndarray:
     return mask
 
 
-def _write_gt_txt(path: Path, points: np.ndarray, mask: np.ndarray, delimiter: str,
-                  order: np.ndarray | None = None) -> None:
+def _write_gt_txt(
+    path: Path, points: np.ndarray, mask: np.ndarray, delimiter: str, order: np.ndarray | None = None
+) -> None:
     rows = np.column_stack([points.astype(np.float64), mask.astype(np.float64)])
     if order is not None:
         rows = rows[order]
@@ -53,8 +54,9 @@ def _write_gt_txt(path: Path, points: np.ndarray, mask: np.ndarray, delimiter: s
     np.savetxt(path, rows, fmt=["%.6f", "%.6f", "%.6f", "%d"], delimiter=delimiter)
 
 
-def write_anomaly_shapenet(root: Path, classes: tuple[str, ...] = ("bottle0", "ashtray0"),
-                           n_points: int = 300) -> Manifest:
+def write_anomaly_shapenet(
+    root: Path, classes: tuple[str, ...] = ("bottle0", "ashtray0"), n_points: int = 300
+) -> Manifest:
     """<root>/pcd/<class>/{train/*template*.pcd, test/*.pcd, GT/<stem>.txt comma rows}; also obj/<class>."""
     manifest: Manifest = {}
     for class_index, cls in enumerate(classes):
@@ -64,7 +66,7 @@ def write_anomaly_shapenet(root: Path, classes: tuple[str, ...] = ("bottle0", "a
             name = f"{cls}_template{i}.pcd"
             write_pcd(base / "train" / name, sphere_cloud(n_points, seed=100 * class_index + i))
             expected.append(Expected(name, "train", 0, "good", None))
-        (base / "train" / "notes.txt").write_text("not a template\n")   # must be ignored
+        (base / "train" / "notes.txt").write_text("not a template\n")  # must be ignored
         name = f"{cls}_positive0.pcd"
         points = sphere_cloud(n_points + 20, seed=100 * class_index + 10)
         write_pcd(base / "test" / name, points)
@@ -81,8 +83,9 @@ def write_anomaly_shapenet(root: Path, classes: tuple[str, ...] = ("bottle0", "a
     return manifest
 
 
-def write_real3d_ad(root: Path, classes: tuple[str, ...] = ("seahorse", "airplane"),
-                    n_points: int = 260) -> Manifest:
+def write_real3d_ad(
+    root: Path, classes: tuple[str, ...] = ("seahorse", "airplane"), n_points: int = 260
+) -> Manifest:
     """<root>/<class>/{train/*template*.pcd, test/*.pcd, gt/<stem>.txt space rows}.
 
     One defective sample's GT rows are written in shuffled order (the loader must align by position, not row);
@@ -112,12 +115,13 @@ def write_real3d_ad(root: Path, classes: tuple[str, ...] = ("seahorse", "airplan
     return manifest
 
 
-MVTEC_GRID = (16, 20)            # H, W
-MVTEC_OBJECT = (slice(4, 12), slice(5, 15))   # rows, cols of the raised object in the middle of the frame
+MVTEC_GRID = (16, 20)  # H, W
+MVTEC_OBJECT = (slice(4, 12), slice(5, 15))  # rows, cols of the raised object in the middle of the frame
 
 
-def mvtec_scene(seed: int, height: int = MVTEC_GRID[0],
-                width: int = MVTEC_GRID[1]) -> tuple[np.ndarray, np.ndarray]:
+def mvtec_scene(
+    seed: int, height: int = MVTEC_GRID[0], width: int = MVTEC_GRID[1]
+) -> tuple[np.ndarray, np.ndarray]:
     """An organized H x W x 3 scan: a flat support (z ~ 0) with a raised box-shaped object; the first
     row and a few pixels are invalid (0, 0, 0) as in MVTec. Returns (image, object pixel mask)."""
     rng = np.random.default_rng(seed)
@@ -127,8 +131,8 @@ def mvtec_scene(seed: int, height: int = MVTEC_GRID[0],
     on_object[MVTEC_OBJECT] = True
     z[on_object] += 0.06 + 0.01 * rng.random(on_object.sum())
     image = np.stack([0.01 * cols, 0.01 * rows + 0.005, z + 0.4], axis=-1).astype(np.float32)
-    image[0] = 0.0                                     # a whole invalid row
-    image[5, 7] = image[10, 2] = 0.0                   # scattered invalid pixels
+    image[0] = 0.0  # a whole invalid row
+    image[5, 7] = image[10, 2] = 0.0  # scattered invalid pixels
     return image, on_object
 
 
@@ -166,7 +170,7 @@ def write_mvtec3d(root: Path, classes: tuple[str, ...] = ("bagel", "tire")) -> M
         expected.append(Expected("000.tiff", "test", 0, "good", mask))
         for i in range(2):
             pixels = np.zeros((height, width), dtype=bool)
-            pixels[6:9, 8 + 2 * i: 11 + 2 * i] = True        # a defect on the object
+            pixels[6:9, 8 + 2 * i : 11 + 2 * i] = True  # a defect on the object
             mask = put(base / "test" / "crack", f"{i:03d}", seed := seed + 1, pixels)
             expected.append(Expected(f"{i:03d}.tiff", "test", 1, "crack", mask))
         manifest[cls] = expected
@@ -186,8 +190,10 @@ def write_folder(root: Path, classes: tuple[str, ...] | None = None, n_points: i
         expected = []
         write_pcd(base / "train" / "t0.pcd", sphere_cloud(n_points, seed))
         np.save(base / "train" / "t1.npy", sphere_cloud(n_points, seed + 1))
-        expected += [Expected("t0.pcd", "train", 0, "good", None),
-                     Expected("t1.npy", "train", 0, "good", None)]
+        expected += [
+            Expected("t0.pcd", "train", 0, "good", None),
+            Expected("t1.npy", "train", 0, "good", None),
+        ]
 
         test = base / "test"
         points = sphere_cloud(n_points, seed + 2)

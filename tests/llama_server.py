@@ -1,7 +1,9 @@
 """Start and stop `python -m llama_cpp.server` (llama-cpp-python) on 127.0.0.1 for the real-model tests.
 
-Why a helper and not a bare fixture: both the openai and the langchain tests talk to the same server, and the start-up
-(pick a free port, wait until /v1/models answers, kill on teardown, show the server's log when it dies) is worth one
+Why a helper and not a bare fixture: both the openai and the langchain tests talk to the same server, and the
+start-up
+(pick a free port, wait until /v1/models answers, kill on teardown, show the server's log when it dies) is
+worth one
 careful place.
 """
 
@@ -25,7 +27,8 @@ SERVER_MODULES = ("llama_cpp", "llama_cpp.server", "uvicorn", "fastapi", "sse_st
 
 
 def missing_server_modules() -> list[str]:
-    """Modules `python -m llama_cpp.server` needs that are not importable (empty when the server can start)."""
+    """Modules `python -m llama_cpp.server` needs that are not importable (empty when the server can
+    start)."""
     missing = []
     for name in SERVER_MODULES:
         try:
@@ -51,7 +54,8 @@ def _models_answer(base_url: str) -> list[str] | None:
 
 
 def describe_exit(returncode: int) -> str:
-    """'killed by SIGILL (Illegal instruction)' for a signal, 'exited with 1' otherwise: a bare code hides the cause."""
+    """'killed by SIGILL (Illegal instruction)' for a signal, 'exited with 1' otherwise: a bare code hides the
+    cause."""
     if returncode < 0:
         try:
             sig = signal.Signals(-returncode)
@@ -86,15 +90,38 @@ class LlamaServer:
 
 
 @contextmanager
-def llama_server(model_path: str | Path, log_path: str | Path, *, chat_format: str = "chatml-function-calling",
-                 n_ctx: int = 4096, n_threads: int = 2, startup_timeout: float = 180.0) -> Iterator[LlamaServer]:
+def llama_server(
+    model_path: str | Path,
+    log_path: str | Path,
+    *,
+    chat_format: str = "chatml-function-calling",
+    n_ctx: int = 4096,
+    n_threads: int = 2,
+    startup_timeout: float = 180.0,
+) -> Iterator[LlamaServer]:
     """Serve `model_path` on a free loopback port; the server is killed on exit."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     log_path = Path(log_path)
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path), "--host", "127.0.0.1",
-               "--port", str(port), "--chat_format", chat_format, "--n_ctx", str(n_ctx),
-               "--n_threads", str(n_threads), "--model_alias", Path(model_path).stem]
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--chat_format",
+        chat_format,
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(n_threads),
+        "--model_alias",
+        Path(model_path).stem,
+    ]
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     server = LlamaServer(base_url, process, log_path)
@@ -104,8 +131,10 @@ def llama_server(model_path: str | Path, log_path: str | Path, *, chat_format: s
             if (reason := server.death()) is not None:
                 raise RuntimeError(reason)
             if time.monotonic() > deadline:
-                raise RuntimeError(f"llama_cpp.server did not answer within {startup_timeout} s; last lines of "
-                                   f"{log_path}:\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"llama_cpp.server did not answer within {startup_timeout} s; last lines of "
+                    f"{log_path}:\n{server.log_tail()}"
+                )
             time.sleep(0.25)
         yield server
     finally:

@@ -1,4 +1,5 @@
-"""A scripted fake LLM for tests only: replays a fixed list of replies (or raises) so every loop path is reachable.
+"""A scripted fake LLM for tests only: replays a fixed list of replies (or raises) so every loop path is
+reachable.
 
 Each script step is an `LLMReply`, an exception instance (raised from `chat`), or a callable
 `(messages, tools) -> LLMReply` for replies that depend on the conversation so far.

@@ -1,4 +1,5 @@
-"""Agent-callable tools: schemas, dispatch, every happy path and every way a model can get the arguments wrong."""
+"""Agent-callable tools: schemas, dispatch, every happy path and every way a model can get the arguments
+wrong."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def scan():
 
 def make_box(scan, bank=None, budget=0, **kwargs) -> ToolBox:
     points, patches, table = scan
-    return ToolBox(ScanContext(points, patches, table, bank_lookup=bank, verify_budget_points=budget), **kwargs)
+    return ToolBox(
+        ScanContext(points, patches, table, bank_lookup=bank, verify_budget_points=budget), **kwargs
+    )
 
 
 def walk(node):
@@ -54,14 +57,20 @@ def walk(node):
             yield from walk(v)
 
 
-# ---- schemas ----------------------------------------------------------------------------------------------------------
+# ---- schemas
+# ----------------------------------------------------------------------------------------------------------
+
 
 def test_openai_schema_shape(scan):
     box = make_box(scan)
     schemas = box.openai_schemas()
     assert [s["function"]["name"] for s in schemas] == TOOL_NAMES
     for schema in schemas:
-        assert schema["type"] == "function" and set(schema["function"]) == {"name", "description", "parameters"}
+        assert schema["type"] == "function" and set(schema["function"]) == {
+            "name",
+            "description",
+            "parameters",
+        }
         params = schema["function"]["parameters"]
         assert params["type"] == "object"
         text = json.dumps(params)
@@ -70,7 +79,10 @@ def test_openai_schema_shape(scan):
             if isinstance(node, dict) and node.get("type") == "object":
                 assert node["additionalProperties"] is False
     list_params = schemas[0]["function"]["parameters"]["properties"]
-    assert set(list_params["sort_by"]["enum"]) == set(scan[2].columns) and "cue" in list_params["sort_by"]["enum"]
+    assert (
+        set(list_params["sort_by"]["enum"]) == set(scan[2].columns)
+        and "cue" in list_params["sort_by"]["enum"]
+    )
     patch_id = schemas[1]["function"]["parameters"]["properties"]["patch_id"]
     assert (patch_id["minimum"], patch_id["maximum"]) == (0, scan[1].n_patches - 1)
 
@@ -91,7 +103,9 @@ def test_tools_summary_names_every_tool_and_its_ranges(scan):
     assert f"patch_id: int 0..{scan[1].n_patches - 1}" in summary and "top_k: int 1..50 = 10" in summary
 
 
-# ---- happy paths ------------------------------------------------------------------------------------------------------
+# ---- happy paths
+# ------------------------------------------------------------------------------------------------------
+
 
 def test_list_patches_sorts_by_any_column(scan):
     box = make_box(scan)
@@ -171,8 +185,10 @@ def test_feature_lookup_reports_a_failing_bank(scan):
 
 def test_report_suspects_is_terminal(scan):
     box = make_box(scan)
-    regions = [{"patch_ids": [3, 4, 3], "reason": " bump on the rim ", "confidence": 0.8},
-               {"patch_ids": [7], "reason": "odd spacing", "confidence": 0.2}]
+    regions = [
+        {"patch_ids": [3, 4, 3], "reason": " bump on the rim ", "confidence": 0.8},
+        {"patch_ids": [7], "reason": "odd spacing", "confidence": 0.2},
+    ]
     result = box.call("report_suspects", json.dumps({"regions": regions}))
     assert result.ok and box.finished
     assert box.report[0] == {"patch_ids": [3, 4], "reason": "bump on the rim", "confidence": 0.8}
@@ -198,7 +214,8 @@ def test_call_log_records_every_call(scan):
     assert box.log[0].arguments == {"top_k": 2} and box.log[1].error.startswith("unknown tool")
 
 
-# ---- invalid arguments: never an exception, always a message naming the fix ------------------------------------------
+# ---- invalid arguments: never an exception, always a message naming the fix
+# ------------------------------------------
 
 LAST = N_PATCHES - 1
 INVALID_CALLS = [
@@ -214,27 +231,51 @@ INVALID_CALLS = [
     ("patch_geometry", {"patch_id": N_PATCHES}, f"Valid patch ids are 0..{LAST}"),
     ("patch_geometry", {"patch_id": -1}, f"Valid patch ids are 0..{LAST}"),
     ("patch_geometry", {"patch_id": 1.5}, "patch_id: Input should be a valid integer"),
-    ("patch_geometry", {"patch_id": 1, "n_samples": 1000}, "n_samples: Input should be less than or equal to 64"),
+    (
+        "patch_geometry",
+        {"patch_id": 1, "n_samples": 1000},
+        "n_samples: Input should be less than or equal to 64",
+    ),
     ("neighbourhood", {"patch_id": 0, "radius": 0}, "radius: Input should be greater than 0"),
     ("neighbourhood", {"patch_id": 0, "radius": 5}, "radius: Input should be less than or equal to 2"),
     ("feature_lookup", {"patch_id": "abc"}, "patch_id: Input should be a valid integer"),
     ("report_suspects", {}, "regions: Field required"),
-    ("report_suspects", {"regions": [{"patch_ids": [999], "reason": "x", "confidence": 0.5}]},
-     f"Valid patch ids are 0..{LAST}"),
-    ("report_suspects", {"regions": [{"patch_ids": [], "reason": "x", "confidence": 0.5}]},
-     "regions.0.patch_ids: List should have at least 1 item"),
-    ("report_suspects", {"regions": [{"patch_ids": [1], "reason": "x", "confidence": 1.5}]},
-     "regions.0.confidence: Input should be less than or equal to 1"),
-    ("report_suspects", {"regions": [{"patch_ids": [1], "confidence": 0.5}]}, "regions.0.reason: Field required"),
-    ("report_suspects", {"regions": [{"patch_ids": [1], "reason": "x", "confidence": 0.5}] * (MAX_REGIONS + 1)},
-     "regions: List should have at most 10 items"),
-    ("report_suspects", {"regions": [{"patch_ids": list(range(21)), "reason": "x", "confidence": 0.5}]},
-     "List should have at most 20 items"),
+    (
+        "report_suspects",
+        {"regions": [{"patch_ids": [999], "reason": "x", "confidence": 0.5}]},
+        f"Valid patch ids are 0..{LAST}",
+    ),
+    (
+        "report_suspects",
+        {"regions": [{"patch_ids": [], "reason": "x", "confidence": 0.5}]},
+        "regions.0.patch_ids: List should have at least 1 item",
+    ),
+    (
+        "report_suspects",
+        {"regions": [{"patch_ids": [1], "reason": "x", "confidence": 1.5}]},
+        "regions.0.confidence: Input should be less than or equal to 1",
+    ),
+    (
+        "report_suspects",
+        {"regions": [{"patch_ids": [1], "confidence": 0.5}]},
+        "regions.0.reason: Field required",
+    ),
+    (
+        "report_suspects",
+        {"regions": [{"patch_ids": [1], "reason": "x", "confidence": 0.5}] * (MAX_REGIONS + 1)},
+        "regions: List should have at most 10 items",
+    ),
+    (
+        "report_suspects",
+        {"regions": [{"patch_ids": list(range(21)), "reason": "x", "confidence": 0.5}]},
+        "List should have at most 20 items",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "arguments", "expected"), INVALID_CALLS, ids=[f"{c[0]}-{i}" for i, c in
-                                                                                  enumerate(INVALID_CALLS)])
+@pytest.mark.parametrize(
+    ("name", "arguments", "expected"), INVALID_CALLS, ids=[f"{c[0]}-{i}" for i, c in enumerate(INVALID_CALLS)]
+)
 def test_invalid_calls_return_errors_not_exceptions(scan, name, arguments, expected):
     box = make_box(scan, bank=FakeBank(), budget=10**6)
     result = box.call(name, arguments)
@@ -253,7 +294,8 @@ def test_context_rejects_mismatched_parts(scan):
 
 
 def test_policy_obeys_the_report_schema_limits(scan):
-    """A policy asked for more regions than report_suspects allows merges the surplus instead of being rejected
+    """A policy asked for more regions than report_suspects allows merges the surplus instead of being
+    rejected
     (it is the fallback: a rejected report would leave the run with no report at all)."""
     from agent.backends.policy import PolicyBackend, report_limits
     from agent.loop import run_agent
@@ -261,8 +303,9 @@ def test_policy_obeys_the_report_schema_limits(scan):
     box = make_box(scan, max_regions=3, max_ids_per_region=4)
     assert report_limits(box.openai_schemas()) == (3, 4)
     task = [{"role": "user", "content": "find the defects"}]
-    outcome = run_agent(PolicyBackend(target_share=1.0, top_k=N_PATCHES, max_regions=N_PATCHES, inspect_top=0),
-                        box, task)
+    outcome = run_agent(
+        PolicyBackend(target_share=1.0, top_k=N_PATCHES, max_regions=N_PATCHES, inspect_top=0), box, task
+    )
     assert not outcome.fallback_used and outcome.error is None
     assert len(outcome.regions) == 3 and all(len(r["patch_ids"]) <= 4 for r in outcome.regions)
     assert outcome.regions[-1]["reason"].startswith("further high-cue patches")

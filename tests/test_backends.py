@@ -1,4 +1,5 @@
-"""Backends without a real model: the registry, the openai backend's retries against a local fake server, LangChain
+"""Backends without a real model: the registry, the openai backend's retries against a local fake server,
+LangChain
 message conversion, and the pure helpers of the hf backend."""
 
 from __future__ import annotations
@@ -18,19 +19,35 @@ from agent.backends.base import LLMReply, ToolCall, resolve_ref
 from agent.backends.hf_backend import HFBackend, parse_free_tool_call
 from agent.loop import run_agent
 
-TOOLS = [{"type": "function", "function": {"name": "list_patches", "description": "list",
-                                           "parameters": {"type": "object", "properties": {"top_k": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "list_patches",
+            "description": "list",
+            "parameters": {"type": "object", "properties": {"top_k": {"type": "integer"}}},
+        },
+    }
+]
 MESSAGES = [{"role": "user", "content": "find defects"}]
 
 
-def completion(tool_name: str | None = "list_patches", arguments: str = '{"top_k": 3}', content: str | None = None):
+def completion(
+    tool_name: str | None = "list_patches", arguments: str = '{"top_k": 3}', content: str | None = None
+):
     message: dict = {"role": "assistant", "content": content}
     if tool_name:
-        message["tool_calls"] = [{"id": "call_1", "type": "function",
-                                  "function": {"name": tool_name, "arguments": arguments}}]
-    return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "fake-model",
-            "choices": [{"index": 0, "finish_reason": "tool_calls" if tool_name else "stop", "message": message}],
-            "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}}
+        message["tool_calls"] = [
+            {"id": "call_1", "type": "function", "function": {"name": tool_name, "arguments": arguments}}
+        ]
+    return {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "fake-model",
+        "choices": [{"index": 0, "finish_reason": "tool_calls" if tool_name else "stop", "message": message}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+    }
 
 
 class FakeOpenAIServer:
@@ -55,14 +72,21 @@ class FakeOpenAIServer:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0,
-                                                             "owned_by": "test"}]})
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "test"}],
+                    },
+                )
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append(body)
                 outer.auth_headers.append(self.headers.get("Authorization", ""))
-                status, reply = outer.script.pop(0) if outer.script else (500, {"error": {"message": "no script"}})
+                status, reply = (
+                    outer.script.pop(0) if outer.script else (500, {"error": {"message": "no script"}})
+                )
                 self._send(status, reply)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -94,7 +118,8 @@ def sleeps(monkeypatch) -> list[float]:
     return waits
 
 
-# ---- registry -----------------------------------------------------------------------------------------------------
+# ---- registry
+# -----------------------------------------------------------------------------------------------------
 def test_registry_names_and_unknown_backend():
     assert {"openai", "langchain", "hf", "policy"} <= set(REGISTRY)
     with pytest.raises(ValueError, match="unknown backend 'gpt'.*hf"):
@@ -103,14 +128,19 @@ def test_registry_names_and_unknown_backend():
 
 
 def test_backends_do_not_import_heavy_packages_at_module_level():
-    code = ("import sys, agent.backends, agent.backends.hf_backend, agent.backends.openai_backend, "
-            "agent.backends.langchain_backend, agent.backends.policy, agent.loop, agent.transcript\n"
-            "heavy = {'torch', 'numpy', 'open3d', 'transformers'} & set(sys.modules)\n"
-            "assert not heavy, heavy")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    code = (
+        "import sys, agent.backends, agent.backends.hf_backend, agent.backends.openai_backend, "
+        "agent.backends.langchain_backend, agent.backends.policy, agent.loop, agent.transcript\n"
+        "heavy = {'torch', 'numpy', 'open3d', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1])
+    )
 
 
-# ---- openai -------------------------------------------------------------------------------------------------------
+# ---- openai
+# -------------------------------------------------------------------------------------------------------
 def test_openai_retries_429_and_5xx_with_exponential_backoff(monkeypatch, sleeps):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with FakeOpenAIServer([(429, ERROR), (503, ERROR), (502, ERROR), (200, completion())]) as server:
@@ -146,7 +176,9 @@ def test_openai_unreachable_server_is_unavailable():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(BackendUnavailable, match="unusable"):
-        get_backend("openai", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base=0.001, timeout=2)
+        get_backend(
+            "openai", base_url=f"http://127.0.0.1:{port}/v1", max_retries=1, backoff_base=0.001, timeout=2
+        )
 
 
 def test_openai_needs_a_key_for_a_remote_server(monkeypatch):
@@ -171,7 +203,10 @@ def test_openai_backend_drives_the_loop(monkeypatch):
     from agent.backends.policy import PolicyBackend
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    script = [(200, completion("list_patches", '{"top_k": 4}')), (200, completion("report_suspects", VALID_REPORT))]
+    script = [
+        (200, completion("list_patches", '{"top_k": 4}')),
+        (200, completion("report_suspects", VALID_REPORT)),
+    ]
     with FakeOpenAIServer(script) as server:
         outcome = run_agent(openai_backend(server.url), FakeToolBox(), TASK, fallback=PolicyBackend())
     assert not outcome.fallback_used and outcome.regions[0]["patch_ids"] == [1, 3]
@@ -182,7 +217,8 @@ def test_openai_backend_drives_the_loop(monkeypatch):
 
 
 def test_openai_names_the_tool_when_only_one_is_offered(monkeypatch):
-    """The loop's finish turn offers only report_suspects: the request must then name it (servers such as llama.cpp
+    """The loop's finish turn offers only report_suspects: the request must then name it (servers such as
+    llama.cpp
     constrain the reply to that call), while a choice of tools stays "auto"."""
     from test_loop import FakeToolBox
 
@@ -191,26 +227,49 @@ def test_openai_names_the_tool_when_only_one_is_offered(monkeypatch):
     with FakeOpenAIServer([(200, completion()), (200, completion())]) as server:
         backend = openai_backend(server.url)
         backend.chat([{"role": "user", "content": "go"}], tools)
-        backend.chat([{"role": "user", "content": "go"}], [t for t in tools if t["function"]["name"] == "report_suspects"])
+        backend.chat(
+            [{"role": "user", "content": "go"}],
+            [t for t in tools if t["function"]["name"] == "report_suspects"],
+        )
     assert server.requests[0]["tool_choice"] == "auto"
     assert server.requests[1]["tool_choice"] == {"type": "function", "function": {"name": "report_suspects"}}
 
 
-# ---- langchain ----------------------------------------------------------------------------------------------------
+# ---- langchain
+# ----------------------------------------------------------------------------------------------------
 def test_langchain_message_conversion_round_trip():
     from agent.backends.langchain_backend import from_langchain, to_langchain
 
     messages = [
-        {"role": "system", "content": "sys"}, {"role": "user", "content": "go"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "list_patches", "arguments": '{"top_k": 2}'}},
-            {"id": "b", "type": "function", "function": {"name": "neighbourhood", "arguments": "{broken"}}]},
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "go"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "list_patches", "arguments": '{"top_k": 2}'},
+                },
+                {
+                    "id": "b",
+                    "type": "function",
+                    "function": {"name": "neighbourhood", "arguments": "{broken"},
+                },
+            ],
+        },
         {"role": "tool", "tool_call_id": "a", "content": "{}"},
         {"role": "tool", "tool_call_id": "b", "content": "error: bad json"},
     ]
     converted = to_langchain(messages)
-    assert [type(m).__name__ for m in converted] == ["SystemMessage", "HumanMessage", "AIMessage", "ToolMessage",
-                                                     "ToolMessage"]
+    assert [type(m).__name__ for m in converted] == [
+        "SystemMessage",
+        "HumanMessage",
+        "AIMessage",
+        "ToolMessage",
+        "ToolMessage",
+    ]
     ai = converted[2]
     assert ai.tool_calls[0]["args"] == {"top_k": 2} and ai.invalid_tool_calls[0]["args"] == "{broken"
     reply = from_langchain(ai)
@@ -223,10 +282,19 @@ def test_langchain_chat_openai_against_the_fake_server(monkeypatch):
     pytest.importorskip("langchain_openai")
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with FakeOpenAIServer([(200, completion("list_patches", '{"top_k": 5}'))]) as server:
-        backend = get_backend("langchain", chat_model="langchain_openai:ChatOpenAI", base_url=server.url,
-                              api_key="not-a-real-key", model="fake-model", max_retries=0, temperature=0)
+        backend = get_backend(
+            "langchain",
+            chat_model="langchain_openai:ChatOpenAI",
+            base_url=server.url,
+            api_key="not-a-real-key",
+            model="fake-model",
+            max_retries=0,
+            temperature=0,
+        )
         reply = backend.chat(MESSAGES, TOOLS)
-    assert reply.tool_calls[0].name == "list_patches" and json.loads(reply.tool_calls[0].arguments) == {"top_k": 5}
+    assert reply.tool_calls[0].name == "list_patches" and json.loads(reply.tool_calls[0].arguments) == {
+        "top_k": 5
+    }
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (12, 7)
     assert server.requests[0]["tools"][0]["function"]["name"] == "list_patches"
 
@@ -238,11 +306,16 @@ def test_langchain_bad_model_spec():
         get_backend("langchain", chat_model="ChatOpenAI")
 
 
-# ---- hf helpers (no model) ----------------------------------------------------------------------------------------
+# ---- hf helpers (no model)
+# ----------------------------------------------------------------------------------------
 def test_free_text_tool_call_parsing():
-    good = parse_free_tool_call('<tool_call>\n{"name": "list_patches", "arguments": {"top_k": 3}}\n</tool_call>', "x")
+    good = parse_free_tool_call(
+        '<tool_call>\n{"name": "list_patches", "arguments": {"top_k": 3}}\n</tool_call>', "x"
+    )
     assert good == ToolCall(id="x", name="list_patches", arguments='{"top_k": 3}')
-    broken = parse_free_tool_call('{"name": "neighbourhood", "arguments": {"patch_id": 3,,}}</tool_call>', "y")
+    broken = parse_free_tool_call(
+        '{"name": "neighbourhood", "arguments": {"patch_id": 3,,}}</tool_call>', "y"
+    )
     assert broken is not None and broken.name == "neighbourhood"
     with pytest.raises(json.JSONDecodeError):
         json.loads(broken.arguments)
@@ -250,10 +323,15 @@ def test_free_text_tool_call_parsing():
 
 
 def test_schema_refs_and_optionals_resolve():
-    root = {"$defs": {"Region": {"type": "object", "properties": {"reason": {"type": "string"}}}},
-            "properties": {"regions": {"type": "array", "items": {"$ref": "#/$defs/Region"}}}}
+    root = {
+        "$defs": {"Region": {"type": "object", "properties": {"reason": {"type": "string"}}}},
+        "properties": {"regions": {"type": "array", "items": {"$ref": "#/$defs/Region"}}},
+    }
     assert resolve_ref({"$ref": "#/$defs/Region"}, root)["properties"] == {"reason": {"type": "string"}}
-    assert resolve_ref({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}, root)["type"] == "integer"
+    assert (
+        resolve_ref({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}, root)["type"]
+        == "integer"
+    )
 
 
 def test_number_clamping_respects_schema_bounds():
@@ -274,17 +352,27 @@ def test_hf_missing_model_file_is_unavailable(tmp_path):
 
 def test_llm_reply_to_message():
     reply = LLMReply(text=None, tool_calls=[ToolCall(id="c", name="t", arguments="{}")])
-    assert reply.to_message() == {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "t", "arguments": "{}"}}]}
+    assert reply.to_message() == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "t", "arguments": "{}"}}],
+    }
 
 
 def test_llama_cpp_compatible_messages():
     from agent.backends.base import llama_cpp_compatible
 
-    messages = [{"role": "user", "content": "go"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "a", "type": "function", "function": {"name": "list_patches", "arguments": "{}"}}]},
-                {"role": "tool", "tool_call_id": "a", "content": '{"patches": []}'}]
+    messages = [
+        {"role": "user", "content": "go"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "list_patches", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "a", "content": '{"patches": []}'},
+    ]
     folded = llama_cpp_compatible(messages)
     assert folded[0] == messages[0]
     assert folded[1] == {"role": "assistant", "content": "functions.list_patches:\n{}\n"}

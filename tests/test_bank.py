@@ -69,7 +69,8 @@ def test_kcenter_is_deterministic_and_unique(rng):
 
 
 def test_kcenter_covers_outliers(rng):
-    """The reason for k-center: a rare pattern is kept even when it is 1 row among hundreds of near-duplicates."""
+    """The reason for k-center: a rare pattern is kept even when it is 1 row among hundreds of
+    near-duplicates."""
     feats = rng.normal(0, 0.01, size=(400, 8)).astype(np.float32)
     feats[123] += 5.0
     assert 123 in KCenterGreedy(0.01, seed=0, projection_dim=None).select(feats)[:2].tolist()

@@ -10,19 +10,21 @@ import pytest
 from scans import bench
 from scans.bench import BenchConfig, build_benchmark, main
 from scans.defects import DEFECT_TYPES
-from scans.parts import PARTS, part_mesh, sample_surface, scan_like
 from scans.io import read_scan
+from scans.parts import PARTS, part_mesh, sample_surface, scan_like
 
 TINY = BenchConfig(points=2000, templates=4, normal_per_class=2, defects_per_type=1, seed=3)
 
 
-# ---------------------------------------------------------------------------------------------------------- parts
+# ----------------------------------------------------------------------------------------------------------
+# parts
 @pytest.mark.parametrize("name", list(PARTS))
 def test_parts_are_closed_solids(name: str) -> None:
     mesh = part_mesh(name)
     assert len(mesh.faces) > 1000 and mesh.area > 0
     assert mesh.volume > 0  # outward-facing normals
-    # watertight-ish: the surface encloses its volume, so the divergence-theorem centroid lies inside the bounds
+    # watertight-ish: the surface encloses its volume, so the divergence-theorem centroid lies inside the
+    # bounds
     assert np.all(mesh.center_mass >= mesh.bounds[0]) and np.all(mesh.center_mass <= mesh.bounds[1])
 
 
@@ -50,12 +52,21 @@ def test_scan_like_is_noise_plus_a_small_rigid_motion() -> None:
     assert np.std(along_normal) == pytest.approx(0.003 * 80, rel=0.15)
     # --pose-deg: a large pose change (an unaligned benchmark) turns the part by more than the fixture's play
     far, _ = scan_like(points, normals, seed=1, noise=0.0, max_rotation_deg=60.0, max_shift=0.0)
-    turned_by = np.degrees(np.arccos(np.clip((np.trace(np.linalg.lstsq(points - points.mean(0), far - far.mean(0),
-                                                                       rcond=None)[0]) - 1) / 2, -1, 1)))
+    turned_by = np.degrees(
+        np.arccos(
+            np.clip(
+                (np.trace(np.linalg.lstsq(points - points.mean(0), far - far.mean(0), rcond=None)[0]) - 1)
+                / 2,
+                -1,
+                1,
+            )
+        )
+    )
     assert 4.0 < turned_by <= 60.0
 
 
-# ---------------------------------------------------------------------------------------------------------- builder
+# ----------------------------------------------------------------------------------------------------------
+# builder
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bench") / "tiny"
@@ -66,8 +77,12 @@ def tiny_bench(tmp_path_factory) -> Path:
 def test_layout_matches_anomaly_shapenet(tiny_bench: Path) -> None:
     for name in ("flange", "gear"):
         base = tiny_bench / "pcd" / name
-        assert sorted(p.name for p in (base / "train").iterdir()) == [f"{name}_template{i}.pcd" for i in range(4)]
-        expected_test = {f"{name}_positive{i}.pcd" for i in range(2)} | {f"{name}_{k}0.pcd" for k in DEFECT_TYPES}
+        assert sorted(p.name for p in (base / "train").iterdir()) == [
+            f"{name}_template{i}.pcd" for i in range(4)
+        ]
+        expected_test = {f"{name}_positive{i}.pcd" for i in range(2)} | {
+            f"{name}_{k}0.pcd" for k in DEFECT_TYPES
+        }
         assert {p.name for p in (base / "test").iterdir()} == expected_test
         assert {p.name for p in (base / "GT").iterdir()} == {f"{name}_{k}0.txt" for k in DEFECT_TYPES}
     assert sorted(p.name for p in tiny_bench.iterdir()) == ["manifest.json", "pcd", "recipe.json"]
@@ -101,7 +116,11 @@ def test_recipe_and_manifest_describe_the_files(tiny_bench: Path) -> None:
     assert set(manifest["files"]) | {"manifest.json"} == on_disk
     some = "pcd/flange/test/flange_hole0.pcd"
     assert manifest["files"][some]["sha256"] == hashlib.sha256((tiny_bench / some).read_bytes()).hexdigest()
-    assert manifest["classes"]["flange"] == {"train": 4, "test_normal": 2, "test_defective": len(DEFECT_TYPES)}
+    assert manifest["classes"]["flange"] == {
+        "train": 4,
+        "test_normal": 2,
+        "test_defective": len(DEFECT_TYPES),
+    }
 
 
 def test_a_class_does_not_depend_on_the_others(tiny_bench: Path, tmp_path: Path) -> None:
@@ -138,8 +157,28 @@ def test_existing_output_is_left_alone_and_failures_leave_nothing(tmp_path: Path
 
 def test_cli_builds_and_refuses_unknown_classes(tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli"
-    assert main(["--out", str(out), "--classes", "hex_nut", "--points", "1000", "--normal", "1",
-                 "--defects", "hole", "bulge", "--workers", "1", "--scans", str(tmp_path / "none")]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--classes",
+                "hex_nut",
+                "--points",
+                "1000",
+                "--normal",
+                "1",
+                "--defects",
+                "hole",
+                "bulge",
+                "--workers",
+                "1",
+                "--scans",
+                str(tmp_path / "none"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "hex_nut" in printed and "built" in printed
     assert (out / "pcd/hex_nut/GT/hex_nut_hole0.txt").is_file()
@@ -159,8 +198,29 @@ def test_pose_deg_reaches_every_sample(tmp_path: Path, monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(bench.part_lib, "scan_like", recording)
-    assert main(["--out", str(tmp_path / "turned"), "--classes", "hex_nut", "--points", "800", "--normal", "1",
-                 "--defects", "hole", "--workers", "1", "--scans", str(tmp_path / "none"), "--pose-deg", "45"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(tmp_path / "turned"),
+                "--classes",
+                "hex_nut",
+                "--points",
+                "800",
+                "--normal",
+                "1",
+                "--defects",
+                "hole",
+                "--workers",
+                "1",
+                "--scans",
+                str(tmp_path / "none"),
+                "--pose-deg",
+                "45",
+            ]
+        )
+        == 0
+    )
     assert seen and set(seen) == {45.0}
     recipe = json.loads((tmp_path / "turned" / "recipe.json").read_text())
     assert recipe["pose_deg"] == 45.0
@@ -172,8 +232,12 @@ def test_real_scans_and_pictures(tmp_path: Path) -> None:
     if not (scans / "pcl" / "milk.pcd").is_file():
         pytest.skip("real scans not present")
     out = tmp_path / "real"
-    summary = build_benchmark(out, classes=["bunny", "milk"], scans_dir=scans,
-                              config=BenchConfig(points=3000, normal_per_class=1, seed=1))
+    summary = build_benchmark(
+        out,
+        classes=["bunny", "milk"],
+        scans_dir=scans,
+        config=BenchConfig(points=3000, normal_per_class=1, seed=1),
+    )
     assert set(summary["classes"]) == {"bunny", "milk"}
     for gt in out.glob("pcd/*/GT/*.txt"):
         assert 0.01 <= np.loadtxt(gt, delimiter=",")[:, 3].mean() <= 0.08, gt.name

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scans.dataset_summary import main, summarize_class
 from scans.datasets import (
     LAYOUTS,
     DatasetError,
@@ -21,7 +22,8 @@ from scans.datasets import (
     defect_type_from_name,
     open_dataset,
 )
-from scans.dataset_summary import main, summarize_class
+from scans.io import ScanError
+from scans.preprocess import remove_background_plane
 from tests.fixture_trees import (
     MVTEC_OBJECT,
     Expected,
@@ -33,8 +35,6 @@ from tests.fixture_trees import (
     write_mvtec3d,
     write_real3d_ad,
 )
-from scans.io import ScanError
-from scans.preprocess import remove_background_plane
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_anomaly_shapenet_tree(tmp_path):
 def test_real3d_tree_with_shuffled_gt_rows(tmp_path):
     manifest = write_real3d_ad(tmp_path)
     dataset = open_dataset(f"real3d-ad:{tmp_path}")
-    _assert_matches(dataset, manifest)   # 102_sink_cut has shuffled GT rows; masks still match point order
+    _assert_matches(dataset, manifest)  # 102_sink_cut has shuffled GT rows; masks still match point order
     assert "0_template.pcd" not in {s.path.name for s in dataset.test("seahorse")}
     assert summarize_class(dataset, "seahorse").problems == []
 
@@ -91,7 +91,7 @@ def test_mvtec_tree_masks_follow_pixels(tmp_path):
     assert [s.defect_type for s in crack] == ["crack", "crack"]
     loaded = crack[0].load()
     assert loaded.scan.grid_shape == (16, 20)
-    assert len(loaded.points) == 16 * 20 - 20 - 2   # invalid first row and two zero pixels dropped
+    assert len(loaded.points) == 16 * 20 - 20 - 2  # invalid first row and two zero pixels dropped
     assert len(dataset.validation("bagel")) == 1
     assert summarize_class(dataset, "bagel").problems == []
 
@@ -104,11 +104,11 @@ def test_mvtec_background_removal_drops_plane_with_mask(tmp_path):
     rows, cols = np.divmod(loaded.scan.grid_index[loaded.kept_rows], 20)
     on_object = np.zeros((16, 20), dtype=bool)
     on_object[MVTEC_OBJECT] = True
-    assert on_object[rows, cols].all()                                  # nothing of the plane is left
+    assert on_object[rows, cols].all()  # nothing of the plane is left
     assert len(loaded.points) == on_object.ravel()[loaded.scan.grid_index].sum()  # all object points kept
     full = dataclasses.replace(sample, remove_background=False).load()
     np.testing.assert_array_equal(loaded.mask, full.mask[loaded.kept_rows])
-    assert loaded.mask.sum() == full.mask.sum()                          # the defect sits on the object
+    assert loaded.mask.sum() == full.mask.sum()  # the defect sits on the object
 
 
 def test_background_removal_is_deterministic_and_unit_free():
@@ -121,8 +121,8 @@ def test_background_removal_is_deterministic_and_unit_free():
     np.testing.assert_array_equal(first.keep, again.keep)
     np.testing.assert_array_equal(first.keep, on_object[valid])
     scaled = remove_background_plane(points * 1000.0, grid_shape=(16, 20), grid_index=index, seed=5)
-    np.testing.assert_array_equal(scaled.keep, first.keep)              # threshold is relative to the extent
-    assert abs(abs(first.plane[2]) - 1.0) < 1e-3                          # the support is z = const
+    np.testing.assert_array_equal(scaled.keep, first.keep)  # threshold is relative to the extent
+    assert abs(abs(first.plane[2]) - 1.0) < 1e-3  # the support is z = const
 
 
 @pytest.mark.parametrize("with_classes", [False, True])
@@ -150,6 +150,7 @@ def test_folder_and_mvtec_truth_of_wrong_size_is_refused(tmp_path):
         sample.load()
     write_mvtec3d(tmp_path / "m", classes=("bagel",))
     from PIL import Image
+
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "m/bagel/test/crack/gt/000.png")
     crack = next(s for s in open_dataset(f"mvtec3d:{tmp_path / 'm'}").test("bagel") if s.label == 1)
     with pytest.raises(GroundTruthError, match=r"000\.png: mask is 8x8 pixels but .*000\.tiff is 16x20"):
@@ -168,6 +169,7 @@ def test_defect_type_from_name():
 
 # ---------------------------------------------------------------- ground truth that does not fit
 
+
 def test_gt_alignment_rejects_count_and_position_mismatch(tmp_path):
     points = sphere_cloud(100, seed=0)
     rows = np.column_stack([points, np.zeros(100)])
@@ -177,7 +179,7 @@ def test_gt_alignment_rejects_count_and_position_mismatch(tmp_path):
     with pytest.raises(GroundTruthError, match=r"g\.txt: 99 ground-truth rows but s\.pcd has 100 points"):
         align_gt_rows(points, rows[:99], Path("s.pcd"), Path("g.txt"))
     moved = rows.copy()
-    moved[5, :3] += 0.05          # 2.5% of the diagonal: far beyond printing precision
+    moved[5, :3] += 0.05  # 2.5% of the diagonal: far beyond printing precision
     with pytest.raises(GroundTruthError, match=r"g\.txt: ground-truth points do not match s\.pcd"):
         align_gt_rows(points, moved, Path("s.pcd"), Path("g.txt"))
     bad_label = rows.copy()
@@ -243,7 +245,7 @@ def test_cli_reports_problems_per_file(tmp_path, capsys):
     rows = {row["class"]: row for row in document["classes"]}
     assert (rows["ashtray0"]["train"], rows["ashtray0"]["test"], rows["ashtray0"]["defective"]) == (2, 3, 2)
     assert rows["ashtray0"]["problems"] == 2 and rows["bottle0"]["problems"] == 3
-    assert [p.name for p in out.parent.iterdir()] == ["summary.json"]     # no temp file left behind
+    assert [p.name for p in out.parent.iterdir()] == ["summary.json"]  # no temp file left behind
     printed = capsys.readouterr().out
     assert "ashtray0_hole1.txt" in printed and "bottle0" in printed
 
@@ -285,8 +287,14 @@ def test_cli_as_module_subprocess(tmp_path):
     (root / "bagel" / "test" / "crack" / "gt" / "001.png").unlink()
     out = tmp_path / "mv.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "evals.datasets", f"mvtec3d:{root}", "--json", str(out)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "evals.datasets", f"mvtec3d:{root}", "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 1, run.stderr
     assert "001.png" in run.stdout
     document = json.loads(out.read_text())

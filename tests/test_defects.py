@@ -53,12 +53,17 @@ def test_labels_cluster_around_the_centre(kind: str, flange_cloud) -> None:
     labelled = np.linalg.norm(new_points[mask] - centre, axis=1)
     everything = np.linalg.norm(new_points - centre, axis=1)
     # a localised defect: its points are far closer to the centre than the object's points are on average
-    if kind in ("bulge", "concavity"):  # size = geodesic radius of the bump, never shorter than the straight line
+    if kind in (
+        "bulge",
+        "concavity",
+    ):  # size = geodesic radius of the bump, never shorter than the straight line
         assert labelled.max() <= 1.01 * info["size"]
     elif kind in ("crack", "scratch"):  # centre = arc-length midpoint of a curve of length size
         assert labelled.max() <= 0.5 * info["size"] + 0.5 * info["width"] + 1e-9
         return  # long thin defects are not compact, so the median test below does not apply
-    elif kind == "hole":  # size = geodesic radius of the removed patch; the ring (at most 5 % of the points around
+    elif (
+        kind == "hole"
+    ):  # size = geodesic radius of the removed patch; the ring (at most 5 % of the points around
         # at least 2 % removed) ends within sqrt(1 + 5/2) < 1.9 radii on a flat surface
         assert labelled.max() <= 1.9 * info["size"]
         assert np.median(labelled) >= 0.9 * info["size"]  # a ring around the hole, not a patch inside it
@@ -77,16 +82,20 @@ def test_broken_labels_the_cut(flange_cloud) -> None:
 
 def test_directions_on_the_sphere(sphere_cloud) -> None:
     points, normals = sphere_cloud
-    radius = lambda p: np.linalg.norm(p, axis=1)
+
+    def radius(p):
+        return np.linalg.norm(p, axis=1)
+
     bulged, mask, _ = make_defect(points, normals, "bulge", seed=5)
     assert radius(bulged[mask]).min() > 1.0
     for kind in ("concavity", "crack", "scratch"):
         dented, mask, _ = make_defect(points, normals, kind, seed=5)
         assert radius(dented[mask]).max() < 1.0, kind
     broken, mask, info = make_defect(points, normals, "broken", seed=5)
-    face = broken[-info["cut_face_points"]:]
-    assert mask[-info["cut_face_points"]:].all()
-    # the new face fills the inside of the cut, not the outside (up to the chord sag of the sampled rim: the point
+    face = broken[-info["cut_face_points"] :]
+    assert mask[-info["cut_face_points"] :].all()
+    # the new face fills the inside of the cut, not the outside (up to the chord sag of the sampled rim: the
+    # point
     # spacing is ~0.04 on this sphere, so the sag is < 0.001)
     assert radius(face).max() < 1.002
     holed, mask, info = make_defect(points, normals, "hole", seed=5)

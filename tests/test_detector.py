@@ -1,8 +1,11 @@
-"""tools.detector: a fitted class round-trips through its folder, refuses foreign or broken folders, scores subsets
+"""tools.detector: a fitted class round-trips through its folder, refuses foreign or broken folders, scores
+subsets
 exactly like the full scoring, is deterministic by seed, and detects a synthetic defect.
 
-Fast tests use a tiny Point-MAE (width 32, 2 blocks, 64 patches of 16 points) trained for a few steps on ~3k-point
-scans of a procedural part: the properties tested here (persistence, exactness, determinism, error handling) do not
+Fast tests use a tiny Point-MAE (width 32, 2 blocks, 64 patches of 16 points) trained for a few steps on
+~3k-point
+scans of a procedural part: the properties tested here (persistence, exactness, determinism, error handling)
+do not
 depend on the backbone being any good. Only the detection test trains a useful backbone and is marked slow.
 """
 
@@ -152,7 +155,8 @@ def test_load_refuses_a_folder_without_bank(saved, tmp_path):
         FittedClass.load(partial)
 
 
-# ----------------------------------------------------------------------------------------------- subset scoring
+# ----------------------------------------------------------------------------------------------- subset
+# scoring
 def test_scoring_given_points_equals_full_scoring_on_them(fitted, test_scan):
     analysis, full = full_scores(fitted, test_scan)
     # a region, as the verifier asks: the 20% of points nearest to one point, given unsorted
@@ -251,10 +255,13 @@ def test_init_backbone_of_another_architecture_is_refused(fitted, train_scans):
 # ------------------------------------------------------------------------------------------- detection (slow)
 @pytest.mark.slow
 def test_bulges_score_higher_than_the_normal_surface():
-    """A useful detector: on a procedural part with a bulge (evals.defects), the defect's points outscore the rest.
+    """A useful detector: on a procedural part with a bulge (evals.defects), the defect's points outscore the
+    rest.
 
-    The bar (mean P-AUROC > 0.8 over two bulges) is far above chance (0.5); the backbone is a reduced one (96 wide,
-    3 blocks, 60 steps) so the test runs in well under a minute. Point-level AUROC of a smooth bulge is capped well
+    The bar (mean P-AUROC > 0.8 over two bulges) is far above chance (0.5); the backbone is a reduced one (96
+    wide,
+    3 blocks, 60 steps) so the test runs in well under a minute. Point-level AUROC of a smooth bulge is capped
+    well
     below 1 by its labels: every point moved by more than 10% of the peak height counts as anomalous, and the
     gently sloped rim is locally indistinguishable from normal surface."""
     from sklearn.metrics import roc_auc_score
@@ -264,10 +271,21 @@ def test_bulges_score_higher_than_the_normal_surface():
 
     part = "shaft"
     mesh = part_mesh(part)
-    config = DetectorConfig(backbone=PointMAEConfig(width=96, depth=3, heads=4, decoder_depth=1, decoder_heads=4,
-                                                    embed_dims=(32, 64, 96), inference_groups=512,
-                                                    feature_layers=(0, 2)),
-                            train_steps=60, bank_views=2, seed=0)
+    config = DetectorConfig(
+        backbone=PointMAEConfig(
+            width=96,
+            depth=3,
+            heads=4,
+            decoder_depth=1,
+            decoder_heads=4,
+            embed_dims=(32, 64, 96),
+            inference_groups=512,
+            feature_layers=(0, 2),
+        ),
+        train_steps=60,
+        bank_views=2,
+        seed=0,
+    )
     fitted = fit_class(part_scans(4, 12000, seed=10, part=part), config)
     aurocs = []
     for defect_seed in (5, 6):

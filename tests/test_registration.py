@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tests.tiny import TINY_FIT, part_scans
 from detector.config import FitError
 from detector.fitted import FittedClass
 from detector.fitting import fit_class
 from detector.registration import Alignment, CoordinateBank
+from tests.tiny import TINY_FIT, part_scans
 
 
 def turned(points: np.ndarray, degrees: float, axis=(0.3, 1.0, 0.2), shift=(0.5, -0.2, 0.1)) -> np.ndarray:
@@ -39,14 +39,18 @@ def test_alignment_apply_and_undo_are_inverse(rng):
 
 def test_coordinate_bank_scores_patches_off_the_normal_surface(rng):
     grid = np.stack(np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, 1, 40)), -1).reshape(-1, 2)
-    plane = lambda z: np.column_stack([grid, np.full(len(grid), z)]).astype(np.float32)
+
+    def plane(z):
+        return np.column_stack([grid, np.full(len(grid), z)]).astype(np.float32)
+
     bank = CoordinateBank(np.concatenate([plane(0.0), plane(0.001)]), np.repeat([0, 1], len(grid)))
     scan = plane(0.0005)
     scan[:16, 2] += 0.2  # a bulge: these points left the surface
     members = np.array([np.arange(16), np.arange(100, 116)])
     bulge, flat = bank.patch_scores(scan, members)
     assert bulge == pytest.approx(0.2, abs=0.01) and flat < 0.001
-    # leave-one-template-out: template 0's points are measured against template 1's only (0.001 away), not itself
+    # leave-one-template-out: template 0's points are measured against template 1's only (0.001 away), not
+    # itself
     loo = bank.leave_one_out_patch_scores([plane(0.0), plane(0.001)], [members, members])
     np.testing.assert_allclose(loo[0], 0.001, atol=1e-6)
     np.testing.assert_allclose(loo[1], 0.001, atol=1e-6)
@@ -68,17 +72,20 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
     info = registered_fit.info
     assert len(info["registration_fitness"]) == 2 and min(info["registration_fitness"]) > 0.8  # scans 2 and 3
     assert info["coord_bank_size"] > 0 and set(registered_fit.score_norms) == {"feature", "coord"}
-    # the reference is the first template at the coordinate bank's voxel (what the templates were aligned onto)
-    from scans.geometry import voxel_downsample
+    # the reference is the first template at the coordinate bank's voxel (what the templates were aligned
+    # onto)
     from detector.registration import COORD_VOXEL_SHARE
+    from scans.geometry import voxel_downsample
 
     first = turned_templates()[0]
-    np.testing.assert_array_equal(registered_fit.reference,
-                                  first[voxel_downsample(first, COORD_VOXEL_SHARE * registered_fit.scale)])
+    np.testing.assert_array_equal(
+        registered_fit.reference, first[voxel_downsample(first, COORD_VOXEL_SHARE * registered_fit.scale)]
+    )
     scan = turned(part_scans(1, 3000, seed=50)[0], 70.0, axis=(0.0, 0.3, 1.0))
     analysis = registered_fit.analyse(scan)
     assert analysis.registered is not None and analysis.alignment.fitness > 0.8
-    # a normal scan in a new pose, once registered, lies on the templates: its patches score in the normal range
+    # a normal scan in a new pose, once registered, lies on the templates: its patches score in the normal
+    # range
     full = registered_fit.score(analysis)
     assert np.median(full.patch_scores) < registered_fit.thresholds["patch_p99"]
     # the subset contract holds with two banks: a patch subset scores exactly as in the full scoring
@@ -86,7 +93,9 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
     part = registered_fit.score(analysis, patch_ids=some)
     np.testing.assert_array_equal(part.patch_scores, full.patch_scores[some])
     # patch centres are reported in the input's frame (the verbalizer and renders read them)
-    nearest = np.min(np.linalg.norm(scan[None, :, :] - analysis.patches.centers[:20, None, :], axis=2), axis=1)
+    nearest = np.min(
+        np.linalg.norm(scan[None, :, :] - analysis.patches.centers[:20, None, :], axis=2), axis=1
+    )
     assert nearest.max() < 1e-3
     saved = registered_fit.save(tmp_path / "fit")
     again = FittedClass.load(saved)
@@ -97,7 +106,8 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
 
 
 def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_misses(registered_fit):
-    """Templates and test scan in different poses: the registered fit ranks the bulge's points high, the same fit
+    """Templates and test scan in different poses: the registered fit ranks the bulge's points high, the same
+    fit
     without registration (its bank knows each template in its own pose only) does not."""
     from sklearn.metrics import roc_auc_score
 
@@ -117,7 +127,8 @@ def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_mis
 
 
 def test_policy_inspection_of_a_turned_scan_reports_the_alignment(registered_fit):
-    """agent.run on a registered fit: report.json says how the scan was aligned, and the agent's cue table carries
+    """agent.run on a registered fit: report.json says how the scan was aligned, and the agent's cue table
+    carries
     the template distance."""
     from agent.backends import get_backend
     from agent.pipeline import inspect_scan
@@ -127,13 +138,16 @@ def test_policy_inspection_of_a_turned_scan_reports_the_alignment(registered_fit
     report = inspection.report()
     assert report["registration"]["fitness"] > 0.8 and not report["registration"]["doubtful"]
     transform = np.array(report["registration"]["transform"])
-    assert transform.shape == (4, 4) and np.allclose(transform[:3, :3] @ transform[:3, :3].T, np.eye(3), atol=1e-5)
+    assert transform.shape == (4, 4) and np.allclose(
+        transform[:3, :3] @ transform[:3, :3].T, np.eye(3), atol=1e-5
+    )
     assert "template_distance_mean" in inspection.table.columns
     assert 0 < report["verified_fraction"] <= 0.2
 
 
 def test_scans_that_do_not_align_are_refused_or_flagged(registered_fit, tmp_path):
-    """A training scan of another shape is refused naming it; at test time a fragment is flagged doubtful, and a scan
+    """A training scan of another shape is refused naming it; at test time a fragment is flagged doubtful, and
+    a scan
     too small to register exits 2 from agent.run with the file named and nothing written."""
     from agent.run import main as run_main
     from scans.io import write_pcd

@@ -1,8 +1,11 @@
-"""What a newcomer reads: a verdict per scan with its threshold, reasons in words and units, one summary for a folder
-run, the `scanagent` console script, quiet third-party libraries, one list syntax, --help with exit codes, and one
+"""What a newcomer reads: a verdict per scan with its threshold, reasons in words and units, one summary for a
+folder
+run, the `scanagent` console script, quiet third-party libraries, one list syntax, --help with exit codes, and
+one
 permission mode for every output file.
 
-Tiny fits (tests/tiny.py), small scans; the CLIs are called in-process except where a fresh interpreter is the point.
+Tiny fits (tests/tiny.py), small scans; the CLIs are called in-process except where a fresh interpreter is the
+point.
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ def test_threshold_rule_is_max_plus_spread_of_normal_scores():
     found = object_threshold(scores)
     assert found[OBJECT_THRESHOLD] == pytest.approx(4.0 + scores.std())
     assert object_threshold(np.array([])) == {}
-    assert verdict_of(5.0, 4.5) == "defective" and verdict_of(4.5, 4.5) == "normal" and verdict_of(9.0, None) is None
+    assert (
+        verdict_of(5.0, 4.5) == "defective"
+        and verdict_of(4.5, 4.5) == "normal"
+        and verdict_of(9.0, None) is None
+    )
 
 
 def test_a_fit_saves_an_object_threshold_above_its_normal_object_scores(fitted, tmp_path):
@@ -71,9 +78,18 @@ def test_report_says_defective_or_normal_against_the_class_threshold(fitted, sca
     assert report["summary"].startswith(f"{expected}: object score")
     assert "object_score" in report and "regions" in report  # the old keys stay
     # the same scan against a lower and a higher threshold flips the verdict: it follows the threshold
-    for threshold, verdict in ((0.5 * report["object_score"], "defective"), (2.0 * report["object_score"], "normal")):
-        strict = FittedClass(fitted.config, fitted.scale, fitted.bank, fitted.mean_feature,
-                             {**fitted.thresholds, OBJECT_THRESHOLD: threshold}, fitted.backbone)
+    for threshold, verdict in (
+        (0.5 * report["object_score"], "defective"),
+        (2.0 * report["object_score"], "normal"),
+    ):
+        strict = FittedClass(
+            fitted.config,
+            fitted.scale,
+            fitted.bank,
+            fitted.mean_feature,
+            {**fitted.thresholds, OBJECT_THRESHOLD: threshold},
+            fitted.backbone,
+        )
         assert inspect_scan(scan, strict, policy, analysis=analysis).report()["verdict"] == verdict
 
 
@@ -81,8 +97,14 @@ def test_zero_shot_and_old_fits_give_no_verdict(fitted, scan, analysis):
     zero = inspect_scan(scan, None, get_backend("policy")).report()
     assert zero["verdict"] is None and zero["threshold"] is None
     assert zero["summary"].startswith("no verdict (uncalibrated)")
-    old = FittedClass(fitted.config, fitted.scale, fitted.bank, fitted.mean_feature,
-                      {k: v for k, v in fitted.thresholds.items() if not k.startswith("object_")}, fitted.backbone)
+    old = FittedClass(
+        fitted.config,
+        fitted.scale,
+        fitted.bank,
+        fitted.mean_feature,
+        {k: v for k, v in fitted.thresholds.items() if not k.startswith("object_")},
+        fitted.backbone,
+    )
     report = inspect_scan(scan, old, get_backend("policy"), analysis=analysis).report()
     assert report["verdict"] is None and "refit" in report["summary"]
 
@@ -102,8 +124,10 @@ def test_template_distance_is_said_in_scan_units_and_point_spacings(rng):
     worst = int(np.argmax(table.columns["template_distance_max"]))
     phrases = evidence_phrases(table, [worst])
     top = table.columns["template_distance_max"][worst]
-    assert any(f"surface {top:.3g} scan units from the templates' surface" in p and "x the point spacing" in p
-               for p in phrases), phrases
+    assert any(
+        f"surface {top:.3g} scan units from the templates' surface" in p and "x the point spacing" in p
+        for p in phrases
+    ), phrases
 
 
 def test_reconstruction_error_is_said_as_a_multiple_of_the_typical(rng):
@@ -111,8 +135,10 @@ def test_reconstruction_error_is_said_as_a_multiple_of_the_typical(rng):
     _, table = describe_scan(points, {"recon_error": error}, n_patches=40, seed=0)
     worst = int(np.argmax(table.columns["recon_error_max"]))
     ratio = table.columns["recon_error_max"][worst] / np.median(table.columns["recon_error_mean"])
-    assert f"shape unfamiliar to the model: {ratio:.1f}x the scan's typical reconstruction error" in \
-        evidence_phrases(table, [worst])
+    assert (
+        f"shape unfamiliar to the model: {ratio:.1f}x the scan's typical reconstruction error"
+        in evidence_phrases(table, [worst])
+    )
 
 
 def test_every_region_of_a_report_has_an_explanation(fitted, scan, analysis):
@@ -143,7 +169,10 @@ def test_a_folder_run_ends_with_one_table_and_writes_summary_files(bank, scans, 
 
 
 def test_one_scan_writes_no_run_summary(bank, scans, tmp_path):
-    assert run_cli.main([str(scans / "part0.pcd"), "--bank", str(bank), "--out", str(tmp_path), "--no-render"]) == 0
+    assert (
+        run_cli.main([str(scans / "part0.pcd"), "--bank", str(bank), "--out", str(tmp_path), "--no-render"])
+        == 0
+    )
     assert not (tmp_path / "summary.csv").exists()
 
 
@@ -186,7 +215,12 @@ def test_bench_says_why_a_real_scan_class_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="SCANAGENT_SHARED") as error:
         build_benchmark(tmp_path / "bench", classes=["bunny"], scans_dir=missing)
     assert str(missing) in str(error.value) and "real-scan class" in str(error.value)
-    assert cli.main(["bench", "--out", str(tmp_path / "b"), "--classes", "flange,bunny", "--scans", str(missing)]) == 2
+    assert (
+        cli.main(
+            ["bench", "--out", str(tmp_path / "b"), "--classes", "flange,bunny", "--scans", str(missing)]
+        )
+        == 2
+    )
     assert "'bunny' is a real-scan class" in capsys.readouterr().err
 
 
@@ -203,9 +237,17 @@ warnings.warn("old api", FutureWarning)
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_third_party_bars_and_warnings_only_with_verbose(verbose):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "TRANSFORMERS_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "TRANSFORMERS_"))
+    }
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-c", QUIET_PROBE, "1" if verbose else "0"], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", QUIET_PROBE, "1" if verbose else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert ("GGUF" in done.stderr and "FutureWarning" in done.stderr) == verbose, done.stderr

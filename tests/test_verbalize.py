@@ -39,7 +39,9 @@ def random_scan(n: int, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray
     return points, stats
 
 
-# ---- patches ----------------------------------------------------------------------------------------------------------
+# ---- patches
+# ----------------------------------------------------------------------------------------------------------
+
 
 def test_build_patches_assigns_every_point_to_its_nearest_centre():
     points = plate_with_bump(3000)
@@ -89,7 +91,9 @@ def test_adaptive_patch_count_respects_budget_and_point_floor():
         adaptive_patch_count(0, 3000)
 
 
-# ---- descriptors ------------------------------------------------------------------------------------------------------
+# ---- descriptors
+# ------------------------------------------------------------------------------------------------------
+
 
 def test_robust_z_uses_median_and_mad():
     z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))  # median 3, MAD 1
@@ -102,7 +106,9 @@ def test_robust_z_uses_median_and_mad():
 
 
 def test_descriptors_of_a_flat_plate():
-    points = plate_with_bump(4000, bump_height=0.0) * np.float32(50.0) + np.float32(7.0)  # units must not matter
+    points = plate_with_bump(4000, bump_height=0.0) * np.float32(50.0) + np.float32(
+        7.0
+    )  # units must not matter
     patches = build_patches(points, 20)
     table = describe(points, patches)
     cols = table.columns
@@ -160,21 +166,25 @@ def test_cue_follows_a_learned_statistic_over_geometry():
     assert hot[patches.points_of([top])].mean() > 0.5
 
 
-# ---- rendering --------------------------------------------------------------------------------------------------------
+# ---- rendering
+# --------------------------------------------------------------------------------------------------------
+
 
 def test_estimate_tokens_counts_words_digits_and_punctuation():
     assert estimate_tokens("") == 0
-    assert estimate_tokens("abcdefgh") == 2          # 8 letters -> 2
-    assert estimate_tokens("12345") == 2             # 5 digits -> 2
-    assert estimate_tokens("-0.53") == 4             # '-', '0', '.', '53'
-    assert estimate_tokens("z_curvature") == 3       # 11 letters/underscores -> 3
-    assert estimate_tokens("日本") == 2               # non-ASCII: one per character
+    assert estimate_tokens("abcdefgh") == 2  # 8 letters -> 2
+    assert estimate_tokens("12345") == 2  # 5 digits -> 2
+    assert estimate_tokens("-0.53") == 4  # '-', '0', '.', '53'
+    assert estimate_tokens("z_curvature") == 3  # 11 letters/underscores -> 3
+    assert estimate_tokens("日本") == 2  # non-ASCII: one per character
 
 
 def test_rendering_is_deterministic():
     points, stats = random_scan(3000)
     text_a = render_overview(describe_scan(points, stats)[1], "look at the rim")
-    text_b = render_overview(describe_scan(points.copy(), {k: v.copy() for k, v in stats.items()})[1], "look at the rim")
+    text_b = render_overview(
+        describe_scan(points.copy(), {k: v.copy() for k, v in stats.items()})[1], "look at the rim"
+    )
     assert text_a == text_b
     assert "-0.00 " not in text_a and " -0.0 " not in text_a
 
@@ -249,8 +259,11 @@ def test_system_prompt_includes_the_tool_summary():
 
 
 def test_tool_result_is_compact_json_that_parses_back():
-    data = {"b": np.float32(0.25), "a": [np.int64(3), 1.23456789, 0.000123456, float("nan")],
-            "nested": {"arr": np.array([1.0, 2.0])}}
+    data = {
+        "b": np.float32(0.25),
+        "a": [np.int64(3), 1.23456789, 0.000123456, float("nan")],
+        "nested": {"arr": np.array([1.0, 2.0])},
+    }
     text = render_tool_result("patch_geometry", data)
     assert " " not in text
     assert json.loads(text) == {"a": [3, 1.235, 0.0001235, None], "b": 0.25, "nested": {"arr": [1.0, 2.0]}}
@@ -273,8 +286,8 @@ end_header
 def test_file_text_never_reaches_a_prompt(tmp_path):
     if importlib.util.find_spec("scans.io") is None:
         pytest.skip("tools.io (H1) is not present yet: cannot read a PLY to check that its comments stay out")
-    from tools.agent_tools import ScanContext, ToolBox
     from scans.io import read_scan
+    from tools.agent_tools import ScanContext, ToolBox
 
     points = plate_with_bump(500)
     rows = "\n".join(f"{x:.5f} {y:.5f} {z:.5f}" for x, y, z in points)
@@ -284,7 +297,10 @@ def test_file_text_never_reaches_a_prompt(tmp_path):
     patches, table = describe_scan(scan.points, None)
     box = ToolBox(ScanContext(scan.points, patches, table), render=render_tool_result)
     texts = [render_system(box.tools_summary()), render_overview(table, "look at the bump")]
-    texts += [box.call(name, {"patch_id": 0}).content for name in ("patch_geometry", "neighbourhood", "feature_lookup")]
+    texts += [
+        box.call(name, {"patch_id": 0}).content
+        for name in ("patch_geometry", "neighbourhood", "feature_lookup")
+    ]
     texts.append(box.call("list_patches", {}).content)
     for text in texts:
         assert "IGNORE" not in text and "developer mode" not in text and "evil" not in text

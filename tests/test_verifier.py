@@ -1,8 +1,11 @@
-"""agent.verifier: the bank scores exactly the chosen points (agent look-ups included) with full-bank values, the rest
-keeps a prior below the class's normal range, the budget skips regions rather than overspend, and the zero-shot mode
+"""agent.verifier: the bank scores exactly the chosen points (agent look-ups included) with full-bank values,
+the rest
+keeps a prior below the class's normal range, the budget skips regions rather than overspend, and the
+zero-shot mode
 works without a bank and says so.
 
-A tiny Point-MAE fitted for a few steps is enough: what is tested is bookkeeping and exactness, not detection quality.
+A tiny Point-MAE fitted for a few steps is enough: what is tested is bookkeeping and exactness, not detection
+quality.
 """
 
 from __future__ import annotations
@@ -55,9 +58,17 @@ def test_agent_lookups_count_towards_the_budget_and_keep_their_bank_scores(fitte
     n = len(analysis.points)
     already = np.zeros(n, dtype=bool)
     already[patches.points_of([2])] = True
-    budget = (already.sum() + patches.counts[0]) / n  # room for the look-up and region 0, not for region 5 as well
-    v = verify(fitted, analysis, patches, [region([0], 0.9), region([5], 0.1)], max_fraction=budget,
-               already_scored=already)
+    budget = (
+        already.sum() + patches.counts[0]
+    ) / n  # room for the look-up and region 0, not for region 5 as well
+    v = verify(
+        fitted,
+        analysis,
+        patches,
+        [region([0], 0.9), region([5], 0.1)],
+        max_fraction=budget,
+        already_scored=already,
+    )
     assert v.verified_fraction <= budget + 1e-12
     assert v.verified[already].all()
     np.testing.assert_array_equal(v.point_scores[v.verified], full[v.verified])
@@ -98,7 +109,8 @@ def test_no_regions_means_no_bank_search(fitted, analysis, patches):
 
 
 def plate_with_bump(n_side: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A flat square plate with one sharp bump: (points, bump mask). A bump is unlike the rest of its own part."""
+    """A flat square plate with one sharp bump: (points, bump mask). A bump is unlike the rest of its own
+    part."""
     rng = np.random.default_rng(seed)
     xy = rng.uniform(-1, 1, size=(n_side * n_side, 2))
     centre = np.array([0.5, 0.5])
@@ -130,7 +142,7 @@ def test_prior_orders_points_by_every_learned_statistic():
 
     rng = np.random.default_rng(0)
     stats = {"template_distance": rng.normal(1.0, 0.1, 500), "feature_deviation": rng.normal(5.0, 0.5, 500)}
-    stats["template_distance"][10] = 3.0   # far from the template only
+    stats["template_distance"][10] = 3.0  # far from the template only
     stats["feature_deviation"][20] = 15.0  # unusual features only
     cue = point_cue(stats)
     typical = np.median(cue)

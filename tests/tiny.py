@@ -1,6 +1,8 @@
-"""A tiny detector configuration and sensor-like part scans shared by the detector, verifier, pipeline and CLI tests.
+"""A tiny detector configuration and sensor-like part scans shared by the detector, verifier, pipeline and CLI
+tests.
 
-Tiny on purpose: these tests pin plumbing (save/load, subset equality, exit codes, report contents), not accuracy, so a
+Tiny on purpose: these tests pin plumbing (save/load, subset equality, exit codes, report contents), not
+accuracy, so a
 two-block backbone trained for a few steps keeps each module's fit to a second or two on 2 cores.
 """
 
@@ -8,13 +10,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from scans.parts import part_mesh, sample_surface, scan_like
 from detector.config import DetectorConfig
 from detector.pointmae import PointMAEConfig
+from scans.parts import part_mesh, sample_surface, scan_like
 
-TINY = PointMAEConfig(width=32, depth=2, heads=2, decoder_depth=1, decoder_heads=2, embed_dims=(16, 32, 32),
-                      group_size=16, num_groups=16, inference_groups=64, feature_layers=(0, 1), drop_path=0.0)
-TINY_FIT = DetectorConfig(backbone=TINY, train_steps=3, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0)
+TINY = PointMAEConfig(
+    width=32,
+    depth=2,
+    heads=2,
+    decoder_depth=1,
+    decoder_heads=2,
+    embed_dims=(16, 32, 32),
+    group_size=16,
+    num_groups=16,
+    inference_groups=64,
+    feature_layers=(0, 1),
+    drop_path=0.0,
+)
+TINY_FIT = DetectorConfig(
+    backbone=TINY, train_steps=3, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0
+)
 
 
 def part_scans(count: int, points: int, seed: int, part: str = "bracket") -> list[np.ndarray]:

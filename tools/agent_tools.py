@@ -1,16 +1,23 @@
 """Tools an agent calls while reading a scan: plain typed functions behind pydantic argument models.
 
-Every backend (OpenAI, LangChain, a local model, the no-LLM policy) calls them the same way: `ToolBox.call(name,
-arguments)` with the arguments as the model produced them (a JSON string or a dict). Nothing here raises on bad model
-output: invalid JSON, unknown tools, wrong types, out-of-range patch ids all come back as `ToolResult(ok=False,
+Every backend (OpenAI, LangChain, a local model, the no-LLM policy) calls them the same way:
+`ToolBox.call(name,
+arguments)` with the arguments as the model produced them (a JSON string or a dict). Nothing here raises on
+bad model
+output: invalid JSON, unknown tools, wrong types, out-of-range patch ids all come back as
+`ToolResult(ok=False,
 error=...)` with a message that names the valid range, so the model can correct itself on the next turn.
 
-The argument models are built per scan (patch ids 0..P-1, the table's column names) so the JSON schema itself tells the
-model the valid ranges. Schemas are inlined (no $defs) and closed (additionalProperties false) so that OpenAI's strict
+The argument models are built per scan (patch ids 0..P-1, the table's column names) so the JSON schema itself
+tells the
+model the valid ranges. Schemas are inlined (no $defs) and closed (additionalProperties false) so that
+OpenAI's strict
 mode accepts them.
 
-The memory bank is reached only through `ScanContext.bank_lookup`, supplied by the verifier layer; every patch it is
-asked about costs that patch's point count from the verification budget (a repeated look-up is served from cache).
+The memory bank is reached only through `ScanContext.bank_lookup`, supplied by the verifier layer; every patch
+it is
+asked about costs that patch's point count from the verification budget (a repeated look-up is served from
+cache).
 """
 
 from __future__ import annotations
@@ -26,9 +33,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from scans import strict_json
+from scans.files import json_default
 from scans.geometry import fps
 from scans.patches import Patches, PatchTable
-from scans.files import json_default
 from scans.stats import robust_spread
 
 BankLookup = Callable[[list[int]], dict[int, dict]]
@@ -47,12 +54,14 @@ class ScanContext:
     points: np.ndarray                          # (N, 3) scan coordinates
     patches: Patches
     table: PatchTable
-    bank_lookup: BankLookup | None = None       # patch ids -> {id: bank similarity info}; from the verifier layer
+    # patch ids -> {id: bank similarity info}; from the verifier layer
+    bank_lookup: BankLookup | None = None
     verify_budget_points: int = 0               # points that bank look-ups may consume in total
 
     def __post_init__(self) -> None:
         if self.table.n_patches != self.patches.n_patches:
-            raise ValueError(f"table has {self.table.n_patches} rows but there are {self.patches.n_patches} patches")
+            raise ValueError(f"table has {self.table.n_patches} rows but there are {self.patches.n_patches} "
+                             "patches")
         if len(self.points) != self.patches.n_points:
             raise ValueError(f"{len(self.points)} points but the patches cover {self.patches.n_points}")
         if self.verify_budget_points < 0:
@@ -144,14 +153,16 @@ class ToolBox:
         self.max_regions = max_regions
         self.max_ids_per_region = max_ids_per_region
         self.budget_left = int(context.verify_budget_points)
-        self.bank_results: dict[int, dict] = {}   # patch id -> what bank_lookup returned (the verifier reads this)
+        # patch id -> what bank_lookup returned (the verifier reads this)
+        self.bank_results: dict[int, dict] = {}
         self.report: list[dict] | None = None      # set by report_suspects
         self.log: list[CallRecord] = []
         self._n = context.table.n_patches
         self._norm_centres = np.stack([context.table.columns[a] for a in "xyz"], axis=1)
         self._specs = self._build_specs()
 
-    # ---- public interface ----------------------------------------------------------------------------------------
+    # ---- public interface
+    # ----------------------------------------------------------------------------------------
     @property
     def finished(self) -> bool:
         return self.report is not None
@@ -186,7 +197,8 @@ class ToolBox:
         self.log.append(CallRecord(name=str(name), arguments=arguments, ok=result.ok, error=result.error))
         return result
 
-    # ---- dispatch ------------------------------------------------------------------------------------------------
+    # ---- dispatch
+    # ------------------------------------------------------------------------------------------------
     def _fail(self, message: str) -> ToolResult:
         return ToolResult(ok=False, data={}, error=message, content=f"error: {message}")
 
@@ -200,7 +212,8 @@ class ToolBox:
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as exc:
-                return self._fail(f"arguments for {name} are not valid JSON ({exc.msg} at position {exc.pos}); "
+                return self._fail(f"arguments for {name} are not valid JSON ({exc.msg} at position "
+                                  f"{exc.pos}); "
                                   "send one JSON object")
         if not isinstance(arguments, dict):
             return self._fail(f"arguments for {name} must be a JSON object, got {type(arguments).__name__}")
@@ -226,7 +239,8 @@ class ToolBox:
         hint = f" Valid patch ids are 0..{self._n - 1}." if mentions_ids else ""
         return f"invalid arguments for {name}: " + "; ".join(parts) + "." + hint
 
-    # ---- tools ---------------------------------------------------------------------------------------------------
+    # ---- tools
+    # ---------------------------------------------------------------------------------------------------
     def _build_specs(self) -> dict[str, ToolSpec]:
         table = self.context.table
         last = self._n - 1
@@ -242,17 +256,20 @@ class ToolBox:
         )
         GeometryArgs = create_model(
             "PatchGeometryArgs", __config__=closed, patch_id=(PatchId, ...),
-            n_samples=(int, Field(16, ge=4, le=MAX_SAMPLE_POINTS, description=f"sample size, 4..{MAX_SAMPLE_POINTS}")),
+            n_samples=(int, Field(16, ge=4, le=MAX_SAMPLE_POINTS, description="sample size, "
+                                                                              f"4..{MAX_SAMPLE_POINTS}")),
         )
         NeighbourArgs = create_model(
             "NeighbourhoodArgs", __config__=closed, patch_id=(PatchId, ...),
-            radius=(float, Field(0.3, gt=0.0, le=2.0, description="search radius in normalised units, (0, 2]")),
+            radius=(float, Field(0.3, gt=0.0, le=2.0, description="search radius in normalised units, (0, "
+                                                                  "2]")),
         )
         LookupArgs = create_model("FeatureLookupArgs", __config__=closed, patch_id=(PatchId, ...))
         Region = create_model(
             "SuspectRegion", __config__=closed,
             patch_ids=(list[PatchId], Field(..., min_length=1, max_length=self.max_ids_per_region,
-                                            description=f"1..{self.max_ids_per_region} patch ids forming the region")),
+                                            description=f"1..{self.max_ids_per_region} patch ids forming the "
+                                                        "region")),
             reason=(str, Field(..., min_length=1, max_length=300, description="why, in a sentence")),
             confidence=(float, Field(..., ge=0.0, le=1.0, description="0..1")),
         )
@@ -262,16 +279,22 @@ class ToolBox:
                                          description=f"0..{self.max_regions} regions, most likely first")),
         )
         specs = [
-            ToolSpec("list_patches", "List patches sorted by one column of the patch table (default: cue, highest "
+            ToolSpec("list_patches", "List patches sorted by one column of the patch table (default: cue, "
+                                     "highest "
                      "first) with their position and cue.", ListArgs, self._list_patches),
-            ToolSpec("patch_geometry", "All descriptors of one patch plus a small evenly spread sample of its points "
+            ToolSpec("patch_geometry", "All descriptors of one patch plus a small evenly spread sample of "
+                                       "its points "
                      "(normalised xyz).", GeometryArgs, self._patch_geometry),
-            ToolSpec("neighbourhood", "Patches whose centres lie within `radius` of this patch's centre, and how this "
+            ToolSpec("neighbourhood", "Patches whose centres lie within `radius` of this patch's centre, and "
+                                      "how this "
                      "patch differs from them (in robust standard deviations).", NeighbourArgs, self._neighbourhood),
-            ToolSpec("feature_lookup", "The learned statistics of one patch and, when a memory bank is attached, its "
-                     "similarity to normal patches of the class; a bank look-up costs the patch's point count from the "
+            ToolSpec("feature_lookup", "The learned statistics of one patch and, when a memory bank is "
+                                       "attached, its "
+                     "similarity to normal patches of the class; a bank look-up costs the patch's point "
+                     "count from the "
                      "verification budget.", LookupArgs, self._feature_lookup),
-            ToolSpec("report_suspects", "Final answer: the suspected defect regions, most likely first (an empty "
+            ToolSpec("report_suspects", "Final answer: the suspected defect regions, most likely first (an "
+                                        "empty "
                      "list if none). Call once, at the end.", ReportArgs, self._report_suspects),
         ]
         return {s.name: s for s in specs}
@@ -351,7 +374,8 @@ class ToolBox:
             data.update(bank=self.bank_results[pid], cost_points=0, budget_left_points=self.budget_left)
             return data
         if cost > self.budget_left:
-            raise ToolError(f"verification budget exhausted: {self.budget_left} points left, patch {pid} needs {cost}. "
+            raise ToolError(f"verification budget exhausted: {self.budget_left} points left, patch {pid} "
+                            f"needs {cost}. "
                             "Look up smaller patches or finish with report_suspects.")
         try:
             answer = lookup([pid])
@@ -379,7 +403,8 @@ class ToolBox:
 
 
 def _compact_json(name: str, data: dict) -> str:
-    """Default tool-result text: compact JSON with sorted keys (what verbalize.render_tool_result also emits)."""
+    """Default tool-result text: compact JSON with sorted keys (what verbalize.render_tool_result also
+    emits)."""
     try:
         return strict_json.dumps(data, missing_as_null=True, separators=(",", ":"), sort_keys=True,
                                  default=json_default)

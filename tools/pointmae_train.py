@@ -1,7 +1,9 @@
 """`python -m tools.pointmae_train`: the documented command for pretraining a Point-MAE backbone.
 
-The training lives in detector.pointmae_train. This entry point only hands the command line over, by module name
-and only when run as a script, so that importing `tools` never loads torch or the detector (tests/test_layout.py).
+The training lives in detector.pointmae_train. This entry point only hands the command line over, by module
+name
+and only when run as a script, so that importing `tools` never loads torch or the detector
+(tests/test_layout.py).
 """
 
 import runpy

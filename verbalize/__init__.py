@@ -16,8 +16,24 @@ from verbalize.render import (
 )
 
 __all__ = [
-    "CUE_DOC", "DEFAULT_TOKEN_BUDGET", "Normalisation", "PatchTable", "Patches", "TemplateFolderError",
-    "adaptive_patch_count", "build_patches", "check_templates", "describe", "describe_scan", "environment",
-    "estimate_tokens", "normalisation_of", "render_overview", "render_system", "render_tool_result", "robust_z",
-    "template_error_message", "to_jsonable",
+    "CUE_DOC",
+    "DEFAULT_TOKEN_BUDGET",
+    "Normalisation",
+    "PatchTable",
+    "Patches",
+    "TemplateFolderError",
+    "adaptive_patch_count",
+    "build_patches",
+    "check_templates",
+    "describe",
+    "describe_scan",
+    "environment",
+    "estimate_tokens",
+    "normalisation_of",
+    "render_overview",
+    "render_system",
+    "render_tool_result",
+    "robust_z",
+    "template_error_message",
+    "to_jsonable",
 ]

@@ -1,16 +1,22 @@
 """Render prompts from the jinja2 templates in prompts/, within a token budget.
 
-The templates are data: a user can copy any of them into a directory of their own and pass it as `templates=`; a file
+The templates are data: a user can copy any of them into a directory of their own and pass it as `templates=`;
+a file
 there overrides the packaged one of the same name, and every template renders in jinja's sandbox. Numbers are
 formatted here (fixed decimals, no "-0.00") so the text is byte-identical for identical input.
 
-Only arrays reach these functions (a PatchTable, plain dicts), never a scan file's header or comments, so text hidden in
-a file cannot end up in a prompt. The one piece of free text is the user's guidance, which is placed in its own section
+Only arrays reach these functions (a PatchTable, plain dicts), never a scan file's header or comments, so text
+hidden in
+a file cannot end up in a prompt. The one piece of free text is the user's guidance, which is placed in its
+own section
 between markers that the guidance itself cannot contain.
 
-Token counting: `estimate_tokens` is a cheap deterministic estimate that errs on the high side for number-heavy text:
-a run of ASCII letters/underscores counts ceil(len/4), a run of digits ceil(len/3) (BPE vocabularies of GPT-4/Llama-3
-style hold up to 3 digits per token), and every other non-space character (punctuation, non-ASCII) counts 1. Pass
+Token counting: `estimate_tokens` is a cheap deterministic estimate that errs on the high side for
+number-heavy text:
+a run of ASCII letters/underscores counts ceil(len/4), a run of digits ceil(len/3) (BPE vocabularies of
+GPT-4/Llama-3
+style hold up to 3 digits per token), and every other non-space character (punctuation, non-ASCII) counts 1.
+Pass
 `count_tokens=` to use an exact tokenizer instead.
 """
 
@@ -34,7 +40,7 @@ from scans import strict_json
 from scans.patches import PatchTable
 
 DEFAULT_TOKEN_BUDGET = 3000
-GUIDANCE_SHARE = 1 / 3          # the guidance may use at most this share of the overview's budget
+GUIDANCE_SHARE = 1 / 3  # the guidance may use at most this share of the overview's budget
 OPEN_MARKER = "<<<GUIDANCE"
 CLOSE_MARKER = "GUIDANCE>>>"
 _TOKEN_RE = re.compile(r"[A-Za-z_]+|[0-9]+|\S")
@@ -58,7 +64,8 @@ def estimate_tokens(text: str) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _environment(user_dir: str | None) -> jinja2.Environment:
-    # sandboxed: a user's template folder is data, and must not reach Python internals through attribute access
+    # sandboxed: a user's template folder is data, and must not reach Python internals through attribute
+    # access
     search = [str(template_dir())] if user_dir is None else [user_dir, str(template_dir())]
     return SandboxedEnvironment(
         loader=jinja2.FileSystemLoader(search),
@@ -85,7 +92,8 @@ class TemplateFolderError(ValueError):
 
 
 def check_templates(templates: str | Path) -> None:
-    """Compile every `.j2` file of a user template folder, so a missing folder or a syntax error is reported before
+    """Compile every `.j2` file of a user template folder, so a missing folder or a syntax error is reported
+    before
     any scan is analysed (rendering would otherwise fail only once the first prompt is built)."""
     try:
         env = environment(templates)
@@ -102,8 +110,11 @@ def check_templates(templates: str | Path) -> None:
 
 
 def template_error_message(exc: jinja2.TemplateError, templates: str | Path | None) -> str:
-    """What went wrong while rendering, naming the template file (jinja puts it in the traceback) when it can."""
-    files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__) if frame.filename.endswith(".j2")]
+    """What went wrong while rendering, naming the template file (jinja puts it in the traceback) when it
+    can."""
+    files = [
+        frame.filename for frame in traceback.extract_tb(exc.__traceback__) if frame.filename.endswith(".j2")
+    ]
     where = files[-1] if files else str(templates or template_dir())
     kind = "unsafe template (blocked by the sandbox)" if isinstance(exc, SecurityError) else "template error"
     return f"{where}: {kind}: {type(exc).__name__}: {exc}"
@@ -117,7 +128,8 @@ def _fmt(value: float, decimals: int) -> str:
 
 
 def to_jsonable(value: Any, significant: int = 4) -> Any:
-    """Plain JSON types from numpy scalars/arrays, floats rounded to `significant` digits, NaN/inf mapped to None.
+    """Plain JSON types from numpy scalars/arrays, floats rounded to `significant` digits, NaN/inf mapped to
+    None.
 
     Significant digits rather than decimals: descriptors span 1e-4 (roughness) to 1e5 (point counts)."""
     if isinstance(value, dict):
@@ -146,14 +158,22 @@ def render_system(tools_summary: str, *, templates: str | Path | None = None) ->
 
 
 def render_tool_result(name: str, data: dict, *, templates: str | Path | None = None) -> str:
-    """Text of one tool result for the model; by default compact JSON (sorted keys) that parses back to `data`."""
+    """Text of one tool result for the model; by default compact JSON (sorted keys) that parses back to
+    `data`."""
     plain = to_jsonable(data)
-    data_json = strict_json.dumps(plain, missing_as_null=True, separators=(",", ":"), sort_keys=True,
-                                  ensure_ascii=False)
-    return environment(templates).get_template("tool_result.j2").render(name=name, data=plain, data_json=data_json)
+    data_json = strict_json.dumps(
+        plain, missing_as_null=True, separators=(",", ":"), sort_keys=True, ensure_ascii=False
+    )
+    return (
+        environment(templates)
+        .get_template("tool_result.j2")
+        .render(name=name, data=plain, data_json=data_json)
+    )
 
 
-# ---- overview -------------------------------------------------------------------------------------------------------
+# ---- overview
+# -------------------------------------------------------------------------------------------------------
+
 
 def overview_columns(table: PatchTable) -> list[str]:
     """Columns shown per patch in the overview (others stay reachable through the tools)."""
@@ -172,9 +192,11 @@ def _decimals(column: str) -> int:
 def _legend(table: PatchTable) -> list[str]:
     lines = [
         "id = patch id; x y z = patch centre (normalised); n_points = points in the patch.",
-        "z_* = robust z-score vs this scan's patches (0 typical, |z| > 3 unusual) of: curvature (surface variation), "
+        "z_* = robust z-score vs this scan's patches (0 typical, |z| > 3 unusual) of: curvature (surface "
+        "variation), "
         "roughness (distance to the best-fit plane), spacing (point spacing; high = sparse or holes)"
-        + ("" if not table.stat_names else ", <statistic>_mean / _max (learned statistic over the patch)") + ".",
+        + ("" if not table.stat_names else ", <statistic>_mean / _max (learned statistic over the patch)")
+        + ".",
         "cue = combined outlier score (higher = more unusual; 0 = typical).",
     ]
     return lines
@@ -199,12 +221,20 @@ def _sanitise_guidance(guidance: str, max_tokens: int, count: TokenCounter) -> s
     return text[:lo].rstrip() + note
 
 
-def render_overview(table: PatchTable, guidance: str | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET, *,
-                    templates: str | Path | None = None, count_tokens: TokenCounter | None = None) -> str:
+def render_overview(
+    table: PatchTable,
+    guidance: str | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    *,
+    templates: str | Path | None = None,
+    count_tokens: TokenCounter | None = None,
+) -> str:
     """Scan overview within `token_budget`: header, patch table (id order) and the delimited user guidance.
 
-    When all rows do not fit, the patches with the highest cue are kept in full (still in id order) and the others are
-    summarised in one line; the number kept is the largest that fits (binary search). Raises ValueError if even the
+    When all rows do not fit, the patches with the highest cue are kept in full (still in id order) and the
+    others are
+    summarised in one line; the number kept is the largest that fits (binary search). Raises ValueError if
+    even the
     header with no rows exceeds the budget.
     """
     count = count_tokens or estimate_tokens

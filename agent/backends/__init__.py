@@ -1,6 +1,7 @@
 """Backends behind one registry: `get_backend("openai" | "langchain" | "hf" | "policy", **kwargs)`.
 
-Factories import their backend module only when called, so importing the registry never pulls in openai, langchain or
+Factories import their backend module only when called, so importing the registry never pulls in openai,
+langchain or
 torch; a backend whose package is missing raises `BackendUnavailable` when it is asked for, not before.
 """
 
@@ -51,7 +52,8 @@ REGISTRY: dict[str, Callable[..., Backend]] = {
 
 
 def get_backend(name: str, **kwargs) -> Backend:
-    """A ready backend; unknown names raise ValueError listing the known ones, unusable ones BackendUnavailable."""
+    """A ready backend; unknown names raise ValueError listing the known ones, unusable ones
+    BackendUnavailable."""
     try:
         factory = REGISTRY[name]
     except KeyError:

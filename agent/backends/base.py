@@ -1,7 +1,9 @@
 """The one interface every LLM backend implements.
 
-A backend sees only OpenAI-format messages and OpenAI tool schemas and answers with text or tool calls. Keeping the
-interface this small (like lm-evaluation-harness's model registry) means the agent loop never branches on which model is
+A backend sees only OpenAI-format messages and OpenAI tool schemas and answers with text or tool calls.
+Keeping the
+interface this small (like lm-evaluation-harness's model registry) means the agent loop never branches on
+which model is
 behind it, and the deterministic policy backend can stand in for any LLM.
 
 Nothing here imports numpy, open3d or torch: the agent package must stay importable on a machine without them.
@@ -16,11 +18,13 @@ from pydantic import BaseModel, Field
 
 
 class BackendUnavailable(RuntimeError):
-    """The backend cannot start: missing package, unreachable server, missing model file. `agent.run` exits 3."""
+    """The backend cannot start: missing package, unreachable server, missing model file. `agent.run` exits
+    3."""
 
 
 class ToolCall(BaseModel):
-    """One tool call as the model produced it. `arguments` stays the raw JSON text so the loop can see malformed JSON."""
+    """One tool call as the model produced it. `arguments` stays the raw JSON text so the loop can see
+    malformed JSON."""
 
     id: str
     name: str
@@ -45,7 +49,8 @@ class Usage(BaseModel):
 class LLMReply(BaseModel):
     """What one `chat` call returns.
 
-    `raw` is optional and only for transcripts: the exact text a local model generated (for the hf backend this includes
+    `raw` is optional and only for transcripts: the exact text a local model generated (for the hf backend
+    this includes
     the tool-call JSON it produced), so a reader can check that real tokens were generated.
     """
 
@@ -73,7 +78,8 @@ class Backend(Protocol):
 
 
 def resolve_ref(schema: dict, root: dict) -> dict:
-    """`schema` with its `$ref` (into `root`) and single-branch anyOf/oneOf/allOf inlined: the shape pydantic gives
+    """`schema` with its `$ref` (into `root`) and single-branch anyOf/oneOf/allOf inlined: the shape pydantic
+    gives
     nested and Optional fields, read the same way by every backend that inspects a tool schema."""
     while "$ref" in schema:
         ref = schema["$ref"]
@@ -97,9 +103,11 @@ def resolve_ref(schema: dict, root: dict) -> dict:
 def sole_tool(tools: list[dict], configured: Any) -> str | None:
     """The tool's name when exactly one tool is offered under tool_choice "auto", else None.
 
-    The loop offers one tool only for its finish turn (report_suspects, when the context window is nearly full). A
+    The loop offers one tool only for its finish turn (report_suspects, when the context window is nearly
+    full). A
     model asked to choose freely then often writes the call as text -- SmolLM2 behind llama.cpp answered
-    "functions.report_suspects:" -- so the backends name the tool and the server constrains the reply to its call."""
+    "functions.report_suspects:" -- so the backends name the tool and the server constrains the reply to its
+    call."""
     if configured == "auto" and len(tools) == 1:
         return str(tools[0]["function"]["name"])
     return None
@@ -111,7 +119,8 @@ def tool_names(tools: list[dict]) -> list[str]:
 
 
 def tool_call_names(messages: list[dict]) -> dict[str, str]:
-    """Map tool_call_id -> tool name over the assistant messages, so a `role: tool` message can be attributed."""
+    """Map tool_call_id -> tool name over the assistant messages, so a `role: tool` message can be
+    attributed."""
     names: dict[str, str] = {}
     for m in messages:
         for call in m.get("tool_calls") or []:
@@ -131,9 +140,11 @@ def parse_json_object(text: str) -> dict | None:
 def llama_cpp_compatible(messages: list[dict]) -> list[dict]:
     """Messages a llama-cpp-python server accepts and shows to the model.
 
-    Its chatml-function-calling template renders only system/user/assistant turns, so `role: tool` results are re-sent
+    Its chatml-function-calling template renders only system/user/assistant turns, so `role: tool` results are
+    re-sent
     as user turns ("Result of <tool>: ...") or the model would never see them. Its request schema rejects
-    `content: null`, which clients send for assistant turns that only call tools, so earlier tool calls are sent as
+    `content: null`, which clients send for assistant turns that only call tools, so earlier tool calls are
+    sent as
     assistant text in the template's own syntax ("functions.<name>:\n<arguments>").
     """
     names = tool_call_names(messages)
@@ -143,7 +154,9 @@ def llama_cpp_compatible(messages: list[dict]) -> list[dict]:
             name = names.get(m.get("tool_call_id", ""), "tool")
             out.append({"role": "user", "content": f"Result of {name}: {m.get('content') or ''}"})
         elif m.get("role") == "assistant" and m.get("tool_calls"):
-            calls = "".join(f"functions.{c['function']['name']}:\n{c['function']['arguments']}\n" for c in m["tool_calls"])
+            calls = "".join(
+                f"functions.{c['function']['name']}:\n{c['function']['arguments']}\n" for c in m["tool_calls"]
+            )
             out.append({"role": "assistant", "content": (m.get("content") or "") + calls})
         elif m.get("content") is None:
             out.append({**m, "content": ""})

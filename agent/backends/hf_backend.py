@@ -1,23 +1,35 @@
-"""A local transformers model as a backend, with constrained tool calls so even a 135M model produces usable ones.
+"""A local transformers model as a backend, with constrained tool calls so even a 135M model produces usable
+ones.
 
 Loading lives in agent.backends.hf_loading, the prompt in hf_prompt, the decoder in hf_decoder.
 
-Decoding, chosen because a 135M instruct model cannot be trusted to write a tool call (documented in the report):
-- Prompt: the model's chat template. If the template knows `tools`, tools and tool calls go through it; otherwise the tool
-  list is described in the system message and earlier calls/results are rendered as `<tool_call>{json}</tool_call>` /
+Decoding, chosen because a 135M instruct model cannot be trusted to write a tool call (documented in the
+report):
+- Prompt: the model's chat template. If the template knows `tools`, tools and tool calls go through it;
+otherwise the tool
+  list is described in the system message and earlier calls/results are rendered as
+  `<tool_call>{json}</tool_call>` /
   "Result of <tool>: ..." turns.
 - constrained=True (default): every reply is one tool call in the form
-  `<tool_call>\\n{"name": "<tool>", "arguments": {...}}\\n</tool_call>`. The tool name is picked by comparing the
-  log-likelihood of each allowed name as a continuation (lm-evaluation-harness style, sum of token log-probs). The
-  arguments are written after forced JSON prefixes, property by property from the tool's JSON schema: enums and booleans
-  by log-likelihood of each allowed value; `patch_id`/`patch_ids` by log-likelihood among the patch ids seen in the
-  conversation's tool results (so ids cannot be invented); other integers/numbers by greedy decoding restricted to digit
+  `<tool_call>\\n{"name": "<tool>", "arguments": {...}}\\n</tool_call>`. The tool name is picked by comparing
+  the
+  log-likelihood of each allowed name as a continuation (lm-evaluation-harness style, sum of token log-probs).
+  The
+  arguments are written after forced JSON prefixes, property by property from the tool's JSON schema: enums
+  and booleans
+  by log-likelihood of each allowed value; `patch_id`/`patch_ids` by log-likelihood among the patch ids seen
+  in the
+  conversation's tool results (so ids cannot be invented); other integers/numbers by greedy decoding
+  restricted to digit
   tokens, then clamped to the schema's bounds; strings (reasons) by free greedy decoding, stopped at a quote;
-  arrays item by item, continuing while "," is likelier than "]" (bounded by maxItems and `max_items`). Optional
+  arrays item by item, continuing while "," is likelier than "]" (bounded by maxItems and `max_items`).
+  Optional
   properties without an enum/boolean type keep their defaults. Once `report_after` tool results are in the
-  conversation only the terminal tool (report_suspects) may be chosen: a 135M model otherwise keeps looking forever. The result is checked against the JSON schema with
+  conversation only the terminal tool (report_suspects) may be chosen: a 135M model otherwise keeps looking
+  forever. The result is checked against the JSON schema with
   `jsonschema` when that package is importable.
-- constrained=False: plain greedy generation (max_new_tokens), then the first `<tool_call>`/JSON object is parsed; this
+- constrained=False: plain greedy generation (max_new_tokens), then the first `<tool_call>`/JSON object is
+parsed; this
   mode measures how often the model writes a valid call by itself.
 Greedy everywhere, so replies are deterministic.
 """
@@ -41,19 +53,35 @@ class HFBackend:
     uses_guidance = True  # the guidance is part of the prompt the model reads
     accepts_seconds_left = True  # chat(..., seconds_left=) stops generating by then (the loop's time budget)
 
-    def __init__(self, model: str | None = None, *, gguf_file: str | None = None, constrained: bool = True,
-                 max_new_tokens: int = 160, max_items: int = 3, max_string_tokens: int = 24,
-                 max_prompt_tokens: int = 6000, patch_ids: list[int] | None = None, seed: int = 0,
-                 threads: int | None = None, report_after: int | None = 3, terminal_tool: str = "report_suspects"):
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        gguf_file: str | None = None,
+        constrained: bool = True,
+        max_new_tokens: int = 160,
+        max_items: int = 3,
+        max_string_tokens: int = 24,
+        max_prompt_tokens: int = 6000,
+        patch_ids: list[int] | None = None,
+        seed: int = 0,
+        threads: int | None = None,
+        report_after: int | None = 3,
+        terminal_tool: str = "report_suspects",
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
             import transformers
         except ImportError as err:
-            raise BackendUnavailable(f"hf backend needs the hf extra (pip install 'scanagent[hf]'): {err}") from err
+            raise BackendUnavailable(
+                f"hf backend needs the hf extra (pip install 'scanagent[hf]'): {err}"
+            ) from err
         self.torch = torch
         torch.manual_seed(seed)
-        if threads is not None:  # on a shared machine, fewer threads than cores avoids oversubscription stalls
+        if (
+            threads is not None
+        ):  # on a shared machine, fewer threads than cores avoids oversubscription stalls
             torch.set_num_threads(threads)
         self.source, self.model, self.tokenizer = load_model(torch, transformers, model, gguf_file)
         self.model.eval()
@@ -67,7 +95,9 @@ class HFBackend:
         self.terminal_tool = terminal_tool
         self.template_has_tools = "tools" in (self.tokenizer.chat_template or "")
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-        decoded = {i: self.tokenizer.decode([i]) for i, t in enumerate(vocab) if t is not None and len(t) <= 4}
+        decoded = {
+            i: self.tokenizer.decode([i]) for i, t in enumerate(vocab) if t is not None and len(t) <= 4
+        }
         self._digit_ids = {i for i, s in decoded.items() if s and s.strip() == s and s.isdigit()}
         self._number_ids = self._digit_ids | {i for i, s in decoded.items() if s in (".", "-")}
         self._stop_ids = {i for i in (self.tokenizer.eos_token_id,) if i is not None}
@@ -77,9 +107,17 @@ class HFBackend:
                 self._stop_ids.add(sid)
         self._calls = 0
 
-    # -- constrained arguments ----------------------------------------------------------------------------------------
-    def _value(self, dec: Decoder, schema: dict, root: dict, field: str, endings: tuple[str, ...],
-               ids: list[int] | None) -> None:
+    # -- constrained arguments
+    # ----------------------------------------------------------------------------------------
+    def _value(
+        self,
+        dec: Decoder,
+        schema: dict,
+        root: dict,
+        field: str,
+        endings: tuple[str, ...],
+        ids: list[int] | None,
+    ) -> None:
         schema = resolve_ref(schema, root)
         kind = schema.get("type")
         if "const" in schema:
@@ -140,7 +178,7 @@ class HFBackend:
             self._value(dec, items, root, item_field, (",", "]"), remaining)
             count += 1
             if remaining is not None and item_field == "patch_id":
-                chosen = int(dec.text[len(before):])
+                chosen = int(dec.text[len(before) :])
                 remaining = [i for i in remaining if i != chosen] or None
             if count >= hi or (item_field == "patch_id" and not remaining):
                 break
@@ -151,8 +189,13 @@ class HFBackend:
 
     def _object(self, dec: Decoder, schema: dict, root: dict, ids: list[int] | None) -> None:
         required = set(schema.get("required", []))
-        props = [(k, v) for k, v in schema.get("properties", {}).items()
-                 if k in required or "enum" in resolve_ref(v, root) or resolve_ref(v, root).get("type") == "boolean"]
+        props = [
+            (k, v)
+            for k, v in schema.get("properties", {}).items()
+            if k in required
+            or "enum" in resolve_ref(v, root)
+            or resolve_ref(v, root).get("type") == "boolean"
+        ]
         dec.extend("{")
         for n, (key, sub) in enumerate(props):
             dec.extend(("" if n == 0 else ", ") + json.dumps(key) + ": ")
@@ -160,12 +203,16 @@ class HFBackend:
             self._value(dec, sub, root, key, endings, ids)
         dec.extend("}")
 
-    # -- the Backend interface ----------------------------------------------------------------------------------------
+    # -- the Backend interface
+    # ----------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], tools: list[dict], *, seconds_left: float | None = None) -> LLMReply:
-        """One reply; with `seconds_left` no forward pass starts after that many seconds (TimeoutError), so a call
+        """One reply; with `seconds_left` no forward pass starts after that many seconds (TimeoutError), so a
+        call
         the loop gave up on stops computing instead of competing with the fallback."""
         deadline = None if seconds_left is None else time.monotonic() + seconds_left
-        prompt = build_prompt(self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens)
+        prompt = build_prompt(
+            self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens
+        )
         dec = Decoder(self.model, self.tokenizer, self.torch, deadline)
         dec.set_text(prompt)
         prompt_tokens = len(dec.ids)
@@ -175,33 +222,44 @@ class HFBackend:
             reply = self._constrained_call(dec, messages, tools, call_id)
         else:
             reply = self._free_reply(dec, tools, call_id)
-        # Like a server's count: every token of the reply (forced JSON punctuation included), not only the decided ones.
+        # Like a server's count: every token of the reply (forced JSON punctuation included), not only the
+        # decided ones.
         reply_tokens = len(dec.ids) - prompt_tokens
         reply.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max(reply_tokens, 1))
         return reply
 
-    def _constrained_call(self, dec: Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
+    def _constrained_call(
+        self, dec: Decoder, messages: list[dict], tools: list[dict], call_id: str
+    ) -> LLMReply:
         start = len(dec.text)
         dec.extend(CALL_OPEN + '{"name": "')
         names = [t["function"]["name"] for t in tools]
         n_results = sum(1 for m in messages if m.get("role") == "tool")
         if self.report_after is not None and n_results >= self.report_after and self.terminal_tool in names:
-            names = [self.terminal_tool]  # a small model tends to look forever; after enough look-ups it must answer
+            names = [
+                self.terminal_tool
+            ]  # a small model tends to look forever; after enough look-ups it must answer
         name = dec.choose(names, ('"',))
         dec.extend(name + '", "arguments": ')
         args_start = len(dec.text)
-        schema = next(t["function"].get("parameters") or {"type": "object"} for t in tools if t["function"]["name"] == name)
+        schema = next(
+            t["function"].get("parameters") or {"type": "object"}
+            for t in tools
+            if t["function"]["name"] == name
+        )
         ids = self.fixed_patch_ids or seen_patch_ids(messages) or None
         self._object(dec, resolve_ref(schema, schema), schema, ids)
         arguments = dec.text[args_start:]
         dec.extend("}" + CALL_CLOSE)
         self._validate(arguments, schema)
-        return LLMReply(text=None, tool_calls=[ToolCall(id=call_id, name=name, arguments=arguments)],
-                        raw=dec.text[start:])
+        return LLMReply(
+            text=None, tool_calls=[ToolCall(id=call_id, name=name, arguments=arguments)], raw=dec.text[start:]
+        )
 
     @staticmethod
     def _validate(arguments: str, schema: dict) -> None:
-        """Check the constructed arguments against the tool's JSON schema (a bug here is ours, not the model's)."""
+        """Check the constructed arguments against the tool's JSON schema (a bug here is ours, not the
+        model's)."""
         try:
             import jsonschema
         except ImportError:
@@ -214,5 +272,3 @@ class HFBackend:
         if call is None:
             return LLMReply(text=produced, tool_calls=[], raw=produced)
         return LLMReply(text=None, tool_calls=[call], raw=produced)
-
-

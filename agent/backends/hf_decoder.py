@@ -1,8 +1,10 @@
 """A greedy and scoring decoder over one growing text for a local transformers model, reusing its KV cache.
 
 The hf backend writes tool calls through it: `choose` picks among candidate continuations by log-likelihood
-(lm-evaluation-harness style, sum of token log-probs), `generate` decodes greedily, optionally restricted to a set
-of tokens, and `extend` forces text. Only the tokens after the common prefix with the cached text are run again.
+(lm-evaluation-harness style, sum of token log-probs), `generate` decodes greedily, optionally restricted to a
+set
+of tokens, and `extend` forces text. Only the tokens after the common prefix with the cached text are run
+again.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 
 def _crop(cache: Any, length: int) -> None:
-    """Shorten a DynamicCache to `length` tokens (a negative argument means "remove that many" in transformers 4 and 5)."""
+    """Shorten a DynamicCache to `length` tokens (a negative argument means "remove that many" in transformers
+    4 and 5)."""
     remove = cache.get_seq_length() - length
     if remove > 0:
         cache.crop(-remove)
@@ -24,7 +27,9 @@ class Decoder:
 
     def __init__(self, model: Any, tokenizer: Any, torch: Any, deadline: float | None = None):
         self.model, self.tok, self.torch = model, tokenizer, torch
-        self.deadline = deadline  # time.monotonic() after which no forward pass starts (the loop's time budget)
+        self.deadline = (
+            deadline  # time.monotonic() after which no forward pass starts (the loop's time budget)
+        )
         self.text = ""
         self.ids: list[int] = []
         self.cache: Any = None
@@ -43,7 +48,9 @@ class Decoder:
         if self.cache is None:
             self.cache = DynamicCache()
         with self.torch.no_grad():
-            out = self.model(input_ids=self.torch.tensor([new_ids]), past_key_values=self.cache, use_cache=True)
+            out = self.model(
+                input_ids=self.torch.tensor([new_ids]), past_key_values=self.cache, use_cache=True
+            )
         return out.logits[0]
 
     def _sync(self, ids: list[int]) -> None:
@@ -75,7 +82,9 @@ class Decoder:
             if a != b:
                 break
             common += 1
-        if common == len(self.ids):  # the usual case: the text's tokens stay, the continuation only adds tokens
+        if common == len(
+            self.ids
+        ):  # the usual case: the text's tokens stay, the continuation only adds tokens
             new = full[common:]
             rows = [self.last_logits]
             if len(new) > 1:
@@ -85,15 +94,16 @@ class Decoder:
             return float(sum(logprobs[i, tok] for i, tok in enumerate(new)))
         start = max(common, 1)  # the continuation re-tokenizes the end of the text (e.g. a merged quote)
         _crop(self.cache, start - 1)
-        logits = self._forward(full[start - 1:])
+        logits = self._forward(full[start - 1 :])
         logprobs = self.torch.log_softmax(logits.float(), dim=-1)
         total = float(sum(logprobs[i, tok] for i, tok in enumerate(full[start:])))
         _crop(self.cache, start - 1)
-        self._forward(self.ids[start - 1:])  # restore the cache for the current text
+        self._forward(self.ids[start - 1 :])  # restore the cache for the current text
         return total
 
     def choose(self, candidates: list[str], endings: tuple[str, ...] = ("",)) -> str:
-        """The candidate with the highest log-likelihood (followed by any of `endings`); ties go to the first."""
+        """The candidate with the highest log-likelihood (followed by any of `endings`); ties go to the
+        first."""
         best, best_score = candidates[0], -math.inf
         for cand in candidates:
             scores = [self.loglikelihood(cand + e) for e in endings]
@@ -104,8 +114,11 @@ class Decoder:
         self.generated += len(self._encode(best)) or 1
         return best
 
-    def generate(self, allowed: set[int] | None, stop: set[int], max_tokens: int, stop_text: str | None = None) -> str:
-        """Greedy tokens (restricted to `allowed` plus `stop` when given) until a stop token; returns the new text."""
+    def generate(
+        self, allowed: set[int] | None, stop: set[int], max_tokens: int, stop_text: str | None = None
+    ) -> str:
+        """Greedy tokens (restricted to `allowed` plus `stop` when given) until a stop token; returns the new
+        text."""
         produced = ""
         mask = None
         if allowed is not None:

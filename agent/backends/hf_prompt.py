@@ -1,7 +1,8 @@
 """The hf backend's prompt: the conversation folded into what a local model's chat template can render.
 
 If the template knows `tools`, tools and tool calls go through it; otherwise the tool list is described in the
-system message and earlier calls/results are rendered as `<tool_call>{json}</tool_call>` / "Result of <tool>: ..."
+system message and earlier calls/results are rendered as `<tool_call>{json}</tool_call>` / "Result of <tool>:
+..."
 turns. Also here: the patch ids the conversation has shown (the only ids a constrained call may name) and the
 parser for a tool call a model wrote freely.
 """
@@ -18,8 +19,11 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 
 
 def describe_tools(tools: list[dict]) -> str:
-    lines = ["You can call these tools. Answer with exactly one call written as",
-             '<tool_call>\n{"name": "<tool name>", "arguments": {<JSON arguments>}}\n</tool_call>', "Tools:"]
+    lines = [
+        "You can call these tools. Answer with exactly one call written as",
+        '<tool_call>\n{"name": "<tool name>", "arguments": {<JSON arguments>}}\n</tool_call>',
+        "Tools:",
+    ]
     for t in tools:
         fn = t["function"]
         props = (fn.get("parameters") or {}).get("properties", {})
@@ -28,29 +32,45 @@ def describe_tools(tools: list[dict]) -> str:
         lines.append(f"- {fn['name']}({args}): {summary}")
     return "\n".join(lines)
 
+
 def template_messages(messages: list[dict], tools: list[dict], template_has_tools: bool) -> list[dict]:
-    """Messages the chat template can render: tool turns folded into plain roles when it does not know tools."""
+    """Messages the chat template can render: tool turns folded into plain roles when it does not know
+    tools."""
     names = tool_call_names(messages)
     out: list[dict] = []
     for m in messages:
         role, content = m["role"], m.get("content") or ""
         if template_has_tools:
             if m.get("tool_calls"):
-                calls = [{"type": "function", "function": {"name": c["function"]["name"],
-                          "arguments": parse_json_object(c["function"]["arguments"]) or {}}}
-                         for c in m["tool_calls"]]
+                calls = [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": parse_json_object(c["function"]["arguments"]) or {},
+                        },
+                    }
+                    for c in m["tool_calls"]
+                ]
                 out.append({"role": "assistant", "content": content, "tool_calls": calls})
             else:
                 out.append({"role": role, "content": content})
             continue
         if role == "assistant" and m.get("tool_calls"):
             content = "".join(
-                CALL_OPEN + f'{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}'
-                + CALL_CLOSE for c in m["tool_calls"])
+                CALL_OPEN
+                + f'{{"name": "{c["function"]["name"]}", "arguments": {c["function"]["arguments"]}}}'
+                + CALL_CLOSE
+                for c in m["tool_calls"]
+            )
             out.append({"role": "assistant", "content": content})
         elif role == "tool":
-            out.append({"role": "user", "content": f"Result of {names.get(m.get('tool_call_id', ''), 'tool')}: "
-                                                   f"{content}"})
+            out.append(
+                {
+                    "role": "user",
+                    "content": f"Result of {names.get(m.get('tool_call_id', ''), 'tool')}: {content}",
+                }
+            )
         else:
             out.append({"role": role, "content": content})
     if not template_has_tools:
@@ -61,13 +81,16 @@ def template_messages(messages: list[dict], tools: list[dict], template_has_tool
             out.insert(0, {"role": "system", "content": description})
     return out
 
-def build_prompt(tokenizer: Any, messages: list[dict], tools: list[dict], template_has_tools: bool,
-                 max_prompt_tokens: int) -> str:
+
+def build_prompt(
+    tokenizer: Any, messages: list[dict], tools: list[dict], template_has_tools: bool, max_prompt_tokens: int
+) -> str:
     """The chat template's text for the conversation, its oldest long turns cut until it fits the budget."""
     msgs = template_messages(messages, tools, template_has_tools)
     kwargs = {"tools": tools} if template_has_tools else {}
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
-    # Too long for the budget: shorten the oldest long turns after the first two (system + task) until it fits.
+    # Too long for the budget: shorten the oldest long turns after the first two (system + task) until it
+    # fits.
     for cut in range(2, len(msgs)):
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_tokens:
             break
@@ -85,7 +108,7 @@ def seen_patch_ids(messages: list[dict]) -> list[int]:
         if isinstance(value, dict):
             for k, v in value.items():
                 if k in ("patch_id", "patch_ids", "id", "neighbours", "neighbors"):
-                    for x in (v if isinstance(v, list) else [v]):
+                    for x in v if isinstance(v, list) else [v]:
                         if isinstance(x, int) and not isinstance(x, bool):
                             seen.setdefault(x, None)
                 walk(v)
@@ -100,15 +123,16 @@ def seen_patch_ids(messages: list[dict]) -> list[int]:
 
 
 def parse_free_tool_call(text: str, call_id: str) -> ToolCall | None:
-    """The first `{"name": ..., "arguments": ...}` in free text; arguments keep their raw text when not valid JSON."""
+    """The first `{"name": ..., "arguments": ...}` in free text; arguments keep their raw text when not valid
+    JSON."""
     match = re.search(r'"name"\s*:\s*"([^"]+)"', text)
     if match is None:
         return None
-    rest = text[match.end():]
+    rest = text[match.end() :]
     args_match = re.search(r'"arguments"\s*:\s*', rest)
     if args_match is None:
         return ToolCall(id=call_id, name=match.group(1), arguments="{}")
-    raw = rest[args_match.end():]
+    raw = rest[args_match.end() :]
     try:
         _, end = json.JSONDecoder().raw_decode(raw)
         return ToolCall(id=call_id, name=match.group(1), arguments=raw[:end])

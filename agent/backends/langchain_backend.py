@@ -1,8 +1,12 @@
-"""Any LangChain chat model, named as `module:Class` plus keyword arguments (e.g. `langchain_openai:ChatOpenAI`).
+"""Any LangChain chat model, named as `module:Class` plus keyword arguments (e.g.
+`langchain_openai:ChatOpenAI`).
 
-Why: LangChain already wraps many providers (Anthropic, Bedrock, Ollama, ...); this backend lets any of them drive the
-same loop. Messages go to and from langchain-core message objects; tools are bound with `bind_tools` from the same
-OpenAI schemas; usage comes from `usage_metadata`. A tool call whose arguments LangChain could not parse arrives as an
+Why: LangChain already wraps many providers (Anthropic, Bedrock, Ollama, ...); this backend lets any of them
+drive the
+same loop. Messages go to and from langchain-core message objects; tools are bound with `bind_tools` from the
+same
+OpenAI schemas; usage comes from `usage_metadata`. A tool call whose arguments LangChain could not parse
+arrives as an
 `invalid_tool_call` and is passed on with its raw text, so the loop's repair path sees the malformed JSON.
 """
 
@@ -56,8 +60,15 @@ def to_langchain(messages: list[dict]) -> list[Any]:
                 if isinstance(args, dict):
                     good.append({"name": fn["name"], "args": args, "id": call["id"], "type": "tool_call"})
                 else:
-                    bad.append({"name": fn["name"], "args": fn["arguments"], "id": call["id"],
-                                "error": "arguments are not a JSON object", "type": "invalid_tool_call"})
+                    bad.append(
+                        {
+                            "name": fn["name"],
+                            "args": fn["arguments"],
+                            "id": call["id"],
+                            "error": "arguments are not a JSON object",
+                            "type": "invalid_tool_call",
+                        }
+                    )
             converted.append(AIMessage(content=content, tool_calls=good, invalid_tool_calls=bad))
         else:
             raise ValueError(f"message with unknown role {role!r}")
@@ -71,9 +82,13 @@ def from_langchain(message: Any) -> LLMReply:
         for i, c in enumerate(getattr(message, "tool_calls", None) or [])
     ]
     for i, c in enumerate(getattr(message, "invalid_tool_calls", None) or [], start=len(calls)):
-        calls.append(ToolCall(id=c.get("id") or f"call_{i}", name=c.get("name") or "", arguments=c.get("args") or ""))
+        calls.append(
+            ToolCall(id=c.get("id") or f"call_{i}", name=c.get("name") or "", arguments=c.get("args") or "")
+        )
     meta = getattr(message, "usage_metadata", None) or {}
-    usage = Usage(prompt_tokens=meta.get("input_tokens", 0) or 0, completion_tokens=meta.get("output_tokens", 0) or 0)
+    usage = Usage(
+        prompt_tokens=meta.get("input_tokens", 0) or 0, completion_tokens=meta.get("output_tokens", 0) or 0
+    )
     content = message.content
     if isinstance(content, list):  # content blocks: keep the text ones
         content = "".join(b if isinstance(b, str) else b.get("text", "") for b in content)
@@ -84,17 +99,30 @@ class LangChainBackend:
     name = "langchain"
     uses_guidance = True  # the guidance is part of the prompt the model reads
 
-    def __init__(self, chat_model: str | Any = "langchain_openai:ChatOpenAI", *, tool_choice: str | None = "auto",
-                 llama_cpp_compat: bool = False, context_window: int | None = None, **model_kwargs: Any):
-        """`chat_model` is `module:Class` (instantiated with `model_kwargs`, e.g. model=..., base_url=...) or a ready
+    def __init__(
+        self,
+        chat_model: str | Any = "langchain_openai:ChatOpenAI",
+        *,
+        tool_choice: str | None = "auto",
+        llama_cpp_compat: bool = False,
+        context_window: int | None = None,
+        **model_kwargs: Any,
+    ):
+        """`chat_model` is `module:Class` (instantiated with `model_kwargs`, e.g. model=..., base_url=...) or
+        a ready
         LangChain chat model object."""
         try:
             import langchain_core  # noqa: F401
         except ImportError as err:
-            raise BackendUnavailable(f"langchain backend needs the langchain extra (pip install 'scanagent[langchain]'): "
-                                      f"{err}") from err
-        self.secrets = tuple(secrets_in(model_kwargs))  # e.g. api_key=...: scrubbed from everything the run writes
-        self.chat_model = load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
+            raise BackendUnavailable(
+                f"langchain backend needs the langchain extra (pip install 'scanagent[langchain]'): {err}"
+            ) from err
+        self.secrets = tuple(
+            secrets_in(model_kwargs)
+        )  # e.g. api_key=...: scrubbed from everything the run writes
+        self.chat_model = (
+            load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
+        )
         self.tool_choice = tool_choice
         self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible
         self.context_window = context_window  # the model's window in tokens; the loop keeps within it

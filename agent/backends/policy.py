@@ -1,15 +1,20 @@
 """The deterministic no-LLM policy: the baseline every LLM is compared with, and the loop's fallback.
 
-It plays by the same rules as a model: it sees only the conversation (OpenAI messages) and the tool schemas, calls tools
-through tool calls, and reads their results back from the `role: tool` messages (JSON text). So a run with the policy
+It plays by the same rules as a model: it sees only the conversation (OpenAI messages) and the tool schemas,
+calls tools
+through tool calls, and reads their results back from the `role: tool` messages (JSON text). So a run with the
+policy
 exercises exactly the same loop, tools and transcript as a run with an LLM, and the comparison is fair.
 
 Plan (each step is one `chat` call, decided from the messages alone, so the policy holds no hidden state):
 1. `list_patches(sort_by="cue", top_k, descending=True)`: the patches ranked by the combined statistic.
-2. in one turn of parallel calls: `neighbourhood(patch_id)` of the first `inspect_top` selected patches, so selected
-   patches that touch each other are reported as one region, and `patch_geometry(patch_id)` of the first `describe_top`,
+2. in one turn of parallel calls: `neighbourhood(patch_id)` of the first `inspect_top` selected patches, so
+selected
+   patches that touch each other are reported as one region, and `patch_geometry(patch_id)` of the first
+   `describe_top`,
    whose descriptors (z-scores) give the reasons. Tools that are absent are skipped.
-3. `report_suspects`: the highest-cue patches whose cumulative `n_points` stays within `target_share` of the scan's
+3. `report_suspects`: the highest-cue patches whose cumulative `n_points` stays within `target_share` of the
+scan's
    points (at least one patch), each region with a reason built from the patch's largest statistics
    ("recon_error z=3.1, curvature z=2.0") and a confidence from its cue relative to the other listed patches.
 """
@@ -26,7 +31,21 @@ ID_KEYS = ("patch_id", "id")
 TOTAL_KEYS = ("total_points",)
 NEIGHBOUR_KEYS = ("neighbours",)
 # Columns that describe a patch but are not evidence of a defect, so they never go into a reason.
-NON_EVIDENCE = {"patch_id", "id", "n_points", "cue", "rank", "x", "y", "z", "cx", "cy", "cz", "center", "centre"}
+NON_EVIDENCE = {
+    "patch_id",
+    "id",
+    "n_points",
+    "cue",
+    "rank",
+    "x",
+    "y",
+    "z",
+    "cx",
+    "cy",
+    "cz",
+    "center",
+    "centre",
+}
 
 
 def _rows(data: dict) -> list[dict]:
@@ -43,8 +62,10 @@ def _patch_id(row: dict) -> int | None:
 
 
 def _total_points(data: dict, rows: list[dict]) -> float | None:
-    """Points in the whole scan, read from the result; else estimated as total_patches x mean n_points of the listed rows
-    (the listed rows are the high-cue ones, so this is only an estimate; tools that report total_points are preferred)."""
+    """Points in the whole scan, read from the result; else estimated as total_patches x mean n_points of the
+    listed rows
+    (the listed rows are the high-cue ones, so this is only an estimate; tools that report total_points are
+    preferred)."""
     for key in TOTAL_KEYS:
         if isinstance(data.get(key), (int, float)) and data[key] > 0:
             return float(data[key])
@@ -56,10 +77,11 @@ def _total_points(data: dict, rows: list[dict]) -> float | None:
 
 
 def _reason(row: dict, max_terms: int = 2) -> str:
-    """The patch's strongest statistics in words; z-scores (columns named z_<stat> or <stat>_z) are preferred because they compare."""
+    """The patch's strongest statistics in words; z-scores (columns named z_<stat> or <stat>_z) are preferred
+    because they compare."""
     numeric = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     numeric = {k: v for k, v in numeric.items() if k not in NON_EVIDENCE and math.isfinite(v)}
-    z_scores = {k[len("z_"):]: v for k, v in numeric.items() if k.startswith("z_")}
+    z_scores = {k[len("z_") :]: v for k, v in numeric.items() if k.startswith("z_")}
     z_scores |= {k[: -len("_z")]: v for k, v in numeric.items() if k.endswith("_z")}
     chosen = z_scores or numeric
     strongest = sorted(chosen.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:max_terms]
@@ -72,26 +94,32 @@ def _reason(row: dict, max_terms: int = 2) -> str:
 
 
 def _within_limits(regions: list[dict], max_regions: int | None, max_ids: int | None) -> list[dict]:
-    """Regions cut to the schema's limits: a region's surplus ids are dropped (its highest-cue patches come first), and
-    regions past the last allowed one are merged into it, up to its id limit, as "further high-cue patches"."""
+    """Regions cut to the schema's limits: a region's surplus ids are dropped (its highest-cue patches come
+    first), and
+    regions past the last allowed one are merged into it, up to its id limit, as "further high-cue
+    patches"."""
     if max_ids is not None:
         regions = [{**r, "patch_ids": r["patch_ids"][:max_ids]} for r in regions]
     if max_regions is None or len(regions) <= max_regions:
         return regions
     if max_regions < 1:
         return []
-    kept, rest = regions[: max_regions - 1], regions[max_regions - 1:]
+    kept, rest = regions[: max_regions - 1], regions[max_regions - 1 :]
     ids = [pid for r in rest for pid in r["patch_ids"]]
-    merged = {"patch_ids": ids[:max_ids] if max_ids is not None else ids,
-              "reason": f"further high-cue patches ({rest[0]['reason']}, ...)"[:300],
-              "confidence": min(r["confidence"] for r in rest)}
+    merged = {
+        "patch_ids": ids[:max_ids] if max_ids is not None else ids,
+        "reason": f"further high-cue patches ({rest[0]['reason']}, ...)"[:300],
+        "confidence": min(r["confidence"] for r in rest),
+    }
     return [*kept, merged]
 
 
 def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
-    """(most regions, most patch ids per region) that report_suspects' JSON schema allows; None where it sets none.
+    """(most regions, most patch ids per region) that report_suspects' JSON schema allows; None where it sets
+    none.
 
-    The policy must obey the same schema as a model: a report over the limit is rejected by the tool, and the policy
+    The policy must obey the same schema as a model: a report over the limit is rejected by the tool, and the
+    policy
     is the fallback, so it has nothing to fall back on."""
     for tool in tools:
         function = tool.get("function", {})
@@ -106,7 +134,8 @@ def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
 
 
 def _ints_under(value: Any, keys: tuple[str, ...]) -> list[int]:
-    """Every int stored under one of `keys` anywhere in a JSON value (neighbour lists come in several shapes)."""
+    """Every int stored under one of `keys` anywhere in a JSON value (neighbour lists come in several
+    shapes)."""
     found: list[int] = []
     if isinstance(value, dict):
         for k, v in value.items():
@@ -125,10 +154,19 @@ def _ints_under(value: Any, keys: tuple[str, ...]) -> list[int]:
 class PolicyBackend:
     name = "policy"
     tokenizes = False  # it reads tool results as JSON: no context window, no overview cut for one
-    uses_guidance = False  # it ranks patches by their statistics: the user's guidance is text it does not read
+    uses_guidance = (
+        False  # it ranks patches by their statistics: the user's guidance is text it does not read
+    )
 
-    def __init__(self, target_share: float = 0.15, top_k: int = 16, inspect_top: int = 2, describe_top: int = 4,
-                 max_regions: int = 8, radius: float | None = None):
+    def __init__(
+        self,
+        target_share: float = 0.15,
+        top_k: int = 16,
+        inspect_top: int = 2,
+        describe_top: int = 4,
+        max_regions: int = 8,
+        radius: float | None = None,
+    ):
         if not 0.0 < target_share <= 1.0:
             raise ValueError(f"target_share must be in (0, 1], got {target_share}")
         if top_k < 1 or inspect_top < 0 or describe_top < 0 or max_regions < 1:
@@ -140,10 +178,12 @@ class PolicyBackend:
         self.max_regions = max_regions
         self.radius = radius
 
-    # -- reading the conversation -------------------------------------------------------------------------------------
+    # -- reading the conversation
+    # -------------------------------------------------------------------------------------
     @staticmethod
     def _results(messages: list[dict]) -> list[tuple[str, dict, dict | None]]:
-        """(tool name, call arguments, parsed JSON result or None for an error/non-JSON result) per tool message."""
+        """(tool name, call arguments, parsed JSON result or None for an error/non-JSON result) per tool
+        message."""
         calls: dict[str, tuple[str, dict]] = {}
         for m in messages:
             for c in m.get("tool_calls") or []:
@@ -156,7 +196,8 @@ class PolicyBackend:
         return out
 
     def _select(self, data: dict) -> list[dict]:
-        """The highest-cue rows whose cumulative n_points stays within the target share (always at least one)."""
+        """The highest-cue rows whose cumulative n_points stays within the target share (always at least
+        one)."""
         rows = [r for r in _rows(data) if _patch_id(r) is not None]
         rows.sort(key=lambda r: (-float(r.get("cue", 0.0) or 0.0), _patch_id(r)))
         total = _total_points(data, rows)
@@ -175,18 +216,23 @@ class PolicyBackend:
                 break
         return selected
 
-    # -- the Backend interface ----------------------------------------------------------------------------------------
+    # -- the Backend interface
+    # ----------------------------------------------------------------------------------------
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
         available = set(tool_names(tools))
         if "report_suspects" not in available:
             raise ValueError("policy backend needs a report_suspects tool")
         results = self._results(messages)
         n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
-        listings = [data for name, _, data in results if name == "list_patches" and data is not None and _rows(data)]
+        listings = [
+            data for name, _, data in results if name == "list_patches" and data is not None and _rows(data)
+        ]
         listed_already = any(name == "list_patches" for name, _, _ in results)
 
         if not listings and not listed_already and "list_patches" in available:
-            return self._calls(n_calls, [("list_patches", {"sort_by": "cue", "top_k": self.top_k, "descending": True})])
+            return self._calls(
+                n_calls, [("list_patches", {"sort_by": "cue", "top_k": self.top_k, "descending": True})]
+            )
 
         selected = self._select(listings[-1]) if listings else []
         asked = {(name, args.get("patch_id")) for name, args, _ in results}
@@ -216,8 +262,11 @@ class PolicyBackend:
             if name == "neighbourhood" and data is not None and isinstance(args.get("patch_id"), int):
                 pid = args["patch_id"]
                 neighbour_sets[pid] = set(_ints_under(data, NEIGHBOUR_KEYS)) - {pid}
-        descriptors = {args["patch_id"]: data.get("descriptors", data) for name, args, data in results
-                       if name == "patch_geometry" and data is not None and isinstance(args.get("patch_id"), int)}
+        descriptors = {
+            args["patch_id"]: data.get("descriptors", data)
+            for name, args, data in results
+            if name == "patch_geometry" and data is not None and isinstance(args.get("patch_id"), int)
+        }
         cues = [float(r.get("cue", 0.0) or 0.0) for r in selected]
         lo, hi = min(cues), max(cues)
         regions: list[dict] = []
@@ -227,25 +276,34 @@ class PolicyBackend:
             if pid in assigned:
                 continue
             members = [pid] + [
-                _patch_id(o) for o in selected
-                if _patch_id(o) not in assigned and _patch_id(o) != pid and _patch_id(o) in neighbour_sets.get(pid, set())
+                _patch_id(o)
+                for o in selected
+                if _patch_id(o) not in assigned
+                and _patch_id(o) != pid
+                and _patch_id(o) in neighbour_sets.get(pid, set())
             ]
             assigned.update(members)
             cue = float(row.get("cue", 0.0) or 0.0)
             evidence = {**row, **descriptors.get(pid, {})}
             relative = 1.0 if hi == lo else (cue - lo) / (hi - lo)
-            regions.append({
-                "patch_ids": members,
-                "reason": _reason(evidence),
-                "confidence": round(0.5 + 0.4 * relative, 2),  # 0.5..0.9: a ranking, not a calibrated probability
-            })
+            regions.append(
+                {
+                    "patch_ids": members,
+                    "reason": _reason(evidence),
+                    "confidence": round(
+                        0.5 + 0.4 * relative, 2
+                    ),  # 0.5..0.9: a ranking, not a calibrated probability
+                }
+            )
         return regions
 
     @staticmethod
     def _calls(n_calls: int, calls: list[tuple[str, dict]]) -> LLMReply:
         return LLMReply(
             text=None,
-            tool_calls=[ToolCall(id=f"policy_{n_calls + i}", name=name, arguments=json.dumps(args))
-                        for i, (name, args) in enumerate(calls)],
+            tool_calls=[
+                ToolCall(id=f"policy_{n_calls + i}", name=name, arguments=json.dumps(args))
+                for i, (name, args) in enumerate(calls)
+            ],
             usage=Usage(),
         )

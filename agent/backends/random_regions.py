@@ -1,13 +1,21 @@
-"""The "random regions at the same budget" baseline: what the verifier achieves when the regions are picked blindly.
+"""The "random regions at the same budget" baseline: what the verifier achieves when the regions are picked
+blindly.
 
-Why it exists: the policy and every LLM spend the same verification budget (a share of the scan's points); the only
-thing they add is *where* that budget goes. This backend spends it at random, so the gap between it and an agent is
-what the agent's choice of regions is worth (and a backend that does no better than this one has learned nothing).
+Why it exists: the policy and every LLM spend the same verification budget (a share of the scan's points); the
+only
+thing they add is *where* that budget goes. This backend spends it at random, so the gap between it and an
+agent is
+what the agent's choice of regions is worth (and a backend that does no better than this one has learned
+nothing).
 
-It plays by the same rules as the policy: it sees only the conversation and the tool schemas, calls `list_patches`
-once to learn how many patches the scan has and how large they are, then `report_suspects` with random patches whose
-estimated point count stays within the policy's target share. The random generator is seeded from `seed` and the
-patch ids and sizes of the listing it received, so the same scan with the same seed always gets the same regions, while different scans (whose
+It plays by the same rules as the policy: it sees only the conversation and the tool schemas, calls
+`list_patches`
+once to learn how many patches the scan has and how large they are, then `report_suspects` with random patches
+whose
+estimated point count stays within the policy's target share. The random generator is seeded from `seed` and
+the
+patch ids and sizes of the listing it received, so the same scan with the same seed always gets the same
+regions, while different scans (whose
 listings differ) get different ones; it holds no state between calls.
 """
 
@@ -39,9 +47,14 @@ class RandomRegionsBackend:
             raise ValueError(f"max_regions must be >= 1, got {self.max_regions}")
 
     def _listing(self, messages: list[dict]) -> tuple[dict | None, str]:
-        """The parsed list_patches result (or None) and its raw text (empty until list_patches was answered)."""
-        list_ids = {c["id"] for m in messages for c in (m.get("tool_calls") or [])
-                    if c["function"]["name"] == "list_patches"}
+        """The parsed list_patches result (or None) and its raw text (empty until list_patches was
+        answered)."""
+        list_ids = {
+            c["id"]
+            for m in messages
+            for c in (m.get("tool_calls") or [])
+            if c["function"]["name"] == "list_patches"
+        }
         for m in messages:
             if m.get("role") == "tool" and m.get("tool_call_id") in list_ids:
                 text = m.get("content") or ""
@@ -58,9 +71,11 @@ class RandomRegionsBackend:
             total_patches = len(rows)
         if total_patches < 1:
             return []
-        # Patches are a Voronoi partition with roughly equal sizes, so the share of patches estimates the share of points.
+        # Patches are a Voronoi partition with roughly equal sizes, so the share of patches estimates the
+        # share of points.
         count = max(1, min(int(self.target_share * total_patches), self.max_regions, total_patches))
-        # Seeded from the listing's integers only (ids, sizes): they come from the geometry alone, while the learned
+        # Seeded from the listing's integers only (ids, sizes): they come from the geometry alone, while the
+        # learned
         # statistics in the same rows may differ in the last digit between machines or thread counts.
         structure = [total_patches] + [[r.get("id"), r.get("n_points")] for r in rows]
         rng = random.Random(zlib.crc32(f"{self.seed}:{json.dumps(structure)}".encode()))
@@ -73,10 +88,17 @@ class RandomRegionsBackend:
         n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
         data, text = self._listing(messages)
         if not text and "list_patches" in available:
-            call = ToolCall(id=f"random_{n_calls}", name="list_patches",
-                            arguments=json.dumps({"sort_by": "x", "top_k": LISTING_ROWS, "descending": False}))
+            call = ToolCall(
+                id=f"random_{n_calls}",
+                name="list_patches",
+                arguments=json.dumps({"sort_by": "x", "top_k": LISTING_ROWS, "descending": False}),
+            )
             return LLMReply(text=None, tool_calls=[call], usage=Usage())
-        regions = [{"patch_ids": [pid], "reason": "random patch (baseline)", "confidence": 0.5}
-                   for pid in self._choose(data)]
-        call = ToolCall(id=f"random_{n_calls}", name="report_suspects", arguments=json.dumps({"regions": regions}))
+        regions = [
+            {"patch_ids": [pid], "reason": "random patch (baseline)", "confidence": 0.5}
+            for pid in self._choose(data)
+        ]
+        call = ToolCall(
+            id=f"random_{n_calls}", name="report_suspects", arguments=json.dumps({"regions": regions})
+        )
         return LLMReply(text=None, tool_calls=[call], usage=Usage())

@@ -1,9 +1,13 @@
 """`viewer.html`: one self-contained page per scan to rotate, zoom and pick the scored cloud in a browser.
 
-Why a page and not a PNG: a defect hides behind the part in any fixed view, and a reader wants to ask "what is the score
-here, and which region is this?". Why self-contained: it must open by a double click, offline, from wherever the scan's
-folder was copied, so the three.js bundle (vendor/, MIT), the viewer script and the data are all inlined; the page
-makes no request. The cloud is subsampled to a bounded number of points (deterministic by seed, every region point
+Why a page and not a PNG: a defect hides behind the part in any fixed view, and a reader wants to ask "what is
+the score
+here, and which region is this?". Why self-contained: it must open by a double click, offline, from wherever
+the scan's
+folder was copied, so the three.js bundle (vendor/, MIT), the viewer script and the data are all inlined; the
+page
+makes no request. The cloud is subsampled to a bounded number of points (deterministic by seed, every region
+point
 kept first) and the page says so; positions travel as 16-bit steps of the bounding box, scores as float32.
 """
 
@@ -25,7 +29,7 @@ from scans import strict_json
 from scans.render import HEAT_CMAP, VERDICT_STYLES, subsample_indices
 
 MAX_VIEWER_POINTS = 200_000
-BACKGROUND = "#f4f4f4"   # light: the heat map's low end (inferno) is near black
+BACKGROUND = "#f4f4f4"  # light: the heat map's low end (inferno) is near black
 
 
 def _asset(name: str) -> str:
@@ -33,7 +37,9 @@ def _asset(name: str) -> str:
 
 
 def _b64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()).decode()
+    return base64.b64encode(
+        np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
+    ).decode()
 
 
 def _script_safe(text: str) -> Markup:
@@ -62,9 +68,18 @@ def colour_table() -> list[list[int]]:
     return (colormaps[HEAT_CMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(int).tolist()
 
 
-def viewer_data(points: np.ndarray, scores: np.ndarray, report: dict, regions: list[np.ndarray], *,
-                title: str, max_points: int = MAX_VIEWER_POINTS, seed: int = 0) -> dict:
-    """What the page's script reads: the subsampled cloud, its scores, and the regions numbered as in report.json."""
+def viewer_data(
+    points: np.ndarray,
+    scores: np.ndarray,
+    report: dict,
+    regions: list[np.ndarray],
+    *,
+    title: str,
+    max_points: int = MAX_VIEWER_POINTS,
+    seed: int = 0,
+) -> dict:
+    """What the page's script reads: the subsampled cloud, its scores, and the regions numbered as in
+    report.json."""
     array = np.asarray(points, dtype=np.float64)
     values = np.asarray(scores, dtype=np.float32).reshape(-1)
     if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0:
@@ -72,7 +87,9 @@ def viewer_data(points: np.ndarray, scores: np.ndarray, report: dict, regions: l
     if len(values) != len(array):
         raise ValueError(f"{len(values)} scores for {len(array)} points")
     if len(regions) != len(report["regions"]):
-        raise ValueError(f"{len(regions)} region point sets for {len(report['regions'])} regions in the report")
+        raise ValueError(
+            f"{len(regions)} region point sets for {len(report['regions'])} regions in the report"
+        )
     report, title = redact(report), redact(title)
     in_region = np.zeros(len(array), dtype=bool)
     for members in regions:
@@ -87,8 +104,13 @@ def viewer_data(points: np.ndarray, scores: np.ndarray, report: dict, regions: l
     page_regions = []
     for number, (entry, members) in enumerate(zip(report["regions"], regions), start=1):
         local = position_in_page[np.asarray(members, dtype=np.int64)]
-        page_regions.append({**entry, "id": entry.get("id", number),
-                             "members": _b64(np.sort(local[local >= 0]).astype(np.int32))})
+        page_regions.append(
+            {
+                **entry,
+                "id": entry.get("id", number),
+                "members": _b64(np.sort(local[local >= 0]).astype(np.int32)),
+            }
+        )
     return {
         "title": title,
         "report": {k: v for k, v in report.items() if k != "regions"},
@@ -103,8 +125,10 @@ def viewer_data(points: np.ndarray, scores: np.ndarray, report: dict, regions: l
         "score_max": float(values.max()),
         "colour_table": colour_table(),
         "background": BACKGROUND,
-        "verdict_styles": {verdict: {"color": style["color"], "dashed": style["linestyle"] != "-"}
-                           for verdict, style in VERDICT_STYLES.items()},
+        "verdict_styles": {
+            verdict: {"color": style["color"], "dashed": style["linestyle"] != "-"}
+            for verdict, style in VERDICT_STYLES.items()
+        },
         "regions": page_regions,
     }
 
@@ -116,11 +140,16 @@ def render_viewer_html(data: dict) -> str:
     table = data["colour_table"]
     ramp = ", ".join(f"rgb({r},{g},{b})" for r, g, b in table[::32] + [table[-1]])
     return template.render(
-        title=data["title"], background=data["background"], ramp=ramp, styles=data["verdict_styles"],
-        score_min=f"{data['score_min']:.4g}", score_max=f"{data['score_max']:.4g}",
+        title=data["title"],
+        background=data["background"],
+        ramp=ramp,
+        styles=data["verdict_styles"],
+        score_min=f"{data['score_min']:.4g}",
+        score_max=f"{data['score_max']:.4g}",
         data_json=_script_safe(strict_json.dumps(data, missing_as_null=True, separators=(",", ":"))),
         three_js=_script_safe(_asset("vendor/three-viewer.min.js")),
-        viewer_js=_script_safe(_asset("viewer.js")))
+        viewer_js=_script_safe(_asset("viewer.js")),
+    )
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -140,9 +169,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return target
 
 
-def write_viewer(path: str | os.PathLike, points: np.ndarray, scores: np.ndarray, report: dict,
-                 regions: list[np.ndarray], *, title: str, max_points: int = MAX_VIEWER_POINTS,
-                 seed: int = 0) -> Path:
+def write_viewer(
+    path: str | os.PathLike,
+    points: np.ndarray,
+    scores: np.ndarray,
+    report: dict,
+    regions: list[np.ndarray],
+    *,
+    title: str,
+    max_points: int = MAX_VIEWER_POINTS,
+    seed: int = 0,
+) -> Path:
     """Write one scan's viewer.html (see the module docstring)."""
     data = viewer_data(points, scores, report, regions, title=title, max_points=max_points, seed=seed)
     return write_text_atomic(path, render_viewer_html(data))
