@@ -23,7 +23,7 @@ from rich.console import Console
 import agent.fit as fit_cli
 import agent.pipeline
 import agent.run as run_cli
-import detector.fitted
+import detector.fitting
 from agent.report import staged_dir
 from detector.fitted import FittedClass
 from detector.fitting import fit_class
@@ -134,7 +134,7 @@ def test_fit_out_where_no_folder_can_be_made_fails_before_fitting(scans, tmp_pat
     def tripwire(*args, **kwargs):
         raise AssertionError("fitted although --out cannot be written")
 
-    monkeypatch.setattr(detector.fitted, "fit_class", tripwire)
+    monkeypatch.setattr(detector.fitting, "fit_class", tripwire)
     for out in unwritable_places(tmp_path):
         code, text = fit("--train", scans, "--out", out, "--feature", "fpfh")
         assert code == fit_cli.EXIT_BAD_INPUT, text
