@@ -20,9 +20,9 @@ from agent.backends import Backend, get_backend
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
-from tools.agent_tools import ScanContext, ToolBox
 from detector.fitted import FittedClass, ScanAnalysis
 from scans.patches import Patches, PatchTable
+from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
 
 VerifyMode = Literal["suspects", "all"]
@@ -211,7 +211,9 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     timings["analyse"] = time.perf_counter() - t0
     scored = np.zeros(len(pts), dtype=bool)
     t0 = time.perf_counter()
-    overview_budget = overview_token_budget(config.token_budget, context_window(backend, config.budget))
+    # a backend tuned on a compact overview (an hf adapter) gets the overview size it was trained on
+    overview_budget = getattr(backend, "overview_tokens", None) or overview_token_budget(
+        config.token_budget, context_window(backend, config.budget))
     patches, table, make_toolbox, messages = build_conversation(
         pts, fitted, analysis, replace(config, token_budget=overview_budget), scored)
     timings["verbalize"] = time.perf_counter() - t0

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import types
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +197,8 @@ class HFBackend:
     def __init__(self, model: str | None = None, *, gguf_file: str | None = None, constrained: bool = True,
                  max_new_tokens: int = 160, max_items: int = 3, max_string_tokens: int = 24,
                  max_prompt_tokens: int = 6000, patch_ids: list[int] | None = None, seed: int = 0,
-                 threads: int | None = None, report_after: int | None = 3, terminal_tool: str = "report_suspects"):
+                 threads: int | None = None, report_after: int | None = 3, terminal_tool: str = "report_suspects",
+                 adapter: str | None = None, empty_arrays: bool | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
@@ -209,6 +211,17 @@ class HFBackend:
             torch.set_num_threads(threads)
         self.source, self.model, self.tokenizer = self._load(transformers, model, gguf_file)
         self.model.eval()
+        # a tuned adapter (agent.backends.hf_adapter); "none" or None = the base model
+        self.adapter, self._forward_override, self.recipe = None, None, {}
+        if adapter is not None and str(adapter) != "none":
+            from agent.backends.hf_adapter import apply_adapter
+
+            self.model, self._forward_override, self.recipe = apply_adapter(self.model, torch, adapter)
+            self.adapter = str(adapter)
+        # the overview size the adapter was trained on (agent.pipeline reads it); None = the configured budget
+        self.overview_tokens: int | None = self.recipe.get("overview_tokens")
+        # arrays without minItems may be empty (an empty report); off for the base model, as it was measured
+        self.empty_arrays = self.adapter is not None if empty_arrays is None else empty_arrays
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
         self.max_items = max_items
@@ -327,6 +340,10 @@ class HFBackend:
                 out.insert(0, {"role": "system", "content": description})
         return out
 
+    def prompt(self, messages: list[dict], tools: list[dict]) -> str:
+        """The exact prompt text a reply to `messages` is decoded after (what agent.tune trains on)."""
+        return self._prompt(messages, tools)
+
     def _prompt(self, messages: list[dict], tools: list[dict]) -> str:
         msgs = self._template_messages(messages, tools)
         kwargs = {"tools": tools} if self.template_has_tools else {}
@@ -414,10 +431,13 @@ class HFBackend:
 
     def _array(self, dec: _Decoder, schema: dict, root: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
-        lo = schema.get("minItems", 1)
+        lo = schema.get("minItems", 0 if self.empty_arrays else 1)
         hi = min(schema.get("maxItems", self.max_items), max(self.max_items, lo))
         remaining = list(ids) if ids else None
         dec.extend("[")
+        if lo == 0 and "properties" in resolve_ref(items, root) and dec.choose(["]", "{"]) == "]":
+            dec.extend("]")
+            return
         count = 0
         while True:
             item_field = "patch_id" if field == "patch_ids" else field
@@ -449,6 +469,8 @@ class HFBackend:
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
         prompt = self._prompt(messages, tools)
         dec = _Decoder(self.model, self.tokenizer, self.torch)
+        if self._forward_override is not None:  # prompt tuning: virtual tokens at the start of every cache
+            dec._forward = types.MethodType(self._forward_override, dec)  # type: ignore[method-assign]
         dec.set_text(prompt)
         prompt_tokens = len(dec.ids)
         self._calls += 1
