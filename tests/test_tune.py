@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from agent.backends.policy import PolicyBackend
 from agent.backends.ranker import RankerBackend, parse_overview_table
 from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.__main__ import main as tune_main
-from agent.tune.episodes import EpisodeConfig, part_episodes, patch_truth
-from agent.tune.guidance import PARAPHRASES, paraphrase_ids
+from agent.tune.episodes import EpisodeConfig, guided_truth, part_episodes, patch_truth
+from agent.tune.guidance import PARAPHRASES, make_guidance, paraphrase_ids
 from agent.tune.ranker_fit import fit_ranker, save_ranker
 from scans.bench import discover_sources
 from scans.patches import build_patches
@@ -78,6 +79,16 @@ def test_targets_follow_ground_truth_and_guidance(episodes):
                 assert not (coordinate > g["value"] if g["above"] else coordinate < g["value"])
     unguided = {e["id"]: e for e in episodes if e["guidance"] is None}
     assert any(e["defect"] for e in unguided.values())
+
+
+def test_guidance_changes_the_target_to_match():
+    table = SimpleNamespace(columns={"x": np.array([-0.5, 0.5]), "y": np.zeros(2), "z": np.zeros(2)})
+    ignore_right = make_guidance("ignore_region", 0, axis="x", above=True, value=0.0)
+    assert guided_truth(table, [0, 1], "bulge", ignore_right) == [0]
+    only_holes = make_guidance("only_kind", 0, defect_kind="hole")
+    assert guided_truth(table, [0, 1], "bulge", only_holes) == []
+    assert guided_truth(table, [0, 1], "hole", only_holes) == [0, 1]
+    assert guided_truth(table, [0, 1], "bulge", make_guidance("normal_feature", 0)) == [0, 1]
 
 
 def test_paraphrases_for_testing_are_never_used_in_training():
@@ -165,17 +176,26 @@ def _last_logits(backend, text: str):
         return backend.model(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
+def _short(episode: dict) -> dict:
+    """The episode with its system prompt and overview cut to their first lines: a training step on 2 cores stays
+    a few seconds, and the mechanics (target tokens, adapter files, loading) are the same."""
+    system, overview = (m["content"] for m in episode["messages"][:2])
+    return {**episode, "messages": [{"role": "system", "content": system.split("\n")[0]},
+                                    {"role": "user", "content": "\n".join(overview.split("\n")[:12])}]}
+
+
 def _train(tmp_path, episodes, base_backend, method: str, steps: int):
     from agent.tune.train import TrainConfig, train_adapter
 
+    short = [_short(e) for e in episodes[:2]]
     folder = tmp_path / "episodes"
     folder.mkdir(exist_ok=True)
-    (folder / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes[:2]))
+    (folder / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in short))
     (folder / "manifest.json").write_text(json.dumps({"config": {"overview_tokens": 1200}}))
     out = tmp_path / method
-    recipe = train_adapter(folder, out, TrainConfig(method=method, steps=steps, threads=1, max_tokens=4096),
-                           episodes=episodes[:2], backend_factory=lambda: base_backend)
-    return out, recipe
+    recipe = train_adapter(folder, out, TrainConfig(method=method, steps=steps, threads=1, lr=1e-2),
+                           episodes=short, backend_factory=lambda: base_backend)
+    return out, recipe, short
 
 
 @pytest.mark.slow
@@ -183,9 +203,10 @@ def _train(tmp_path, episodes, base_backend, method: str, steps: int):
 def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_path, episodes, base_backend):
     from agent.backends.hf_backend import HFBackend
 
-    text = base_backend.prompt(episodes[0]["messages"], episodes[0]["tools"])
+    short = _short(episodes[0])
+    text = base_backend.prompt(short["messages"], short["tools"])
     before = _last_logits(base_backend, text)
-    out, recipe = _train(tmp_path, episodes, base_backend, "lora", steps=2)
+    out, recipe, _ = _train(tmp_path, episodes, base_backend, "lora", steps=2)
     assert recipe["steps_done"] == 2 and recipe["overview_tokens"] == 1200
     assert {"adapter_config.json", "adapter_model.safetensors", "recipe.json", "SHA256SUMS"} <= {
         p.name for p in out.iterdir()}
@@ -202,9 +223,9 @@ def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_pat
 def test_a_prompt_tuned_adapter_decodes_incrementally_like_from_scratch(tmp_path, episodes, base_backend):
     from agent.backends.hf_backend import HFBackend, _Decoder
 
-    out, _ = _train(tmp_path, episodes, base_backend, "prompt", steps=1)
+    out, _, short = _train(tmp_path, episodes, base_backend, "prompt", steps=1)
     tuned = HFBackend(threads=1, adapter=str(out))
-    text = tuned.prompt(episodes[0]["messages"], episodes[0]["tools"])
+    text = tuned.prompt(short[0]["messages"], short[0]["tools"])
 
     def decoder():
         dec = _Decoder(tuned.model, tuned.tokenizer, tuned.torch)
@@ -212,13 +233,13 @@ def test_a_prompt_tuned_adapter_decodes_incrementally_like_from_scratch(tmp_path
         return dec
 
     stepwise, fresh = decoder(), decoder()
-    stepwise.set_text(text[:-200])
-    stepwise.set_text(text[:-300])  # shorter: crops the cache, keeping the virtual tokens
+    stepwise.set_text(text[:-100])
+    stepwise.set_text(text[:-150])  # shorter: crops the cache, keeping the virtual tokens
     stepwise.set_text(text)
     fresh.set_text(text)
     assert float((stepwise.last_logits - fresh.last_logits).abs().max()) < 1e-3
     base = _Decoder(base_backend.model, base_backend.tokenizer, base_backend.torch)
     base.set_text(text)
     assert float((fresh.last_logits - base.last_logits).abs().max()) > 1e-4
-    reply = tuned.chat(episodes[0]["messages"], episodes[0]["tools"])
+    reply = tuned.chat(short[0]["messages"], short[0]["tools"])
     assert reply.tool_calls and json.loads(reply.tool_calls[0].arguments) is not None

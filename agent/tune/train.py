@@ -140,7 +140,7 @@ def train_adapter(episodes_dir: Path, out: Path, config: TrainConfig, *, episode
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
-        losses.append(round(float(loss), 4))
+        losses.append(round(float(loss.detach()), 4))
         steps_done = step + 1
         if progress is not None and (step % 10 == 0 or step == config.steps - 1):
             progress(f"step {step + 1}/{config.steps} loss {float(loss):.3f} "
