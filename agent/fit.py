@@ -3,7 +3,8 @@
 Fits one class — Point-MAE trained on the class's normal scans, a memory bank of its patch features, thresholds
 calibrated on normal data — and writes it as one folder that `python -m agent.run --bank <dir>` reads.
 Exit codes: 0 fitted, 2 bad input (missing/empty/unreadable scans, unknown class or layout, bad options, an --out
-that is not a fit). Nothing is written unless the fit succeeds (the folder appears in one rename).
+that is not a fit or cannot be written, checked before fitting). Nothing is written unless the fit succeeds (the
+folder appears in one rename).
 
 Why the work lives in :func:`fit_from_options`: tests and other code call it directly and get a :class:`FitReport`;
 :func:`main` only parses arguments, draws progress bars and prints the summary.
@@ -136,13 +137,14 @@ def training_scans(options: FitOptions) -> tuple[str, list[TrainingScan]]:
 
 
 def _check_out(out: Path) -> None:
-    """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end)."""
-    from detector.fitted import META_FILE
+    """Fail before an expensive fit if --out could not be written (FittedClass.save would refuse it at the end):
+    a file, an unwritable place, or a folder of the user's that is not a fit."""
+    from detector.fitted import FitError, check_save_target
 
-    if out.exists() and not out.is_dir():
-        raise FitInputError(f"{out}: --out exists and is a file; give a folder for the fitted class")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
-        raise FitInputError(f"{out}: --out exists and is not a fitted class folder; refusing to overwrite it")
+    try:
+        check_save_target(out)
+    except FitError as exc:
+        raise FitInputError(f"--out {exc}") from None
 
 
 def _detector_config(options: FitOptions):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ FINISH_PROMPT = ("The conversation is about to exceed the model's context window
 CHARS_PER_TOKEN_GUESS = 3.0   # the first request only, before a reply has said how many tokens a prompt takes
 MESSAGE_OVERHEAD_TOKENS = 8   # chat-template tokens around each message (role markers, separators)
 DEFAULT_REPLY_RESERVE = 512   # tokens kept free for the reply when the backend does not say its limit
+DEADLINE_GRACE_SECONDS = 1.0  # a backend told its time left gets this long past it to return its own timeout error
 
 
 class ToolBoxLike(Protocol):
@@ -43,7 +45,10 @@ class AgentBudget(BaseModel):
     max_tool_calls: int = Field(16, ge=1)
     max_total_tokens: int = Field(60_000, ge=1)  # prompt + completion tokens summed over turns
     max_repairs: int = Field(1, ge=0)  # repair prompts before the fallback takes over
-    max_seconds: float | None = None  # wall time, checked between turns
+    # Wall time of one backend's attempt at a scan (every request and retry in it). A request still unanswered when it
+    # runs out is abandoned (a backend with `accepts_seconds_left` is also told, so its own requests stop then) and
+    # the fallback finishes the scan: a hung server costs this, not its timeout times its retries times the turns.
+    max_seconds: float | None = Field(None, gt=0)
     # The model's context window in tokens (None: the backend's own `context_window`, if it declares one). Before a
     # request that would not fit, the model is asked once to report now with only report_suspects on offer; if even
     # that cannot fit, the fallback runs. Without this a small local model's conversation outgrows its window and every
@@ -164,9 +169,14 @@ class _Attempt:
             bound = _chars(self.messages, all_tools) if self.measured_upto == 0 else 0
             started = time.perf_counter()
             try:
-                reply = self.backend.chat(copy.deepcopy(self.messages), tools)
+                reply = self._chat(copy.deepcopy(self.messages), tools)
+            except _Stop:
+                raise
             except Exception as err:  # a backend failure of any kind is the fallback's job, never the caller's
                 self.log("backend_error", turn=self.turns, error=f"{type(err).__name__}: {err}")
+                if self._seconds_left() == 0.0:  # the backend's own timeout at the budget's end: say which ran out
+                    raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded while waiting for the "
+                                       f"backend ({type(err).__name__}: {err})") from err
                 raise _Stop(f"backend error: {type(err).__name__}: {err}") from err
             seconds = time.perf_counter() - started
             self.usage = self.usage + reply.usage
@@ -186,6 +196,38 @@ class _Attempt:
             if self.regions is None and self.usage.total_tokens > self.budget.max_total_tokens:
                 raise self._budget(f"max_total_tokens={self.budget.max_total_tokens} exceeded "
                                    f"({self.usage.total_tokens} tokens)")
+
+    def _seconds_left(self) -> float | None:
+        """Seconds of `max_seconds` left for this attempt (0.0 once spent), None without a time budget."""
+        if self.budget.max_seconds is None:
+            return None
+        return max(0.0, self.budget.max_seconds - (time.perf_counter() - self._start))
+
+    def _chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
+        """`backend.chat`, and under a time budget no longer than the time left: the call runs in a daemon thread
+        that is abandoned when it does not return in time (a blocked socket or a long generation cannot be
+        interrupted from outside; a backend that accepts `seconds_left` ends its own requests by then)."""
+        left = self._seconds_left()
+        if left is None:
+            return self.backend.chat(messages, tools)
+        kwargs = {"seconds_left": left} if getattr(self.backend, "accepts_seconds_left", False) else {}
+        result: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                result["reply"] = self.backend.chat(messages, tools, **kwargs)
+            except BaseException as err:  # noqa: BLE001 -- handed to the loop's thread below
+                result["error"] = err
+
+        worker = threading.Thread(target=call, name=f"{self.backend.name}-chat", daemon=True)
+        worker.start()
+        worker.join(left + DEADLINE_GRACE_SECONDS if kwargs else left)
+        if worker.is_alive():
+            raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded: the backend had not answered "
+                               f"after {left:.1f} s")
+        if "error" in result:
+            raise result["error"]
+        return result["reply"]
 
     def _check_budget_before_turn(self) -> None:
         if self.turns >= self.budget.max_turns:

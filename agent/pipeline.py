@@ -14,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
+import jinja2
 import numpy as np
 
 from agent.backends import Backend, get_backend
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
+from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
 from detector.fitted import FittedClass, ScanAnalysis
@@ -56,6 +58,7 @@ class Inspection:
     seconds: dict[str, float]
     verify_mode: VerifyMode = "suspects"
     registration: dict | None = None     # how the scan was aligned onto the class template (registered fits only)
+    guidance: dict | None = None         # the user's guidance and whether the reporting backend read it
 
     @property
     def point_scores(self) -> np.ndarray:
@@ -97,6 +100,7 @@ class Inspection:
             "detector_patches": v.patches_total,
             "regions": regions,
             "registration": self.registration,
+            "guidance": self.guidance,
             "seconds": {k: round(s, 3) for k, s in self.seconds.items()},
         }
 
@@ -167,9 +171,13 @@ def overview_token_budget(configured: int, window: int | None) -> int:
 
 
 def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis: ScanAnalysis | None,
-                       config: InspectionConfig, scored: np.ndarray) -> tuple[Patches, PatchTable, Callable[[], ToolBox],
-                                                                              list[dict]]:
-    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages."""
+                       config: InspectionConfig, scored: np.ndarray,
+                       template_errors: list[jinja2.TemplateError] | None = None,
+                       ) -> tuple[Patches, PatchTable, Callable[[], ToolBox], list[dict]]:
+    """Patches, their table, a toolbox factory (fresh state for a fallback run) and the opening messages.
+
+    A tool result that a (user) template fails to render is appended to `template_errors`: the loop turns a failing
+    tool call into a message for the model, so without this a broken template would only degrade every scan."""
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
     lookup = _bank_lookup(fitted, analysis, patches, scored) if fitted is not None and analysis is not None else None
@@ -182,7 +190,15 @@ def build_conversation(points: np.ndarray, fitted: FittedClass | None, analysis:
         left = max(0, lookup_points - int(scored.sum()))
         context = ScanContext(points=points, patches=patches, table=table, bank_lookup=lookup,
                               verify_budget_points=left)
-        return ToolBox(context, render=lambda name, data: render_tool_result(name, data, templates=config.templates))
+        return ToolBox(context, render=render)
+
+    def render(name: str, data: dict) -> str:
+        try:
+            return render_tool_result(name, data, templates=config.templates)
+        except jinja2.TemplateError as exc:
+            if template_errors is not None:
+                template_errors.append(exc)
+            raise
 
     toolbox = make_toolbox()
     messages = [
@@ -214,14 +230,17 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     # a backend tuned on a compact overview (an hf adapter) gets the overview size it was trained on
     overview_budget = getattr(backend, "overview_tokens", None) or overview_token_budget(
         config.token_budget, context_window(backend, config.budget))
+    template_errors: list[jinja2.TemplateError] = []
     patches, table, make_toolbox, messages = build_conversation(
-        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored)
+        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors)
     timings["verbalize"] = time.perf_counter() - t0
     if not use_fallback:
         fallback = None
     elif fallback is None:
         fallback = get_backend("policy")
-    transcript = Transcript(transcript_path) if transcript_path is not None else None
+    # every configured secret (the environment's, the backends' keys) is scrubbed from what the run records
+    redact = Redactor.for_run(backend_secrets(backend, fallback))
+    transcript = Transcript(transcript_path, extra_secrets=redact.secrets) if transcript_path is not None else None
     t0 = time.perf_counter()
     try:
         if transcript is not None:
@@ -230,6 +249,9 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
         toolbox = make_toolbox()
         outcome = run_agent(backend, toolbox, messages, budget=config.budget, transcript=transcript,
                             fallback=fallback, toolbox_factory=make_toolbox)
+        if template_errors:
+            raise template_errors[0]
+        outcome = _scrubbed(outcome, redact)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if fitted is not None and analysis is not None:
@@ -251,7 +273,33 @@ def inspect_scan(points: np.ndarray, fitted: FittedClass | None, backend: Backen
     return Inspection(points=pts, verification=verification, outcome=outcome, patches=patches, table=table,
                       backend=backend.name, seconds=timings,
                       verify_mode=config.verify if verification.mode == "bank" else "suspects",
-                      registration=_registration_summary(analysis))
+                      registration=_registration_summary(analysis),
+                      guidance=guidance_summary(redact(config.guidance),
+                                                fallback if outcome.fallback_used else backend, outcome.fallback_used))
+
+
+def _scrubbed(outcome: AgentOutcome, redact: Redactor) -> AgentOutcome:
+    """The outcome with every secret removed from the text it carries (a server's error that echoed the key becomes
+    the fallback reason; a model may repeat anything it was sent)."""
+    return outcome.model_copy(update={
+        "fallback_reason": redact(outcome.fallback_reason), "error": redact(outcome.error),
+        "regions": redact(outcome.regions), "messages": redact(outcome.messages)})
+
+
+def guidance_summary(guidance: str | None, reporting: Backend | None, fallback_used: bool) -> dict | None:
+    """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it does not
+    say), with a note when it did not, so that guidance is never silently ignored. None when no guidance was given."""
+    if not guidance:
+        return None
+    name = getattr(reporting, "name", "?")
+    used = getattr(reporting, "uses_guidance", None)
+    who = f"the fallback {name}" if fallback_used else f"the {name} backend"
+    note = None
+    if used is None:
+        note = f"{who} made the report and does not declare whether it reads guidance"
+    elif not used:
+        note = f"{who} made the report and does not read guidance: the report was made without it"
+    return {"text": guidance, "used": used, "reporting_backend": name, "note": note}
 
 
 def _registration_summary(analysis: ScanAnalysis | None) -> dict | None:

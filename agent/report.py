@@ -2,8 +2,9 @@
 
 Folder contract (other tools read it): `report.json`, `scores.npy` (one float32 per input point, input order),
 `scores.ply` (heat map: x,y,z, colour, float `anomaly`), `regions.png` (render of the scan with the flagged regions) and
-`transcript.jsonl` (written by the loop as it runs). `staged_dir` gives a scan its folder under a temporary name and
-renames it into place only when everything was written, so a failed scan leaves no half-written output folder.
+`transcript.jsonl` (written by the loop as it runs), plus the `.scanagent` marker that lets a rerun replace the folder.
+`staged_dir` gives a scan its folder under a temporary name and renames it into place only when everything was
+written, so a failed scan leaves no half-written output folder, and it never replaces a folder it did not write.
 """
 
 from __future__ import annotations
@@ -12,31 +13,24 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from agent.pipeline import Inspection
+from scans import staging
 from scans.io import write_scores
 from scans.render import render_regions_png
 
+SCAN_OUTPUT_KIND = "scan output"  # the output marker's kind (scans.staging)
 
-@contextmanager
-def staged_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging folder beside `out_dir`; on success it replaces `out_dir`, on any error it is removed."""
-    target = Path(out_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)  # a rerun replaces the previous outputs of this scan
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+def staged_dir(out_dir: str | os.PathLike) -> AbstractContextManager[Path]:
+    """An empty marked staging folder beside `out_dir`; on success it replaces `out_dir` (refused with OutputError
+    when `out_dir` is not an earlier output of a scan), on any error it is removed."""
+    return staging.staged_dir(out_dir, SCAN_OUTPUT_KIND)
 
 
 def write_outputs(inspection: Inspection, out_dir: str | os.PathLike, *, source: str, render: bool = True) -> Path:
@@ -72,6 +66,9 @@ def print_summary(inspection: Inspection, source: str, console: Console | None =
     console.print(head)
     if fallback["used"]:
         console.print(f"  [yellow]fallback:[/yellow] {fallback['reason']}")
+    guidance = report.get("guidance")
+    if guidance and not guidance["used"]:
+        console.print(f"  [yellow]guidance not used:[/yellow] {guidance['note']}")
     registration = report.get("registration")
     if registration and registration["doubtful"]:
         console.print(f"  [yellow]registration doubtful[/yellow] (fitness {registration['fitness']:.2f}): the scan "

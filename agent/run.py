@@ -14,12 +14,30 @@ import sys
 import time
 from pathlib import Path
 
+import jinja2
 from rich.console import Console
+from rich.markup import escape
+
+from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
 
 
 MIN_CONTEXT_WINDOW = 256
+# A backend's wall time per scan (AgentBudget.max_seconds): several times what a small local model takes on a 2-core
+# machine, far below what a hung server would cost under the openai SDK's timeout and retries.
+DEFAULT_MAX_SECONDS = 600.0
+
+
+def seconds_arg(text: str) -> float:
+    """--max-seconds: a positive, finite number of seconds (argparse turns the error into exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def context_window_arg(text: str) -> int:
@@ -59,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-window", type=context_window_arg,
                    help="the LLM's context window in tokens (e.g. a llama.cpp server's "
                    "--n_ctx): the agent is asked to report before a request would not fit")
+    p.add_argument("--max-seconds", type=seconds_arg, default=DEFAULT_MAX_SECONDS,
+                   help="the backend's wall time per scan, every request and retry included; past it the policy "
+                   "finishes the scan and the report says so (default %(default)g)")
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
     p.add_argument("--seed", type=int, default=0)
@@ -81,15 +102,21 @@ def _expand(paths: list[str]) -> list[Path]:
     return out
 
 
+def backend_kwargs(args: argparse.Namespace) -> dict:
+    """--backend-kwargs as a dict (ValueError/TypeError on bad JSON or another JSON value)."""
+    kwargs = json.loads(args.backend_kwargs)
+    if not isinstance(kwargs, dict):
+        raise TypeError("--backend-kwargs must be a JSON object")
+    return kwargs
+
+
 def make_backend(args: argparse.Namespace):
     """The chosen backend, constructed once for every scan."""
     from agent.backends import get_backend
 
-    kwargs = json.loads(args.backend_kwargs)
-    if not isinstance(kwargs, dict):
-        raise TypeError("--backend-kwargs must be a JSON object")
-    if args.model:
-        kwargs.setdefault("model", args.model)
+    kwargs = backend_kwargs(args)
+    if args.model:  # langchain: the chat model class (module:Class); the others: the model's name
+        kwargs.setdefault("chat_model" if args.backend == "langchain" else "model", args.model)
     if args.base_url:
         if args.backend != "openai":
             raise ValueError("--base-url is for --backend openai")
@@ -107,16 +134,46 @@ def _unique_dir(root: Path, stem: str, taken: set[str]) -> Path:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from scans.staging import OutputError, check_writable
+    from verbalize import TemplateFolderError, check_templates
+
+    out_root = Path(args.out)
+    started = time.perf_counter()
+    try:  # before any work: a run that cannot write its outputs, or render its prompts, should not start
+        if args.templates is not None:
+            check_templates(args.templates)
+        check_writable(out_root, "--out folder")
+    except (TemplateFolderError, OutputError) as exc:
+        console.print(f"[red]bad option:[/red] {escape(str(exc))}")
+        return EXIT_BAD_INPUT
+    root_existed = out_root.exists()
+    try:
+        return _run_checked(args, console, out_root, started)
+    finally:
+        _remove_if_empty(out_root, root_existed)
+
+
+def _remove_if_empty(folder: Path, existed: bool) -> None:
+    """A run that wrote nothing leaves no empty --out folder behind (one that was there before stays)."""
+    if not existed:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty (outputs were written), or not there
+
+
+def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, started: float) -> int:
+    """The run once its --out and --templates are known to be usable."""
     from agent.backends import BackendUnavailable
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
     from agent.report import print_summary, staged_dir, write_outputs
     from detector.fitted import FitError, FittedClass
-    from scans.io import MIN_POINTS, ScanError, read_scan
     from detector.registration import RegistrationError
+    from scans.io import MIN_POINTS, ScanError, read_scan
+    from scans.staging import OutputError
+    from verbalize import template_error_message
 
-    out_root = Path(args.out)
-    started = time.perf_counter()
     if args.demo:
         from agent.demo import prepare_demo  # the demo borrows the benchmark's part and defect makers
 
@@ -152,7 +209,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     config = InspectionConfig(verify=args.verify, max_verify_fraction=args.max_verify_fraction, guidance=args.guidance,
                               templates=args.templates, seed=args.seed,
                               budget=AgentBudget(max_turns=args.max_turns, max_tool_calls=args.max_tool_calls,
-                                                 max_context_tokens=args.context_window))
+                                                 max_context_tokens=args.context_window,
+                                                 max_seconds=args.max_seconds))
     if fitted is None:
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
@@ -177,6 +235,17 @@ def run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
             status = EXIT_BAD_INPUT
             continue
+        except OutputError as exc:  # checked before the scan is scored; the other scans go on
+            console.print(f"[red]bad output:[/red] {path}: {escape(str(exc))}")
+            status = EXIT_BAD_INPUT
+            continue
+        except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
+            console.print(f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}")
+            return EXIT_BAD_INPUT
+        except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
+            console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
+            status = EXIT_BAD_INPUT
+            continue
         print_summary(inspection, str(path), console)
         console.print(f"  outputs: {out_dir}")
         if args.demo:
@@ -199,15 +268,28 @@ def _print_demo_check(inspection, path: Path, console: Console) -> None:
     console.print(f"  [{colour}]{check.summary()}[/{colour}]")
 
 
+def run_redactor(args: argparse.Namespace) -> Redactor:
+    """The run's secrets: credential-looking environment values and --backend-kwargs values (api_key, headers)."""
+    try:
+        given = secrets_in(backend_kwargs(args))
+    except (ValueError, TypeError):  # bad JSON is reported by run(); it holds no usable secret to look for
+        given = []
+    return Redactor.for_run(given)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(soft_wrap=True)  # paths in messages stay whole (copyable, greppable)
+    redact = run_redactor(args)
+    # everything the run prints or logs passes the redactor (a server's error may echo the key it was sent);
+    # paths in messages stay whole (soft wrap: copyable, greppable)
+    console = Console(soft_wrap=True, file=RedactedStream(sys.stdout, redact.text))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return run(args, console)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
-        return 130
+    with redacted_logging(redact):
+        try:
+            return run(args, console)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            return 130
 
 
 if __name__ == "__main__":

@@ -2,33 +2,22 @@
 
 Why: an agent's answer is only as trustworthy as the trail that produced it; a transcript lets a reader replay what the
 model saw and said, and lets tests check that real tokens were generated. Secrets never reach the file: every string is
-scrubbed of the values of environment variables whose names look like credentials (and of any extra secrets given), and
-keys whose names look like credentials are dropped entirely.
+scrubbed of the values of environment variables whose names look like credentials and of the extra secrets given (the
+backend's key), and keys whose names look like credentials are dropped entirely (agent.secrets).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TextIO
 
-# Environment variables whose values are credentials (OPENAI_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...).
-SECRET_ENV = re.compile(r"(API_?KEY|ACCESS_?KEY|SECRET|PASSWORD|PASSWD|(^|_)TOKEN$)", re.IGNORECASE)
-# Record fields dropped outright (but not e.g. "prompt_tokens").
-SECRET_FIELD = re.compile(r"^(api_?key|authorization|password|secret|token|access_token|bearer)$", re.IGNORECASE)
-REDACTED = "[redacted]"
-MIN_SECRET_LEN = 6  # shorter values (e.g. "1") would redact ordinary text
+from agent.secrets import REDACTED, SECRET_ENV, SECRET_FIELD, Redactor, secrets_from_env
 
-
-def secrets_from_env(environ: dict[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose names look like credentials (OPENAI_API_KEY, HF_TOKEN, ...)."""
-    env = os.environ if environ is None else environ
-    return [v for k, v in env.items() if SECRET_ENV.search(k) and len(v) >= MIN_SECRET_LEN]
+__all__ = ["REDACTED", "SECRET_ENV", "SECRET_FIELD", "Transcript", "read_transcript", "secrets_from_env"]
 
 
 class Transcript:
@@ -37,24 +26,12 @@ class Transcript:
     def __init__(self, path: str | Path | None = None, *, extra_secrets: Iterable[str] = ()):
         self.path = Path(path) if path is not None else None
         self.events: list[dict[str, Any]] = []
-        self._secrets = sorted({s for s in [*secrets_from_env(), *extra_secrets] if len(s) >= MIN_SECRET_LEN},
-                               key=len, reverse=True)
+        self._scrub = Redactor.for_run(extra_secrets, drop_secret_fields=True)
         self._start = time.perf_counter()
         self._file: TextIO | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("w", encoding="utf-8")
-
-    def _scrub(self, value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in self._secrets:
-                value = value.replace(secret, REDACTED)
-            return value
-        if isinstance(value, dict):
-            return {k: (REDACTED if SECRET_FIELD.search(str(k)) else self._scrub(v)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self._scrub(v) for v in value]
-        return value
 
     def log(self, event: str, **fields: Any) -> dict[str, Any]:
         """Record one event; returns the record as written (after redaction)."""

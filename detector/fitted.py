@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +40,7 @@ from detector.pointmae import (
     save_backbone,
 )
 from detector.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
+from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
 
 DETECTOR_VERSION = 1
 # Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread, because
@@ -54,6 +53,7 @@ INFERENCE_THREADS = 1
 TRAIN_THREADS = 1
 FORMAT_NAME = "scanagent-fitted-class"
 META_FILE = "fitted.json"
+FIT_KIND = "fitted class"  # the output marker's kind (scans.staging)
 FeatureKind = Literal["pointmae", "fpfh"]
 ProgressFn = Callable[[str, int, int], None]
 
@@ -73,6 +73,25 @@ def torch_threads(count: int) -> Iterator[None]:
 
 class FitError(ValueError):
     """A class cannot be fitted or loaded; the message names the folder or input and the problem."""
+
+
+def _is_unmarked_fit(folder: Path) -> bool:
+    """A fit saved before output markers existed: its metadata file names the format."""
+    return (folder / META_FILE).is_file()
+
+
+def check_save_target(directory: str | os.PathLike) -> None:
+    """FitError unless `FittedClass.save(directory)` can write there, as far as can be told before fitting: the
+    folder beside which the fit is staged can be written, and `directory` is absent, empty or a fit."""
+    target = Path(directory)
+    try:
+        check_writable(target.parent, "folder to hold the fit")
+    except OutputError as exc:
+        raise FitError(f"{target}: cannot be written: {exc}") from None
+    try:
+        check_replaceable(target, FIT_KIND, also_ours=_is_unmarked_fit)
+    except OutputError as exc:
+        raise FitError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -319,38 +338,27 @@ class FittedClass:
     # ------------------------------------------------------------------------------------------- save/load
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the fit as one folder: written beside the target, then renamed, so a reader sees the old fit or the
-        new one, never a half-written folder (an old fit at the same place is replaced)."""
+        new one, never a half-written folder. Only a fit (or an empty folder) at the same place is replaced; any
+        other folder is refused (FitError), since it may hold the user's files."""
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        old = None
         try:
-            if self.backbone is not None:
-                save_backbone(self.backbone, tmp / "backbone")
-            self.bank.save(tmp / "bank")
-            np.save(tmp / "mean_feature.npy", self.mean_feature, allow_pickle=False)
-            if self.coord_bank is not None:
-                np.save(tmp / "coord_points.npy", self.coord_bank.points, allow_pickle=False)
-                np.save(tmp / "coord_source.npy", self.coord_bank.source, allow_pickle=False)
-            meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
-                    "score_norms": self.score_norms,
-                    "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
-                    "info": self.info}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if target.exists():
-                if not (target / META_FILE).is_file() and any(target.iterdir()):
-                    raise FitError(f"{target}: exists and is not a fitted class folder; refusing to overwrite it")
-                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                os.replace(target, old / "fit")
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not target.exists():
-                os.replace(old / "fit", target)  # put the previous fit back
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            with staged_dir(target, FIT_KIND, also_ours=_is_unmarked_fit) as tmp:
+                if self.backbone is not None:
+                    save_backbone(self.backbone, tmp / "backbone")
+                self.bank.save(tmp / "bank")
+                np.save(tmp / "mean_feature.npy", self.mean_feature, allow_pickle=False)
+                if self.coord_bank is not None:
+                    np.save(tmp / "coord_points.npy", self.coord_bank.points, allow_pickle=False)
+                    np.save(tmp / "coord_source.npy", self.coord_bank.source, allow_pickle=False)
+                meta = {"format": FORMAT_NAME, "version": DETECTOR_VERSION, "config": self.config.to_dict(),
+                        "score_norms": self.score_norms,
+                        "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
+                        "info": self.info}
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        except OutputError as exc:
+            raise FitError(str(exc)) from None
+        except OSError as exc:  # e.g. the disk filled up while writing: nothing was put in place
+            raise FitError(f"{target}: the fit could not be written ({exc.strerror or exc})") from None
         return target
 
     @classmethod
@@ -566,8 +574,8 @@ def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,
                         seed: int) -> tuple[list[np.ndarray], list[float]]:
     """(the scans aligned onto the first, fitness of scans 2.. onto it). The reference is the first scan at the
     coordinate bank's voxel: the same points the bank keeps for template 0 (FittedClass.reference)."""
-    from scans.geometry import voxel_downsample
     from detector.registration import COORD_VOXEL_SHARE
+    from scans.geometry import voxel_downsample
 
     first = scans[0]
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)

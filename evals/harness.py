@@ -34,9 +34,10 @@ from typing import Any, Literal, Self
 import numpy as np
 
 from agent.pipeline import InspectionConfig
-from scans.datasets import Dataset, Sample, open_dataset
+from agent.secrets import Redactor, secrets_in
 from detector.fitted import DetectorConfig
 from detector.pointmae import PointMAEConfig
+from scans.datasets import Dataset, Sample, open_dataset
 
 METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
 DEFAULT_METHODS = ("pointmae-bank", "btf", "recon", "random")  # oracle-regions is a diagnostic: asked for by name
@@ -459,7 +460,7 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, points: np.nd
         inspection = inspect_scan(points, fitted, backend, config=ctx.inspection, transcript_path=transcript,
                                   analysis=analysis, use_fallback=ctx.fallback)
     except Exception as exc:  # noqa: BLE001 -- a failing backend is a result, not a crash
-        row.update(status="failed", reason=_failure(exc))
+        row.update(status="failed", reason=Redactor.for_run(secrets_in(spec.kwargs)).text(_failure(exc)))
         return ScanResult(row)
     outcome = inspection.outcome
     flagged = [np.asarray(r, dtype=np.int64) for r in inspection.flagged_regions()]
@@ -716,6 +717,7 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "command": config.command,
         "init_backbone": None if config.init_backbone is None else str(config.init_backbone),
     }
+    meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
     tmp = out / f".{RUN_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
     os.replace(tmp, out / RUN_FILE)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent.run import context_window_arg
+from agent.run import DEFAULT_MAX_SECONDS, context_window_arg, seconds_arg
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-window", type=context_window_arg,
                    help="the LLM's context window in tokens (e.g. a llama.cpp server's "
                    "--n_ctx): agents are asked to report before a request would not fit")
+    p.add_argument("--max-seconds", type=seconds_arg, default=DEFAULT_MAX_SECONDS,
+                   help="a backend's wall time per scan, every request and retry included; past it the policy "
+                   "finishes the scan (or, with --no-fallback, the scan fails) and the result says why "
+                   "(default %(default)g)")
     p.add_argument("--no-fallback", action="store_true",
                    help="record a backend failure as failed instead of letting the policy finish the scan")
     p.add_argument("--no-transcripts", action="store_true", help="do not write per-scan agent transcripts")
@@ -69,6 +73,7 @@ def make_config(args: argparse.Namespace):
     """The HarnessConfig for parsed arguments (raises HarnessError/ValueError on bad combinations)."""
     from agent.loop import AgentBudget
     from agent.pipeline import InspectionConfig
+    from detector.fitted import DetectorConfig
     from evals.harness import (
         DEFAULT_METHODS,
         HarnessConfig,
@@ -77,7 +82,6 @@ def make_config(args: argparse.Namespace):
         parse_backend,
         quick_detector_config,
     )
-    from detector.fitted import DetectorConfig
 
     out = Path(args.out)
     if args.quick:
@@ -106,7 +110,8 @@ def make_config(args: argparse.Namespace):
         data=data, out=out, classes=tuple(args.classes) if args.classes else None, methods=tuple(methods),
         backends=backends, limit=args.limit, detector=detector, init_backbone=args.init,
         inspection=InspectionConfig(max_verify_fraction=args.max_verify_fraction, seed=args.seed,
-                                    budget=AgentBudget(max_context_tokens=args.context_window)),
+                                    budget=AgentBudget(max_context_tokens=args.context_window,
+                                                       max_seconds=args.max_seconds)),
         executor=args.executor, ray_address=args.ray_address, price_prompt=args.price_per_1k_prompt,
         price_completion=args.price_per_1k_completion, fallback=not args.no_fallback,
         transcripts=not args.no_transcripts, seed=args.seed,
@@ -119,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from scans.datasets import DatasetError
-    from evals.harness import HarnessError, run_harness
     from detector.fitted import FitError
+    from evals.harness import HarnessError, run_harness
+    from scans.datasets import DatasetError
 
     try:
         config = make_config(args)

@@ -16,6 +16,7 @@ ScriptStep = LLMReply | BaseException | Callable[[list[dict], list[dict]], LLMRe
 
 class ScriptedBackend:
     name = "scripted"
+    uses_guidance = False  # it replays its script
 
     def __init__(self, steps: Sequence[ScriptStep], *, repeat_last: bool = False):
         if not steps:

@@ -82,8 +82,16 @@ class FakeOpenAIServer:
 ERROR = {"error": {"message": "slow down", "type": "rate_limit"}}
 
 
-def openai_backend(url: str, sleeps: list[float], **kwargs):
-    return get_backend("openai", base_url=url, backoff_base=0.001, sleep=sleeps.append, timeout=5, **kwargs)
+def openai_backend(url: str, **kwargs):
+    return get_backend("openai", base_url=url, backoff_base=0.001, timeout=5, **kwargs)
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The waits of the openai SDK's retry loop (it sleeps through time.sleep), recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr("openai._base_client.time.sleep", waits.append)
+    return waits
 
 
 # ---- registry -----------------------------------------------------------------------------------------------------
@@ -103,33 +111,31 @@ def test_backends_do_not_import_heavy_packages_at_module_level():
 
 
 # ---- openai -------------------------------------------------------------------------------------------------------
-def test_openai_retries_429_and_5xx_with_exponential_backoff(monkeypatch):
+def test_openai_retries_429_and_5xx_with_exponential_backoff(monkeypatch, sleeps):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    sleeps: list[float] = []
     with FakeOpenAIServer([(429, ERROR), (503, ERROR), (502, ERROR), (200, completion())]) as server:
-        backend = openai_backend(server.url, sleeps)
+        backend = openai_backend(server.url)
         reply = backend.chat(MESSAGES, TOOLS)
     assert backend.model == "fake-model"  # picked from /v1/models
     assert reply.tool_calls == [ToolCall(id="call_1", name="list_patches", arguments='{"top_k": 3}')]
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (12, 7)
     assert sleeps == pytest.approx([0.001, 0.002, 0.004])
-    assert len(server.requests) == 4
+    assert len(server.requests) == 4 and backend.attempts == 5  # the probe's GET and four POSTs
     sent = server.requests[-1]
     assert sent["tools"] == TOOLS and sent["messages"] == MESSAGES
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "list_patches"}}  # the only tool
 
 
-def test_openai_retries_are_bounded_and_client_errors_not_retried(monkeypatch):
+def test_openai_retries_are_bounded_and_client_errors_not_retried(monkeypatch, sleeps):
     import openai
 
-    sleeps: list[float] = []
     with FakeOpenAIServer([(500, ERROR)] * 10) as server:
-        backend = openai_backend(server.url, sleeps, max_retries=2)
+        backend = openai_backend(server.url, max_retries=2)
         with pytest.raises(openai.InternalServerError):
             backend.chat(MESSAGES, TOOLS)
         assert len(server.requests) == 3 and len(sleeps) == 2
     with FakeOpenAIServer([(400, {"error": {"message": "bad request"}}), (200, completion())]) as server:
-        backend = openai_backend(server.url, sleeps)
+        backend = openai_backend(server.url)
         with pytest.raises(openai.BadRequestError):
             backend.chat(MESSAGES, TOOLS)
         assert len(server.requests) == 1
@@ -153,7 +159,7 @@ def test_openai_key_is_sent_but_never_shown(monkeypatch):
     secret = "sk-test-secret-value-123456"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     with FakeOpenAIServer([(200, completion())]) as server:
-        backend = openai_backend(server.url, [])
+        backend = openai_backend(server.url)
         backend.chat(MESSAGES, TOOLS)
     assert server.auth_headers == [f"Bearer {secret}"]
     assert secret not in repr(backend) and secret not in str(vars(backend).get("base_url"))
@@ -167,7 +173,7 @@ def test_openai_backend_drives_the_loop(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     script = [(200, completion("list_patches", '{"top_k": 4}')), (200, completion("report_suspects", VALID_REPORT))]
     with FakeOpenAIServer(script) as server:
-        outcome = run_agent(openai_backend(server.url, []), FakeToolBox(), TASK, fallback=PolicyBackend())
+        outcome = run_agent(openai_backend(server.url), FakeToolBox(), TASK, fallback=PolicyBackend())
     assert not outcome.fallback_used and outcome.regions[0]["patch_ids"] == [1, 3]
     second = server.requests[1]["messages"]
     assert second[-2]["tool_calls"][0]["function"]["name"] == "list_patches"
@@ -183,7 +189,7 @@ def test_openai_names_the_tool_when_only_one_is_offered(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     tools = FakeToolBox().openai_schemas()
     with FakeOpenAIServer([(200, completion()), (200, completion())]) as server:
-        backend = openai_backend(server.url, [])
+        backend = openai_backend(server.url)
         backend.chat([{"role": "user", "content": "go"}], tools)
         backend.chat([{"role": "user", "content": "go"}], [t for t in tools if t["function"]["name"] == "report_suspects"])
     assert server.requests[0]["tool_choice"] == "auto"

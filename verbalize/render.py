@@ -1,8 +1,8 @@
 """Render prompts from the jinja2 templates in prompts/, within a token budget.
 
 The templates are data: a user can copy any of them into a directory of their own and pass it as `templates=`; a file
-there overrides the packaged one of the same name. Numbers are formatted here (fixed decimals, no "-0.00") so the text
-is byte-identical for identical input.
+there overrides the packaged one of the same name, and every template renders in jinja's sandbox. Numbers are
+formatted here (fixed decimals, no "-0.00") so the text is byte-identical for identical input.
 
 Only arrays reach these functions (a PatchTable, plain dicts), never a scan file's header or comments, so text hidden in
 a file cannot end up in a prompt. The one piece of free text is the user's guidance, which is placed in its own section
@@ -20,12 +20,15 @@ import functools
 import json
 import math
 import re
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import numpy as np
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
 from prompts import template_dir
 from scans.patches import PatchTable
@@ -55,8 +58,9 @@ def estimate_tokens(text: str) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _environment(user_dir: str | None) -> jinja2.Environment:
+    # sandboxed: a user's template folder is data, and must not reach Python internals through attribute access
     search = [str(template_dir())] if user_dir is None else [user_dir, str(template_dir())]
-    return jinja2.Environment(
+    return SandboxedEnvironment(
         loader=jinja2.FileSystemLoader(search),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -74,6 +78,35 @@ def environment(templates: str | Path | None = None) -> jinja2.Environment:
     if not path.is_dir():
         raise ValueError(f"{templates}: template override directory does not exist or is not a directory")
     return _environment(str(path))
+
+
+class TemplateFolderError(ValueError):
+    """A user template folder that cannot be used; the message names the folder or file and the problem."""
+
+
+def check_templates(templates: str | Path) -> None:
+    """Compile every `.j2` file of a user template folder, so a missing folder or a syntax error is reported before
+    any scan is analysed (rendering would otherwise fail only once the first prompt is built)."""
+    try:
+        env = environment(templates)
+    except ValueError as exc:
+        raise TemplateFolderError(str(exc)) from None
+    folder = Path(templates)
+    for file in sorted(folder.glob("*.j2")):
+        try:
+            env.get_template(file.name)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateFolderError(f"{file}:{exc.lineno}: template syntax error: {exc.message}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateFolderError(f"{file}: cannot be read as a UTF-8 template ({exc})") from None
+
+
+def template_error_message(exc: jinja2.TemplateError, templates: str | Path | None) -> str:
+    """What went wrong while rendering, naming the template file (jinja puts it in the traceback) when it can."""
+    files = [frame.filename for frame in traceback.extract_tb(exc.__traceback__) if frame.filename.endswith(".j2")]
+    where = files[-1] if files else str(templates or template_dir())
+    kind = "unsafe template (blocked by the sandbox)" if isinstance(exc, SecurityError) else "template error"
+    return f"{where}: {kind}: {type(exc).__name__}: {exc}"
 
 
 def _fmt(value: float, decimals: int) -> str:

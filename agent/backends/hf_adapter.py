@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,9 @@ def prefix_forward(model: Any, torch: Any, virtual: Any) -> Any:
     from transformers import DynamicCache
 
     def forward(decoder: Any, new_ids: list[int]) -> Any:
+        deadline = getattr(decoder, "deadline", None)  # the loop's time budget, as the plain decoder keeps it
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("hf backend: generation stopped at the call's time limit")
         if decoder.cache is None:
             inner = DynamicCache()
             with torch.no_grad():

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shutil
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,9 @@ def _crop(cache: Any, length: int) -> None:
 class _Decoder:
     """Greedy/scoring decoder over one growing text, reusing the KV cache for the common token prefix."""
 
-    def __init__(self, model: Any, tokenizer: Any, torch: Any):
+    def __init__(self, model: Any, tokenizer: Any, torch: Any, deadline: float | None = None):
         self.model, self.tok, self.torch = model, tokenizer, torch
+        self.deadline = deadline  # time.monotonic() after which no forward pass starts (the loop's time budget)
         self.text = ""
         self.ids: list[int] = []
         self.cache: Any = None
@@ -100,6 +102,8 @@ class _Decoder:
 
     def _forward(self, new_ids: list[int]) -> Any:
         """Run `new_ids` after the cached prefix; returns logits (len(new_ids), vocab)."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError("hf backend: generation stopped at the call's time limit")
         from transformers import DynamicCache
 
         if self.cache is None:
@@ -193,6 +197,8 @@ class _Decoder:
 
 class HFBackend:
     name = "hf"
+    uses_guidance = True  # the guidance is part of the prompt the model reads
+    accepts_seconds_left = True  # chat(..., seconds_left=) stops generating by then (the loop's time budget)
 
     def __init__(self, model: str | None = None, *, gguf_file: str | None = None, constrained: bool = True,
                  max_new_tokens: int = 160, max_items: int = 3, max_string_tokens: int = 24,
@@ -466,9 +472,12 @@ class HFBackend:
         dec.extend("}")
 
     # -- the Backend interface ----------------------------------------------------------------------------------------
-    def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
+    def chat(self, messages: list[dict], tools: list[dict], *, seconds_left: float | None = None) -> LLMReply:
+        """One reply; with `seconds_left` no forward pass starts after that many seconds (TimeoutError), so a call
+        the loop gave up on stops computing instead of competing with the fallback."""
+        deadline = None if seconds_left is None else time.monotonic() + seconds_left
         prompt = self._prompt(messages, tools)
-        dec = _Decoder(self.model, self.tokenizer, self.torch)
+        dec = _Decoder(self.model, self.tokenizer, self.torch, deadline)
         if self._forward_override is not None:  # prompt tuning: virtual tokens at the start of every cache
             dec._forward = types.MethodType(self._forward_override, dec)  # type: ignore[method-assign]
         dec.set_text(prompt)

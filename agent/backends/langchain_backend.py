@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, llama_cpp_compatible, sole_tool
+from agent.secrets import secrets_in
 
 
 def load_chat_model(spec: str, kwargs: dict[str, Any]) -> Any:
@@ -81,6 +82,7 @@ def from_langchain(message: Any) -> LLMReply:
 
 class LangChainBackend:
     name = "langchain"
+    uses_guidance = True  # the guidance is part of the prompt the model reads
 
     def __init__(self, chat_model: str | Any = "langchain_openai:ChatOpenAI", *, tool_choice: str | None = "auto",
                  llama_cpp_compat: bool = False, context_window: int | None = None, **model_kwargs: Any):
@@ -91,6 +93,7 @@ class LangChainBackend:
         except ImportError as err:
             raise BackendUnavailable(f"langchain backend needs the langchain extra (pip install 'scanagent[langchain]'): "
                                       f"{err}") from err
+        self.secrets = tuple(secrets_in(model_kwargs))  # e.g. api_key=...: scrubbed from everything the run writes
         self.chat_model = load_chat_model(chat_model, model_kwargs) if isinstance(chat_model, str) else chat_model
         self.tool_choice = tool_choice
         self.llama_cpp_compat = llama_cpp_compat  # see base.llama_cpp_compatible

@@ -132,6 +132,7 @@ def _ints_under(value: Any, keys: tuple[str, ...]) -> list[int]:
 class PolicyBackend:
     name = "policy"
     tokenizes = False  # it reads tool results as JSON: no context window, no overview cut for one
+    uses_guidance = False  # it ranks patches by their statistics: the user's guidance is text it does not read
 
     def __init__(self, target_share: float = 0.15, top_k: int = 16, inspect_top: int = 2, describe_top: int = 4,
                  max_regions: int = 8, radius: float | None = None):

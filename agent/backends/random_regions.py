@@ -26,6 +26,7 @@ LISTING_ROWS = 50  # the most list_patches returns: the more rows, the better th
 class RandomRegionsBackend:
     name = "random-regions"
     tokenizes = False  # reads the conversation as data: no context window applies
+    uses_guidance = False  # it picks patches at random
 
     def __init__(self, seed: int = 0, target_share: float | None = None, max_regions: int | None = None):
         policy = PolicyBackend()  # same budget as the policy unless told otherwise
