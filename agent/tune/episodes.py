@@ -47,7 +47,7 @@ class EpisodeConfig:
     normal_share: float = 0.25          # of those scans, this share is normal
     test_share: float = 0.3             # the last this share of each part's scans are test episodes
     guided_per_scan: int = 1            # extra guided episodes per scan (same analysis, other overview)
-    overview_tokens: int = 800          # the overview's token budget (a compact one for small models)
+    overview_tokens: int = 1200         # the overview's token budget (compact, for small models: 12 patches)
     patch_label_share: float = 0.2      # a patch is a defect patch when this share of its points is labelled
     max_target_ids: int = 3             # patch ids per target region (the hf decoder writes at most max_items)
     register: bool = False
