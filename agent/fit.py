@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agent.quiet import quiet_third_party
+
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_MESH_POINTS = 30000
 ProgressFn = Callable[[str, int, int], None]
@@ -229,8 +231,17 @@ def fit_from_options(options: FitOptions, progress: ProgressFn | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
+FIT_EPILOG = """examples:
+  scanagent fit --train my_parts/normal/ --out banks/bracket
+  scanagent fit --data anomaly-shapenet:dev-bench --cls flange --out banks/flange --register
+  (`python -m agent.fit ...` is the same command)
+
+exit codes: 0 ok, 2 bad input (unreadable or too few scans, bad dataset spec or class, bad option)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.fit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agent.fit", description=__doc__.split("\n\n")[0], epilog=FIT_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("training scans (one of)")
     src.add_argument("--train", type=Path, help="folder of normal scans of one class")
     src.add_argument("--data", help="dataset as <layout>:<root> (anomaly-shapenet, real3d-ad, mvtec3d, folder)")
@@ -274,6 +285,12 @@ def summary_table(report: FitReport) -> Table:
     if report.thresholds:
         table.add_row("normal patch p95 / max", f"{report.thresholds['patch_p95']:.4g} / "
                                                 f"{report.thresholds['patch_max']:.4g}")
+    if "object_threshold" in report.thresholds:
+        table.add_row("object threshold", f"{report.thresholds['object_threshold']:.4g} (normal object scores "
+                      f"max {report.thresholds['object_normal_max']:.4g}, leave-one-template-out: a scan above "
+                      "it is called defective)")
+    else:
+        table.add_row("object threshold", "none (needs two or more training scans): runs give no verdict")
     table.add_row("written", str(report.out))
     return table
 
@@ -281,6 +298,7 @@ def summary_table(report: FitReport) -> Table:
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console(stderr=False)
     args = build_parser().parse_args(argv)
+    quiet_third_party()
     options = FitOptions(out=args.out, data=args.data, cls=args.cls, train=args.train, feature=args.feature,
                          steps=args.steps, coreset_ratio=args.coreset_ratio, seed=args.seed, init=args.init,
                          preset=args.preset, mesh_points=args.mesh_points, register=args.register)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from agent.backends.base import Backend, LLMReply, ToolCall, Usage
 from agent.transcript import Transcript
+from scans import strict_json
 
 TERMINAL_TOOL = "report_suspects"
 FINISH_PROMPT = ("The conversation is about to exceed the model's context window. Call report_suspects now, with the "
@@ -112,7 +113,8 @@ def _default_render() -> Callable[[str, dict], str]:
     try:
         from verbalize.render import render_tool_result
     except ImportError:  # verbalize.render not present (minimal installs): compact JSON, the documented default
-        return lambda name, data: json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+        return lambda name, data: strict_json.dumps(data, missing_as_null=True, separators=(",", ":"),
+                                              ensure_ascii=False, default=str)
     return render_tool_result
 
 

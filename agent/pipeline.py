@@ -18,11 +18,14 @@ import jinja2
 import numpy as np
 
 from agent.backends import Backend, get_backend
+from agent.explain import region_explanation, scan_summary
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
 from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
+from detector.calibration import verdict_of
 from detector.fitted import FittedClass, ScanAnalysis
+from scans.outliers import robust_radius_mean
 from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
@@ -76,13 +79,19 @@ class Inspection:
         """The `report.json` document (the contract other tools read)."""
         v, o = self.verification, self.outcome
         regions = []
-        for verdict, members in zip(v.regions, self.flagged_regions()):
-            entry = verdict.to_dict()
+        for number, (verdict, members) in enumerate(zip(v.regions, self.flagged_regions()), start=1):
+            entry = {"id": number, **verdict.to_dict()}  # the number regions.png and viewer.html show
             if members.size:  # where to look, in the scan's own coordinates
                 entry["center"] = [round(float(c), 6) for c in self.points[members].mean(axis=0)]
+            entry["explanation"] = region_explanation(entry, self.table, v.mode)
             regions.append(entry)
+        verdict = verdict_of(v.object_score, v.object_threshold)
         return {
             "object_score": float(v.object_score),
+            "verdict": verdict,
+            "threshold": None if v.object_threshold is None else round(float(v.object_threshold), 6),
+            "summary": scan_summary(verdict, float(v.object_score), v.object_threshold, regions, v.mode,
+                                    self.registration),
             "verified_fraction": round(v.verified_fraction, 6),
             "verify_mode": self.verify_mode,
             "mode": v.mode,
@@ -112,10 +121,11 @@ class ClassMismatch(ValueError):
 SCALE_TOLERANCE = 3.0  # a scan whose size is off by more than this factor is another part or other units
 
 
-def scan_radius(points: np.ndarray) -> float:
-    """Mean distance of a point to the centroid: the same size measure as the class scale (tools.pointmae)."""
-    pts = np.asarray(points, dtype=np.float64)
-    return float(np.linalg.norm(pts - pts.mean(axis=0), axis=1).mean())
+def scan_radius(points: np.ndarray, seed: int = 0) -> float:
+    """Mean distance of a point to the centroid, the same size measure as the class scale (detector.pointmae),
+    but robust: measured on a bounded sample without the points far outside the part (scans.outliers), so
+    that a few stray returns cannot make a part look like another class."""
+    return robust_radius_mean(points, seed)
 
 
 def check_scan_fits_class(points: np.ndarray, fitted: FittedClass, source: str, bank_dir: str = "the bank") -> None:

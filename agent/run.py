@@ -1,7 +1,8 @@
 """`python -m agent.run scan.ply [more scans | a folder] [--bank DIR] [--backend ...] [--out DIR]`.
 
-Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report). The model
-and the bank load once for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
+Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report); a run over a
+folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model and the bank load once
+for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
 3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline, no key.
 """
 
@@ -18,6 +19,8 @@ import jinja2
 from rich.console import Console
 from rich.markup import escape
 
+from agent.quiet import quiet_third_party
+from agent.sampled import MAX_ANALYSIS_POINTS
 from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
@@ -58,8 +61,20 @@ def _positive(text: str) -> int:
     return value
 
 
+EPILOG = """examples:
+  scanagent run scans/part_017.ply --bank banks/bracket --out runs/     # one scan, policy agent
+  scanagent run scans/ --bank banks/bracket                             # a folder: summary.csv/.json in --out
+  scanagent run scan.ply --bank banks/bracket --backend hf -v           # local SmolLM2, with its progress bars
+  scanagent run --demo                                                  # offline demo, no key
+  (`python -m agent.run ...` is the same command)
+
+exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags), 3 backend unavailable, 130 interrupted
+environment: SCANAGENT_CACHE (default ~/.cache/scanagent) holds the hf backend's dequantised model copy"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agent.run", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scans", nargs="*", help="scan files or folders of scans")
     p.add_argument("--bank", help="fitted class folder from `python -m agent.fit` (omit for the zero-shot mode)")
     p.add_argument("--backend", default="policy", choices=["policy", "hf", "openai", "langchain"])
@@ -72,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="suspects: the bank scores only the agent's regions; all: every point (full-bank baseline)")
     p.add_argument("--max-verify-fraction", type=float, default=0.2, help="share of points the bank may score")
     p.add_argument("--templates", help="folder of .j2 templates overriding prompts/ by file name")
-    p.add_argument("--max-turns", type=_positive, default=8)
-    p.add_argument("--max-tool-calls", type=_positive, default=16)
+    p.add_argument("--max-turns", type=_positive, default=8,
+                   help="most model replies per scan before the agent must report (default 8)")
+    p.add_argument("--max-tool-calls", type=_positive, default=16,
+                   help="most tool calls per scan, over all turns (default 16)")
     p.add_argument("--context-window", type=context_window_arg,
                    help="the LLM's context window in tokens (e.g. a llama.cpp server's "
                    "--n_ctx): the agent is asked to report before a request would not fit")
@@ -82,9 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "finishes the scan and the report says so (default %(default)g)")
     p.add_argument("--out", default="runs", help="output root; one folder per scan")
     p.add_argument("--mesh-points", type=int, default=30000, help="points sampled from mesh inputs")
+    p.add_argument("--max-analysis-points", type=_positive, default=MAX_ANALYSIS_POINTS,
+                   help="larger scans are analysed on a seeded sample of this many points; every input point "
+                        "still gets a score (its nearest analysed point's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-render", action="store_true", help="skip the PNG render")
+    p.add_argument("--no-render", action="store_true", help="skip the pictures (regions.png and viewer.html)")
     p.add_argument("--demo", action="store_true", help="build, fit and inspect a demo part with a defect")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show third-party progress bars and warnings, and every scan's regions table")
     return p
 
 
@@ -168,6 +190,8 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
     from agent.loop import AgentBudget
     from agent.pipeline import ClassMismatch, InspectionConfig, check_scan_fits_class, inspect_scan
     from agent.report import print_summary, staged_dir, write_outputs
+    from agent.sampled import analysis_rows
+    from agent.summary import ScanRow, print_run_summary, write_run_summary
     from detector.fitted import FitError, FittedClass
     from detector.registration import RegistrationError
     from scans.io import MIN_POINTS, ScanError, read_scan
@@ -215,7 +239,9 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
         console.print("[yellow]no --bank: zero-shot mode[/yellow] (suspects compared with the scan's own far patches)")
     # the detector patches the scan into groups: fewer points than a few groups is not a scan it can judge
     min_points = max(MIN_POINTS, 4 * fitted.config.backbone.group_size) if fitted is not None else MIN_POINTS
-    status, taken = EXIT_OK, set()
+    status, taken, written = EXIT_OK, set(), 0
+    rows: list[ScanRow] = []
+    several = len(scans) > 1
     for path in scans:
         try:
             scan = read_scan(path, mesh_points=args.mesh_points, min_points=min_points, seed=args.seed)
@@ -223,20 +249,27 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
                 check_scan_fits_class(scan.points, fitted, str(path), bank_dir=str(args.bank))
         except (ScanError, ClassMismatch) as exc:
             console.print(f"[red]bad scan:[/red] {exc}")
+            rows.append(ScanRow.failed(str(path), str(exc)))
             status = EXIT_BAD_INPUT
             continue
         out_dir = _unique_dir(out_root, path.stem, taken)
         try:
             with staged_dir(out_dir) as staging:
-                inspection = inspect_scan(scan.points, fitted, backend, config=config,
-                                          transcript_path=staging / "transcript.jsonl")
-                write_outputs(inspection, staging, source=str(path), render=not args.no_render)
+                analysed = analysis_rows(len(scan.points), args.max_analysis_points, seed=args.seed)
+                if analysed is not None:
+                    console.print(f"  {path}: {len(scan.points)} points; analysing a sample of {len(analysed)}")
+                inspection = inspect_scan(scan.points if analysed is None else scan.points[analysed], fitted, backend,
+                                          config=config, transcript_path=staging / "transcript.jsonl")
+                write_outputs(inspection, staging, source=str(path), render=not args.no_render, scan=scan,
+                              analysed_rows=analysed, seed=args.seed)
         except RegistrationError as exc:  # a registered class cannot align this scan: nothing is written for it
             console.print(f"[red]bad scan:[/red] {path}: {exc}")
+            rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
         except OutputError as exc:  # checked before the scan is scored; the other scans go on
             console.print(f"[red]bad output:[/red] {path}: {escape(str(exc))}")
+            rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
         except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
@@ -244,12 +277,25 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
             return EXIT_BAD_INPUT
         except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
             console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
+            rows.append(ScanRow.failed(str(path), f"{path}: {out_dir}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
-        print_summary(inspection, str(path), console)
-        console.print(f"  outputs: {out_dir}")
+        written += 1
+        print_summary(inspection, str(path), console, regions_table=args.verbose or not several)
+        console.print(f"  outputs: {out_dir}" + ("" if args.no_render else f"  (open {out_dir / 'viewer.html'})"))
+        rows.append(ScanRow.from_report(inspection.report(), str(path), str(out_dir)))
         if args.demo:
             _print_demo_check(inspection, path, console)
+    if several:
+        print_run_summary(rows, console)
+        csv_path, json_path = write_run_summary(rows, out_root)
+        console.print(f"  summary: {csv_path}, {json_path}")
+    if written and (several or any(Path(raw).is_dir() for raw in args.scans)):
+        from agent.viewer import write_index
+
+        index = write_index(out_root)
+        console.print(f"index of every scan in {out_root}: {index}" if index else
+                      f"[yellow]no index written:[/yellow] {out_root / 'index.html'} is not scanagent's; left alone")
     if args.demo:
         console.print(f"demo done in {time.perf_counter() - started:.1f} s")
     return status
@@ -284,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     # paths in messages stay whole (soft wrap: copyable, greppable)
     console = Console(soft_wrap=True, file=RedactedStream(sys.stdout, redact.text))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_third_party(verbose=args.verbose)  # before torch/transformers/tqdm are imported
     with redacted_logging(redact):
         try:
             return run(args, console)

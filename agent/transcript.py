@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Self, TextIO
 
 from agent.secrets import REDACTED, SECRET_ENV, SECRET_FIELD, Redactor, secrets_from_env
+from scans import strict_json
 
 __all__ = ["REDACTED", "SECRET_ENV", "SECRET_FIELD", "Transcript", "read_transcript", "secrets_from_env"]
 
@@ -43,7 +44,8 @@ class Transcript:
         }
         self.events.append(record)
         if self._file is not None:
-            self._file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            line = strict_json.dumps(record, missing_as_null=True, ensure_ascii=False, default=str)
+            self._file.write(line + "\n")
             self._file.flush()
         return record
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
+from detector.calibration import OBJECT_THRESHOLD
 from detector.fitted import FittedClass, ScanAnalysis
 from scans.patches import Patches
 from verbalize.describe import robust_z, z_floor
@@ -61,6 +62,7 @@ class Verification:
     mode: str = "bank"                # "bank" | "zero-shot"
     patches_searched: int = 0
     patches_total: int = 0
+    object_threshold: float | None = None  # the class's calibrated object threshold; None: no verdict possible
 
     @property
     def verified_fraction(self) -> float:
@@ -169,7 +171,8 @@ def verify(fitted: FittedClass, analysis: ScanAnalysis, patches: Patches, region
     object_score = result.object_score if result.point_ids.size else float(scores.max(initial=0.0))
     verdicts = _verdicts(planned, scores, threshold)
     return Verification(point_scores=scores, object_score=float(object_score), verified=verified, regions=verdicts,
-                        mode="bank", patches_searched=int(result.patch_ids.size), patches_total=analysis.n_patches)
+                        mode="bank", patches_searched=int(result.patch_ids.size), patches_total=analysis.n_patches,
+                        object_threshold=fitted.thresholds.get(OBJECT_THRESHOLD))
 
 
 def verify_zero_shot(points: np.ndarray, patches: Patches, regions: list[dict], *, max_fraction: float = 0.2,

@@ -38,6 +38,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np
 
+from scans import strict_json
+
 BUDGETS = {"fit_s": 120.0, "score_s": 1.5, "peak_mb": 1536.0, "subset_ratio": 0.25}
 MESH_NOISE = 0.003  # as evals.bench for mesh sources
 SUBSET_SHARE = 0.2
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         result = worker_fit(args) if args.worker == "fit" else worker_score(args)
-        print(json.dumps(result))
+        print(strict_json.dumps(result, missing_as_null=True))
         return 0
 
     from rich.console import Console
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "subset_ratio": score["subset_ratio"] <= BUDGETS["subset_ratio"]}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(document, indent=2))
+    tmp_out.write_text(strict_json.dumps(document, missing_as_null=True, indent=2))
     os.replace(tmp_out, args.out)
     console.print(f"wrote {args.out}")
     return 0

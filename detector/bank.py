@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from detector.sampling import KCenterGreedy
+from scans import strict_json
 
 __all__ = [
     "BANK_VERSION",
@@ -341,7 +342,8 @@ class MemoryBank:
         if clash:
             raise ValueError(f"MemoryBank.save: extra metadata may not overwrite the bank's own keys {clash}")
         try:
-            meta_text = json.dumps({**self.meta, **extra}, indent=2, sort_keys=True)
+            meta_text = strict_json.dumps({**self.meta, **extra}, what=f"{directory}/{_META_FILE}", indent=2,
+                                          sort_keys=True)
         except TypeError as exc:
             raise ValueError(f"MemoryBank.save: metadata is not json-serialisable: {exc}") from exc
         folder = Path(directory)

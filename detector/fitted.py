@@ -27,6 +27,8 @@ from typing import Literal
 import numpy as np
 
 from detector.bank import MemoryBank
+from detector.calibration import loo_object_scores, object_threshold
+from detector.manifest import ManifestError, verify_manifest, write_manifest
 from detector.pointmae import (
     PatchFeatures,
     PointMAE,
@@ -40,6 +42,7 @@ from detector.pointmae import (
     save_backbone,
 )
 from detector.registration import IDENTITY, MIN_FITNESS, Alignment, CoordinateBank, align
+from scans import strict_json
 from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
 
 DETECTOR_VERSION = 1
@@ -354,7 +357,9 @@ class FittedClass:
                         "score_norms": self.score_norms,
                         "scale": self.scale, "thresholds": self.thresholds, "backbone_id": self.backbone_id(),
                         "info": self.info}
-                (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+                (tmp / META_FILE).write_text(strict_json.dumps(meta, what=str(target / META_FILE), indent=2,
+                                                               sort_keys=True))
+                write_manifest(tmp)  # last: it hashes every file written above
         except OutputError as exc:
             raise FitError(str(exc)) from None
         except OSError as exc:  # e.g. the disk filled up while writing: nothing was put in place
@@ -369,6 +374,10 @@ class FittedClass:
         meta_path = root / META_FILE
         if not meta_path.is_file():
             raise FitError(f"{root}: not a fitted class folder (no {META_FILE}); make one with `python -m agent.fit`")
+        try:
+            verify_manifest(root, required=(META_FILE, "mean_feature.npy", "bank/bank.npy", "bank/bank.json"))
+        except ManifestError as exc:
+            raise FitError(str(exc)) from None
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -389,6 +398,9 @@ class FittedClass:
                            "refit the class") from exc
         if not (np.isfinite(scale) and scale > 0):
             raise FitError(f"{root}: {META_FILE} has an invalid scale {scale!r}; refit the class")
+        bad = [k for k, v in thresholds.items() if not np.isfinite(v)]
+        if bad:
+            raise FitError(f"{root / META_FILE}: threshold {bad[0]} is not a finite number; refit the class")
         backbone = None
         if config.feature == "pointmae":
             try:
@@ -407,6 +419,9 @@ class FittedClass:
             mean_feature = np.load(root / "mean_feature.npy", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise FitError(f"{root}: {exc}") from exc
+        if not (np.issubdtype(mean_feature.dtype, np.floating) and np.isfinite(mean_feature).all()):
+            raise FitError(f"{root / 'mean_feature.npy'}: holds NaN/inf or is not a float array; refit the "
+                           "class")
         if bank.features is None or mean_feature.shape != (bank.features.shape[1],):
             raise FitError(f"{root}: mean_feature.npy has shape {mean_feature.shape}, the bank's features are "
                            f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class")
@@ -430,8 +445,9 @@ class FittedClass:
 
 # ---------------------------------------------------------------------------------------------------- fitting
 def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray,
-                      k: int = 16) -> list[np.ndarray]:
-    """Each template's patch distances to the nearest bank row from another template (normal-data calibration).
+                      k: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each template's (patch distances, nearest bank rows) among the rows from other templates (normal-data
+    calibration).
 
     Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
     exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between
@@ -447,7 +463,9 @@ def _loo_patch_scores(features: list[np.ndarray], bank: MemoryBank, bank_source:
         _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
         exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
         exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
-        out.append(exact.min(axis=1))  # inf: every candidate came from the same template, no honest estimate
+        best = exact.argmin(axis=1)
+        # inf: every candidate came from the same template, no honest estimate
+        out.append((exact[np.arange(len(feats)), best], nn[np.arange(len(feats)), best]))
     return out
 
 
@@ -549,7 +567,8 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
     if config.register:
         coord_bank = CoordinateBank.from_templates(scans, scale)
     if len(scans) > 1:
-        loo = _loo_patch_scores(per_template, bank, bank_source)
+        loo_pairs = _loo_patch_scores(per_template, bank, bank_source)
+        loo = [dist for dist, _ in loo_pairs]
         if coord_bank is not None:
             coord_loo = coord_bank.leave_one_out_patch_scores(scans, members)
             norms = _score_norms(loo, coord_loo)
@@ -559,6 +578,8 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         if normal.size:
             thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
             thresholds["patch_max"] = float(normal.max())
+        thresholds |= object_threshold(loo_object_scores(bank, _split_views(per_template, loo, loo_pairs,
+                                                                             config.bank_views)))
     timings["bank_s"] = time.perf_counter() - t0
     info = {"n_train": len(scans), "train_names": names, "n_train_points": [len(s) for s in scans],
             "n_train_patches": len(all_feats), "bank_size": len(kept), "scale": scale,
@@ -568,6 +589,18 @@ def fit_class(train_scans: list[np.ndarray], config: DetectorConfig = DetectorCo
         info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
     return FittedClass(config=config, scale=scale, bank=bank, mean_feature=mean_feature, thresholds=thresholds,
                        backbone=backbone, info=info, coord_bank=coord_bank, score_norms=norms)
+
+
+def _split_views(per_template: list[np.ndarray], loo: list[np.ndarray],
+                 loo_pairs: list[tuple[np.ndarray, np.ndarray]],
+                 n_views: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(features, leave-one-out scores, nearest feature-bank rows) of every bank view: each template's rows are its
+    views one after the other, of equal length (inference_groups patches each)."""
+    views = []
+    for feats, scores, (_, nn) in zip(per_template, loo, loo_pairs):
+        for part in np.array_split(np.arange(len(feats)), n_views):
+            views.append((feats[part], scores[part], nn[part]))
+    return views
 
 
 def _register_templates(scans: list[np.ndarray], names: list[str], scale: float,

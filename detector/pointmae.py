@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from scans import strict_json
+
 FORMAT_NAME = "scanagent-pointmae"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -372,7 +374,8 @@ def save_backbone(model: PointMAE, directory: str | os.PathLike) -> Path:
             "hash": backbone_hash(model)}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         save_file(tensors, str(Path(tmp) / WEIGHTS_FILE))
-        (Path(tmp) / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (Path(tmp) / CONFIG_FILE).write_text(strict_json.dumps(meta, what=str(out / CONFIG_FILE), indent=2,
+                                                               sort_keys=True))
         os.replace(Path(tmp) / WEIGHTS_FILE, out / WEIGHTS_FILE)
         os.replace(Path(tmp) / CONFIG_FILE, out / CONFIG_FILE)
     return out

@@ -37,6 +37,7 @@ from agent.pipeline import InspectionConfig
 from agent.secrets import Redactor, secrets_in
 from detector.fitted import DetectorConfig
 from detector.pointmae import PointMAEConfig
+from scans import strict_json
 from scans.datasets import Dataset, Sample, open_dataset
 
 METHODS = ("pointmae-bank", "btf", "recon", "random", "oracle-regions")
@@ -247,7 +248,8 @@ class ResultStore:
                 rel_regions = rel.with_name(f"{row['scan']}.regions.npy")
                 _save_npy(self.out / rel_regions, np.asarray(result.regions, dtype=np.int32))
                 row["regions_file"] = rel_regions.as_posix()
-        self._file.write(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+        line = strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=_json_default)
+        self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         return row
@@ -394,12 +396,27 @@ def run_scan(job: ScanJob, ctx: JobContext) -> Iterator[ScanResult]:
             except Exception as exc:  # noqa: BLE001 -- a method failing on one scan is recorded, not fatal
                 yield ScanResult({**row, "status": "failed", "reason": f"{name} failed: {_failure(exc)}"})
                 continue
-            row.update(object_score=float(object_score), verified_fraction=METHOD_VERIFIED_FRACTION[name])
+            row.update(object_score=float(object_score), verified_fraction=METHOD_VERIFIED_FRACTION[name],
+                       verdict=_method_verdict(name, job, ctx, float(object_score)))
             result = ScanResult(row, scores=scores)
             shared = analyse_s if METHOD_FEATURE[name] == "pointmae" else 0.0
         own = time.perf_counter() - started
         row.update(own_s=round(own, 4), analyse_s=round(shared, 4), seconds=round(own + shared, 4))
         yield result
+
+
+# the fit whose calibrated object threshold gives a method's verdict (methods without one give none)
+METHOD_THRESHOLD_FIT = {"pointmae-bank": "pointmae", "btf": "fpfh", "oracle-regions": "pointmae"}
+
+
+def _method_verdict(name: str, job: ScanJob, ctx: JobContext, object_score: float) -> str | None:
+    """'defective' / 'normal' against the class's object threshold, as agent.run's report.json says it."""
+    from detector.calibration import OBJECT_THRESHOLD, verdict_of
+
+    feature = METHOD_THRESHOLD_FIT.get(name)
+    if feature is None:
+        return None
+    return verdict_of(object_score, _load_fit(ctx.fit_dirs[(job.cls, feature)]).thresholds.get(OBJECT_THRESHOLD))
 
 
 def _kind(name: str, ctx: JobContext) -> str:
@@ -449,6 +466,7 @@ def _oracle_regions(fitted, analysis, budget: float) -> tuple[np.ndarray, float]
 def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, points: np.ndarray, mask: np.ndarray | None,
                  analysis, row: dict) -> ScanResult:
     from agent.pipeline import inspect_scan
+    from detector.calibration import verdict_of
 
     try:
         backend = _backend(spec)
@@ -469,6 +487,7 @@ def _run_backend(spec: BackendSpec, job: ScanJob, ctx: JobContext, points: np.nd
         region_of_point[flagged[index]] = index
     row.update(
         object_score=float(inspection.object_score),
+        verdict=verdict_of(float(inspection.object_score), inspection.verification.object_threshold),
         verified_fraction=float(inspection.verification.verified_fraction),
         prompt_tokens=int(outcome.usage.prompt_tokens), completion_tokens=int(outcome.usage.completion_tokens),
         tool_calls=int(outcome.n_tool_calls), turns=int(outcome.turns),
@@ -719,7 +738,8 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
     }
     meta = Redactor.for_run(*(secrets_in(b.kwargs) for b in config.backends))(meta)  # keys in kwargs and command
     tmp = out / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default))
+    tmp.write_text(strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True,
+                                     default=_json_default))
     os.replace(tmp, out / RUN_FILE)
 
 

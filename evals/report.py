@@ -29,14 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from scans.datasets import Sample, open_dataset
 from evals.harness import FIT_META, METHOD_FEATURE, RUN_FILE, ResultStore
 from evals.metrics import au_pro_points, mean_table, o_auroc, p_auroc
+from scans import strict_json
+from scans.datasets import Sample, open_dataset
 
 REPORT_DIR = "report"
 ROC_POINTS = 200             # points kept per plotted ROC curve
 MAX_ROC_CLASSES = 4
-SCALAR_COLUMNS = ("o_auroc", "p_auroc", "au_pro", "region_recall", "false_region_rate", "verified_fraction",
+SCALAR_COLUMNS = ("o_auroc", "p_auroc", "au_pro", "false_alarm_rate", "detection_rate", "region_recall",
+                  "false_region_rate", "verified_fraction",
                   "prompt_tokens", "completion_tokens", "tokens", "tool_calls", "wall_p50", "wall_p95", "fit_s",
                   "score_s", "n_scans", "n_failed", "n_fallbacks", "cost_per_scan", "cost_total")
 COUNT_KEYS = ("n_scans", "n_failed", "n_fallbacks", "cost_total")
@@ -109,6 +111,7 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
             pscores.append(scores)
             masks.append(mask)
     labels = np.asarray(obj_labels, dtype=int)
+    entry["false_alarm_rate"], entry["detection_rate"] = _verdict_rates(ok, scans)
     entry["o_auroc"] = o_auroc(obj_scores, labels) if obj_scores else math.nan
     entry["p_auroc"] = p_auroc(pscores, masks) if pscores else math.nan
     entry["au_pro"] = au_pro_points(pts, pscores, masks, 0.3) if pscores else math.nan
@@ -153,6 +156,18 @@ def _class_entry(name: str, kind: str, rows: list[dict], scans: _Scans, out: Pat
     entry["failure_reasons"] = dict(Counter(r.get("reason") or "unknown" for r in failed))
     entry["per_defect"] = per_defect
     return entry, curves
+
+
+def _verdict_rates(ok: list[dict], scans: _Scans) -> tuple[float, float]:
+    """(share of normal scans called defective, share of defective scans called defective) by the calibrated object
+    threshold; NaN where no scan of that kind has a verdict (methods without a threshold, uncalibrated fits)."""
+    called = {0: [], 1: []}
+    for row in ok:
+        if row.get("verdict") in ("defective", "normal"):
+            label = scans.get(row["path"])[2]
+            if label in called:
+                called[label].append(row["verdict"] == "defective")
+    return tuple(float(np.mean(v)) if v else math.nan for v in (called[0], called[1]))  # type: ignore[return-value]
 
 
 def _mean_entry(per_class: dict[str, dict]) -> dict:
@@ -257,6 +272,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 MAIN_COLUMNS: list[tuple[str, str, int]] = [
     ("O-AUROC", "o_auroc", 3), ("P-AUROC", "p_auroc", 3), ("AU-PRO@0.3", "au_pro", 3),
+    ("false alarms", "false_alarm_rate", 2), ("detected", "detection_rate", 2),
     ("region recall", "region_recall", 2), ("false regions", "false_region_rate", 2),
     ("share verified", "verified_fraction", 2), ("tokens/scan", "tokens", 0), ("tool calls", "tool_calls", 1),
     ("s/scan p50", "wall_p50", 2), ("s/scan p95", "wall_p95", 2), ("s/scan", "score_s", 2), ("fit s", "fit_s", 0),
@@ -502,9 +518,11 @@ def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 
             labels = [f"{i + 1}: {r.get('verdict', '?')} ({r.get('confidence', 0):.2f})"
                       for i, r in enumerate(row.get("regions", [])[:len(regions)])]
             labels += [f"{i + 1}" for i in range(len(labels), len(regions))]
-            kept = [(r, lab) for r, lab in zip(regions, labels) if r.size]
-            flagged = render_regions_png(directory / f"{stem}_flagged.png", loaded.points, [r for r, _ in kept],
-                                         [lab for _, lab in kept], title=f"{name}: flagged regions", views=views)
+            verdicts = [r.get("verdict", "skipped") for r in row.get("regions", [])[:len(regions)]]
+            verdicts += ["skipped"] * (len(regions) - len(verdicts))
+            # every region passed, empty ones too, so the picture numbers them as the labels do
+            flagged = render_regions_png(directory / f"{stem}_flagged.png", loaded.points, regions, labels,
+                                         title=f"{name}: flagged regions", views=views, verdicts=verdicts)
         else:
             scores = np.load(out / row["scores"], allow_pickle=False)
             flagged = render_points_png(directory / f"{stem}_flagged.png", loaded.points, scores,
@@ -605,7 +623,7 @@ def write_all(out: str | os.PathLike, *, progress: ProgressFn | None = None, exa
     """summary.json, summary.csv, table.md, plots (report/*.png) and report.html for the run in `out`."""
     out = Path(out)
     summary, curves, meta = summarize(out, progress)
-    _write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=1, sort_keys=False))
+    _write_text(out / "summary.json", strict_json.dumps(summary, missing_as_null=True, indent=1))
     _write_text(out / "summary.csv", summary_csv(summary))
     _write_text(out / "table.md", markdown_report(summary, meta))
     report_dir = out / REPORT_DIR

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent.quiet import quiet_third_party
 from agent.run import DEFAULT_MAX_SECONDS, context_window_arg, seconds_arg
 
 EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -26,8 +27,19 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+EPILOG = """examples:
+  scanagent eval --quick --out /tmp/smoke              # smoke test: tiny benchmark, fast fits; numbers mean nothing
+  scanagent eval --data anomaly-shapenet:dev-bench --classes flange,gear --methods pointmae-bank --backends policy
+  (`python -m evals.run ...` is the same command)
+
+exit codes: 0 ok, 1 some results failed (see the table's failed column), 2 bad input, 130 interrupted (rerun resumes)"""
+QUICK_NOTE = ("--quick is a smoke test: a tiny benchmark and a detector trained for a few steps, so its numbers say "
+              "the pipeline runs end to end, not how well anything detects")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evals.run", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="<layout>:<root>, e.g. anomaly-shapenet:data/dev-bench (not needed with --quick)")
     p.add_argument("--classes", type=_csv, help="comma-separated classes (default: all)")
     p.add_argument("--methods", type=_csv, help="comma-separated: pointmae-bank,btf,recon,random (default: these "
@@ -66,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", action="store_true",
                    help="fit every class with registration to its first template + a coordinate bank (scans that "
                         "are not pre-aligned)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show third-party progress bars and warnings")
     return p
 
 
@@ -121,6 +134,7 @@ def make_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    quiet_third_party(verbose=args.verbose)
     console = Console(stderr=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -154,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ran {outcome.ran} (name x scan) results, skipped {outcome.skipped} already done, "
           f"{outcome.failed} failed, in {outcome.seconds:.1f} s")
     print((out / "table.md").read_text())
+    if args.quick:
+        print(f"note: {QUICK_NOTE}")
     print(f"written: {out / 'summary.json'}, {out / 'summary.csv'}, {out / 'table.md'}, {out / 'report.html'}")
     return EXIT_FAILURES if outcome.failed else EXIT_OK
 

@@ -39,6 +39,8 @@ import numpy as np
 
 from scans import defects as defect_lib
 from scans import parts as part_lib
+from scans import strict_json
+from scans.io import umask_mode
 from scans.shared_data import shared_scans_dir
 
 RECIPE_VERSION = 1
@@ -97,7 +99,9 @@ def discover_sources(scans_dir: Path | None = DEFAULT_SCANS) -> tuple[dict[str, 
     """All usable sources by class name, plus notes on what was skipped and why."""
     sources = {name: Source(name, "procedural") for name in part_lib.PARTS}
     skipped: list[str] = []
-    if scans_dir is not None and Path(scans_dir).is_dir():
+    if scans_dir is None or not Path(scans_dir).is_dir():
+        skipped.append(f"real-scan classes ({', '.join(REAL_CLASSES)}): {missing_scans_hint(scans_dir)}")
+    else:
         bunny = Path(scans_dir) / "stanford-bunny" / "bun_zipper_res2.ply"
         if bunny.is_file():
             sources["bunny"] = Source("bunny", "mesh", str(bunny), "Stanford 3D Scanning Repository", solid=False)
@@ -120,6 +124,32 @@ def discover_sources(scans_dir: Path | None = DEFAULT_SCANS) -> tuple[dict[str, 
                 name = "pb_" + found[0].stem.lower().split("_")[0]
                 sources.setdefault(name, Source(name, "mesh", str(found[0]), "pybullet_data", solid=False))
     return sources, skipped
+
+
+REAL_CLASSES = ("bunny", *(name.split(".")[0].replace("_cloud", "") for name in PCL_CANDIDATES))
+
+
+def missing_scans_hint(scans_dir: Path | None) -> str:
+    """Why the real-scan classes are absent, and how to point the builder at them."""
+    where = "no real-scans folder given" if scans_dir is None else f"{scans_dir} does not exist"
+    return (f"{where}; they need the shared scans folder (data/scans under $SCANAGENT_SHARED, default ../shared "
+            "beside the checkout): set SCANAGENT_SHARED or pass --scans DIR")
+
+
+def _refusal(name: str, scans_dir: Path | None) -> str:
+    """Why one requested class cannot be built."""
+    if name in REAL_CLASSES:
+        if scans_dir is None or not Path(scans_dir).is_dir():
+            return f"{name!r} is a real-scan class: {missing_scans_hint(scans_dir)}"
+        return f"{name!r} is a real-scan class but its file is not in {scans_dir}"
+    return f"{name!r} is not a known class"
+
+
+def class_list(values: list[str] | None) -> list[str] | None:
+    """Class names from `--classes a,b` (the syntax of every CLI) or the older `--classes a b`."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
 def _load_mesh(source: Source):
@@ -264,8 +294,11 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
     if classes:
         unknown = [c for c in classes if c not in sources]
         if unknown:
-            raise ValueError(f"unknown classes {unknown}; available: {', '.join(sources)}")
+            reasons = "; ".join(_refusal(c, scans_dir) for c in unknown)
+            raise ValueError(f"cannot build {', '.join(unknown)}: {reasons}. Available: {', '.join(sources)}")
         sources = {c: sources[c] for c in classes}
+        if not set(classes) & set(REAL_CLASSES):  # the real scans were not asked for: their absence is no news
+            skipped = [note for note in skipped if not note.startswith("real-scan classes")]
 
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +324,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             "noise": {"mesh": MESH_NOISE, "pcd": SCAN_NOISE}, "sources": used, "skipped": skipped,
             "samples": samples,
         }
-        (staging / "recipe.json").write_text(json.dumps(recipe, indent=1))
+        (staging / "recipe.json").write_text(strict_json.dumps(recipe, what="recipe.json", indent=1))
         files = sorted(p for p in staging.rglob("*") if p.is_file())
         manifest = {
             "layout": "anomaly-shapenet", "recipe_version": RECIPE_VERSION,
@@ -303,7 +336,8 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
                       for p in files},
             "build_seconds": round(time.perf_counter() - started, 2),
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (staging / "manifest.json").write_text(strict_json.dumps(manifest, what="manifest.json", indent=1))
+        staging.chmod(umask_mode(directory=True))  # mkdtemp's 0700 would make the dataset private
         if out.exists():
             retired = out.with_name(out.name + ".old")
             shutil.rmtree(retired, ignore_errors=True)
@@ -363,18 +397,31 @@ def render_examples(root: Path, out_png: Path, *, max_samples: int = 6, max_poin
 # ----------------------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------------------
+EPILOG = """examples:
+  scanagent bench --out dev-bench --pictures             # every available class
+  scanagent bench --out dev-bench --classes flange,bunny
+  SCANAGENT_SHARED=/data/shared scanagent bench --out dev-bench   # real scans from /data/shared/data/scans
+  (`python -m evals.bench ...` is the same command)
+
+exit codes: 0 ok, 2 bad input (unknown or unavailable class, existing --out without --overwrite, bad option)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evals.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evals.bench", description=__doc__.split("\n\n")[0],
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create")
-    parser.add_argument("--classes", nargs="+", help="class names (default: every available source)")
+    parser.add_argument("--classes", nargs="+", help="comma-separated class names, e.g. flange,bunny (default: every "
+                        "available source; real-scan classes need the shared scans, see --scans)")
     parser.add_argument("--points", type=int, default=30000, help="points per sample (default 30000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--templates", type=int, default=4)
     parser.add_argument("--normal", type=int, default=3, help="normal test samples per class")
     parser.add_argument("--per-defect", type=int, default=1, help="defective test samples per defect type")
     parser.add_argument("--defects", nargs="+", default=list(defect_lib.DEFECT_TYPES),
-                        choices=defect_lib.DEFECT_TYPES)
-    parser.add_argument("--scans", type=Path, default=DEFAULT_SCANS, help="real scans folder (skipped if absent)")
+                        help=f"comma-separated defect types (default all: {','.join(defect_lib.DEFECT_TYPES)})")
+    parser.add_argument("--scans", type=Path, default=DEFAULT_SCANS,
+                        help=f"real scans folder (default {DEFAULT_SCANS}, i.e. $SCANAGENT_SHARED/data/scans or "
+                        "../shared/data/scans; its classes are skipped, with the reason, when it is absent)")
     parser.add_argument("--pose-deg", type=float, default=4.0,
                         help="largest rotation of a sample away from the part's pose, in degrees (default 4: "
                              "pre-aligned scans; e.g. 30 for scans that need registration)")
@@ -384,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = BenchConfig(points=args.points, templates=args.templates, normal_per_class=args.normal,
-                             defects_per_type=args.per_defect, defect_types=tuple(args.defects), seed=args.seed,
+                             defects_per_type=args.per_defect, seed=args.seed,
+                             defect_types=tuple(class_list(args.defects) or ()),
                              pose_deg=args.pose_deg)
-        summary = build_benchmark(args.out, classes=args.classes, config=config, scans_dir=args.scans,
+        summary = build_benchmark(args.out, classes=class_list(args.classes), config=config, scans_dir=args.scans,
                                   overwrite=args.overwrite, workers=args.workers,
                                   progress=lambda name, n: print(f"  {name}: {n} samples", flush=True))
     except (ValueError, FileExistsError) as error:

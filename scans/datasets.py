@@ -17,7 +17,6 @@ Layouts (see /work/shared/reference/benchmarks.md):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from scans import strict_json
 from scans.io import LABEL_SUFFIXES, Scan, ScanError, is_label_file, is_scan_file, read_scan
 
 LAYOUTS = ("anomaly-shapenet", "real3d-ad", "mvtec3d", "folder")
@@ -207,6 +207,14 @@ def _read_label_file(gt_path: Path) -> np.ndarray:
     return array
 
 
+def _kept_rows(truth: np.ndarray, scan: Scan) -> np.ndarray:
+    """Truth given per row of the scan file, reduced to the rows read_scan kept (it drops non-finite rows and
+    isolated far outliers); truth of another length is returned as it is, for the checks that follow."""
+    if scan.input_rows is not None and scan.grid_shape is None and len(truth) == scan.n_input_rows:
+        return truth[scan.input_rows]
+    return truth
+
+
 def _load_mask(sample: Sample, scan: Scan) -> np.ndarray | None:
     """The per-point truth for ``scan`` following the sample's gt_format, or None when none is known."""
     fmt, gt_path = sample.gt_format, sample.gt_path
@@ -225,10 +233,10 @@ def _load_mask(sample: Sample, scan: Scan) -> np.ndarray | None:
     if fmt in (GT_TXT_COMMA, GT_TXT_SPACE):
         delimiter, what = (",", "comma-delimited x,y,z,label") if fmt == GT_TXT_COMMA else \
             (None, "space-delimited x y z label")
-        rows = _read_gt_rows(gt_path, delimiter, what)
+        rows = _kept_rows(_read_gt_rows(gt_path, delimiter, what), scan)
         return align_gt_rows(scan.points, rows, sample.path, gt_path, scan.dropped_nonfinite)
     if fmt == GT_LABEL_FILE:
-        array = _read_label_file(gt_path)
+        array = _kept_rows(_read_label_file(gt_path), scan)
         if array.ndim == 2:
             return align_gt_rows(scan.points, array, sample.path, gt_path, scan.dropped_nonfinite)
         if len(array) != len(scan.points):
@@ -606,7 +614,7 @@ def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2)
+            out.write(strict_json.dumps(document, what=str(path), indent=2))
             out.write("\n")
         os.replace(temp, path)
     except BaseException:
@@ -642,7 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Summarise a dataset tree; exit 0 clean, 1 problems found, 2 bad spec/root/class."""
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(prog="python -m evals.datasets", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evals.datasets", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  scanagent datasets anomaly-shapenet:dev-bench --classes flange,gear --json out.json\n"
+               "  (`python -m evals.datasets ...` is the same command)\n\n"
+               "exit codes: 0 clean, 1 problems found in the tree, 2 bad spec, root or class")
     parser.add_argument("spec", help=f"<layout>:<root>, layout one of {', '.join(LAYOUTS)}")
     parser.add_argument("--classes", help="comma-separated classes (default: all)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON here")

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from scans.outliers import FAR_FACTOR, find_far_outliers
 from scans.pcd import decode_pcd_body, parse_pcd_header
-from scans.ply import parse_ply_header, ply_binary_bytes, read_ply_vertices
+from scans.ply import parse_ply_header, read_ply_vertices, write_ply_binary
 
 MIN_POINTS = 64  # what the detector needs at least
 DEFAULT_MAX_POINTS = 50_000_000
+_CHECK_ROWS = 1_000_000  # rows per block when checking coordinates (bounded temporary memory)
 TEXT_EXTENSIONS = (".xyz", ".txt", ".pts")
 MESH_EXTENSIONS = (".obj", ".stl", ".off")
 SUPPORTED_EXTENSIONS = (".ply", ".pcd", *TEXT_EXTENSIONS, ".npy", ".npz", *MESH_EXTENSIONS, ".tiff", ".tif")
@@ -65,6 +67,21 @@ class Scan:
     grid_shape: tuple[int, int] | None      # (H, W) for organized inputs (MVTec tiffs, organized PCDs)
     grid_index: np.ndarray | None           # int64 (N,) flat index into H*W of each kept point (organized)
     dropped_nonfinite: int                  # rows dropped because of NaN/inf (or zeros on organized grids)
+    dropped_outliers: int = 0               # isolated far points dropped (scans.outliers)
+    input_rows: np.ndarray | None = None    # int64 (N,) file row of each kept point (None: all rows kept)
+    n_input_rows: int | None = None         # rows the file held (organized grids: H*W); None: len(points)
+
+    def to_input_rows(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+        """float32 (n_input_rows,) with ``values`` (one per kept point) at their file rows and ``fill``
+        where a row was dropped: per-point outputs in the file's own row order."""
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        if len(values) != len(self.points):
+            raise ValueError(f"{self.source}: {len(values)} values for {len(self.points)} points")
+        if self.input_rows is None or self.n_input_rows is None:
+            return values
+        out = np.full(self.n_input_rows, fill, dtype=np.float32)
+        out[self.input_rows] = values
+        return out
 
 
 @dataclass
@@ -90,7 +107,9 @@ def validate_points(points, source: str, *, min_points: int = MIN_POINTS,
     ``max_bad_share`` bad rows means the file is broken rather than noisy, so that raises.
     """
     try:
-        array = np.asarray(points, dtype=np.float64)
+        array = np.asarray(points)
+        if array.dtype.kind != "f" or array.dtype.itemsize > 8:  # float32/64 are checked as they are: no copy
+            array = array.astype(np.float64)
     except (TypeError, ValueError):
         raise ScanError(source, "points are not numeric") from None
     if array.ndim != 2 or array.shape[1] != 3:
@@ -99,25 +118,28 @@ def validate_points(points, source: str, *, min_points: int = MIN_POINTS,
     if total == 0:
         raise ScanError(source, "contains no points")
     float32_max = float(np.finfo(np.float32).max)
-    with np.errstate(invalid="ignore"):
-        keep = np.isfinite(array).all(axis=1) & (np.abs(array) <= float32_max).all(axis=1)
+    keep = np.empty(total, dtype=bool)
+    for start in range(0, total, _CHECK_ROWS):  # block by block: a huge scan gets no full-size temporaries
+        block = array[start:start + _CHECK_ROWS]
+        with np.errstate(invalid="ignore"):
+            keep[start:start + len(block)] = (np.isfinite(block) & (np.abs(block) <= float32_max)).all(axis=1)
     bad = int(total - keep.sum())
     if bad > max_bad_share * total:
         raise ScanError(source, f"{bad} of {total} rows are NaN/inf, more than the allowed share "
                                 f"{max_bad_share:g}")
     if bad:
         warnings.warn(f"{source}: dropped {bad} of {total} rows with NaN/inf coordinates", stacklevel=2)
-    clean = array[keep]
+    clean = (array[keep] if bad else array).astype(np.float32, copy=False)
     if clean.shape[0] < min_points:
         raise ScanError(source, f"has {clean.shape[0]} valid points, fewer than the minimum of {min_points}")
-    extent = clean.max(axis=0) - clean.min(axis=0)
-    diagonal = float(np.linalg.norm(extent))
-    scale = max(float(np.abs(clean).max()), 1e-30)
+    high, low = clean.max(axis=0).astype(np.float64), clean.min(axis=0).astype(np.float64)
+    diagonal = float(np.linalg.norm(high - low))
+    scale = max(float(np.abs(high).max()), float(np.abs(low).max()), 1e-30)
     # float32 resolves ~1e-7 of the coordinate magnitude; an extent below that is no shape at all.
     if diagonal <= max(1e-6 * scale, 1e-12):
         raise ScanError(source, f"is degenerate: all points are (nearly) identical "
                                 f"(bounding-box diagonal {diagonal:.3g})")
-    return clean.astype(np.float32), keep
+    return clean, keep
 
 
 # ---------------------------------------------------------------- format readers (path, data, options)
@@ -183,6 +205,8 @@ def _as_rows(array: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"{what} must have shape (N, 3) or (N, >=3), got {array.shape}")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"{what} is not numeric (dtype {array.dtype})")
+    if array.dtype in (np.float32, np.float64) and array.shape[1] == 3:
+        return array  # validate_points checks float32/64 in place: a huge scan is not copied
     return array[:, :3].astype(np.float64)
 
 
@@ -250,11 +274,12 @@ def _labels_uint8(labels: np.ndarray, source: str) -> np.ndarray:
 
 
 def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
-              max_points: int = DEFAULT_MAX_POINTS, seed: int = 0) -> Scan:
+              max_points: int = DEFAULT_MAX_POINTS, seed: int = 0, drop_outliers: bool = True) -> Scan:
     """Read and validate one scan file of any supported format; raise ScanError naming the file on bad input.
 
     Meshes are sampled to ``mesh_points`` surface points (deterministic by ``seed``); a PLY with faces gives
-    its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points.
+    its vertices. Organized inputs keep ``grid_shape``/``grid_index`` so image masks map to points. Isolated
+    far points are dropped with a warning (``drop_outliers``, scans.outliers); ``input_rows`` keeps file rows.
     """
     source = str(path)
     file = Path(path)
@@ -277,7 +302,7 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
         ours = type(exc) is ValueError
         problem = str(exc) if ours else f"unreadable or corrupt file ({type(exc).__name__})"
         raise ScanError(source, problem) from None
-    except Exception as exc:  # third-party parsers (trimesh, tifffile) raise many types on corrupt input
+    except Exception as exc:  # noqa: BLE001 -- third-party parsers (trimesh, tifffile) raise many types
         raise ScanError(source, f"unreadable or corrupt file ({type(exc).__name__})") from None
 
     if len(raw.points) > max_points:
@@ -287,9 +312,19 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
     if raw.valid is not None:  # organized grid: empty pixels are expected, not a sign of a broken file
         dropped = int((~raw.valid).sum())
         rows = rows[raw.valid]
-    points, keep = validate_points(raw.points[rows], source, min_points=min_points)
+    points, keep = validate_points(raw.points if raw.valid is None else raw.points[rows], source,
+                                   min_points=min_points)
     rows = rows[keep]
     dropped += int((~keep).sum())
+    outliers = find_far_outliers(points, seed=seed) if drop_outliers else np.zeros(0, dtype=np.int64)
+    if outliers.size:
+        warnings.warn(f"{source}: dropped {outliers.size} isolated point(s) more than {FAR_FACTOR:g} x the "
+                      "part's median radius from its median centre (stray returns)", stacklevel=2)
+        inside = np.isin(np.arange(len(points)), outliers, invert=True)
+        points, rows = points[inside], rows[inside]
+        if len(points) < min_points:
+            raise ScanError(source, f"has {len(points)} valid points after dropping {outliers.size} far "
+                                    f"outliers, fewer than the minimum of {min_points}")
 
     normals = None
     if raw.normals is not None:
@@ -307,10 +342,22 @@ def read_scan(path, *, mesh_points: int = 30000, min_points: int = MIN_POINTS,
         labels = _labels_uint8(all_labels[rows], source)
     grid_index = rows.astype(np.int64) if raw.grid_shape is not None else None
     return Scan(points=points, normals=normals, labels=labels, source=source, grid_shape=raw.grid_shape,
-                grid_index=grid_index, dropped_nonfinite=dropped)
+                grid_index=grid_index, dropped_nonfinite=dropped, dropped_outliers=int(outliers.size),
+                input_rows=None if len(rows) == len(raw.points) else rows.astype(np.int64),
+                n_input_rows=len(raw.points))
 
 
 # ---------------------------------------------------------------- writers
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the process's umask (0644/0755 under umask 022).
+
+    Why: temp files from tempfile are 0600 and temp folders 0700; renamed into place they would make some outputs
+    private and others not. Every writer chmods its temp file to this before the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
 
 def _atomic_write(path: Path, payload: bytes) -> None:
     """Write to a temp file in the target folder, then rename: a failure never leaves a half-written file."""
@@ -319,6 +366,7 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(payload)
+        os.chmod(temp, umask_mode())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -326,7 +374,9 @@ def _atomic_write(path: Path, payload: bytes) -> None:
 
 
 def _finite_points(points, what: str) -> np.ndarray:
-    array = np.asarray(points, dtype=np.float64)
+    array = np.asarray(points)
+    if array.dtype.kind != "f":  # float32 input stays float32: no copy of a huge scan
+        array = array.astype(np.float64)
     if array.ndim != 2 or array.shape[1] != 3:
         raise ValueError(f"{what}: points must have shape (N, 3), got {array.shape}")
     if not np.isfinite(array).all():
@@ -362,38 +412,46 @@ def write_pcd(path, points, labels=None) -> Path:
     return target
 
 
-def write_scores(path_stem, points, scores) -> tuple[Path, Path]:
+def write_scores(path_stem, points, scores, *, input_scores=None) -> tuple[Path, Path]:
     """Write ``<stem>.npy`` (float32 scores, input order) and ``<stem>.ply`` (x y z, colour, float anomaly).
 
     The PLY opens in any viewer (CloudCompare, MeshLab) with heat colours; the npy is what code reads back.
-    Both are written to temp files first and renamed only when both are complete.
+    ``input_scores`` (one per row of the input file, NaN where a row was dropped: ``Scan.to_input_rows``) goes
+    into the npy instead of ``scores``; the PLY holds the points that were scored. Both are written to temp
+    files first and renamed only when both are complete.
     """
     stem = str(path_stem)
     array = _finite_points(points, stem)
-    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    values = np.asarray(scores, dtype=np.float32).reshape(-1)
     if len(values) != len(array):
         raise ValueError(f"{stem}: {len(values)} scores for {len(array)} points")
     if not np.isfinite(values).all():
         raise ValueError(f"{stem}: scores contain NaN/inf")
+    npy_values = values if input_scores is None else np.asarray(input_scores, dtype=np.float32).reshape(-1)
     from matplotlib import colormaps  # only the colour table is needed, no figure
 
-    span = float(values.max() - values.min()) if len(values) else 0.0
-    normalised = (values - values.min()) / span if span > 0 else np.zeros_like(values)
-    rgb = (colormaps["inferno"](normalised)[:, :3] * 255).round().astype(np.uint8)
-    ply = ply_binary_bytes([("x", array[:, 0].astype(np.float32)), ("y", array[:, 1].astype(np.float32)),
-                            ("z", array[:, 2].astype(np.float32)), ("red", rgb[:, 0]), ("green", rgb[:, 1]),
-                            ("blue", rgb[:, 2]), ("anomaly", values.astype(np.float32))])
+    # 256-entry colour table indexed per point: a few bytes per point, whatever the scan's size
+    table = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
+    low = float(values.min()) if len(values) else 0.0
+    span = float(values.max()) - low if len(values) else 0.0
+    level = np.zeros(len(values), dtype=np.uint8)
+    if span > 0:
+        level = np.clip(np.rint((values - low) * (255.0 / span)), 0, 255).astype(np.uint8)
+    rgb = table[level]
+    columns = [*((axis, array[:, i].astype(np.float32, copy=False)) for i, axis in enumerate("xyz")),
+               ("red", rgb[:, 0]), ("green", rgb[:, 1]), ("blue", rgb[:, 2]), ("anomaly", values)]
     npy_path, ply_path = Path(stem + ".npy"), Path(stem + ".ply")
     npy_path.parent.mkdir(parents=True, exist_ok=True)
     temps: list[str] = []
     try:
-        for payload_path, writer in ((npy_path, lambda f: np.save(f, values.astype(np.float32))),
-                                     (ply_path, lambda f: f.write(ply))):
+        for payload_path, writer in ((npy_path, lambda f: np.save(f, npy_values)),
+                                     (ply_path, lambda f: write_ply_binary(f, columns))):
             handle, temp = tempfile.mkstemp(prefix=f".{payload_path.name}.", suffix=".tmp",
                                             dir=payload_path.parent)
             temps.append(temp)
             with os.fdopen(handle, "wb") as out:
                 writer(out)
+            os.chmod(temp, umask_mode())
         os.replace(temps[0], npy_path)
         os.replace(temps[1], ply_path)
     finally:

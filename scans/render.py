@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from scans.io import umask_mode
 
 # (elevation, azimuth) in degrees for matplotlib's 3-D axes.
 # Views assume z is up (MVTec 3D-AD, Real3D-AD); a y-up scan (Stanford bunny) shows "top" as a side view.
@@ -28,8 +31,15 @@ PANEL_INCHES = 4.0
 DPI = 100
 BASE_GREY = (0.62, 0.62, 0.62)
 FLAG_RED = (0.9, 0.05, 0.05)
-# Region colours: tab10 without its red (reserved for flagged points) and grey (the background cloud).
-REGION_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf"]
+HEAT_CMAP = "inferno"  # the anomaly-score colour map of scores.ply, regions.png and viewer.html
+# How each verdict's region outline is drawn: confirmed stands out, rejected and skipped recede (also the viewer's).
+CONFIRMED_BLUE, REJECTED_GREY, SKIPPED_GREY = "#0072ce", "#8a8a8a", "#b5b5b5"
+VERDICT_STYLES: dict[str, dict] = {
+    "confirmed": {"color": CONFIRMED_BLUE, "linestyle": "-", "linewidth": 1.8},
+    "rejected": {"color": REJECTED_GREY, "linestyle": "--", "linewidth": 1.0},
+    "skipped": {"color": SKIPPED_GREY, "linestyle": ":", "linewidth": 1.0},
+}
+LEGEND_WRAP = 100  # characters per legend line: long reasons wrap instead of being cut
 
 
 def _check_points(points) -> np.ndarray:
@@ -41,7 +51,7 @@ def _check_points(points) -> np.ndarray:
     return array
 
 
-def _subsample(n: int, max_points: int, seed: int, priority: np.ndarray | None = None) -> np.ndarray:
+def subsample_indices(n: int, max_points: int, seed: int, priority: np.ndarray | None = None) -> np.ndarray:
     """Sorted indices of at most ``max_points`` rows; rows in ``priority`` are kept first."""
     if n <= max_points:
         return np.arange(n)
@@ -86,14 +96,15 @@ def _marker_size(n: int) -> float:
     return float(np.clip(3000.0 / max(n, 1), 0.3, 6.0))
 
 
-def _save(figure: Figure, path) -> Path:
+def _save(figure: Figure, path, *, tight: bool = False) -> Path:
     """Render to a temp PNG beside the target and rename, so a failed render leaves no partial image."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
     os.close(handle)
     try:
-        figure.savefig(temp, dpi=DPI, format="png")
+        figure.savefig(temp, dpi=DPI, format="png", bbox_inches="tight" if tight else None, pad_inches=0.1)
+        os.chmod(temp, umask_mode())
         os.replace(temp, target)
     finally:
         Path(temp).unlink(missing_ok=True)
@@ -121,7 +132,7 @@ def render_points_png(path, points, values=None, *, mask=None, title: str | None
             raise ValueError(f"values has {len(colour_values)} entries for {n} points")
     if not views:
         raise ValueError("at least one view is needed")
-    keep = _subsample(n, max_points, seed, flagged)
+    keep = subsample_indices(n, max_points, seed, flagged)
     shown = array[keep]
     flagged_shown = flagged[keep] if flagged is not None else np.zeros(len(keep), dtype=bool)
     size = _marker_size(len(keep))
@@ -146,14 +157,38 @@ def render_points_png(path, points, values=None, *, mask=None, title: str | None
     return _save(figure, path)
 
 
-def render_regions_png(path, points, regions: list[np.ndarray], labels: list[str],
-                       title: str | None = None, *, views: Sequence[str] = ("front", "side", "top"),
-                       max_points: int = 20000, seed: int = 0) -> Path:
-    """Draw the cloud in grey and each region (array of point indices) in its own colour, with a legend."""
+def _region_box(axes, corners_low: np.ndarray, corners_high: np.ndarray, style: dict) -> None:
+    """The 12 edges of an axis-aligned box: the region's outline in every view."""
+    low, high = corners_low, corners_high
+    for axis in range(3):
+        others = [a for a in range(3) if a != axis]
+        for first in (low, high):
+            for second in (low, high):
+                start, end = low.copy(), high.copy()
+                start[others[0]] = end[others[0]] = first[others[0]]
+                start[others[1]] = end[others[1]] = second[others[1]]
+                axes.plot(*np.stack([start, end]).T, **style)
+
+
+def regions_figure(points, regions: list[np.ndarray], labels: list[str], title: str | None = None, *,
+                   scores=None, verdicts: Sequence[str] | None = None,
+                   views: Sequence[str] = ("front", "side", "top"), max_points: int = 20000,
+                   seed: int = 0) -> Figure:
+    """The figure behind regions.png: the cloud as a heat map of ``scores`` (grey without), each region outlined by
+    its box and numbered 1..n in list order (report.json's order), confirmed solid, rejected/skipped dashed grey, and
+    a legend with every label whole (wrapped, never cut)."""
     array = _check_points(points)
     n = len(array)
     if len(regions) != len(labels):
         raise ValueError(f"{len(regions)} regions but {len(labels)} labels")
+    verdicts = list(verdicts) if verdicts is not None else ["confirmed"] * len(regions)
+    if len(verdicts) != len(regions):
+        raise ValueError(f"{len(regions)} regions but {len(verdicts)} verdicts")
+    values = None
+    if scores is not None:
+        values = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if len(values) != n:
+            raise ValueError(f"scores has {len(values)} entries for {n} points")
     region_indices = []
     for label, region in zip(labels, regions):
         index = np.asarray(region, dtype=np.int64).reshape(-1)
@@ -163,24 +198,50 @@ def render_regions_png(path, points, regions: list[np.ndarray], labels: list[str
     in_region = np.zeros(n, dtype=bool)
     for index in region_indices:
         in_region[index] = True
-    keep = _subsample(n, max_points, seed, in_region)
-    background = keep[~in_region[keep]]
+    keep = subsample_indices(n, max_points, seed, in_region)
     size = _marker_size(len(keep))
+    pad = 0.01 * float((array.max(axis=0) - array.min(axis=0)).max())
 
     figure = _new_figure(len(views), title)
-    handles = []
+    low, high = (float(values.min()), float(values.max())) if values is not None else (0.0, 1.0)
     for position, view in enumerate(views, start=1):
         axes = _setup_axes(figure, position, len(views), view, array)
-        axes.scatter(*array[background].T, color=BASE_GREY, s=size, depthshade=False, linewidths=0)
-        handles = []
-        # Largest region first so small regions drawn later stay visible where regions overlap.
-        for number in sorted(range(len(labels)), key=lambda i: -len(region_indices[i])):
-            shown = np.intersect1d(region_indices[number], keep)
-            colour = REGION_COLOURS[number % len(REGION_COLOURS)]
-            handles.append(axes.scatter(*array[shown].T, color=colour, s=max(size * 3, 4.0),
-                                        depthshade=False, linewidths=0, label=labels[number]))
-        handles.sort(key=lambda h: labels.index(h.get_label()))
-    if handles:
-        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
-                      markerscale=3, frameon=False)
-    return _save(figure, path)
+        if values is None:
+            axes.scatter(*array[keep].T, color=BASE_GREY, s=size, depthshade=False, linewidths=0)
+        else:
+            order = keep[np.argsort(values[keep], kind="stable")]  # high scores drawn last, on top
+            axes.scatter(*array[order].T, c=values[order], cmap=HEAT_CMAP, vmin=low,
+                         vmax=high if high > low else low + 1, s=size, depthshade=False, linewidths=0)
+        for number, (index, verdict) in enumerate(zip(region_indices, verdicts), start=1):
+            if not len(index):
+                continue
+            style = VERDICT_STYLES.get(verdict, VERDICT_STYLES["skipped"])
+            box_low, box_high = array[index].min(axis=0) - pad, array[index].max(axis=0) + pad
+            _region_box(axes, box_low, box_high, style)
+            axes.text(*box_high, str(number), color="white", fontsize=8, fontweight="bold", zorder=10,
+                      bbox={"boxstyle": "round,pad=0.15", "facecolor": style["color"], "edgecolor": "none"})
+    if values is not None:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = figure.add_axes((1.0, 0.15, 0.008, 0.6))  # right of the panels; the tight crop keeps it
+        figure.colorbar(ScalarMappable(Normalize(low, high if high > low else low + 1), cmap=HEAT_CMAP), cax=bar,
+                        orientation="vertical", label="anomaly score")
+    if labels:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], **VERDICT_STYLES.get(v, VERDICT_STYLES["skipped"])) for v in verdicts]
+        wrapped = [textwrap.fill(label, LEGEND_WRAP, subsequent_indent="    ") for label in labels]
+        figure.legend(handles=handles, labels=wrapped, loc="upper left", bbox_to_anchor=(0.01, -0.02),
+                      ncol=1, fontsize=8, frameon=False, handlelength=2.5)
+    return figure
+
+
+def render_regions_png(path, points, regions: list[np.ndarray], labels: list[str],
+                       title: str | None = None, *, scores=None, verdicts: Sequence[str] | None = None,
+                       views: Sequence[str] = ("front", "side", "top"), max_points: int = 20000,
+                       seed: int = 0) -> Path:
+    """Write :func:`regions_figure` as a PNG cropped to everything drawn (so the legend is never cut off)."""
+    figure = regions_figure(points, regions, labels, title, scores=scores, verdicts=verdicts, views=views,
+                            max_points=max_points, seed=seed)
+    return _save(figure, path, tight=True)

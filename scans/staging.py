@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from scans.io import umask_mode
+
 MARKER_FILE = ".scanagent"
 WRITER = "scanagent"
 SWAP_ATTEMPTS = 50      # each failed attempt means another writer changed the target in between
@@ -165,6 +167,7 @@ def staged_dir(target: str | os.PathLike, kind: str, *, also_ours: OwnershipTest
     try:
         write_marker(staging, kind)
         yield staging
+        os.chmod(staging, umask_mode(directory=True))  # mkdtemp's 0700 would make the output folder private
         replace_dir(staging, target, kind, also_ours)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

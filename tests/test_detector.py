@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.fitted import DetectorConfig, FitError, FittedClass, fit_class
+from detector.manifest import write_manifest
+from detector.pointmae import PointMAEConfig
 from scans.parts import part_mesh, sample_surface, scan_like
 from tests.tiny import TINY, TINY_FIT, part_scans
-from detector.fitted import DetectorConfig, FitError, FittedClass, fit_class
-from detector.pointmae import PointMAEConfig
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,7 @@ def test_load_refuses_a_bank_from_another_backbone(fitted, saved, train_scans, t
     shutil.copytree(saved, mixed)
     shutil.rmtree(mixed / "bank")
     other.bank.save(mixed / "bank")
+    write_manifest(mixed)  # consistent (not damaged), only mixed up: the bank's own check must refuse it
     with pytest.raises(FitError, match="backbone_hash") as err:
         FittedClass.load(mixed)
     assert str(mixed) in str(err.value)
@@ -109,6 +111,7 @@ def test_load_refuses_an_edited_backbone_hash(saved, tmp_path):
     meta = json.loads((edited / "fitted.json").read_text())
     meta["backbone_id"] = "0" * 64
     (edited / "fitted.json").write_text(json.dumps(meta))
+    write_manifest(edited)
     with pytest.raises(FitError, match="another backbone") as err:
         FittedClass.load(edited)
     assert str(edited) in str(err.value)
@@ -132,6 +135,8 @@ def test_load_refuses_a_missing_or_garbled_fitted_json(saved, tmp_path, damage):
     else:
         meta["version"] = 999
         meta_path.write_text(json.dumps(meta))
+    if damage != "missing":
+        write_manifest(broken)  # sealed again: the garbled content itself must be refused, not only the hash
     with pytest.raises(FitError) as err:
         FittedClass.load(broken)
     assert str(broken) in str(err.value)

@@ -18,9 +18,9 @@ import pytest
 from agent.backends import REGISTRY, BackendUnavailable
 from agent.backends.policy import PolicyBackend
 from evals import harness
-from scans.datasets import Sample
 from evals.harness import HarnessConfig, ResultStore, parse_backend, quick_detector_config, run_harness
 from evals.run import main
+from scans.datasets import Sample
 
 QUICK_METHODS = ("pointmae-bank", "recon", "random")
 QUICK_BACKENDS = ("policy",)
@@ -84,6 +84,10 @@ def test_quick_run_writes_a_sane_summary(quick_run: Path) -> None:
     policy = summary["policy"]["mean"]
     assert 0.0 <= policy["region_recall"] <= 1.0 and 0.0 < policy["verified_fraction"] <= 0.2
     assert summary["pointmae-bank"]["mean"]["verified_fraction"] == 1.0
+    for name in ("pointmae-bank", "policy"):  # calibrated verdicts: shares of normal / defective scans called defective
+        mean = summary[name]["mean"]
+        assert 0.0 <= mean["false_alarm_rate"] <= 1.0 and 0.0 <= mean["detection_rate"] <= 1.0, name
+    assert all(r["verdict"] in ("defective", "normal") for r in rows if r["name"] in ("pointmae-bank", "policy"))
     assert summary["pointmae-bank"]["flange"]["fit_s"] > 0
 
     table = (quick_run / "table.md").read_text()
@@ -299,9 +303,9 @@ def test_random_regions_is_seeded_and_stays_within_the_policy_budget() -> None:
 def test_a_pretrained_init_gets_its_own_fit_and_a_wrong_one_is_refused(quick_run: Path, tmp_path: Path) -> None:
     """--init: fits that start from a pretrained backbone are cached apart from fits from scratch; a backbone of another
     architecture is refused with the folder named."""
-    from scans.datasets import open_dataset
     from detector.fitted import FittedClass
     from detector.pointmae import PointMAE, PointMAEConfig, save_backbone
+    from scans.datasets import open_dataset
 
     dataset = open_dataset(f"anomaly-shapenet:{quick_run / 'quick-bench'}")
     from dataclasses import replace

@@ -90,7 +90,7 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
     again = FittedClass.load(saved)
     np.testing.assert_array_equal(again.score(again.analyse(scan)).patch_scores, full.patch_scores)
     (saved / "coord_points.npy").unlink()
-    with pytest.raises(FitError, match="coordinate bank"):
+    with pytest.raises(FitError, match="coord_points.npy: missing"):
         FittedClass.load(saved)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scans.render import REGION_COLOURS, render_points_png, render_regions_png
+from scans.render import CONFIRMED_BLUE, regions_figure, render_points_png, render_regions_png
 
 
 def sphere(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -74,17 +74,46 @@ def test_rendering_is_deterministic(tmp_path, rng):
     np.testing.assert_array_equal(first, again)
 
 
-def test_regions_png_has_each_colour(tmp_path, rng):
+def test_regions_png_draws_confirmed_apart_from_rejected(tmp_path, rng):
+    """Confirmed regions are outlined in solid blue; a rejected one in dashed grey, so no blue without a confirmed."""
     points = sphere(rng, 4000)
     regions = [np.flatnonzero(points[:, 2] > 0.7), np.flatnonzero(points[:, 0] > 0.7)]
-    path = render_regions_png(
-        tmp_path / "r.png", points, regions, ["top patch", "side patch"], title="regions"
-    )
-    image = pixels(path)
-    assert image.shape == (400, 1200, 3)
-    assert near_colour(image, REGION_COLOURS[0]) > 100
-    assert near_colour(image, REGION_COLOURS[1]) > 100
-    assert red_pixels(image) == 0
+    labels = ["1 confirmed: top patch", "2 rejected: side patch"]
+    both = pixels(render_regions_png(tmp_path / "r.png", points, regions, labels, title="regions",
+                                     verdicts=["confirmed", "rejected"]))
+    rejected = pixels(render_regions_png(tmp_path / "x.png", points, regions, labels, title="regions",
+                                         verdicts=["rejected", "rejected"]))
+    assert near_colour(both, CONFIRMED_BLUE, tolerance=40) > 100
+    assert near_colour(rejected, CONFIRMED_BLUE, tolerance=40) == 0
+
+
+def test_regions_are_numbered_in_order_on_a_heat_map(tmp_path, rng):
+    """Each region carries its number (1..n, report.json's order) in every view, over the cloud coloured by score."""
+    points = sphere(rng, 3000)
+    regions = [np.flatnonzero(points[:, 2] > 0.8), np.flatnonzero(points[:, 1] > 0.8), np.flatnonzero(points[:, 0] > 0.8)]
+    figure = regions_figure(points, regions, ["a", "b", "c"], scores=points[:, 2],
+                            verdicts=["confirmed", "rejected", "skipped"])
+    numbers = sorted(t.get_text() for axes in figure.axes for t in axes.texts)
+    assert numbers == sorted(["1", "2", "3"] * 3)
+    heat = pixels(render_regions_png(tmp_path / "h.png", points, regions, ["a", "b", "c"], scores=points[:, 2]))
+    spread = heat.max(axis=-1) - heat.min(axis=-1)
+    assert (spread > 60).sum() > 500  # coloured by score, not grey
+
+
+def test_long_legend_is_whole_and_inside_the_image(tmp_path, rng):
+    """The longest reason the report allows (300 characters) and many regions: every word of every label is drawn,
+    and nothing touches the image border (a cut legend would)."""
+    points = sphere(rng, 3000)
+    reason = " ".join(f"word{i:03d}" for i in range(37))[:300]
+    regions = [np.flatnonzero(points[:, 2] > 0.9 - 0.1 * i) for i in range(6)]
+    labels = [f"{i + 1} rejected (40 points, confidence 0.50): {reason}" for i in range(6)]
+    figure = regions_figure(points, regions, labels)
+    legend_text = " ".join(t.get_text() for t in figure.legends[0].get_texts())
+    assert legend_text.split() == " ".join(labels).split()
+    image = pixels(render_regions_png(tmp_path / "long.png", points, regions, labels))
+    border = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3),
+                             image[:, :3].reshape(-1, 3), image[:, -3:].reshape(-1, 3)])
+    assert (border > 245).all()
 
 
 def test_bad_arguments(tmp_path, rng):

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from scans import strict_json
 from scans.geometry import fps
 from scans.patches import Patches, PatchTable, robust_spread
 
@@ -384,7 +385,7 @@ def _compact_json(name: str, data: dict) -> str:
             return value.tolist()
         raise TypeError(f"tool {name} returned a {type(value).__name__}, which is not JSON")
 
-    return json.dumps(data, separators=(",", ":"), sort_keys=True, default=plain)
+    return strict_json.dumps(data, missing_as_null=True, separators=(",", ":"), sort_keys=True, default=plain)
 
 
 def _describe_arg(prop: dict) -> str:

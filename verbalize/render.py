@@ -17,7 +17,6 @@ style hold up to 3 digits per token), and every other non-space character (punct
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 import traceback
@@ -31,6 +30,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from prompts import template_dir
+from scans import strict_json
 from scans.patches import PatchTable
 
 DEFAULT_TOKEN_BUDGET = 3000
@@ -148,7 +148,8 @@ def render_system(tools_summary: str, *, templates: str | Path | None = None) ->
 def render_tool_result(name: str, data: dict, *, templates: str | Path | None = None) -> str:
     """Text of one tool result for the model; by default compact JSON (sorted keys) that parses back to `data`."""
     plain = to_jsonable(data)
-    data_json = json.dumps(plain, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    data_json = strict_json.dumps(plain, missing_as_null=True, separators=(",", ":"), sort_keys=True,
+                                  ensure_ascii=False)
     return environment(templates).get_template("tool_result.j2").render(name=name, data=plain, data_json=data_json)
 
 

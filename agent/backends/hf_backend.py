@@ -38,6 +38,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 import types
 from pathlib import Path
@@ -296,6 +297,9 @@ class HFBackend:
             tok.save_pretrained(tmp)
             if not cached.exists():
                 tmp.rename(cached)
+                size_mb = sum(f.stat().st_size for f in cached.iterdir() if f.is_file()) / 1e6
+                print(f"hf backend: de-quantised model cached in {cached} ({size_mb:.0f} MB, once; "
+                      "SCANAGENT_CACHE moves it)", file=sys.stderr)
         except OSError:
             pass  # an unwritable cache only costs time next run
         finally:
