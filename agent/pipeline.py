@@ -280,7 +280,9 @@ def inspect_scan(
     timings["analyse"] = time.perf_counter() - t0
     scored = np.zeros(len(pts), dtype=bool)
     t0 = time.perf_counter()
-    overview_budget = overview_token_budget(config.token_budget, context_window(backend, config.budget))
+    # a backend tuned on a compact overview (an hf adapter) gets the overview size it was trained on
+    overview_budget = getattr(backend, "overview_tokens", None) or overview_token_budget(
+        config.token_budget, context_window(backend, config.budget))
     template_errors: list[jinja2.TemplateError] = []
     patches, table, make_toolbox, messages = build_conversation(
         pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors

@@ -36,6 +36,12 @@ def _policy(**kwargs) -> Backend:
     return PolicyBackend(**kwargs)
 
 
+def _ranker(**kwargs) -> Backend:
+    from agent.backends.ranker import RankerBackend
+
+    return RankerBackend(**kwargs)
+
+
 def _random_regions(**kwargs) -> Backend:
     from agent.backends.random_regions import RandomRegionsBackend
 
@@ -48,6 +54,7 @@ REGISTRY: dict[str, Callable[..., Backend]] = {
     "hf": _hf,
     "policy": _policy,
     "random-regions": _random_regions,
+    "ranker": _ranker,
 }
 
 

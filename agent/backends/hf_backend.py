@@ -2,6 +2,9 @@
 ones.
 
 Loading lives in agent.backends.hf_loading, the prompt in hf_prompt, the decoder in hf_decoder.
+`adapter=DIR` puts a tuned peft adapter (`python -m agent.tune train`) on the model
+(agent.backends.hf_adapter);
+`adapter=None` or "none" is the base model.
 
 Decoding, chosen because a 135M instruct model cannot be trusted to write a tool call (documented in the
 report):
@@ -39,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, resolve_ref
 from agent.backends.hf_decoder import Decoder
@@ -68,6 +72,8 @@ class HFBackend:
         threads: int | None = None,
         report_after: int | None = 3,
         terminal_tool: str = "report_suspects",
+        adapter: str | None = None,
+        empty_arrays: bool | None = None,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -85,6 +91,17 @@ class HFBackend:
             torch.set_num_threads(threads)
         self.source, self.model, self.tokenizer = load_model(torch, transformers, model, gguf_file)
         self.model.eval()
+        # a tuned adapter (agent.backends.hf_adapter); "none" or None = the base model
+        self.adapter, self._forward_override, self.recipe = None, None, {}
+        if adapter is not None and str(adapter) != "none":
+            from agent.backends.hf_adapter import apply_adapter
+
+            self.model, self._forward_override, self.recipe = apply_adapter(self.model, torch, adapter)
+            self.adapter = str(adapter)
+        # the overview size the adapter was trained on (agent.pipeline reads it); None = the configured budget
+        self.overview_tokens: int | None = self.recipe.get("overview_tokens")
+        # arrays without minItems may be empty (an empty report); off for the base model, as it was measured
+        self.empty_arrays = self.adapter is not None if empty_arrays is None else empty_arrays
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
         self.max_items = max_items
@@ -167,10 +184,13 @@ class HFBackend:
 
     def _array(self, dec: Decoder, schema: dict, root: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
-        lo = schema.get("minItems", 1)
+        lo = schema.get("minItems", 0 if self.empty_arrays else 1)
         hi = min(schema.get("maxItems", self.max_items), max(self.max_items, lo))
         remaining = list(ids) if ids else None
         dec.extend("[")
+        if lo == 0 and "properties" in resolve_ref(items, root) and dec.choose(["]", "{"]) == "]":
+            dec.extend("]")
+            return
         count = 0
         while True:
             item_field = "patch_id" if field == "patch_ids" else field
@@ -205,15 +225,19 @@ class HFBackend:
 
     # -- the Backend interface
     # ----------------------------------------------------------------------------------------
+    def prompt(self, messages: list[dict], tools: list[dict]) -> str:
+        """The exact prompt text a reply to `messages` is decoded after (what agent.tune trains on)."""
+        return build_prompt(self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens)
+
     def chat(self, messages: list[dict], tools: list[dict], *, seconds_left: float | None = None) -> LLMReply:
         """One reply; with `seconds_left` no forward pass starts after that many seconds (TimeoutError), so a
         call
         the loop gave up on stops computing instead of competing with the fallback."""
         deadline = None if seconds_left is None else time.monotonic() + seconds_left
-        prompt = build_prompt(
-            self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens
-        )
+        prompt = self.prompt(messages, tools)
         dec = Decoder(self.model, self.tokenizer, self.torch, deadline)
+        if self._forward_override is not None:  # prompt tuning: virtual tokens at the start of every cache
+            dec._forward = types.MethodType(self._forward_override, dec)  # type: ignore[method-assign]
         dec.set_text(prompt)
         prompt_tokens = len(dec.ids)
         self._calls += 1

@@ -1,0 +1,120 @@
+"""Tuned adapters on the hf backend's model: LoRA merged into the weights, prompt tuning as a cached prefix.
+
+Why two paths: a LoRA adapter (peft) changes weights only, so it is merged once (`merge_and_unload`) and the
+backend
+decodes exactly as with the base model, at the same speed. Prompt tuning prepends learned "virtual token"
+embeddings
+to every input; peft does that inside `forward`, which would prepend them again on every incremental step of
+the
+backend's KV-cached decoder. So for prompt tuning the virtual tokens are run once into the cache, and the
+decoder
+sees a cache whose length excludes them (its crops are relative, so they keep the prefix).
+
+An adapter folder is what `python -m agent.tune train` writes: adapter_config.json + adapter_model.safetensors
+(peft's layout) + recipe.json (episodes hash, seed, steps, method, overview tokens) + SHA256SUMS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.backends.base import BackendUnavailable
+
+RECIPE_FILE = "recipe.json"
+CHECKSUM_FILE = "SHA256SUMS"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_recipe(directory: Path) -> dict:
+    """The adapter's recipe (empty for a plain peft folder without one)."""
+    path = directory / RECIPE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BackendUnavailable(f"hf backend: {path} is not JSON ({err.msg})") from None
+
+
+def check_adapter_dir(directory: Path) -> None:
+    """Refuse a folder that is not a peft adapter, or whose files do not match the checksums written with
+    it."""
+    if not (directory / "adapter_config.json").is_file():
+        raise BackendUnavailable(
+            f"hf backend: {directory} has no adapter_config.json (not a peft adapter folder)"
+        )
+    sums = directory / CHECKSUM_FILE
+    if not sums.is_file():
+        return
+    for line in sums.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        target = directory / name
+        if not target.is_file() or file_sha256(target) != digest:
+            raise BackendUnavailable(f"hf backend: {target} does not match its checksum in {sums}")
+
+
+class OffsetCache:
+    """The decoder's view of a KV cache that starts with `offset` virtual tokens: lengths exclude them."""
+
+    def __init__(self, inner: Any, offset: int):
+        self.inner, self.offset = inner, offset
+
+    def get_seq_length(self) -> int:
+        return self.inner.get_seq_length() - self.offset
+
+    def crop(self, length: int) -> None:
+        if length >= 0:  # an absolute length counts real tokens only
+            length += self.offset
+        self.inner.crop(length)
+
+
+def prefix_forward(model: Any, torch: Any, virtual: Any) -> Any:
+    """A decoder `_forward` replacement that starts every fresh cache with the virtual tokens."""
+    from transformers import DynamicCache
+
+    def forward(decoder: Any, new_ids: list[int]) -> Any:
+        deadline = getattr(decoder, "deadline", None)  # the loop's time budget, as the plain decoder keeps it
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("hf backend: generation stopped at the call's time limit")
+        if decoder.cache is None:
+            inner = DynamicCache()
+            with torch.no_grad():
+                model(inputs_embeds=virtual[None], past_key_values=inner, use_cache=True)
+            decoder.cache = OffsetCache(inner, int(virtual.shape[0]))
+        with torch.no_grad():
+            out = model(
+                input_ids=torch.tensor([new_ids]), past_key_values=decoder.cache.inner, use_cache=True
+            )
+        return out.logits[0]
+
+    return forward
+
+
+def apply_adapter(model: Any, torch: Any, directory: str | Path) -> tuple[Any, Any, dict]:
+    """(model to decode with, a `_forward` override or None, the recipe) for the adapter in `directory`."""
+    path = Path(directory)
+    check_adapter_dir(path)
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise BackendUnavailable(
+            f"hf backend: loading an adapter needs peft (pip install 'scanagent[hf]'): {err}"
+        )
+    try:
+        tuned = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise BackendUnavailable(f"hf backend: cannot load the adapter in {path}: {err}") from err
+    tuned.eval()
+    recipe = read_recipe(path)
+    if tuned.peft_config["default"].is_prompt_learning:
+        virtual = tuned.get_prompt_embedding_to_save("default").detach()
+        base = tuned.get_base_model()
+        return base, prefix_forward(base, torch, virtual), recipe
+    return tuned.merge_and_unload(), None, recipe

@@ -1,0 +1,157 @@
+"""A learned non-LLM ranker: logistic regression over the patch table the overview shows, as a backend.
+
+Why: the honest baseline for a tuned LLM is learning without a language model, trained on the same episodes
+(`python -m agent.tune train --method ranker`). Like the policy it sees only the conversation: it reads the
+patch
+table out of the overview message (the same numbers a model reads), scores every shown row with the saved
+coefficients (plain Python, no numpy: a backend never imports it), and reports in one turn the patches whose
+probability reaches the saved threshold, highest first, while their points stay within `target_share` of the
+scan.
+It does not read guidance: that is what it cannot learn, and the comparison shows it.
+
+Model file: JSON with the feature names, standardisation (mean, scale), coefficients, intercept and threshold;
+no
+pickles, so a model file is data anyone can read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, tool_names
+from agent.backends.policy import report_limits
+
+FORMAT = "scanagent-patch-ranker"
+POSITION_COLUMNS = ("id", "x", "y", "z")
+_POINTS_RE = re.compile(r"^Points: (\d+)\.", re.MULTILINE)
+
+
+def parse_overview_table(text: str) -> tuple[list[dict[str, float]], int | None]:
+    """The rows of the overview's patch table (column -> value, `id` included) and the scan's point count."""
+    lines = text.splitlines()
+    rows: list[dict[str, float]] = []
+    for n, line in enumerate(lines):
+        header = line.split()
+        if header[:1] != ["id"] or "cue" not in header:
+            continue
+        for row_line in lines[n + 1 :]:
+            values = row_line.split()
+            if len(values) != len(header):
+                break
+            try:
+                rows.append({name: float(v) for name, v in zip(header, values)})
+            except ValueError:
+                break
+        break
+    match = _POINTS_RE.search(text)
+    return rows, int(match.group(1)) if match else None
+
+
+def row_features(row: dict[str, float], total_points: int | None) -> dict[str, float]:
+    """The features of one row: every shown statistic but the position, point count as a share of the scan."""
+    features = {k: v for k, v in row.items() if k not in POSITION_COLUMNS and k != "n_points"}
+    if "n_points" in row and total_points:
+        features["point_share"] = row["n_points"] / total_points
+    return features
+
+
+def overview_text(messages: list[dict]) -> str:
+    """The first user message that holds a patch table (the scan overview)."""
+    for m in messages:
+        if m.get("role") == "user" and "## Patch table" in (m.get("content") or ""):
+            return m["content"]
+    return ""
+
+
+class RankerModel:
+    """Saved coefficients of the logistic regression and how to apply them."""
+
+    def __init__(self, data: dict, source: str = "ranker model"):
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a {FORMAT} file (format={data.get('format')!r})")
+        self.features: list[str] = list(data["features"])
+        self.mean = [float(v) for v in data["mean"]]
+        self.scale = [float(v) if float(v) > 0 else 1.0 for v in data["scale"]]
+        self.coef = [float(v) for v in data["coef"]]
+        self.intercept = float(data["intercept"])
+        self.threshold = float(data["threshold"])
+        if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
+            raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankerModel:
+        try:
+            return cls(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read the ranker model ({err})") from None
+
+    def probability(self, features: dict[str, float]) -> float:
+        """P(defect patch) of one row; a feature the row lacks counts as the training mean (no evidence)."""
+        logit = self.intercept
+        for name, mean, scale, coef in zip(self.features, self.mean, self.scale, self.coef):
+            logit += coef * (features.get(name, mean) - mean) / scale
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
+
+
+class RankerBackend:
+    name = "ranker"
+    tokenizes = False  # it reads the table as data: no context window applies
+
+    def __init__(self, model: str | Path | None = None, target_share: float = 0.15, max_ids: int = 20):
+        if model is None:
+            raise BackendUnavailable(
+                'ranker backend needs a model file: --backend-kwargs \'{"model": '
+                '"ADAPTER/ranker.json"}\' (train one with python -m agent.tune train '
+                "--method ranker)"
+            )
+        try:
+            self.model = RankerModel.load(model)
+        except ValueError as err:
+            raise BackendUnavailable(str(err)) from err
+        self.target_share = target_share
+        self.max_ids = max_ids
+
+    def ranked(self, messages: list[dict]) -> list[tuple[int, float, dict[str, float]]]:
+        """(patch id, probability, row) of every shown patch, most likely first."""
+        rows, total = parse_overview_table(overview_text(messages))
+        scored = [(int(r["id"]), self.model.probability(row_features(r, total)), r) for r in rows]
+        return sorted(scored, key=lambda t: (-t[1], t[0]))
+
+    def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
+        if "report_suspects" not in tool_names(tools):
+            raise ValueError("ranker backend needs a report_suspects tool")
+        _, total = parse_overview_table(overview_text(messages))
+        max_regions, max_ids = report_limits(tools)
+        limit = min(self.max_ids, max_ids or self.max_ids)
+        chosen: list[tuple[int, float, dict[str, float]]] = []
+        used = 0.0
+        for pid, p, row in self.ranked(messages):
+            if p < self.model.threshold or len(chosen) >= limit:
+                break
+            size = row.get("n_points", 0.0)
+            if chosen and total and used + size > self.target_share * total:
+                break
+            used += size
+            chosen.append((pid, p, row))
+        regions = []
+        if chosen and max_regions != 0:
+            top = chosen[0][2]
+            zs = sorted(
+                ((k, v) for k, v in top.items() if k.startswith("z_")), key=lambda kv: (-kv[1], kv[0])
+            )[:2]
+            reason = ", ".join(f"{k}={v:.1f}" for k, v in zs if v > 0) or f"cue={top.get('cue', 0.0):.2f}"
+            regions.append(
+                {
+                    "patch_ids": [pid for pid, _, _ in chosen],
+                    "reason": f"ranker p={chosen[0][1]:.2f}: {reason}",
+                    "confidence": round(chosen[0][1], 2),
+                }
+            )
+        n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
+        call = ToolCall(
+            id=f"ranker_{n_calls}", name="report_suspects", arguments=json.dumps({"regions": regions})
+        )
+        return LLMReply(text=None, tool_calls=[call], usage=Usage())

@@ -1,0 +1,167 @@
+"""`python -m agent.tune episodes|train`: make tuning episodes, then train an adapter or the ranker on them.
+
+    python -m agent.tune episodes --out episodes/               # training parts only, never a benchmark class
+    python -m agent.tune train --episodes episodes/ --out adapter/ --method lora|prompt|ranker
+
+Exit codes: 0 done, 2 bad input (the message names the folder and the problem), 3 the model or peft is
+missing.
+Nothing is written at --out unless the whole result is (temporary folder, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from agent.backends.base import BackendUnavailable
+from agent.tune.episodes import EPISODES_FILE, MANIFEST_FILE, EpisodeConfig, part_episodes, read_episodes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agent.tune", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("episodes", help="generate inspection episodes (JSONL) from the training parts")
+    e.add_argument(
+        "--out", required=True, type=Path, help="new folder for episodes.jsonl, fits and test scans"
+    )
+    e.add_argument("--parts", default=None, help="comma-separated training parts (default: all)")
+    e.add_argument("--scans-per-part", type=int, default=EpisodeConfig.scans_per_part)
+    e.add_argument("--points", type=int, default=EpisodeConfig.points)
+    e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
+    e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
+    e.add_argument("--register", action="store_true", help="registered fits (as evals.run --register)")
+    e.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train", help="train a LoRA / prompt-tuning adapter or the ranker baseline")
+    t.add_argument("--episodes", required=True, type=Path)
+    t.add_argument("--out", required=True, type=Path, help="new adapter folder")
+    t.add_argument("--method", choices=("lora", "prompt", "ranker"), default="lora")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (recorded)")
+    t.add_argument("--max-tokens", type=int, default=3072, help="skip longer examples")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _fresh_out(out: Path) -> None:
+    if out.exists():
+        raise ValueError(f"{out}: already exists; give a new folder (nothing is overwritten)")
+
+
+def make_episodes(args: argparse.Namespace) -> int:
+    _fresh_out(args.out)
+    config = EpisodeConfig(
+        scans_per_part=args.scans_per_part,
+        points=args.points,
+        seed=args.seed,
+        overview_tokens=args.overview_tokens,
+        register=args.register,
+    )
+    if args.parts:
+        config = replace(config, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()))
+    detector = replace(config.detector, register=args.register, seed=args.seed)
+    if args.detector_steps is not None:
+        detector = replace(detector, train_steps=args.detector_steps)
+    config = replace(config, detector=detector)
+    from scans.training_parts import TRAINING_PARTS, is_held_out
+
+    for part in config.parts:
+        if is_held_out(part) or part not in TRAINING_PARTS:
+            raise ValueError(
+                f"--parts: {part!r} is not a training part (known: {', '.join(TRAINING_PARTS)}; "
+                "dev-benchmark classes are held out)"
+            )
+    tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.perf_counter()
+    counts: dict[str, int] = {}
+    try:
+        tmp.mkdir(parents=True)
+        with (tmp / EPISODES_FILE).open("w", encoding="utf-8") as handle:
+            for part in config.parts:
+                for episode in part_episodes(part, config, out=tmp):
+                    handle.write(episode.to_json() + "\n")
+                    counts[episode.split] = counts.get(episode.split, 0) + 1
+                print(f"{part}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        digest = hashlib.sha256((tmp / EPISODES_FILE).read_bytes()).hexdigest()
+        manifest = {
+            "config": config.to_dict(),
+            "episodes": counts,
+            "episodes_sha256": digest,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.rename(args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps({"out": str(args.out), "episodes": counts, "episodes_sha256": digest}))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    _fresh_out(args.out)
+    episodes = read_episodes(args.episodes, split="train")
+    if not episodes:
+        raise ValueError(f"{args.episodes}: no training episodes in {EPISODES_FILE}")
+    if args.method == "ranker":
+        from agent.tune.ranker_fit import fit_ranker, save_ranker
+
+        path = save_ranker(fit_ranker(episodes, seed=args.seed), args.out)
+        print(json.dumps({"out": str(path)}))
+        return 0
+    from agent.backends.hf_backend import HFBackend
+    from agent.tune.train import TrainConfig, adapter_digest, train_adapter
+
+    config = TrainConfig(
+        method=args.method,
+        steps=args.steps,
+        lr=args.lr,
+        max_minutes=args.max_minutes,
+        max_tokens=args.max_tokens,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    recipe = train_adapter(
+        args.episodes,
+        args.out,
+        config,
+        episodes=episodes,
+        backend_factory=lambda: HFBackend(threads=args.threads, seed=args.seed),
+        progress=lambda line: print(line, file=sys.stderr),
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "sha256": adapter_digest(args.out),
+                "steps_done": recipe["steps_done"],
+                "seconds": recipe["seconds"],
+                "loss_last10": recipe["loss_last10"],
+            }
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return make_episodes(args) if args.command == "episodes" else train(args)
+    except BackendUnavailable as err:  # the model, transformers or peft is missing
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Inspection episodes for tuning the agent: exactly what the agent sees on a scan, plus the report it should
+give.
+
+Why: a pretrained model is an expert who has not been told the job. An episode tells it, on parts it will
+never be
+evaluated on (`scans.training_parts`, disjoint from the dev benchmark's classes), with defects from
+`scans.defects`: the messages are built by `agent.pipeline.build_conversation` (same verbalizer, templates,
+tool
+schemas as `agent.run`), and the target is the `report_suspects` call naming the patches that carry the defect
+by
+ground truth (a patch counts when at least `patch_label_share` of its points are labelled), with a reason from
+the
+patch's own statistics and a confidence from its cue. A normal scan's target is an empty report. Guided
+episodes
+(`agent.tune.guidance`) add operator guidance to the overview and change the target to match.
+
+Each part gets one fitted class (saved, so evaluation can run the real pipeline on the test scans), its scans
+are
+split train/test by index, and every seed derives from (seed, part, scan index): the same config gives byte-
+identical
+episodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.pipeline import InspectionConfig, build_conversation
+from agent.tune.guidance import GUIDANCE_KINDS, Guidance, make_guidance, paraphrase_ids
+from detector.config import DetectorConfig
+from detector.fitted import FittedClass
+from detector.fitting import fit_class
+from scans.bench import MESH_NOISE, sample_seed
+from scans.defects import DEFECT_TYPES, make_defect
+from scans.parts import extent, sample_surface, scan_like
+from scans.patches import Patches, PatchTable
+from scans.training_parts import TRAINING_PARTS, training_mesh
+
+EPISODES_FILE = "episodes.jsonl"
+MANIFEST_FILE = "manifest.json"
+REASON_COLUMNS_PREFIX = "z_"
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """What the generator makes; defaults give ~100 episodes on 5 parts in a few minutes on 2 cores."""
+
+    parts: tuple[str, ...] = tuple(TRAINING_PARTS)
+    points: int = 8000  # per scan; the statistics are z-scores over the scan's patches
+    templates: int = 3  # normal scans per part the class is fitted on
+    scans_per_part: int = 14  # test scans per part (normal and defective), split train/test by index
+    normal_share: float = 0.25  # of those scans, this share is normal
+    test_share: float = 0.3  # the last this share of each part's scans are test episodes
+    guided_per_scan: int = 1  # extra guided episodes per scan (same analysis, other overview)
+    overview_tokens: int = 1200  # the overview's token budget (compact, for small models: 12 patches)
+    patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
+    max_target_ids: int = 3  # patch ids per target region (the hf decoder writes at most max_items)
+    register: bool = False
+    seed: int = 0
+    detector: DetectorConfig = field(default_factory=lambda: DetectorConfig(train_steps=100, bank_views=2))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["detector"] = self.detector.to_dict()
+        data["parts"] = list(self.parts)
+        return data
+
+
+@dataclass
+class Episode:
+    """One episode: the opening messages and tool schemas the agent gets, the target reply and the ground
+    truth."""
+
+    id: str
+    scan: str  # the scan's name (several episodes share one scan)
+    split: str
+    part: str
+    defect: str | None
+    guidance: Guidance | None
+    messages: list[dict]
+    tools: list[dict]
+    target: dict
+    truth_patches: list[int]
+    n_patches: int
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "id": self.id,
+                "scan": self.scan,
+                "split": self.split,
+                "part": self.part,
+                "defect": self.defect,
+                "guidance": self.guidance.to_dict() if self.guidance else None,
+                "messages": self.messages,
+                "tools": self.tools,
+                "target": self.target,
+                "truth_patches": self.truth_patches,
+                "n_patches": self.n_patches,
+            },
+            ensure_ascii=False,
+            sort_keys=True,
+        )
+
+
+def patch_truth(patches: Patches, labels: np.ndarray, share: float) -> list[int]:
+    """Patches at least `share` of whose points are labelled anomalous; if none reaches it but some points are
+    labelled, the patch with the largest labelled share (a small defect still has a place to look)."""
+    owner = patches.patch_of_point
+    labelled = np.bincount(owner, weights=labels.astype(np.float64), minlength=patches.n_patches)
+    shares = labelled / np.maximum(patches.counts, 1)
+    chosen = np.flatnonzero(shares >= share)
+    if chosen.size == 0 and labels.any():
+        chosen = np.array([int(np.argmax(shares))])
+    return [int(i) for i in chosen]
+
+
+def reason_for(table: PatchTable, patch_id: int, terms: int = 2) -> str:
+    """The patch's largest positive z-scores in words ("z_recon_error_max=4.2, z_curvature=3.1")."""
+    zs = {c: float(v[patch_id]) for c, v in table.columns.items() if c.startswith(REASON_COLUMNS_PREFIX)}
+    top = sorted(zs.items(), key=lambda kv: (-kv[1], kv[0]))[:terms]
+    words = [f"{name}={value:.1f}" for name, value in top if value > 0]
+    return ", ".join(words) or f"cue={float(table.columns['cue'][patch_id]):.2f}"
+
+
+def confidence_for(cue: float) -> float:
+    """A confidence that grows with the cue (0 typical) and stays within 0.5..0.95: a ranking, not a
+    probability."""
+    return round(float(np.clip(0.5 + 0.1 * cue, 0.5, 0.95)), 2)
+
+
+def target_report(table: PatchTable, patch_ids: list[int], max_ids: int) -> dict:
+    """The assistant message calling report_suspects on `patch_ids` (one region, highest cue first), or an
+    empty
+    report when there are none. Keys are in the schema's order, as the constrained hf decoder writes them."""
+    cue = table.columns["cue"]
+    ranked = sorted(patch_ids, key=lambda i: (-float(cue[i]), i))[:max_ids]
+    regions = []
+    if ranked:
+        regions.append(
+            {
+                "patch_ids": ranked,
+                "reason": reason_for(table, ranked[0]),
+                "confidence": confidence_for(float(cue[ranked[0]])),
+            }
+        )
+    arguments = json.dumps({"regions": regions})
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_0",
+                "type": "function",
+                "function": {"name": "report_suspects", "arguments": arguments},
+            }
+        ],
+    }
+
+
+def guided_truth(
+    table: PatchTable, truth: list[int], defect: str | None, guidance: Guidance | None
+) -> list[int]:
+    """The ground-truth patches an operator following `guidance` wants reported."""
+    if guidance is None:
+        return truth
+    if not guidance.keeps_kind(defect):
+        return []
+    cols = table.columns
+    return [i for i in truth if not guidance.ignores({a: float(cols[a][i]) for a in "xyz"})]
+
+
+def _pick_guidance(
+    rng: np.random.Generator, split: str, defect: str | None, table: PatchTable, truth: list[int]
+) -> Guidance:
+    kind = GUIDANCE_KINDS[int(rng.integers(len(GUIDANCE_KINDS)))]
+    paraphrase = int(rng.choice(paraphrase_ids(kind, split)))
+    if kind == "only_kind":  # half the time the kind the scan has, else another one
+        wanted = defect if defect is not None and rng.random() < 0.5 else str(rng.choice(DEFECT_TYPES))
+        return make_guidance(kind, paraphrase, defect_kind=wanted)
+    if kind == "ignore_region":
+        axis = "xyz"[int(rng.integers(3))]
+        if truth:  # a border through or next to the defect, so that it is ignored about half the time
+            centre = float(np.mean(table.columns[axis][truth]))
+            above = bool(rng.random() < 0.5)
+            value = centre - 0.15 if above else centre + 0.15
+            if rng.random() < 0.5:
+                value = centre + 0.15 if above else centre - 0.15
+        else:
+            above, value = bool(rng.random() < 0.5), float(rng.uniform(-0.5, 0.5))
+        return make_guidance(kind, paraphrase, axis=axis, above=above, value=float(np.clip(value, -0.9, 0.9)))
+    return make_guidance(kind, paraphrase)
+
+
+@dataclass
+class PartScan:
+    """One scan of a training part: points, per-point labels (all False when normal) and its defect kind."""
+
+    name: str
+    points: np.ndarray
+    labels: np.ndarray
+    defect: str | None
+    split: str
+
+
+def part_scans(part: str, config: EpisodeConfig) -> tuple[list[np.ndarray], list[PartScan]]:
+    """Normal templates and the episode scans of one part, seeded by (seed, part, stem) as the benchmark
+    is."""
+    mesh = training_mesh(part)
+
+    def sample(stem: str, kind: str | None) -> tuple[np.ndarray, np.ndarray]:
+        seed = sample_seed(config.seed, part, stem)
+        points, normals = sample_surface(mesh, config.points, seed)
+        size = extent(points)
+        labels = np.zeros(len(points), dtype=bool)
+        if kind is not None:
+            points, labels, _, normals = make_defect(
+                points, normals, kind, seed + 1, scale=size, return_normals=True
+            )
+        moved, _ = scan_like(points, normals, seed + 2, noise=MESH_NOISE, scale=size)
+        return moved.astype(np.float32), np.asarray(labels, dtype=bool)
+
+    templates = [sample(f"{part}_template{i}", None)[0] for i in range(config.templates)]
+    n_test = round(config.test_share * config.scans_per_part)
+    scans = []
+    rng = np.random.default_rng(sample_seed(config.seed, part, "kinds"))
+    for i in range(config.scans_per_part):
+        normal = rng.random() < config.normal_share
+        kind = None if normal else DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))]
+        stem = f"{part}_{kind or 'positive'}{i}"
+        points, labels = sample(stem, kind)
+        split = "test" if i >= config.scans_per_part - n_test else "train"
+        scans.append(PartScan(stem, points, labels, kind, split))
+    return templates, scans
+
+
+def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: EpisodeConfig) -> Iterator[Episode]:
+    """The unguided episode of one scan and its guided ones (one analysis, one patching, several
+    overviews)."""
+    analysis = fitted.analyse(scan.points)
+
+    def conversation(guidance: Guidance | None):
+        inspect = InspectionConfig(
+            token_budget=config.overview_tokens,
+            seed=config.seed,
+            guidance=guidance.text if guidance else None,
+        )
+        scored = np.zeros(len(scan.points), dtype=bool)
+        return build_conversation(scan.points, fitted, analysis, inspect, scored)
+
+    patches, table, make_toolbox, messages = conversation(None)
+    truth = patch_truth(patches, scan.labels, config.patch_label_share)
+    tools = make_toolbox().openai_schemas()
+    rng = np.random.default_rng(sample_seed(config.seed, part, scan.name, "guidance"))
+    guidances = [
+        _pick_guidance(rng, scan.split, scan.defect, table, truth) for _ in range(config.guided_per_scan)
+    ]
+    for g, guidance in enumerate([None, *guidances]):
+        if (
+            guidance is not None
+        ):  # the patching does not depend on the guidance: only the overview's text changes
+            messages = conversation(guidance)[3]
+        wanted = guided_truth(table, truth, scan.defect, guidance)
+        yield Episode(
+            id=scan.name if guidance is None else f"{scan.name}_g{g}",
+            scan=scan.name,
+            split=scan.split,
+            part=part,
+            defect=scan.defect,
+            guidance=guidance,
+            messages=messages,
+            tools=tools,
+            target=target_report(table, wanted, config.max_target_ids),
+            truth_patches=wanted,
+            n_patches=int(patches.n_patches),
+        )
+
+
+def part_episodes(part: str, config: EpisodeConfig, out: Path | None = None) -> Iterator[Episode]:
+    """Fit the part's class, then every episode of its scans; with `out`, the fit and the test scans are saved
+    there (parts/<part>/ and scans/<scan>.npz) for `evals.tuned` to run the full pipeline on."""
+    templates, scans = part_scans(part, config)
+    fitted = fit_class(templates, config.detector)
+    if out is not None:
+        fitted.save(out / "parts" / part)
+        (out / "scans").mkdir(parents=True, exist_ok=True)
+        for scan in scans:
+            if scan.split == "test":
+                np.savez_compressed(
+                    out / "scans" / f"{scan.name}.npz", points=scan.points, labels=scan.labels
+                )
+    for scan in scans:
+        yield from scan_episodes(scan, part, fitted, config)
+
+
+def read_episodes(directory: str | Path, split: str | None = None) -> list[dict]:
+    """The episodes saved in `directory` (optionally one split), as dicts; a clear error for a wrong
+    folder."""
+    path = Path(directory) / EPISODES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory}: no {EPISODES_FILE} here (make one with python -m agent.tune episodes)"
+        )
+    episodes = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                episode = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not JSON ({err.msg})") from None
+            if split is None or episode.get("split") == split:
+                episodes.append(episode)
+    return episodes

@@ -1,0 +1,76 @@
+"""Train the learned ranker baseline (`agent.backends.ranker`) on the episodes' overview tables.
+
+Features come from the same parsing the backend does at inference (`parse_overview_table` + `row_features`),
+so
+training and use cannot drift apart. Only unguided training episodes are used: the ranker cannot read
+guidance, and
+a guided target would teach it noise. The threshold is the one that maximises F1 over the training patches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import precision_recall_curve
+from sklearn.preprocessing import StandardScaler
+
+from agent.backends.ranker import FORMAT, overview_text, parse_overview_table, row_features
+
+RANKER_FILE = "ranker.json"
+
+
+def ranker_dataset(episodes: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(feature names, X, y) over every shown patch of the unguided episodes; y = 1 for a ground-truth
+    patch."""
+    rows: list[dict[str, float]] = []
+    labels: list[int] = []
+    for episode in episodes:
+        if episode.get("guidance") is not None:
+            continue
+        table, total = parse_overview_table(overview_text(episode["messages"]))
+        truth = set(episode["truth_patches"])
+        for row in table:
+            rows.append(row_features(row, total))
+            labels.append(int(int(row["id"]) in truth))
+    if not rows:
+        raise ValueError("no unguided episodes with a patch table to train the ranker on")
+    names = sorted({k for r in rows for k in r})
+    x = np.array([[r.get(k, 0.0) for k in names] for r in rows], dtype=np.float64)
+    return names, x, np.array(labels, dtype=np.int64)
+
+
+def fit_ranker(episodes: list[dict], *, seed: int = 0, c: float = 1.0) -> dict:
+    """The ranker model (a JSON-ready dict) fitted on `episodes`."""
+    names, x, y = ranker_dataset(episodes)
+    if y.min() == y.max():
+        raise ValueError("the ranker needs both defect and normal patches among the training episodes")
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
+    model.fit(scaler.transform(x), y)
+    prob = model.predict_proba(scaler.transform(x))[:, 1]
+    precision, recall, thresholds = precision_recall_curve(y, prob)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    threshold = float(thresholds[int(np.argmax(f1))]) if len(thresholds) else 0.5
+    return {
+        "format": FORMAT,
+        "features": names,
+        "mean": scaler.mean_.tolist(),
+        "scale": scaler.scale_.tolist(),
+        "coef": model.coef_[0].tolist(),
+        "intercept": float(model.intercept_[0]),
+        "threshold": threshold,
+        "trained_on": {"patches": len(y), "defect_patches": int(y.sum()), "seed": seed, "C": c},
+    }
+
+
+def save_ranker(model: dict, out: Path) -> Path:
+    """Write `model` as out/ranker.json (through a temporary file: never half-written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RANKER_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(model, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,217 @@
+"""Tune the packaged SmolLM2 on inspection episodes: LoRA or prompt tuning (peft), on CPU, deterministic by
+seed.
+
+Each training example is the prompt the hf backend would decode after (`HFBackend.prompt`: the chat template
+with
+the tool list) followed by the text its constrained decoder writes for the episode's target call
+(`<tool_call>{"name": "report_suspects", "arguments": ...}</tool_call>`); the loss is on the target tokens
+only.
+Episodes whose prompt is longer than `max_tokens` are skipped (counted in the recipe), one example per step in
+a
+seeded order, AdamW, a fixed number of steps (or fewer when `max_minutes` runs out: the recipe says how many
+ran).
+
+Output folder: peft's adapter_config.json + adapter_model.safetensors, recipe.json (method, seed, steps,
+episodes
+hash, overview tokens, losses) and SHA256SUMS, written to a temporary folder and renamed, so a folder either
+holds a
+whole adapter or none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.backends.hf_adapter import CHECKSUM_FILE, RECIPE_FILE, file_sha256
+from agent.backends.hf_backend import CALL_CLOSE, CALL_OPEN
+from agent.tune.episodes import EPISODES_FILE, MANIFEST_FILE
+
+PROMPT_INIT = "Name only the patches whose statistics show a defect; report none on a normal scan."
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "lora"  # "lora" | "prompt"
+    steps: int = 200
+    lr: float | None = None  # default: 2e-4 for LoRA, 3e-2 for prompt tuning
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    virtual_tokens: int = 16
+    max_tokens: int = 3072  # longer examples are skipped
+    threads: int = 2
+    seed: int = 0
+    max_minutes: float | None = None
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.method == "lora" else 3e-2)
+
+
+def target_text(episode: dict) -> str:
+    """What the constrained hf decoder writes for the episode's target call (its exact spacing), then end of
+    turn."""
+    call = episode["target"]["tool_calls"][0]["function"]
+    return CALL_OPEN + f'{{"name": "{call["name"]}", "arguments": {call["arguments"]}}}' + CALL_CLOSE
+
+
+def episodes_hash(directory: Path) -> str:
+    return file_sha256(directory / EPISODES_FILE)
+
+
+def build_examples(
+    backend: Any, episodes: list[dict], max_tokens: int
+) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """(prompt ids, target ids) per episode within `max_tokens`, and how many were skipped as too long."""
+    tok = backend.tokenizer
+    end = tok.eos_token or ""
+    examples, skipped = [], 0
+    for episode in episodes:
+        prompt = tok(backend.prompt(episode["messages"], episode["tools"]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        target = tok(target_text(episode) + end, add_special_tokens=False)["input_ids"]
+        if len(prompt) + len(target) > max_tokens:
+            skipped += 1
+            continue
+        examples.append((prompt, target))
+    return examples, skipped
+
+
+def peft_model(model: Any, tokenizer: Any, config: TrainConfig, torch: Any) -> Any:
+    """The base model wrapped with a fresh LoRA or prompt-tuning adapter (seeded initialisation)."""
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    torch.manual_seed(config.seed)
+    if config.method == "lora":
+        spec = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
+        return get_peft_model(model, spec)
+    if config.method != "prompt":
+        raise ValueError(f"unknown method {config.method!r}; use lora or prompt")
+    tuned = get_peft_model(
+        model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens)
+    )
+    # start from the embeddings of a task sentence (peft's TEXT init would load a tokenizer by name)
+    ids = tokenizer(PROMPT_INIT, add_special_tokens=False)["input_ids"]
+    ids = (ids * (config.virtual_tokens // max(len(ids), 1) + 1))[: config.virtual_tokens]
+    with torch.no_grad():
+        words = model.get_input_embeddings()(torch.tensor(ids))
+        tuned.prompt_encoder["default"].embedding.weight.copy_(words)
+    return tuned
+
+
+def target_loss(model: Any, torch: Any, prompt: list[int], target: list[int]) -> Any:
+    """Mean cross-entropy of the target tokens after the prompt (and the virtual tokens, for prompt tuning).
+
+    The vocabulary projection runs on the target positions only: over a 2k-token prompt, full logits are
+    most of
+    the memory of a step and none of its loss."""
+    base = model.get_base_model()
+    embeds = base.get_input_embeddings()(torch.tensor([prompt + target]))
+    if model.peft_config["default"].is_prompt_learning:
+        embeds = torch.cat([model.get_prompt(batch_size=1).to(embeds.dtype), embeds], dim=1)
+    hidden = base.model(inputs_embeds=embeds).last_hidden_state
+    start = hidden.shape[1] - len(target) - 1
+    logits = base.lm_head(hidden[0, start:-1])
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(target))
+
+
+def train_adapter(
+    episodes_dir: Path,
+    out: Path,
+    config: TrainConfig,
+    *,
+    episodes: list[dict],
+    backend_factory: Callable[[], Any],
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Train one adapter on `episodes` (the training split) and write it to `out`; returns the recipe."""
+    backend = backend_factory()
+    torch = backend.torch
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    examples, skipped = build_examples(backend, episodes, config.max_tokens)
+    if not examples:
+        raise ValueError(f"{episodes_dir}: no training episode fits in {config.max_tokens} tokens")
+    model = peft_model(backend.model, backend.tokenizer, config, torch)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=0.0)
+    order = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    started = time.perf_counter()
+    steps_done = 0
+    sequence: list[int] = []
+    for step in range(config.steps):
+        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
+            break
+        if not sequence:
+            sequence = torch.randperm(len(examples), generator=order).tolist()
+        prompt, target = examples[sequence.pop()]
+        loss = target_loss(model, torch, prompt, target)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        losses.append(round(float(loss.detach()), 4))
+        steps_done = step + 1
+        if progress is not None and (step % 10 == 0 or step == config.steps - 1):
+            progress(
+                f"step {step + 1}/{config.steps} loss {float(loss):.3f} "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
+    manifest_path = episodes_dir / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    recipe = {
+        "format": "scanagent-adapter",
+        "method": config.method,
+        "config": asdict(config),
+        "steps_done": steps_done,
+        "examples": len(examples),
+        "skipped_too_long": skipped,
+        "episodes": str(episodes_dir),
+        "episodes_sha256": episodes_hash(episodes_dir),
+        "overview_tokens": manifest.get("config", {}).get("overview_tokens"),
+        "base_model": os.path.basename(str(backend.source)),
+        "seconds": round(time.perf_counter() - started, 1),
+        "loss_first10": losses[:10],
+        "loss_last10": losses[-10:],
+    }
+    write_adapter(model, out, recipe)
+    if not model.peft_config["default"].is_prompt_learning:
+        model.unload()  # LoRA layers were injected into the backend's model: take them out again
+    return recipe
+
+
+def write_adapter(model: Any, out: Path, recipe: dict) -> None:
+    """peft's folder + recipe.json + SHA256SUMS, through a temporary folder renamed at the end."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True), encoding="utf-8")
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
+        sums = "".join(f"{file_sha256(tmp / n)}  {n}\n" for n in names)
+        (tmp / CHECKSUM_FILE).write_text(sums, encoding="utf-8")
+        if out.exists():  # never replace what is there (the CLI refuses earlier, with exit 2)
+            raise FileExistsError(f"{out}: already exists; choose a new adapter folder")
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def adapter_digest(out: Path) -> str:
+    """One sha256 over the adapter's checksum file: the adapter's identity in reports."""
+    return hashlib.sha256((out / CHECKSUM_FILE).read_bytes()).hexdigest()

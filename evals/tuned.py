@@ -1,0 +1,177 @@
+"""Backends on the held-out test episodes of `agent.tune`: the full pipeline per scan, scored against ground
+truth.
+
+    python -m evals.tuned --episodes EPISODES --backends policy,ranker=RANKER.json,hf,hf=ADAPTER --limit 12
+
+Every test episode is run through `agent.pipeline.inspect_scan` on its saved scan with its part's saved fit,
+its
+guidance and the overview size the episodes were made with, so each backend sees what the tuned model was
+trained
+on, on parts and paraphrases it never saw. Per backend: patch recall (defect episodes where a reported patch
+is a
+target patch), false-region rate (reported regions without a target patch), empty reports on episodes whose
+target
+is empty, fallbacks, seconds and tokens; over the unguided episodes also O-AUROC and P-AUROC from the
+verifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.backends import BackendUnavailable, get_backend
+from agent.pipeline import InspectionConfig, inspect_scan
+from agent.tune.episodes import MANIFEST_FILE, read_episodes
+from detector.fitted import FittedClass
+from evals.metrics import o_auroc, p_auroc
+
+
+def backend_from_spec(spec: str):
+    """ "policy", "ranker=FILE", "hf" (base model), "hf=ADAPTER_DIR", "random-regions" -> (label, backend)."""
+    name, _, arg = spec.partition("=")
+    if name == "ranker":
+        return name, get_backend("ranker", model=arg or None)
+    if name == "hf":
+        return (f"hf:{Path(arg).name}" if arg else "hf:base"), get_backend(
+            "hf", adapter=arg or None, threads=2
+        )
+    return name, get_backend(name)
+
+
+def _reported(inspection) -> list[list[int]]:
+    return [list(r.patch_ids) for r in inspection.verification.regions]
+
+
+def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=print) -> dict:
+    """Per-backend metrics on the test episodes (`limit` of them, evenly spread over the file)."""
+    episodes = read_episodes(directory, split="test")
+    if limit is not None and 0 < limit < len(episodes):  # evenly spread, so every part is in a short run
+        episodes = [episodes[i * len(episodes) // limit] for i in range(limit)]
+    if not episodes:
+        raise ValueError(f"{directory}: no test episodes")
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    budget = int(manifest["config"]["overview_tokens"])
+    fits = {
+        part: FittedClass.load(directory / "parts" / part) for part in sorted({e["part"] for e in episodes})
+    }
+    scans, analyses = {}, {}
+    for e in episodes:
+        stem = e["scan"]
+        if stem not in scans:
+            with np.load(directory / "scans" / f"{stem}.npz") as data:
+                scans[stem] = (data["points"], data["labels"].astype(bool))
+            analyses[stem] = fits[e["part"]].analyse(scans[stem][0])
+    results = {}
+    for spec in specs:
+        label, backend = backend_from_spec(spec)
+        rows = []
+        for e in episodes:
+            stem = e["scan"]
+            points, labels = scans[stem]
+            guidance = e["guidance"]["text"] if e["guidance"] else None
+            config = InspectionConfig(token_budget=budget, guidance=guidance, seed=manifest["config"]["seed"])
+            started = time.perf_counter()
+            inspection = inspect_scan(
+                points, fits[e["part"]], backend, config=config, analysis=analyses[stem]
+            )
+            regions = _reported(inspection)
+            truth = set(e["truth_patches"])
+            rows.append(
+                {
+                    "id": e["id"],
+                    "guided": e["guidance"] is not None,
+                    "truth": bool(truth),
+                    "hit": bool(truth & {p for r in regions for p in r}),
+                    "regions": len(regions),
+                    "false_regions": sum(1 for r in regions if not truth & set(r)),
+                    "fallback": inspection.outcome.fallback_used,
+                    "tokens": inspection.outcome.usage.total_tokens,
+                    "seconds": time.perf_counter() - started,
+                    "object_score": inspection.object_score,
+                    "labels": labels,
+                    "point_scores": inspection.point_scores,
+                    "normal": not labels.any(),
+                }
+            )
+        results[label] = summarise(rows)
+        log(f"{label}: {json.dumps(results[label])}")
+    return {"episodes": len(episodes), "overview_tokens": budget, "backends": results}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The metrics of one backend over its episode rows (see the module docstring)."""
+
+    def share(values: list[bool]) -> float | None:
+        return round(float(np.mean(values)), 3) if values else None
+
+    defect = [r for r in rows if r["truth"]]
+    empty = [r for r in rows if not r["truth"]]
+    n_regions = sum(r["regions"] for r in rows)
+    out = {
+        "episodes": len(rows),
+        "recall": share([r["hit"] for r in defect]),
+        "recall_guided": share([r["hit"] for r in defect if r["guided"]]),
+        "false_region_rate": round(sum(r["false_regions"] for r in rows) / n_regions, 3)
+        if n_regions
+        else None,
+        "empty_when_target_empty": share([r["regions"] == 0 for r in empty]),
+        "fallbacks": sum(r["fallback"] for r in rows),
+        "seconds_per_episode": round(float(np.mean([r["seconds"] for r in rows])), 2),
+        "tokens_per_episode": round(float(np.mean([r["tokens"] for r in rows])), 1),
+    }
+    plain = [r for r in rows if not r["guided"]]
+    kinds = {r["normal"] for r in plain}
+    out["o_auroc"] = (
+        round(o_auroc([r["object_score"] for r in plain], [int(not r["normal"]) for r in plain]), 3)
+        if len(kinds) == 2
+        else None
+    )
+    defective = [r for r in plain if not r["normal"]]
+    out["p_auroc"] = (
+        round(p_auroc([r["point_scores"] for r in plain], [r["labels"] for r in plain]), 3)
+        if defective
+        else None
+    )
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evals.tuned", description=__doc__.split("\n")[0])
+    p.add_argument("--episodes", required=True, type=Path)
+    p.add_argument(
+        "--backends", default="policy", help="comma-separated: policy, ranker=FILE, hf, hf=ADAPTER"
+    )
+    p.add_argument("--limit", type=int, default=None, help="N test episodes, evenly spread over the parts")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    try:
+        result = evaluate(
+            args.episodes,
+            [s for s in args.backends.split(",") if s],
+            args.limit,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    except BackendUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=1)
+    if args.out is not None:
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Tuning the agent: episodes (deterministic, held-out classes never used, targets = ground truth), the
+learned
+ranker baseline, the compact overview a tuned backend asks for, and a real 2-step LoRA / prompt-tuning run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from agent.backends.policy import PolicyBackend
+from agent.backends.ranker import RankerBackend, parse_overview_table
+from agent.pipeline import InspectionConfig, inspect_scan
+from agent.tune.__main__ import main as tune_main
+from agent.tune.episodes import EpisodeConfig, guided_truth, part_episodes, patch_truth
+from agent.tune.guidance import PARAPHRASES, make_guidance, paraphrase_ids
+from agent.tune.ranker_fit import fit_ranker, save_ranker
+from scans.bench import discover_sources
+from scans.patches import build_patches
+from scans.training_parts import HELD_OUT_CLASSES, TRAINING_PARTS, is_held_out, training_mesh
+from tests.tiny import TINY_FIT
+
+TINY_EPISODES = EpisodeConfig(
+    parts=("tee_plate",),
+    points=2500,
+    templates=2,
+    scans_per_part=4,
+    test_share=0.25,
+    overview_tokens=1200,
+    detector=TINY_FIT,
+)
+
+
+@pytest.fixture(scope="module")
+def episodes() -> list[dict]:
+    return [json.loads(e.to_json()) for e in part_episodes("tee_plate", TINY_EPISODES)]
+
+
+def test_training_parts_are_disjoint_from_the_benchmark_classes():
+    benchmark = set(discover_sources()[0])
+    assert benchmark, "the benchmark has classes"
+    assert not set(TRAINING_PARTS) & (benchmark | HELD_OUT_CLASSES)
+    assert all(is_held_out(name) for name in benchmark)
+    with pytest.raises(ValueError, match="held out"):
+        training_mesh("gear")
+
+
+def test_episodes_refuse_a_benchmark_class(tmp_path, capsys):
+    assert tune_main(["episodes", "--out", str(tmp_path / "eps"), "--parts", "flange"]) == 2
+    assert "flange" in capsys.readouterr().err
+    assert not (tmp_path / "eps").exists()
+
+
+def test_episodes_are_deterministic(episodes):
+    again = [json.loads(e.to_json()) for e in part_episodes("tee_plate", TINY_EPISODES)]
+    assert again == episodes
+    other = replace(TINY_EPISODES, seed=1)
+    assert [json.loads(e.to_json()) for e in part_episodes("tee_plate", other)] != episodes
+
+
+def test_targets_follow_ground_truth_and_guidance(episodes):
+    assert {e["split"] for e in episodes} == {"train", "test"}
+    for e in episodes:
+        call = e["target"]["tool_calls"][0]["function"]
+        assert call["name"] == "report_suspects"
+        regions = json.loads(call["arguments"])["regions"]
+        named = [pid for r in regions for pid in r["patch_ids"]]
+        assert set(named) <= set(e["truth_patches"])
+        assert bool(named) == bool(e["truth_patches"])
+        if e["defect"] is None:
+            assert regions == []
+        g = e["guidance"]
+        if g is None:
+            assert "GUIDANCE" not in e["messages"][1]["content"]
+            continue
+        assert g["text"] in e["messages"][1]["content"]
+        assert g["paraphrase"] in paraphrase_ids(g["kind"], e["split"])
+        if g["kind"] == "only_kind" and g["defect_kind"] != e["defect"]:
+            assert regions == []
+        if g["kind"] == "ignore_region":
+            rows = {int(r["id"]): r for r in parse_overview_table(e["messages"][1]["content"])[0]}
+            for pid in named:
+                coordinate = rows[pid][g["axis"]]
+                assert not (coordinate > g["value"] if g["above"] else coordinate < g["value"])
+    unguided = {e["id"]: e for e in episodes if e["guidance"] is None}
+    assert any(e["defect"] for e in unguided.values())
+
+
+def test_guidance_changes_the_target_to_match():
+    table = SimpleNamespace(columns={"x": np.array([-0.5, 0.5]), "y": np.zeros(2), "z": np.zeros(2)})
+    ignore_right = make_guidance("ignore_region", 0, axis="x", above=True, value=0.0)
+    assert guided_truth(table, [0, 1], "bulge", ignore_right) == [0]
+    only_holes = make_guidance("only_kind", 0, defect_kind="hole")
+    assert guided_truth(table, [0, 1], "bulge", only_holes) == []
+    assert guided_truth(table, [0, 1], "hole", only_holes) == [0, 1]
+    assert guided_truth(table, [0, 1], "bulge", make_guidance("normal_feature", 0)) == [0, 1]
+
+
+def test_paraphrases_for_testing_are_never_used_in_training():
+    for kind, texts in PARAPHRASES.items():
+        train, test = set(paraphrase_ids(kind, "train")), set(paraphrase_ids(kind, "test"))
+        assert train and test and not train & test and train | test == set(range(len(texts)))
+
+
+def test_patch_truth_takes_patches_with_enough_labelled_points(rng):
+    points = rng.normal(size=(400, 3))
+    patches = build_patches(points, 8, seed=0)
+    labels = np.zeros(400, dtype=bool)
+    members = patches.points_of([3])
+    labels[members[: len(members) // 2]] = True  # half of patch 3
+    labels[patches.points_of([5])[:1]] = True  # one point of patch 5
+    assert patch_truth(patches, labels, 0.2) == [3]
+    assert patch_truth(patches, np.zeros(400, dtype=bool), 0.2) == []
+
+
+def _table_text(rows: list[list[float]], total: int) -> str:
+    header = "id x y z n_points z_curvature z_roughness z_spacing z_recon_error_mean z_recon_error_max cue"
+    lines = [" ".join(f"{v:.2f}" if i else str(int(v)) for i, v in enumerate(r)) for r in rows]
+    return f"# Scan overview\nPoints: {total}.\n\n## Patch table\n{header}\n" + "\n".join(lines) + "\n"
+
+
+def _planted_episode(rng: np.random.Generator, planted: int | None, n: int = 12) -> dict:
+    rows = []
+    for pid in range(n):
+        z = rng.normal(size=5)
+        if pid == planted:
+            z[3] += 6.0
+            z[4] += 5.0
+        rows.append([pid, *rng.uniform(-1, 1, 3), 100, *z, float(np.maximum(z, 0).mean())])
+    return {
+        "guidance": None,
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": _table_text(rows, 100 * n)},
+        ],
+        "truth_patches": [] if planted is None else [planted],
+    }
+
+
+def test_ranker_trains_and_ranks_a_planted_anomaly_first(tmp_path, rng):
+    train = [_planted_episode(rng, int(rng.integers(12)) if i % 4 else None) for i in range(40)]
+    path = save_ranker(fit_ranker(train), tmp_path)
+    backend = RankerBackend(model=path)
+    test = _planted_episode(rng, 7)
+    assert backend.ranked(test["messages"])[0][0] == 7
+    tools = [{"type": "function", "function": {"name": "report_suspects", "parameters": {}}}]
+    regions = json.loads(backend.chat(test["messages"], tools).tool_calls[0].arguments)["regions"]
+    assert regions[0]["patch_ids"][0] == 7
+    assert json.loads(path.read_text())["format"] == "scanagent-patch-ranker"
+
+
+def test_ranker_reads_the_real_overview(episodes):
+    for e in episodes:
+        rows, total = parse_overview_table(e["messages"][1]["content"])
+        assert len(rows) == e["n_patches"] and total is not None
+
+
+class CompactPolicy(PolicyBackend):
+    overview_tokens = 900
+
+
+def test_a_backend_trained_on_a_compact_overview_gets_it(fitted, scan, analysis):
+    config = InspectionConfig(token_budget=3000)
+    full = inspect_scan(scan, fitted, PolicyBackend(), config=config, analysis=analysis)
+    compact = inspect_scan(scan, fitted, CompactPolicy(), config=config, analysis=analysis)
+    assert compact.patches.n_patches < full.patches.n_patches
+
+
+# -- real model: a 2-step LoRA run and a 1-step prompt-tuning run on 2 tiny episodes
+# --------------------------------
+@pytest.fixture(scope="module")
+def base_backend():
+    from agent.backends.base import BackendUnavailable
+    from agent.backends.hf_backend import HFBackend
+
+    try:
+        return HFBackend(threads=1)
+    except BackendUnavailable as err:
+        pytest.skip(str(err))
+
+
+def _last_logits(backend, text: str):
+    import torch
+
+    ids = backend.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return backend.model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def _short(episode: dict) -> dict:
+    """The episode with its system prompt and overview cut to their first lines: a training step on 2 cores
+    stays
+    a few seconds, and the mechanics (target tokens, adapter files, loading) are the same."""
+    system, overview = (m["content"] for m in episode["messages"][:2])
+    return {
+        **episode,
+        "messages": [
+            {"role": "system", "content": system.split("\n")[0]},
+            {"role": "user", "content": "\n".join(overview.split("\n")[:12])},
+        ],
+    }
+
+
+def _train(tmp_path, episodes, base_backend, method: str, steps: int):
+    from agent.tune.train import TrainConfig, train_adapter
+
+    short = [_short(e) for e in episodes[:2]]
+    folder = tmp_path / "episodes"
+    folder.mkdir(exist_ok=True)
+    (folder / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in short))
+    (folder / "manifest.json").write_text(json.dumps({"config": {"overview_tokens": 1200}}))
+    out = tmp_path / method
+    recipe = train_adapter(
+        folder,
+        out,
+        TrainConfig(method=method, steps=steps, threads=1, lr=1e-2),
+        episodes=short,
+        backend_factory=lambda: base_backend,
+    )
+    return out, recipe, short
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_path, episodes, base_backend):
+    from agent.backends.hf_backend import HFBackend
+
+    short = _short(episodes[0])
+    text = base_backend.prompt(short["messages"], short["tools"])
+    before = _last_logits(base_backend, text)
+    out, recipe, _ = _train(tmp_path, episodes, base_backend, "lora", steps=2)
+    assert recipe["steps_done"] == 2 and recipe["overview_tokens"] == 1200
+    assert {"adapter_config.json", "adapter_model.safetensors", "recipe.json", "SHA256SUMS"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert (out / "adapter_model.safetensors").stat().st_size < 20e6
+    tuned = HFBackend(threads=1, adapter=str(out))
+    assert tuned.overview_tokens == 1200
+    after = _last_logits(tuned, text)
+    assert float((after - before).abs().max()) > 1e-4
+    assert HFBackend(threads=1, adapter="none").adapter is None
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_a_prompt_tuned_adapter_decodes_incrementally_like_from_scratch(tmp_path, episodes, base_backend):
+    from agent.backends.hf_backend import HFBackend
+    from agent.backends.hf_decoder import Decoder as _Decoder
+
+    out, _, short = _train(tmp_path, episodes, base_backend, "prompt", steps=1)
+    tuned = HFBackend(threads=1, adapter=str(out))
+    text = tuned.prompt(short[0]["messages"], short[0]["tools"])
+
+    def decoder():
+        dec = _Decoder(tuned.model, tuned.tokenizer, tuned.torch)
+        dec._forward = tuned._forward_override.__get__(dec)
+        return dec
+
+    stepwise, fresh = decoder(), decoder()
+    stepwise.set_text(text[:-100])
+    stepwise.set_text(text[:-150])  # shorter: crops the cache, keeping the virtual tokens
+    stepwise.set_text(text)
+    fresh.set_text(text)
+    assert float((stepwise.last_logits - fresh.last_logits).abs().max()) < 1e-3
+    base = _Decoder(base_backend.model, base_backend.tokenizer, base_backend.torch)
+    base.set_text(text)
+    assert float((fresh.last_logits - base.last_logits).abs().max()) > 1e-4
+    reply = tuned.chat(short[0]["messages"], short[0]["tools"])
+    assert reply.tool_calls and json.loads(reply.tool_calls[0].arguments) is not None
