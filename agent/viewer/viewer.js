@@ -52,7 +52,9 @@
   document.getElementById("title").textContent = data.title;
   const summary = document.getElementById("summary");
   const facts = [
-    ["object score", fmt(report.object_score)],
+    ["verdict", report.summary || (report.verdict || "no verdict")],
+    ["object score", fmt(report.object_score) + (report.threshold !== null && report.threshold !== undefined
+      ? " (threshold " + fmt(report.threshold) + ")" : "")],
     ["verified", (100 * report.verified_fraction).toFixed(1) + "% of " + report.n_points + " points"],
     ["backend", report.backend + (report.fallback && report.fallback.used ? " → fallback " + report.reporting_backend : "")],
     ["shown", n === report.n_points ? "all " + n + " points"
@@ -130,7 +132,9 @@
     const head = el("div", "head");
     head.append(el("span", "number " + region.verdict, String(region.id)), el("span", "verdict", region.verdict),
       el("span", "counts", region.point_count + " points, confidence " + fmt(region.confidence)));
-    item.append(head, el("div", "reason", region.reason));
+    if (region.explanation) item.append(head, el("div", "explanation", region.explanation));
+    else item.append(head);
+    item.append(el("div", "reason", region.reason));
     if (region.max_distance !== null && region.max_distance !== undefined) {
       item.append(el("div", "distance", "bank distance max " + fmt(region.max_distance) +
         (region.threshold ? " vs threshold " + fmt(region.threshold) : "")));
