@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scans import strict_json
-from scans.io import umask_mode
+from scans.files import atomic_write_text
 
 SUMMARY_FIELDS = (
     "scan",
@@ -78,17 +77,6 @@ class ScanRow:
         )
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            out.write(text)
-        os.chmod(temp, umask_mode())
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
-
-
 def write_run_summary(rows: list[ScanRow], out_root: str | os.PathLike) -> tuple[Path, Path]:
     """summary.csv and summary.json in `out_root` (each written whole, then renamed)."""
     root = Path(out_root)
@@ -99,8 +87,8 @@ def write_run_summary(rows: list[ScanRow], out_root: str | os.PathLike) -> tuple
     writer.writerows(asdict(row) for row in rows)
     counts = {v: sum(r.verdict == v for r in rows) for v in ("defective", "normal", "no verdict", "failed")}
     document = {"counts": counts, "scans": [asdict(row) for row in rows]}
-    _atomic_text(root / "summary.csv", buffer.getvalue())
-    _atomic_text(root / "summary.json", strict_json.dumps(document, missing_as_null=True, indent=2))
+    atomic_write_text(root / "summary.csv", buffer.getvalue())
+    atomic_write_text(root / "summary.json", strict_json.dumps(document, missing_as_null=True, indent=2))
     return root / "summary.csv", root / "summary.json"
 
 

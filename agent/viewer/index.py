@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 from jinja2 import Environment
 
-from agent.viewer.page import redact, write_text_atomic
+from agent.viewer.page import redact
+from scans.files import atomic_write_text
 
 INDEX_NAME = "index.html"
 GENERATOR = (
@@ -84,4 +85,4 @@ def write_index(out_root: str | os.PathLike) -> Path | None:
     template = Environment(autoescape=True).from_string(
         resources.files("agent.viewer").joinpath("index.html.j2").read_text(encoding="utf-8")
     )
-    return write_text_atomic(root / INDEX_NAME, template.render(rows=redact(rows)))
+    return atomic_write_text(root / INDEX_NAME, template.render(rows=redact(rows)))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ import numpy as np
 from jinja2 import Environment
 from markupsafe import Markup
 
-from agent.transcript import REDACTED, secrets_from_env
+from agent.secrets import Redactor
 from scans import strict_json
+from scans.files import atomic_write_text
 from scans.render import HEAT_CMAP, VERDICT_STYLES, subsample_indices
 
 MAX_VIEWER_POINTS = 200_000
@@ -47,18 +47,9 @@ def _script_safe(text: str) -> Markup:
     return Markup(text.replace("</", "<\\/"))
 
 
-def redact(value: Any, secrets: list[str] | None = None) -> Any:
+def redact(value: Any) -> Any:
     """`value` with every credential found in the environment replaced (the page may be mailed around)."""
-    secrets = sorted(secrets_from_env() if secrets is None else secrets, key=len, reverse=True)
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {k: redact(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, secrets) for v in value]
-    return value
+    return Redactor.for_run()(value)
 
 
 def colour_table() -> list[list[int]]:
@@ -152,23 +143,6 @@ def render_viewer_html(data: dict) -> str:
     )
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write to a temp file beside `path` and rename, so a failed write leaves no half-written page."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)  # readable like any file the user writes (mkstemp makes it private)
-        os.replace(temp, target)
-    finally:
-        Path(temp).unlink(missing_ok=True)
-    return target
-
-
 def write_viewer(
     path: str | os.PathLike,
     points: np.ndarray,
@@ -182,4 +156,4 @@ def write_viewer(
 ) -> Path:
     """Write one scan's viewer.html (see the module docstring)."""
     data = viewer_data(points, scores, report, regions, title=title, max_points=max_points, seed=seed)
-    return write_text_atomic(path, render_viewer_html(data))
+    return atomic_write_text(path, render_viewer_html(data))
