@@ -56,7 +56,9 @@ class FitOptions:
     init: Path | None = None  # pretrained backbone folder (tools.pointmae_train CLI output)
     preset: str = "small"  # "small" (2 CPU cores) | "paper" (Point-MAE's published size)
     mesh_points: int = DEFAULT_MESH_POINTS
-    register: bool = False  # align scans to the first template + coordinate bank (unaligned scans)
+    # align scans to the first template + coordinate bank (unaligned scans); None: the fit measures whether the
+    # training scans are aligned already and decides (detector.registration_choice)
+    register: bool | None = None
 
 
 @dataclass
@@ -79,6 +81,8 @@ class FitReport:
         default_factory=list
     )  # per training scan; empty without --register
     coord_bank_size: int = 0
+    registration: dict = field(default_factory=dict)  # what was decided and why (fitted.json info)
+    surface_cues: bool = False
 
 
 def peak_memory_mb() -> float:
@@ -265,6 +269,8 @@ def fit_from_options(options: FitOptions, progress: ProgressCallback | None = No
         thresholds=dict(fitted.thresholds),
         registration_fitness=list(info.get("registration_fitness", [])),
         coord_bank_size=int(info.get("coord_bank_size", 0)),
+        registration=dict(info.get("registration_decision", {})),
+        surface_cues=fitted.cues is not None,
     )
 
 
@@ -272,6 +278,7 @@ def fit_from_options(options: FitOptions, progress: ProgressCallback | None = No
 FIT_EPILOG = """examples:
   scanagent fit --train my_parts/normal/ --out banks/bracket
   scanagent fit --data anomaly-shapenet:dev-bench --cls flange --out banks/flange --register
+  (without --register / --no-register the fit measures whether the scans are aligned and decides)
   (`python -m agent.fit ...` is the same command)
 
 exit codes: 0 ok, 2 bad input (unreadable or too few scans, bad dataset spec or class, bad option)"""
@@ -310,11 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mesh-points", type=int, default=DEFAULT_MESH_POINTS, help="points sampled from mesh inputs"
     )
-    p.add_argument(
+    pose = p.add_mutually_exclusive_group()
+    pose.add_argument(
         "--register",
-        action="store_true",
+        action="store_const",
+        const=True,
+        dest="register",
         help="scans are not pre-aligned: register each to the first training scan (FPFH+RANSAC+ICP) "
-        "and add a bank of registered coordinates",
+        "and add a bank of registered coordinates (default: the fit measures and decides)",
+    )
+    pose.add_argument(
+        "--no-register",
+        action="store_const",
+        const=False,
+        dest="register",
+        help="scans are pre-aligned: never register (default: the fit measures and decides)",
     )
     return p
 
@@ -329,6 +346,12 @@ def summary_table(report: FitReport) -> Table:
     table.add_row("bank", f"{report.bank_size:,} x {report.feature_dim}")
     if report.train_steps:
         table.add_row("Point-MAE steps", str(report.train_steps))
+    decision = report.registration
+    if decision:
+        how = "decided by the fit" if decision.get("decided_by") == "fit" else "forced by the flag"
+        said = "register" if decision.get("register") else "no registration"
+        why = f": {decision['reason']}" if decision.get("reason") else ""
+        table.add_row("pose", f"{said} ({how}){why}")
     if report.registration_fitness:
         fit = report.registration_fitness
         table.add_row(
@@ -345,6 +368,10 @@ def summary_table(report: FitReport) -> Table:
         f"features {s['features']:.1f}, bank {s['bank']:.1f})",
     )
     table.add_row("peak memory", f"{report.peak_memory_mb:,.0f} MB")
+    table.add_row(
+        "surface cues",
+        "surface distance + uncovered rim, fused with the bank" if report.surface_cues else "none",
+    )
     if report.thresholds:
         table.add_row(
             "normal patch p95 / max",

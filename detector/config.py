@@ -36,9 +36,13 @@ class DetectorConfig:
     recon_rounds: int = 2
     seed: int = 0
     # Align every scan to the first template and add the bank of registered coordinates
-    # (detector.registration), for
-    # scans that are not pre-aligned. Costs one registration per scan (a few seconds on 2 cores).
-    register: bool = False
+    # (detector.registration), for scans that are not pre-aligned. Costs one registration per scan. None: the
+    # fit measures whether its training scans are aligned already and decides (detector.registration_choice);
+    # a fitted class always holds the decision (True or False).
+    register: bool | None = None
+    # Per-point surface distance and uncovered-rim cues fused with the bank (detector.surface_cues); needs two
+    # or more training scans (they calibrate on each other), so a one-scan fit turns it off.
+    surface_cues: bool = True
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -49,5 +53,6 @@ class DetectorConfig:
     def from_dict(cls, data: dict) -> DetectorConfig:
         data = dict(data)
         data.setdefault("register", False)  # fits saved before registration existed
+        data.setdefault("surface_cues", False)  # fits saved before the cues existed
         data["backbone"] = PointMAEConfig.from_json(data["backbone"])
         return cls(**data)

@@ -25,6 +25,7 @@ from detector.interpolation import interpolate_with, interpolation_support
 from detector.persistence import read_fit, write_fit
 from detector.pointmae import PointMAE
 from detector.registration import IDENTITY, Alignment, CoordinateBank, align
+from detector.surface_cues import CUE_NAMES, SurfaceCues
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ScanAnalysis:
     # scores
     # are spread over the same support, so a point's score depends on exactly these patches
     support: tuple[np.ndarray, np.ndarray] | None = None
+    # float32 (N,) per point: the summed surface cues in normal units (detector.surface_cues); None without
+    cue_total: np.ndarray | None = None
 
     @property
     def n_patches(self) -> int:
@@ -126,8 +129,14 @@ class FittedClass:
         *,
         coord_bank: CoordinateBank | None = None,
         score_norms: dict[str, float] | None = None,
+        cues: SurfaceCues | None = None,
     ) -> None:
         self.config = config
+        # per-point surface evidence fused with the bank's score (config.surface_cues), in the same unit: the
+        # bank's parts are divided by their normal-data norms, so "feature" must be among them
+        self.cues = cues
+        if config.surface_cues and (cues is None or "feature" not in (score_norms or {})):
+            raise ValueError("a fit with surface cues needs its cues and the feature bank's score norm")
         # register=True: the registered training points and the normal-data scales (feature, coord) that put
         # the two
         # banks' distances in one unit before they are added
@@ -192,6 +201,11 @@ class FittedClass:
             alignment.template_distance is not None
         ):  # distance to the one reference template, found while aligning
             point_stats["template_distance"] = alignment.template_distance
+        cue_total = None
+        if self.cues is not None:  # in the templates' frame: registered, or the input pose (pre-aligned)
+            cues = self.cues.per_point(pts if registered is None else registered)
+            point_stats |= cues
+            cue_total = sum(cues[name] for name in CUE_NAMES).astype(np.float32)
         return ScanAnalysis(
             points=pts,
             patches=patches,
@@ -201,6 +215,7 @@ class FittedClass:
             alignment=alignment,
             registered=registered,
             support=support,
+            cue_total=cue_total,
         )
 
     def patch_distances(self, analysis: ScanAnalysis, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +225,8 @@ class FittedClass:
         limits)."""
         feats = analysis.patches.features[patch_ids]
         dist, nn_idx = self.bank.score(feats)
+        if self.cues is not None and self.coord_bank is None:
+            dist = (dist / self.score_norms["feature"]).astype(np.float32)
         if self.coord_bank is not None:
             if analysis.registered is None:
                 raise ValueError("this fit registers scans; analyse the scan with the same fit first")
@@ -269,6 +286,10 @@ class FittedClass:
             support_idx, weights = analysis.interpolation()
             point_scores = interpolate_with((support_idx[pids], weights[pids]), by_patch)
         obj = float(self.bank.object_score(feats, dist, nn_idx))
+        if analysis.cue_total is not None and pids.size:
+            # the cues are per point and computed in analyse, so a subset's fused score equals the full one's
+            point_scores = point_scores + analysis.cue_total[pids]
+            obj = max(obj, float(point_scores.max()))
         return ScanScores(
             patch_ids=patch_ids,
             patch_scores=dist.astype(np.float32),
@@ -302,6 +323,7 @@ class FittedClass:
             coord_bank=self.coord_bank,
             score_norms=self.score_norms,
             backbone_id=self.backbone_id(),
+            cues=self.cues,
         )
 
     @classmethod

@@ -14,45 +14,22 @@ the bank rows that came from the *other* templates, which is what a normal test 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from detector.bank import MemoryBank
-from detector.calibration import loo_object_scores, object_threshold
+from detector.calibration import object_threshold
 from detector.config import TRAIN_THREADS, DetectorConfig, FitError
 from detector.features import make_extractor, torch_threads
 from detector.fitted import FittedClass
+from detector.normal_scores import TemplateViews, feature_scores, fused_patch_scores, view_object_scores
 from detector.pointmae import PointMAE, estimate_scale
 from detector.registration import COORD_VOXEL_SHARE, MIN_FITNESS, CoordinateBank, align
+from detector.registration_choice import choose_registration
+from detector.surface_cues import SurfaceCues
 from scans.geometry import voxel_downsample
 from scans.progress import Progress
-
-
-def _loo_patch_scores(
-    features: list[np.ndarray], bank: MemoryBank, bank_source: np.ndarray, k: int = 16
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Each template's (patch distances, nearest bank rows) among the rows from other templates (normal-data
-    calibration).
-
-    Candidates come from a batched faiss search on mean-centred features; their distances are then recomputed
-    exactly, because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances
-    between
-    normal patches to cancellation."""
-    import faiss
-
-    rows = np.ascontiguousarray(bank.features, dtype=np.float32)
-    centre = rows.mean(axis=0)
-    index = faiss.IndexFlatL2(rows.shape[1])
-    index.add(rows - centre)
-    out = []
-    for template, feats in enumerate(features):
-        _, nn = index.search(np.ascontiguousarray(feats - centre, dtype=np.float32), min(k, len(rows)))
-        exact = np.linalg.norm(rows[nn].astype(np.float64) - feats[:, None, :].astype(np.float64), axis=2)
-        exact[bank_source[nn] == template] = np.inf  # only rows from other templates count
-        best = exact.argmin(axis=1)
-        # inf: every candidate came from the same template, no honest estimate
-        out.append((exact[np.arange(len(feats)), best], nn[np.arange(len(feats)), best]))
-    return out
 
 
 def _check_train_scans(
@@ -102,6 +79,8 @@ def fit_class(
     Bad input raises FitError naming the scan (``names`` gives the scans' names, e.g. their files)."""
     names = list(names) if names is not None else [f"training scan {i}" for i in range(len(train_scans))]
     scans = _check_train_scans(list(train_scans), names, config)
+    if config.surface_cues and len(scans) < 2:
+        config = replace(config, surface_cues=False)  # the cues calibrate templates on each other
     if config.register and len(scans) < 2:
         raise FitError(
             "registration needs at least two training scans: the coordinate bank's scale is measured on "
@@ -122,10 +101,18 @@ def fit_class(
     backbone: PointMAE | None = None
     fitness: list[float] = []
     t0 = time.perf_counter()
-    if config.register:
+    decision: dict = {"register": bool(config.register), "decided_by": "flag"}
+    if config.register is None:
+        choice = choose_registration(scans, names, scale, config.seed)
+        config = replace(config, register=choice.register)
+        decision = choice.to_dict()
+        if choice.register:
+            scans, fitness = choice.aligned, choice.fitness
+    elif config.register:
         scans, fitness = _register_templates(scans, names, scale, config.seed)
+    if decision["decided_by"] == "fit" or config.register:
         timings["register_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
     if config.feature == "pointmae":
         from detector.pointmae_train import train_pointmae  # torch training only when fitting Point-MAE
 
@@ -181,23 +168,13 @@ def fit_class(
     bank_source = source[kept]
     mean_feature = all_feats.mean(axis=0).astype(np.float32)
     thresholds: dict[str, float] = {}
-    coord_bank, norms = None, {}
-    if config.register:
-        coord_bank = CoordinateBank.from_templates(scans, scale)
+    coord_bank = CoordinateBank.from_templates(scans, scale) if config.register else None
+    norms: dict[str, float] = {}
+    cues: SurfaceCues | None = None
     if len(scans) > 1:
-        loo_pairs = _loo_patch_scores(per_template, bank, bank_source)
-        loo = [dist for dist, _ in loo_pairs]
-        if coord_bank is not None:
-            coord_loo = coord_bank.leave_one_out_patch_scores(scans, members)
-            norms = _score_norms(loo, coord_loo)
-            loo = [f / norms["feature"] + c / norms["coord"] for f, c in zip(loo, coord_loo)]
-        normal = np.concatenate(loo)
-        normal = normal[np.isfinite(normal)]
-        if normal.size:
-            thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
-            thresholds["patch_max"] = float(normal.max())
-        thresholds |= object_threshold(
-            loo_object_scores(bank, _split_views(per_template, loo, loo_pairs, config.bank_views))
+        thresholds, norms, cues = _calibrate(
+            TemplateViews(per_template, members, scans, config.bank_views), bank, bank_source, coord_bank,
+            config.surface_cues,
         )
     timings["bank_s"] = time.perf_counter() - t0
     info = {
@@ -209,6 +186,7 @@ def fit_class(
         "scale": scale,
         **{k: round(v, 3) for k, v in timings.items()},
     }
+    info["registration_decision"] = decision
     if config.register:
         info["registration_fitness"] = [round(f, 4) for f in fitness]  # of scans 2.. onto the first
         info["coord_bank_size"] = len(coord_bank) if coord_bank is not None else 0
@@ -222,23 +200,43 @@ def fit_class(
         info=info,
         coord_bank=coord_bank,
         score_norms=norms,
+        cues=cues,
     )
 
 
-def _split_views(
-    per_template: list[np.ndarray],
-    loo: list[np.ndarray],
-    loo_pairs: list[tuple[np.ndarray, np.ndarray]],
-    n_views: int,
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(features, leave-one-out scores, nearest feature-bank rows) of every bank view: each template's rows
-    are its
-    views one after the other, of equal length (inference_groups patches each)."""
-    views = []
-    for feats, scores, (_, nn) in zip(per_template, loo, loo_pairs):
-        for part in np.array_split(np.arange(len(feats)), n_views):
-            views.append((feats[part], scores[part], nn[part]))
-    return views
+def _calibrate(
+    views: TemplateViews,
+    bank: MemoryBank,
+    bank_source: np.ndarray,
+    coord_bank: CoordinateBank | None,
+    with_cues: bool,
+) -> tuple[dict[str, float], dict[str, float], SurfaceCues | None]:
+    """(thresholds, score norms, surface cues) from the templates alone, each scored leave-one-template-out
+    (detector.normal_scores); the object threshold is corrected by the leave-two-out lean (calibration)."""
+    n = len(views.features)
+    loo = [feature_scores(views.features, bank, bank_source, frozenset({t}), t)[0] for t in range(n)]
+    norms: dict[str, float] = {}
+    if coord_bank is not None or with_cues:
+        coord_loo = None
+        if coord_bank is not None:
+            coord_loo = coord_bank.leave_one_out_patch_scores(views.points, views.members)
+        norms = _score_norms(loo, coord_loo)
+    cues = SurfaceCues.fit(views.points)[0] if with_cues else None
+    parts = dict(norms=norms, coord_bank=coord_bank, cues=cues)
+    fused = []
+    for t in range(n):
+        scores, cue_max = fused_patch_scores(views, loo[t], t, frozenset({t}), **parts)
+        fused.append(scores + cue_max)
+    normal = np.concatenate(fused)
+    normal = normal[np.isfinite(normal)]
+    thresholds: dict[str, float] = {}
+    if normal.size:
+        thresholds = {f"patch_p{q}": float(np.percentile(normal, q)) for q in (5, 50, 95, 99)}
+        thresholds["patch_max"] = float(normal.max())
+    one_out = view_object_scores(views, bank, bank_source, 1, **parts)
+    two_out = view_object_scores(views, bank, bank_source, 2, **parts) if n > 2 else None
+    thresholds |= object_threshold(one_out, two_out)
+    return thresholds, norms, cues
 
 
 def _register_templates(
@@ -265,11 +263,13 @@ def _register_templates(
     return aligned, fitness
 
 
-def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray]) -> dict[str, float]:
+def _score_norms(feature_loo: list[np.ndarray], coord_loo: list[np.ndarray] | None) -> dict[str, float]:
     """Normal-data 99th percentiles of both banks' patch scores: the units in which registered scores are
     added."""
     norms = {}
     for name, parts in (("feature", feature_loo), ("coord", coord_loo)):
+        if parts is None:
+            continue
         values = np.concatenate(parts)
         values = values[np.isfinite(values)]
         norms[name] = float(np.percentile(values, 99)) if values.size else 1.0

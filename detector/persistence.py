@@ -23,10 +23,12 @@ from detector.features import FPFH_IDENTITY
 from detector.manifest import ManifestError, verify_manifest, write_manifest
 from detector.pointmae import PointMAE, backbone_hash, load_backbone, save_backbone
 from detector.registration import CoordinateBank
+from detector.surface_cues import SurfaceCues
 from scans import strict_json
 from scans.staging import OutputError, check_replaceable, check_writable, staged_dir
 
 FIT_KIND = "fitted class"  # the output marker's kind (scans.staging)
+CUES_DIR = "cues"  # the surface cues' arrays (detector.surface_cues)
 
 
 def _is_unmarked_fit(folder: Path) -> bool:
@@ -62,6 +64,7 @@ def write_fit(
     coord_bank: CoordinateBank | None,
     score_norms: dict[str, float],
     backbone_id: str,
+    cues: SurfaceCues | None = None,
 ) -> Path:
     """Write the fit as one folder: staged beside the target, then renamed, so a reader sees the old fit or
     the new
@@ -78,6 +81,9 @@ def write_fit(
             if coord_bank is not None:
                 np.save(tmp / "coord_points.npy", coord_bank.points, allow_pickle=False)
                 np.save(tmp / "coord_source.npy", coord_bank.source, allow_pickle=False)
+            if cues is not None:
+                (tmp / CUES_DIR).mkdir()
+                cues.save(tmp / CUES_DIR)
             meta = {
                 "format": FORMAT_NAME,
                 "version": DETECTOR_VERSION,
@@ -152,6 +158,15 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
             f"{None if bank.features is None else bank.features.shape[1]} wide; refit the class"
         )
     coord_bank, norms = _read_coordinate_bank(root, meta) if config.register else (None, {})
+    cues = None
+    if config.surface_cues:
+        try:
+            cues = SurfaceCues.load(root / CUES_DIR)
+            norms = {str(k): float(v) for k, v in dict(meta["score_norms"]).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FitError(f"{root / CUES_DIR}: surface cues do not load ({exc}); refit the class") from exc
+        if not (norms.get("feature", 0) > 0 and np.isfinite(norms["feature"])):
+            raise FitError(f"{root}: invalid score norms {norms}; refit the class")
     return {
         "config": config,
         "scale": scale,
@@ -162,6 +177,7 @@ def read_fit(directory: str | os.PathLike) -> dict[str, Any]:
         "info": info,
         "coord_bank": coord_bank,
         "score_norms": norms,
+        "cues": cues,
     }
 
 

@@ -36,7 +36,7 @@ def fit_dir(
     mtime) and
     the pretrained backbone a Point-MAE fit starts from."""
     settings = replace(config, feature=feature).to_dict()
-    if not settings["register"]:
+    if settings["register"] is False:
         del settings["register"]  # fits cached before registration existed stay valid
     payload = {
         "config": settings,

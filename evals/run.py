@@ -127,11 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained Point-MAE backbone folder (python -m tools.pointmae_train) the Point-MAE class "
         "fits start from (FPFH fits need none)",
     )
-    p.add_argument(
+    pose = p.add_mutually_exclusive_group()
+    pose.add_argument(
         "--register",
-        action="store_true",
+        action="store_const",
+        const=True,
+        dest="register",
         help="fit every class with registration to its first template + a coordinate bank (scans that "
-        "are not pre-aligned)",
+        "are not pre-aligned; default: each fit measures and decides)",
+    )
+    pose.add_argument(
+        "--no-register",
+        action="store_const",
+        const=False,
+        dest="register",
+        help="fit every class without registration (pre-aligned scans; default: each fit decides)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show third-party progress bars and warnings")
     return p
@@ -161,8 +171,8 @@ def make_config(args: argparse.Namespace):
         raise HarnessError("--data <layout>:<root> is required (or --quick)")
     if args.train_steps is not None:
         detector = replace(detector, train_steps=args.train_steps)
-    if args.register:
-        detector = replace(detector, register=True)
+    if args.register is not None:
+        detector = replace(detector, register=args.register)
     if args.base_url and not any(b.split(":")[0] == "openai" for b in args.backends):
         raise HarnessError("--base-url is for the openai backend; add --backends openai:<model>")
     methods = args.methods if args.methods is not None else ([] if args.backends else list(DEFAULT_METHODS))

@@ -28,7 +28,7 @@ TINY = PointMAEConfig(
     drop_path=0.0,
 )
 TINY_FIT = DetectorConfig(
-    backbone=TINY, train_steps=3, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0
+    backbone=TINY, train_steps=3, train_batch=2, bank_views=2, coreset_ratio=0.5, seed=0, register=False
 )
 
 

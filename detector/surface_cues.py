@@ -1,0 +1,238 @@
+"""Point-level surface evidence after alignment: distance to the templates' surface, and uncovered template rim.
+
+Why: the feature bank and the coordinate bank judge *patches*, so a groove narrower than a patch, or thinner
+than the templates' sampling spacing, is averaged away, and missing material (a hole, a broken-off part) leaves
+no point behind to look odd at all. Once a scan sits in the templates' frame, two per-point cues see both:
+
+* ``surface_distance``: point-to-plane distance to the registered templates (median over the nearest template
+  points of |n . (p - q)| with the templates' normals), which does not grow with the sampling spacing;
+* ``uncovered_rim``: template points farther from the scan than normal (beyond the leave-one-out reach) are
+  surface the scan lacks; the scan points on their rim (within a few *local* sampling spacings of the gap) get
+  how far beyond normal reach the gap is.
+
+Each cue is averaged over a few scan neighbours and divided by its normal-data norm (the 99th percentile of the
+same cue on each template against the *other* templates), so 1 means "at the edge of normal" in both, as the
+banks' scores are (detector.fitting). Everything that does not depend on the scan is computed once in the fit
+and saved as plain arrays (:meth:`SurfaceCues.save`); the KD-tree is rebuilt at load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from scans.geometry import estimate_normals
+
+CUE_NAMES = ("surface_distance", "uncovered_rim")
+PLANE_NEIGHBOURS = 4  # template points whose planes vote (median) on a scan point's surface distance
+NORMAL_NEIGHBOURS = 20  # neighbourhood of a template point's normal
+SPACING_NEIGHBOURS = 4  # a template point's local spacing: mean distance to this many neighbours
+SMOOTH_NEIGHBOURS = 5  # scan points a cue is averaged over (itself included): noise down, defects kept sharp
+RIM_SPACINGS = 2.0  # a gap marks scan points within this many local spacings beyond its own distance
+REACH_PERCENTILE = 99.5  # how far the scan may normally be from a template point (leave-one-out)
+NORM_PERCENTILE = 99.0  # the cue value that counts as 1 (leave-one-out normal data)
+MIN_NORM = 1e-3  # a cue that is exactly 0 on all normal data (identical templates) keeps a tiny unit
+FILES = ("cue_points.npy", "cue_normals.npy", "cue_source.npy", "cue_spacing.npy", "cues.json")
+
+
+def _local_spacing(points: np.ndarray) -> np.ndarray:
+    """float32 (N,) mean distance of each point to its SPACING_NEIGHBOURS nearest others."""
+    k = min(SPACING_NEIGHBOURS + 1, len(points))
+    dist, _ = cKDTree(points).query(points, k=k, workers=1)
+    return dist[:, 1:].mean(axis=1).astype(np.float32) if k > 1 else np.zeros(len(points), np.float32)
+
+
+def plane_distance(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
+    """float32 (N,) point-to-plane distance of each point to the template surface behind ``tree``."""
+    k = min(PLANE_NEIGHBOURS, tree.n)
+    _, idx = tree.query(points, k=k, workers=1)
+    idx = idx.reshape(len(points), k)
+    offsets = points[:, None, :].astype(np.float64) - tree.data[idx]
+    plane = np.abs(np.einsum("nkd,nkd->nk", offsets, normals[idx]))
+    return np.median(plane, axis=1).astype(np.float32)
+
+
+def uncovered_rim(
+    points: np.ndarray,
+    scan_tree: cKDTree,
+    template: np.ndarray,
+    spacing: np.ndarray,
+    reach: float,
+    rim_spacings: float = RIM_SPACINGS,
+) -> np.ndarray:
+    """float32 (N,) per scan point: the largest gap beyond normal reach (in reaches) of the uncovered template
+    points whose rim it lies on; 0 where no template surface near it is missing."""
+    gap_dist, _ = scan_tree.query(template, k=1, workers=1)
+    gap = np.clip(gap_dist / reach - 1.0, 0.0, None)
+    out = np.zeros(len(points), np.float32)
+    uncovered = np.flatnonzero(gap > 0)
+    if uncovered.size:
+        radii = gap_dist[uncovered] + rim_spacings * spacing[uncovered]
+        members = scan_tree.query_ball_point(template[uncovered], r=radii, workers=1)
+        for value, near in zip(gap[uncovered], members):
+            if near:
+                out[near] = np.maximum(out[near], value)
+    return out
+
+
+def smooth(scan_tree: cKDTree, values: np.ndarray, k: int = SMOOTH_NEIGHBOURS) -> np.ndarray:
+    """Each point's value averaged over its k nearest scan points (itself included)."""
+    k = min(k, scan_tree.n)
+    if k <= 1:
+        return values.astype(np.float32)
+    _, idx = scan_tree.query(scan_tree.data, k=k, workers=1)
+    return values[idx].mean(axis=1).astype(np.float32)
+
+
+def raw_cues(
+    points: np.ndarray,
+    template: np.ndarray,
+    tree: cKDTree,
+    normals: np.ndarray,
+    spacing: np.ndarray,
+    reach: float,
+    *,
+    smooth_k: int = SMOOTH_NEIGHBOURS,
+    rim_spacings: float = RIM_SPACINGS,
+) -> dict[str, np.ndarray]:
+    """Both cues of one (aligned) scan against a template union, smoothed, not yet divided by their norms."""
+    scan_tree = cKDTree(points)
+    surface = plane_distance(points, tree, normals)
+    rim = uncovered_rim(points, scan_tree, template, spacing, reach, rim_spacings)
+    return {
+        "surface_distance": smooth(scan_tree, surface, smooth_k),
+        "uncovered_rim": smooth(scan_tree, rim, smooth_k),
+    }
+
+
+@dataclass
+class SurfaceCues:
+    """The registered templates' surface (points, normals, local spacing, source template), the normal reach
+    and the cues' normal norms: all a scan's cues need besides the scan."""
+
+    points: np.ndarray  # float32 (M,3) the templates in the reference frame, one after the other
+    normals: np.ndarray  # float32 (M,3)
+    source: np.ndarray  # int64 (M,) which template each point came from
+    spacing: np.ndarray  # float32 (M,) each point's local sampling spacing within its own template
+    reach: float  # normal scan-to-template distance (LOO REACH_PERCENTILE); beyond it surface is missing
+    norms: dict[str, float]  # cue name -> its LOO normal NORM_PERCENTILE
+    _tree: cKDTree | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.points = np.ascontiguousarray(self.points, dtype=np.float32)
+        self.normals = np.ascontiguousarray(self.normals, dtype=np.float32)
+        self.source = np.asarray(self.source, dtype=np.int64)
+        self.spacing = np.asarray(self.spacing, dtype=np.float32)
+        n = len(self.points)
+        if (
+            self.points.shape != (n, 3)
+            or self.normals.shape != (n, 3)
+            or self.source.shape != (n,)
+            or self.spacing.shape != (n,)
+            or n < PLANE_NEIGHBOURS
+        ):
+            raise ValueError(
+                f"surface cues need (M,3) points and normals and M sources and spacings (M >= "
+                f"{PLANE_NEIGHBOURS}), got {self.points.shape}, {self.normals.shape}, {self.source.shape}, "
+                f"{self.spacing.shape}"
+            )
+        finite = all(np.isfinite(a).all() for a in (self.points, self.normals, self.spacing))
+        if not finite or not (np.isfinite(self.reach) and self.reach > 0):
+            raise ValueError("surface cues hold NaN/inf values or a reach that is not > 0")
+        if set(self.norms) != set(CUE_NAMES) or not all(
+            np.isfinite(v) and v > 0 for v in self.norms.values()
+        ):
+            raise ValueError(f"surface cue norms must be positive numbers for {CUE_NAMES}, got {self.norms}")
+
+    # ------------------------------------------------------------------------------------------------ fit
+    @classmethod
+    def fit(cls, registered: list[np.ndarray]) -> tuple[SurfaceCues, list[dict[str, np.ndarray]]]:
+        """(the cues of these aligned templates, each template's leave-one-out cues in normal units).
+
+        The reach and the norms are measured with each template in turn playing a normal scan against the
+        others, as a test scan meets the templates."""
+        if len(registered) < 2:
+            raise ValueError(
+                "surface cues need at least two aligned templates (they calibrate on each other)"
+            )
+        templates = [np.ascontiguousarray(t, dtype=np.float32) for t in registered]
+        normals = [estimate_normals(t, k=NORMAL_NEIGHBOURS) for t in templates]
+        spacings = [_local_spacing(t) for t in templates]
+        source = np.concatenate([np.full(len(t), i) for i, t in enumerate(templates)])
+        points, all_normals, all_spacing = (np.concatenate(a) for a in (templates, normals, spacings))
+        own_trees = [cKDTree(t) for t in templates]
+        reach = float(
+            np.median(
+                [
+                    np.percentile(
+                        own_trees[i].query(points[source != i], k=1, workers=1)[0], REACH_PERCENTILE
+                    )
+                    for i in range(len(templates))
+                ]
+            )
+        )
+        reach = reach if reach > 0 else float(np.median(all_spacing)) or 1.0
+        loo = []
+        for i, template in enumerate(templates):
+            others = source != i
+            loo.append(
+                raw_cues(
+                    template,
+                    points[others],
+                    cKDTree(points[others]),
+                    all_normals[others],
+                    all_spacing[others],
+                    reach,
+                )
+            )
+        norms = {
+            name: max(float(np.percentile(np.concatenate([c[name] for c in loo]), NORM_PERCENTILE)), MIN_NORM)
+            for name in CUE_NAMES
+        }
+        fitted = cls(points, all_normals, source, all_spacing, reach, norms)
+        return fitted, [fitted.normalised(c) for c in loo]
+
+    # -------------------------------------------------------------------------------------------- scoring
+    def tree(self) -> cKDTree:
+        if self._tree is None:
+            self._tree = cKDTree(self.points)
+        return self._tree
+
+    def normalised(self, cues: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: (cues[name] / self.norms[name]).astype(np.float32) for name in CUE_NAMES}
+
+    def per_point(self, aligned: np.ndarray) -> dict[str, np.ndarray]:
+        """Both cues of one scan already in the reference frame, in normal units (1 = edge of normal)."""
+        pts = np.ascontiguousarray(aligned, dtype=np.float32)
+        if len(pts) == 0:
+            return {name: np.zeros(0, np.float32) for name in CUE_NAMES}
+        raw = raw_cues(pts, self.points, self.tree(), self.normals, self.spacing, self.reach)
+        return self.normalised(raw)
+
+    # ---------------------------------------------------------------------------------------------- files
+    def save(self, folder: str | os.PathLike) -> None:
+        """Plain arrays and json beside the rest of the fit (its manifest hashes them)."""
+        root = Path(folder)
+        for name, array in zip(FILES[:4], (self.points, self.normals, self.source, self.spacing)):
+            np.save(root / name, array, allow_pickle=False)
+        (root / FILES[4]).write_text(json.dumps({"reach": self.reach, "norms": self.norms}, sort_keys=True))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> SurfaceCues:
+        """Raises ValueError (or OSError) naming what is wrong; the caller names the folder."""
+        root = Path(folder)
+        arrays = [np.load(root / name, allow_pickle=False) for name in FILES[:4]]
+        meta = json.loads((root / FILES[4]).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"{FILES[4]} does not hold a json object")
+        try:
+            reach = float(meta["reach"])
+            norms = {str(k): float(v) for k, v in dict(meta["norms"]).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{FILES[4]} is incomplete ({type(exc).__name__}: {exc})") from None
+        return cls(*arrays, reach=reach, norms=norms)
