@@ -27,6 +27,13 @@ RATIO_PHRASES = {
 }
 
 
+# the detector's surface cues are in normal units (1 = the class's normal limit), so they are said against it
+NORMAL_LIMIT_PHRASES = {
+    "surface_distance": "off the templates' surface: {value:.1f}x the class's normal limit",
+    "uncovered_rim": "template surface missing beside it: {value:.1f}x the class's normal limit",
+}
+
+
 def _typical(values: np.ndarray) -> float:
     return float(np.median(values)) if values.size else 0.0
 
@@ -66,6 +73,8 @@ def _geometry_phrase(name: str, table: PatchTable, ids: np.ndarray, z: float) ->
 def _stat_phrase(stat: str, table: PatchTable, ids: np.ndarray) -> str:
     """A learned statistic's region maximum against the scan's typical patch mean."""
     top = float(table.columns[f"{stat}_max"][ids].max())
+    if stat in NORMAL_LIMIT_PHRASES:
+        return NORMAL_LIMIT_PHRASES[stat].format(value=top)
     if stat == "template_distance":
         spacing = point_spacing(table)
         times = f" ({top / spacing:.1f}x the point spacing)" if spacing > 0 else ""

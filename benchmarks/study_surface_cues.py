@@ -1,22 +1,14 @@
-"""A study for issue 12, not the detector: how far do point-level geometric cues go once a scan is registered?
+"""A study for issue 12: the detector's surface cues alone, and generic variants of them, after registration.
 
-Why this exists: the registered detector's coordinate bank scores a *patch* by the mean distance of its
-points to the nearest template sample, which blurs thin defects (scratches) into the sampling spacing and
-cannot see missing material (holes, broken-off parts) at all. This script measures, on a dataset in the
-Anomaly-ShapeNet layout, three per-point cues computed after the detector's own registration, each
-calibrated leave-one-template-out on the normal templates only (no labels, no per-class setting):
+Why this exists: the fitted class fuses two per-point cues with its banks (detector.surface_cues): the
+point-to-plane distance to the registered templates and the uncovered template rim. Their parameters are
+generic (neighbour counts, a rim width in units of the local sampling spacing), never per class; this script
+measures what each choice does on a dataset in the Anomaly-ShapeNet layout, calibrated leave-one-template-out
+on the normal templates only, exactly as the fit does (:meth:`SurfaceCues.fit`). Variants: the smoothing
+neighbourhood, the rim width, and sum vs max of the two cues. Registered test scans are cached (``--cache``),
+so a rerun measures variants without registering again.
 
-* ``nn``: distance to the nearest registered template point (what the coordinate bank averages per patch);
-* ``surf``: point-to-plane distance to the templates' surface (median over the 4 nearest template points of
-  |n . (p - q)| with the templates' normals), which does not grow with the sampling spacing;
-* ``cov``: coverage: template points farther from the scan than normal (the LOO 99.5th percentile) mark the
-  scan points on their rim, scaled by how far beyond normal they are;
-
-each smoothed over 10 scan neighbours and divided by its LOO 99th percentile, then ``fused`` (max) and
-``summed``. It prints O-AUROC, P-AUROC, AU-PRO@0.3 and per-defect-type O-AUROC per class and their means,
-and writes them as json.
-
-    python benchmarks/study_surface_cues.py dev-bench [--classes a,b] [--out cues.json]
+    python benchmarks/study_surface_cues.py dev-bench [--classes a,b] [--out cues.json] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -24,123 +16,97 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy.spatial import cKDTree
 
+import detector.surface_cues as sc
 from detector.pointmae import estimate_scale
 from detector.registration import COORD_VOXEL_SHARE, align
 from evals.metrics import au_pro_points, o_auroc, p_auroc
 from scans.datasets import AnomalyShapeNet
-from scans.geometry import estimate_normals, voxel_downsample
+from scans.geometry import voxel_downsample
 
-CUES = ("nn", "surf", "cov", "fused", "summed")
-PLANE_NEIGHBOURS = 4
-SMOOTH_NEIGHBOURS = 10
-
-
-def surface_distances(
-    points: np.ndarray, tree: cKDTree, normals: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(point-to-plane, nearest-point) distance of each point to the template union behind ``tree``."""
-    dist, idx = tree.query(points, k=PLANE_NEIGHBOURS, workers=1)
-    offsets = points[:, None, :] - tree.data[idx]
-    plane = np.abs(np.einsum("nkd,nkd->nk", offsets, normals[idx]))
-    return np.median(plane, axis=1), dist[:, 0]
+# (name, smoothing neighbours, rim width in local spacings)
+VARIANTS = (
+    ("k10-rim2", 10, 2.0),
+    ("k5-rim2", 5, 2.0),
+    ("k3-rim2", 3, 2.0),
+    ("k1-rim2", 1, 2.0),
+    ("k5-rim1", 5, 1.0),
+    ("k5-rim4", 5, 4.0),
+)
 
 
-def coverage(points: np.ndarray, template: np.ndarray, reach: float, radius: float) -> np.ndarray:
-    """Per scan point: how far beyond normal reach the uncovered template points near it are (0: none)."""
-    gap_dist, _ = cKDTree(points).query(template, k=1, workers=1)
-    gap = np.clip(gap_dist / reach - 1.0, 0.0, None)
-    out = np.zeros(len(points), np.float32)
-    uncovered = np.flatnonzero(gap > 0)
-    if uncovered.size:
-        members = cKDTree(points).query_ball_point(
-            template[uncovered], r=radius + gap_dist[uncovered], workers=1
-        )
-        for value, near in zip(gap[uncovered], members):
-            if near:
-                out[near] = np.maximum(out[near], value)
-    return out
-
-
-def smooth(points: np.ndarray, values: np.ndarray) -> np.ndarray:
-    _, idx = cKDTree(points).query(points, k=SMOOTH_NEIGHBOURS, workers=1)
-    return values[idx].mean(axis=1)
-
-
-def registered_templates(dataset: AnomalyShapeNet, cls: str) -> tuple[list[np.ndarray], np.ndarray, float]:
+def registered_class(dataset: AnomalyShapeNet, cls: str, cache: Path | None) -> dict:
+    """Templates and test scans aligned onto the first template (cached as npz), with labels."""
+    path = None if cache is None else cache / f"{cls}.npz"
+    tests = dataset.test(cls)
+    if path is not None and path.is_file():
+        data = np.load(path, allow_pickle=False)
+        n_t = int(data["n_templates"])
+        return {
+            "templates": [data[f"t{i}"] for i in range(n_t)],
+            "tests": [data[f"s{i}"] for i in range(len(tests))],
+            "masks": [data[f"m{i}"] for i in range(len(tests))],
+            "labels": list(data["labels"]),
+            "defects": [s.defect_type for s in tests],
+        }
     scans = [sample.load().points for sample in dataset.train(cls)]
     scale = estimate_scale(scans)
     reference = scans[0][voxel_downsample(scans[0], COORD_VOXEL_SHARE * scale)].astype(np.float32)
-    return [scans[0]] + [align(s, reference, scale).apply(s) for s in scans[1:]], reference, scale
-
-
-def study_class(dataset: AnomalyShapeNet, cls: str) -> list[dict]:
-    templates, reference, scale = registered_templates(dataset, cls)
-    normals = [estimate_normals(t, k=20) for t in templates]
-    spacing = float(np.median(cKDTree(templates[0]).query(templates[0], k=2)[0][:, 1]))
-    radius = 2.0 * spacing
-
-    def union(skip: int | None) -> tuple[np.ndarray, np.ndarray]:
-        keep = [i for i in range(len(templates)) if i != skip]
-        return np.concatenate([templates[i] for i in keep]), np.concatenate([normals[i] for i in keep])
-
-    reach = float(
-        np.median(
-            [
-                np.percentile(cKDTree(templates[i]).query(union(i)[0], k=1, workers=1)[0], 99.5)
-                for i in range(len(templates))
-            ]
-        )
-    )
-    loo_surf, loo_cov = [], []
-    for i, template in enumerate(templates):
-        others, other_normals = union(i)
-        loo_surf.append(smooth(template, surface_distances(template, cKDTree(others), other_normals)[0]))
-        loo_cov.append(smooth(template, coverage(template, others, reach, radius)))
-    surf_norm = float(np.percentile(np.concatenate(loo_surf), 99))
-    cov_norm = max(float(np.percentile(np.concatenate(loo_cov), 99)), 1e-3)
-    everything, all_normals = union(None)
-    tree = cKDTree(everything)
-    rows = []
-    for sample in dataset.test(cls):
+    templates = [scans[0]] + [align(s, reference, scale).apply(s) for s in scans[1:]]
+    out: dict = {"templates": templates, "tests": [], "masks": [], "labels": [], "defects": []}
+    for sample in tests:
         loaded = sample.load()
-        points = align(loaded.points, reference, scale).apply(loaded.points)
-        surf, nearest = surface_distances(points, tree, all_normals)
-        surf = smooth(points, surf) / surf_norm
-        cov = smooth(points, coverage(points, everything, reach, radius)) / cov_norm
-        mask = loaded.mask if loaded.mask is not None else np.zeros(len(points), bool)
-        rows.append(
-            {
-                "defect": sample.defect_type,
-                "label": loaded.object_label,
-                "mask": mask,
-                "points": points,
-                "nn": smooth(points, nearest),
-                "surf": surf,
-                "cov": cov,
-                "fused": np.maximum(surf, cov),
-                "summed": surf + cov,
-            }
+        out["tests"].append(align(loaded.points, reference, scale).apply(loaded.points))
+        out["masks"].append(loaded.mask if loaded.mask is not None else np.zeros(len(loaded.points), bool))
+        out["labels"].append(int(loaded.object_label))
+        out["defects"].append(sample.defect_type)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"t{i}": t for i, t in enumerate(templates)}
+        arrays |= {f"s{i}": s for i, s in enumerate(out["tests"])}
+        arrays |= {f"m{i}": m for i, m in enumerate(out["masks"])}
+        np.savez(path, n_templates=len(templates), labels=np.asarray(out["labels"]), **arrays)
+    return out
+
+
+def variant_maps(data: dict, smooth_k: int, rim: float) -> dict[str, list[np.ndarray]]:
+    """Per test scan: each cue in normal units (calibrated as the fit does), their sum and their max."""
+    cues, _ = sc.SurfaceCues.fit(data["templates"], smooth_k, rim)
+    out: dict[str, list[np.ndarray]] = {"surface": [], "rim": [], "sum": [], "max": []}
+    for points in data["tests"]:
+        raw = sc.raw_cues(
+            points,
+            cues.points,
+            cues.tree(),
+            cues.normals,
+            cues.spacing,
+            cues.reach,
+            smooth_k=smooth_k,
+            rim_spacings=rim,
         )
-    return rows
+        unit = cues.normalised(raw)
+        out["surface"].append(unit["surface_distance"])
+        out["rim"].append(unit["uncovered_rim"])
+        out["sum"].append(unit["surface_distance"] + unit["uncovered_rim"])
+        out["max"].append(np.maximum(unit["surface_distance"], unit["uncovered_rim"]))
+    return out
 
 
-def measure(rows: list[dict], cue: str) -> dict[str, float]:
-    objects = [float(np.max(r[cue])) for r in rows]
-    labels = [r["label"] for r in rows]
+def measure(data: dict, maps: list[np.ndarray]) -> dict[str, float]:
+    objects = [float(m.max()) for m in maps]
+    labels = data["labels"]
     out = {
         "O-AUROC": o_auroc(objects, labels),
-        "P-AUROC": p_auroc([r[cue] for r in rows], [r["mask"] for r in rows]),
-        "AU-PRO@0.3": au_pro_points(
-            [r["points"] for r in rows], [r[cue] for r in rows], [r["mask"] for r in rows]
-        ),
+        "P-AUROC": p_auroc(maps, data["masks"]),
+        "AU-PRO@0.3": au_pro_points(data["tests"], maps, data["masks"]),
     }
-    normal = [o for o, r in zip(objects, rows) if r["label"] == 0]
-    for defect in sorted({r["defect"] for r in rows if r["label"] == 1}):
-        found = [o for o, r in zip(objects, rows) if r["defect"] == defect]
+    normal = [o for o, label in zip(objects, labels) if label == 0]
+    for defect in sorted({d for d, label in zip(data["defects"], labels) if label == 1}):
+        found = [o for o, d in zip(objects, data["defects"]) if d == defect]
         out[defect] = o_auroc(normal + found, [0] * len(normal) + [1] * len(found))
     return out
 
@@ -152,31 +118,36 @@ def main() -> None:
     )
     parser.add_argument("--classes", default="", help="comma-separated classes (default: all)")
     parser.add_argument("--out", default="surface_cues.json")
+    parser.add_argument("--cache", type=Path, help="folder for the registered scans (reused when present)")
     args = parser.parse_args()
     dataset = AnomalyShapeNet(args.root)
     classes = [c for c in args.classes.split(",") if c] or dataset.classes()
     results: dict[str, dict] = {}
     for cls in classes:
         started = time.perf_counter()
-        rows = study_class(dataset, cls)
-        results[cls] = {cue: measure(rows, cue) for cue in CUES}
-        summed = results[cls]["summed"]
+        data = registered_class(dataset, cls, args.cache)
+        results[cls] = {}
+        for name, smooth_k, rim in VARIANTS:
+            maps = variant_maps(data, smooth_k, rim)
+            for fusion, values in maps.items():
+                results[cls][f"{name}-{fusion}"] = measure(data, values)
+        best = results[cls]["k5-rim2-sum"]
         print(
-            f"{cls:12s} {time.perf_counter() - started:6.0f} s  summed: "
-            + "  ".join(f"{k} {v:.3f}" for k, v in summed.items()),
+            f"{cls:12s} {time.perf_counter() - started:6.0f} s  k5-rim2-sum: "
+            + "  ".join(f"{k} {v:.3f}" for k, v in best.items()),
             flush=True,
         )
+    keys = list(results[classes[0]])
     means = {
-        cue: {
-            key: float(np.nanmean([results[c][cue][key] for c in classes if key in results[c][cue]]))
-            for key in results[classes[0]][cue]
+        key: {
+            metric: float(np.nanmean([results[c][key][metric] for c in classes if metric in results[c][key]]))
+            for metric in results[classes[0]][key]
         }
-        for cue in CUES
+        for key in keys
     }
-    for cue in CUES:
-        print(f"mean {cue:7s} " + "  ".join(f"{k} {v:.3f}" for k, v in means[cue].items()))
-    with open(args.out, "w") as handle:
-        json.dump({"classes": results, "means": means}, handle, indent=1)
+    for key in keys:
+        print(f"mean {key:18s} " + "  ".join(f"{k} {v:.3f}" for k, v in means[key].items()))
+    Path(args.out).write_text(json.dumps({"classes": results, "means": means}, indent=1))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def cue_scores(cues: SurfaceCues, template: np.ndarray, hidden: frozenset[int]) 
         cues.normals[keep],
         cues.spacing[keep],
         cues.reach,
+        smooth_k=cues.smooth_k,
+        rim_spacings=cues.rim_spacings,
     )
     normal = cues.normalised(raw)
     return sum(normal[name] for name in CUE_NAMES).astype(np.float32)

@@ -121,6 +121,8 @@ class SurfaceCues:
     spacing: np.ndarray  # float32 (M,) each point's local sampling spacing within its own template
     reach: float  # normal scan-to-template distance (LOO REACH_PERCENTILE); beyond it surface is missing
     norms: dict[str, float]  # cue name -> its LOO normal NORM_PERCENTILE
+    smooth_k: int = SMOOTH_NEIGHBOURS
+    rim_spacings: float = RIM_SPACINGS
     _tree: cKDTree | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +146,11 @@ class SurfaceCues:
         finite = all(np.isfinite(a).all() for a in (self.points, self.normals, self.spacing))
         if not finite or not (np.isfinite(self.reach) and self.reach > 0):
             raise ValueError("surface cues hold NaN/inf values or a reach that is not > 0")
+        if self.smooth_k < 1 or not self.rim_spacings >= 0:
+            raise ValueError(
+                f"surface cues need smooth_k >= 1 and rim_spacings >= 0, got {self.smooth_k}, "
+                f"{self.rim_spacings}"
+            )
         if set(self.norms) != set(CUE_NAMES) or not all(
             np.isfinite(v) and v > 0 for v in self.norms.values()
         ):
@@ -151,7 +158,12 @@ class SurfaceCues:
 
     # ------------------------------------------------------------------------------------------------ fit
     @classmethod
-    def fit(cls, registered: list[np.ndarray]) -> tuple[SurfaceCues, list[dict[str, np.ndarray]]]:
+    def fit(
+        cls,
+        registered: list[np.ndarray],
+        smooth_k: int = SMOOTH_NEIGHBOURS,
+        rim_spacings: float = RIM_SPACINGS,
+    ) -> tuple[SurfaceCues, list[dict[str, np.ndarray]]]:
         """(the cues of these aligned templates, each template's leave-one-out cues in normal units).
 
         The reach and the norms are measured with each template in turn playing a normal scan against the
@@ -188,13 +200,15 @@ class SurfaceCues:
                     all_normals[others],
                     all_spacing[others],
                     reach,
+                    smooth_k=smooth_k,
+                    rim_spacings=rim_spacings,
                 )
             )
         norms = {
             name: max(float(np.percentile(np.concatenate([c[name] for c in loo]), NORM_PERCENTILE)), MIN_NORM)
             for name in CUE_NAMES
         }
-        fitted = cls(points, all_normals, source, all_spacing, reach, norms)
+        fitted = cls(points, all_normals, source, all_spacing, reach, norms, smooth_k, rim_spacings)
         return fitted, [fitted.normalised(c) for c in loo]
 
     # -------------------------------------------------------------------------------------------- scoring
@@ -211,7 +225,16 @@ class SurfaceCues:
         pts = np.ascontiguousarray(aligned, dtype=np.float32)
         if len(pts) == 0:
             return {name: np.zeros(0, np.float32) for name in CUE_NAMES}
-        raw = raw_cues(pts, self.points, self.tree(), self.normals, self.spacing, self.reach)
+        raw = raw_cues(
+            pts,
+            self.points,
+            self.tree(),
+            self.normals,
+            self.spacing,
+            self.reach,
+            smooth_k=self.smooth_k,
+            rim_spacings=self.rim_spacings,
+        )
         return self.normalised(raw)
 
     # ---------------------------------------------------------------------------------------------- files
@@ -220,7 +243,17 @@ class SurfaceCues:
         root = Path(folder)
         for name, array in zip(FILES[:4], (self.points, self.normals, self.source, self.spacing)):
             np.save(root / name, array, allow_pickle=False)
-        (root / FILES[4]).write_text(json.dumps({"reach": self.reach, "norms": self.norms}, sort_keys=True))
+        (root / FILES[4]).write_text(
+            json.dumps(
+                {
+                    "reach": self.reach,
+                    "norms": self.norms,
+                    "smooth_k": self.smooth_k,
+                    "rim_spacings": self.rim_spacings,
+                },
+                sort_keys=True,
+            )
+        )
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> SurfaceCues:
@@ -233,6 +266,7 @@ class SurfaceCues:
         try:
             reach = float(meta["reach"])
             norms = {str(k): float(v) for k, v in dict(meta["norms"]).items()}
+            smooth_k, rim_spacings = int(meta["smooth_k"]), float(meta["rim_spacings"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{FILES[4]} is incomplete ({type(exc).__name__}: {exc})") from None
-        return cls(*arrays, reach=reach, norms=norms)
+        return cls(*arrays, reach=reach, norms=norms, smooth_k=smooth_k, rim_spacings=rim_spacings)

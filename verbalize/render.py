@@ -175,18 +175,26 @@ def render_tool_result(name: str, data: dict, *, templates: str | Path | None = 
 # -------------------------------------------------------------------------------------------------------
 
 
+# The detector's surface cues (detector.surface_cues) come in the class's normal units (1 = the most a normal
+# scan shows), so their patch maximum is shown as it is, beside the z-scores: "3.0" reads the same on any scan.
+NORMAL_UNIT_STATS = ("surface_distance", "uncovered_rim")
+
+
 def overview_columns(table: PatchTable) -> list[str]:
     """Columns shown per patch in the overview (others stay reachable through the tools)."""
     cols = ["x", "y", "z", "n_points", "z_curvature", "z_roughness", "z_spacing"]
     for stat in table.stat_names:
         cols += [f"z_{stat}_mean", f"z_{stat}_max"]
+    cols += [f"{stat}_max" for stat in NORMAL_UNIT_STATS if stat in table.stat_names]
     return cols + ["cue"]
 
 
 def _decimals(column: str) -> int:
     if column == "n_points":
         return 0
-    return 1 if column.startswith("z_") else 2
+    if column.startswith("z_") or column.removesuffix("_max") in NORMAL_UNIT_STATS:
+        return 1
+    return 2
 
 
 def _legend(table: PatchTable) -> list[str]:
@@ -199,6 +207,14 @@ def _legend(table: PatchTable) -> list[str]:
         + ".",
         "cue = combined outlier score (higher = more unusual; 0 = typical).",
     ]
+    shown = [stat for stat in NORMAL_UNIT_STATS if stat in table.stat_names]
+    if shown:
+        lines.append(
+            " / ".join(f"{stat}_max" for stat in shown) + " = the detector's surface evidence over the patch, in "
+            "the class's normal units (1 = the most a normal scan shows; above 1 = beyond normal): "
+            "surface_distance = distance to the templates' surface (dents, bulges, scratches, cracks), "
+            "uncovered_rim = template surface missing next to the patch (holes, broken-off parts)."
+        )
     return lines
 
 
