@@ -56,7 +56,7 @@ class FitOptions:
     init: Path | None = None  # pretrained backbone folder (tools.pointmae_train CLI output)
     preset: str = "small"  # "small" (2 CPU cores) | "paper" (Point-MAE's published size)
     mesh_points: int = DEFAULT_MESH_POINTS
-    # align scans to the first template + coordinate bank (unaligned scans); None: the fit measures whether the
+    # align scans to the first template + coordinate bank (unaligned scans); None: the fit measures whether
     # training scans are aligned already and decides (detector.registration_choice)
     register: bool | None = None
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 import detector.surface_cues as sc
 from detector.pointmae import estimate_scale

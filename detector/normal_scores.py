@@ -37,7 +37,7 @@ def feature_scores(
     template: int,
     k: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(patch distances, nearest bank rows) of one template's rows among the bank rows of templates not hidden.
+    """(patch distances, nearest bank rows) of one template's rows among the rows of visible templates.
 
     Candidates come from a faiss search on mean-centred features; their distances are then recomputed exactly,
     because the batched (BLAS) path computes |a|^2 + |b|^2 - 2ab and loses the small distances between normal
@@ -59,7 +59,7 @@ def feature_scores(
 def coord_scores(
     coord_bank: CoordinateBank, registered: np.ndarray, members: np.ndarray, hidden: frozenset[int]
 ) -> np.ndarray:
-    """float32 (G,) mean distance of each patch's points to the coordinate-bank points of visible templates."""
+    """float32 (G,) mean distance of each patch's points to the visible templates' coordinate-bank points."""
     others = coord_bank.points[~np.isin(coord_bank.source, list(hidden))]
     if len(others) == 0:
         return np.full(len(members), np.nan, dtype=np.float32)

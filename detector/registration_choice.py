@@ -1,11 +1,11 @@
 """Should a class fit register its scans? Measured on the training scans, not asked of the user.
 
-Why: registration costs one alignment per scan and is only worth it when the scans are not already in one pose;
-pre-aligned scans fitted with registration only pay for it, while scans in varying poses fitted without it look
-anomalous everywhere. The fit can tell which case it is in: it aligns every training scan onto the first and
-compares each one's residual (median distance of its points to the first scan's nearest point) with and without
-the move. If the alignment cuts the residual clearly (below ``REGISTER_BELOW`` of the unmoved residual), the
-scans were not aligned and the fit registers; if not, they were, and it does not.
+Why: registration costs one alignment per scan and is only worth it when the scans are not already in one
+pose; pre-aligned scans fitted with registration only pay for it, while scans in varying poses fitted without
+it look anomalous everywhere. The fit can tell which case it is in: it aligns every training scan onto the
+first and compares each one's residual (median distance of its points to the first scan's nearest point) with
+and without the move. If the alignment cuts the residual clearly (below ``REGISTER_BELOW`` of the unmoved
+residual), the scans were not aligned and the fit registers; if not, they were, and it does not.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from scipy.spatial import cKDTree
 from detector.registration import COORD_VOXEL_SHARE, align
 from scans.geometry import voxel_downsample
 
-# Register when aligning leaves at most this share of the unmoved residual: pre-aligned scans keep about all of
-# it (fresh sampling noise does not align away), a pose change of a degree or more removes most of it.
+# Register when aligning leaves at most this share of the unmoved residual: pre-aligned scans keep about all
+# of it (fresh sampling noise does not align away), a pose change of a degree or more removes most of it.
 REGISTER_BELOW = 0.8
 
 
@@ -87,7 +87,8 @@ def choose_registration(
     ratio = after / before if before > 0 else 1.0
     if ratio < REGISTER_BELOW:
         reason = (
-            f"aligning the training scans onto {names[0]} cut their residual from {before:.4g} to {after:.4g} "
+            f"aligning the training scans onto {names[0]} cut their residual from {before:.4g} to "
+            f"{after:.4g} "
             f"(x{ratio:.2f} < {REGISTER_BELOW}): they are not pre-aligned, so every scan is registered"
         )
         return RegistrationChoice(True, reason, before, after, aligned, fitness)

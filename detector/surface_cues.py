@@ -1,8 +1,9 @@
-"""Point-level surface evidence after alignment: distance to the templates' surface, and uncovered template rim.
+"""Point-level surface evidence after alignment: distance to the templates' surface, uncovered template rim.
 
-Why: the feature bank and the coordinate bank judge *patches*, so a groove narrower than a patch, or thinner
-than the templates' sampling spacing, is averaged away, and missing material (a hole, a broken-off part) leaves
-no point behind to look odd at all. Once a scan sits in the templates' frame, two per-point cues see both:
+Why: the feature bank and the coordinate bank judge *patches*, so a groove narrower than a patch, or
+thinner than the templates' sampling spacing, is averaged away, and missing material (a hole, a broken-off
+part) leaves no point behind to look odd at all. Once a scan sits in the templates' frame, two per-point
+cues see both:
 
 * ``surface_distance``: point-to-plane distance to the registered templates (median over the nearest template
   points of |n . (p - q)| with the templates' normals), which does not grow with the sampling spacing;
@@ -10,10 +11,10 @@ no point behind to look odd at all. Once a scan sits in the templates' frame, tw
   surface the scan lacks; the scan points on their rim (within a few *local* sampling spacings of the gap) get
   how far beyond normal reach the gap is.
 
-Each cue is averaged over a few scan neighbours and divided by its normal-data norm (the 99th percentile of the
-same cue on each template against the *other* templates), so 1 means "at the edge of normal" in both, as the
-banks' scores are (detector.fitting). Everything that does not depend on the scan is computed once in the fit
-and saved as plain arrays (:meth:`SurfaceCues.save`); the KD-tree is rebuilt at load.
+Each cue is averaged over a few scan neighbours and divided by its normal-data norm (the 99th percentile of
+the same cue on each template against the *other* templates), so 1 means "at the edge of normal" in both, as
+the banks' scores are (detector.fitting). Everything that does not depend on the scan is computed once in the
+fit and saved as plain arrays (:meth:`SurfaceCues.save`); the KD-tree is rebuilt at load.
 """
 
 from __future__ import annotations

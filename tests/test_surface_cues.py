@@ -1,4 +1,4 @@
-"""Surface cues (detector.surface_cues): what they see, that the fit keeps them, and how they fuse with the bank."""
+"""Surface cues (detector.surface_cues): what they see, that the fit keeps them, how they join the bank."""
 
 from __future__ import annotations
 

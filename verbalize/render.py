@@ -176,7 +176,7 @@ def render_tool_result(name: str, data: dict, *, templates: str | Path | None = 
 
 
 # The detector's surface cues (detector.surface_cues) come in the class's normal units (1 = the most a normal
-# scan shows), so their patch maximum is shown as it is, beside the z-scores: "3.0" reads the same on any scan.
+# scan shows), so their patch maximum is shown as it is, beside the z-scores: "3.0" reads alike on any scan.
 NORMAL_UNIT_STATS = ("surface_distance", "uncovered_rim")
 
 
@@ -210,7 +210,8 @@ def _legend(table: PatchTable) -> list[str]:
     shown = [stat for stat in NORMAL_UNIT_STATS if stat in table.stat_names]
     if shown:
         lines.append(
-            " / ".join(f"{stat}_max" for stat in shown) + " = the detector's surface evidence over the patch, in "
+            " / ".join(f"{stat}_max" for stat in shown)
+            + " = the detector's surface evidence over the patch, in "
             "the class's normal units (1 = the most a normal scan shows; above 1 = beyond normal): "
             "surface_distance = distance to the templates' surface (dents, bulges, scratches, cracks), "
             "uncovered_rim = template surface missing next to the patch (holes, broken-off parts)."
