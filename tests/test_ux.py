@@ -100,6 +100,8 @@ def test_report_says_defective_or_normal_against_the_class_threshold(fitted, sca
             fitted.mean_feature,
             {**fitted.thresholds, OBJECT_THRESHOLD: threshold},
             fitted.backbone,
+            score_norms=fitted.score_norms,
+            cues=fitted.cues,
         )
         assert inspect_scan(scan, strict, policy, analysis=analysis).report()["verdict"] == verdict
 
@@ -115,6 +117,8 @@ def test_zero_shot_and_old_fits_give_no_verdict(fitted, scan, analysis):
         fitted.mean_feature,
         {k: v for k, v in fitted.thresholds.items() if not k.startswith("object_")},
         fitted.backbone,
+        score_norms=fitted.score_norms,
+        cues=fitted.cues,
     )
     report = inspect_scan(scan, old, get_backend("policy"), analysis=analysis).report()
     assert report["verdict"] is None and "refit" in report["summary"]
