@@ -68,26 +68,38 @@ def uncovered_rim(
 ) -> np.ndarray:
     """float32 (N,) per scan point: the largest gap beyond normal reach (in reaches) of the uncovered template
     points whose rim it lies on; 0 where no template surface near it is missing."""
-    gap_dist, _ = scan_tree.query(template, k=1, workers=1)
-    gap = np.clip(gap_dist / reach - 1.0, 0.0, None)
+    # a bounded search first: nearly every template point is covered, and those stop looking at the reach
+    bounded, _ = scan_tree.query(template, k=1, distance_upper_bound=reach, workers=1)
     out = np.zeros(len(points), np.float32)
-    uncovered = np.flatnonzero(gap > 0)
+    uncovered = np.flatnonzero(~np.isfinite(bounded))
     if uncovered.size:
-        radii = gap_dist[uncovered] + rim_spacings * spacing[uncovered]
+        gap_dist = scan_tree.query(template[uncovered], k=1, workers=1)[0]
+        gap = np.clip(gap_dist / reach - 1.0, 0.0, None)
+        keep = gap > 0
+        uncovered, gap_dist, gap = uncovered[keep], gap_dist[keep], gap[keep]
+    if uncovered.size:
+        radii = gap_dist + rim_spacings * spacing[uncovered]
         members = scan_tree.query_ball_point(template[uncovered], r=radii, workers=1)
-        for value, near in zip(gap[uncovered], members):
-            if near:
-                out[near] = np.maximum(out[near], value)
+        sizes = np.fromiter((len(m) for m in members), dtype=np.int64, count=len(members))
+        if sizes.sum():
+            near = np.concatenate([np.asarray(m, dtype=np.int64) for m in members if m])
+            np.maximum.at(out, near, np.repeat(gap, sizes).astype(np.float32))
     return out
 
 
-def smooth(scan_tree: cKDTree, values: np.ndarray, k: int = SMOOTH_NEIGHBOURS) -> np.ndarray:
-    """Each point's value averaged over its k nearest scan points (itself included)."""
+def neighbourhoods(scan_tree: cKDTree, k: int = SMOOTH_NEIGHBOURS) -> np.ndarray | None:
+    """(N, k) each scan point's k nearest scan points (itself included); None when k <= 1 (no smoothing)."""
     k = min(k, scan_tree.n)
     if k <= 1:
+        return None
+    return scan_tree.query(scan_tree.data, k=k, workers=1)[1]
+
+
+def smooth(values: np.ndarray, neighbours: np.ndarray | None) -> np.ndarray:
+    """Each point's value averaged over its neighbourhood (see :func:`neighbourhoods`)."""
+    if neighbours is None:
         return values.astype(np.float32)
-    _, idx = scan_tree.query(scan_tree.data, k=k, workers=1)
-    return values[idx].mean(axis=1).astype(np.float32)
+    return values[neighbours].mean(axis=1).astype(np.float32)
 
 
 def raw_cues(
@@ -105,10 +117,8 @@ def raw_cues(
     scan_tree = cKDTree(points)
     surface = plane_distance(points, tree, normals)
     rim = uncovered_rim(points, scan_tree, template, spacing, reach, rim_spacings)
-    return {
-        "surface_distance": smooth(scan_tree, surface, smooth_k),
-        "uncovered_rim": smooth(scan_tree, rim, smooth_k),
-    }
+    neighbours = neighbourhoods(scan_tree, smooth_k)
+    return {"surface_distance": smooth(surface, neighbours), "uncovered_rim": smooth(rim, neighbours)}
 
 
 @dataclass
