@@ -225,8 +225,9 @@ def _calibrate(
     parts = dict(norms=norms, coord_bank=coord_bank, cues=cues)
     fused = []
     for t in range(n):
-        scores, cue_max = fused_patch_scores(views, loo[t], t, frozenset({t}), **parts)
-        fused.append(scores + cue_max)
+        # a patch's typical fused point score: its bank score plus its points' mean cue
+        scores, cue_mean, _ = fused_patch_scores(views, loo[t], t, frozenset({t}), **parts)
+        fused.append(scores + cue_mean)
     normal = np.concatenate(fused)
     normal = normal[np.isfinite(normal)]
     thresholds: dict[str, float] = {}

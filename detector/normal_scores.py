@@ -105,17 +105,18 @@ def fused_patch_scores(
     coord_bank: CoordinateBank | None,
     cues: SurfaceCues | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(bank patch scores in normal units, the largest summed cue over each patch's members; zeros without
-    cues) of one template's rows with ``hidden`` left out, as FittedClass scores a test scan."""
+    """(bank patch scores in normal units, the mean and the largest summed cue over each patch's members;
+    zeros without cues) of one template's rows with ``hidden`` left out, as FittedClass scores a test scan."""
     members = views.members[template]
     scores = bank_dist / norms.get("feature", 1.0)
     if coord_bank is not None:
         coord = coord_scores(coord_bank, views.points[template], members, hidden)
         scores = scores + coord / norms["coord"]
-    cue_max = np.zeros(len(members), np.float32)
+    cue_mean = cue_max = np.zeros(len(members), np.float32)
     if cues is not None:
-        cue_max = cue_scores(cues, views.points[template], hidden)[members].max(axis=1)
-    return scores.astype(np.float32), cue_max
+        member_cues = cue_scores(cues, views.points[template], hidden)[members]
+        cue_mean, cue_max = member_cues.mean(axis=1), member_cues.max(axis=1)
+    return scores.astype(np.float32), cue_mean, cue_max
 
 
 def view_object_scores(
@@ -134,7 +135,7 @@ def view_object_scores(
     for template, hidden_list in enumerate(hidden_sets(len(views.features), leave_out)):
         for hidden in hidden_list:
             dist, nn = feature_scores(views.features, bank, bank_source, hidden, template)
-            scores, cue_max = fused_patch_scores(
+            scores, _, cue_max = fused_patch_scores(
                 views, dist, template, hidden, norms=norms, coord_bank=coord_bank, cues=cues
             )
             feats = views.features[template]
