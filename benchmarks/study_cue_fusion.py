@@ -1,11 +1,11 @@
 """A study for issue 12 item 3: does fusing the surface cues with a feature bank help point-level accuracy?
 
-Why this exists: the cues alone clear the object bars but not P-AUROC / AU-PRO; the fitted class adds them per point
-to the bank's score. This script fits the FPFH bank (no training, so it runs on a loaded machine) on the registered
-templates that ``study_surface_cues.py --cache`` saved, with the cues on (identity alignment: the scans are already
-in the reference frame), and scores each cached test scan four ways: the bank alone (in its normal unit), the cues
-alone, and the fitted class's fusion (bank + cues per point; object = the larger of the bank's and the largest
-fused point score), plus max instead of sum.
+Why this exists: the cues alone clear the object bars but not P-AUROC / AU-PRO; the fitted class adds
+them per point to the bank's score. This script fits the FPFH bank (no training, so it runs on a loaded
+machine) on the registered templates that ``study_surface_cues.py --cache`` saved, with the cues on
+(identity alignment: the scans are already in the reference frame), and scores each cached test scan four
+ways: the bank alone (in its normal unit), the cues alone, the fitted class's fusion (bank + cues per
+point; object = the larger of the bank's and the largest fused point score), and max instead of sum.
 
     python benchmarks/study_cue_fusion.py CACHE_DIR --classes a,b [--out fusion.json]
 """
