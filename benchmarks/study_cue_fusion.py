@@ -58,7 +58,21 @@ def study_class(path: Path) -> dict[str, dict]:
         ):
             rows[name][0].append(values)
             rows[name][1].append(obj)
-    return {name: measure(tests, masks, labels, maps, objs) for name, (maps, objs) in rows.items()}
+    out = {name: measure(tests, masks, labels, maps, objs) for name, (maps, objs) in rows.items()}
+    # the verdict of the fused object score: the lean-corrected threshold and the uncorrected one
+    corrected = fitted.thresholds["object_threshold"]
+    lean = fitted.thresholds["object_loo_lean"]
+    scores, defective = np.asarray(rows["sum"][1]), np.asarray(labels) == 1
+    for name, threshold in (("corrected", corrected), ("uncorrected", corrected * lean)):
+        out[f"verdict-{name}"] = {
+            "threshold": threshold,
+            "false alarms": int((scores[~defective] > threshold).sum()),
+            "normal": int((~defective).sum()),
+            "detected": int((scores[defective] > threshold).sum()),
+            "defective": int(defective.sum()),
+        }
+    out["lean"] = {"lean": lean}
+    return out
 
 
 def main() -> None:
@@ -72,6 +86,7 @@ def main() -> None:
         results[cls] = study_class(args.cache / f"{cls}.npz")
         for name, found in results[cls].items():
             print(f"{cls:10s} {name:5s} " + "  ".join(f"{k} {v:.3f}" for k, v in found.items()), flush=True)
+        print(json.dumps({k: v for k, v in results[cls].items() if k not in ("bank", "cues", "sum", "max")}))
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
