@@ -105,7 +105,16 @@ def test_a_fit_without_its_manifest_is_refused_with_a_refit_message(bank, points
 
 def test_saving_a_fit_with_a_nan_threshold_is_refused_naming_the_key(fit, tmp_path):
     thresholds = {**fit.thresholds, "patch_p99": math.nan}
-    broken = FittedClass(fit.config, fit.scale, fit.bank, fit.mean_feature, thresholds, fit.backbone)
+    broken = FittedClass(
+        fit.config,
+        fit.scale,
+        fit.bank,
+        fit.mean_feature,
+        thresholds,
+        fit.backbone,
+        score_norms=fit.score_norms,
+        cues=fit.cues,
+    )
     with pytest.raises(ValueError, match=r"fitted\.json: thresholds\.patch_p99 is not a finite number"):
         broken.save(tmp_path / "cls")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
