@@ -26,8 +26,11 @@ __all__ = [
     "fps",
     "knn",
     "local_pca",
+    "refine_icp",
     "register",
+    "register_global",
     "roughness",
+    "surface_normals",
     "voxel_downsample",
 ]
 
@@ -97,8 +100,7 @@ def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
     if not voxel > 0:
         raise ValueError(f"voxel_downsample: voxel must be > 0, got {voxel}")
     keys = np.floor((pts - pts.min(axis=0)) / voxel).astype(np.int64)
-    _, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    inverse = _voxel_ids(keys)
     n_vox = int(inverse.max()) + 1
     counts = np.bincount(inverse, minlength=n_vox).astype(np.float64)
     means = np.stack([np.bincount(inverse, weights=pts[:, d], minlength=n_vox) for d in range(3)], 1)
@@ -108,6 +110,19 @@ def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
     first = np.ones(len(order), dtype=bool)
     first[1:] = inverse[order[1:]] != inverse[order[:-1]]
     return np.sort(order[first])
+
+
+def _voxel_ids(keys: np.ndarray) -> np.ndarray:
+    """Dense id (0..V-1) of each point's voxel from its (N,3) integer voxel coordinates.
+
+    The three coordinates are packed into one int64 when their ranges allow, because a 1-D unique is many
+    times cheaper than numpy's row-wise unique (which sorts structured rows); the ids differ between the two
+    ways only by a relabelling of the voxels, which the callers do not see."""
+    span = keys.max(axis=0) + 1
+    if float(span[0]) * float(span[1]) * float(span[2]) < 2.0**62:
+        packed = (keys[:, 0] * span[1] + keys[:, 1]) * span[2] + keys[:, 2]
+        return np.unique(packed, return_inverse=True)[1].reshape(-1)
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
 
 
 def _to_o3d(points: np.ndarray) -> o3d.geometry.PointCloud:
@@ -270,3 +285,79 @@ def register(
         reg.ICPConvergenceCriteria(max_iteration=50),
     )
     return np.asarray(fine.transformation, dtype=np.float64).copy(), float(fine.fitness)
+
+
+def surface_normals(points: np.ndarray, radius: float, max_nn: int = 30) -> np.ndarray:
+    """Unit normals (N, 3) float64 from the neighbours within ``radius`` (at most ``max_nn``), oriented away
+    from the centroid: what point-to-plane ICP needs of its target, computed once per template."""
+    pts = _as_points(points, min_rows=3)
+    pcd = _to_o3d(pts)
+    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn))
+    return _orient_outwards(pts, np.asarray(pcd.normals).copy())
+
+
+def refine_icp(
+    source: np.ndarray,
+    target: np.ndarray,
+    target_normals: np.ndarray,
+    max_distance: float,
+    init: np.ndarray,
+    iterations: int,
+    relative_change: float = 1e-5,
+) -> np.ndarray:
+    """Point-to-plane ICP (open3d) of ``source`` onto ``target`` from ``init``: the refined 4x4 transform.
+    It stops after ``iterations`` or once fitness and RMSE change by less than ``relative_change``."""
+    reg = o3d.pipelines.registration
+    tgt = _to_o3d(target)
+    tgt.normals = o3d.utility.Vector3dVector(np.ascontiguousarray(target_normals, dtype=np.float64))
+    result = reg.registration_icp(
+        _to_o3d(source),
+        tgt,
+        max_distance,
+        np.asarray(init, dtype=np.float64),
+        reg.TransformationEstimationPointToPlane(),
+        reg.ICPConvergenceCriteria(relative_change, relative_change, iterations),
+    )
+    return np.asarray(result.transformation, dtype=np.float64).copy()
+
+
+def register_global(
+    source: np.ndarray,
+    target: np.ndarray,
+    source_fpfh: np.ndarray,
+    target_fpfh: np.ndarray,
+    voxel: float,
+    *,
+    seed: int = 0,
+    iterations: int = 100_000,
+) -> np.ndarray:
+    """Coarse pose of ``source`` onto ``target`` (both already at ``voxel``) by RANSAC on mutual FPFH matches,
+    as in :func:`register`. The FPFH (radii 2 and 5 voxels, :func:`fpfh`) are passed in, so a template's are
+    computed once and a scan's once for several rounds. RANSAC stops early at 0.999 confidence."""
+    src = _as_points(source, "source", min_rows=3)
+    tgt = _as_points(target, "target", min_rows=3)
+    reg = o3d.pipelines.registration
+
+    def features(arr: np.ndarray) -> o3d.pipelines.registration.Feature:
+        feat = reg.Feature()
+        feat.data = np.ascontiguousarray(arr.T, dtype=np.float64)
+        return feat
+
+    o3d.utility.random.seed(seed)
+    match_dist = 1.5 * voxel
+    coarse = reg.registration_ransac_based_on_feature_matching(
+        _to_o3d(src),
+        _to_o3d(tgt),
+        features(source_fpfh),
+        features(target_fpfh),
+        True,  # mutual filter: keeps only reciprocal feature matches, far fewer outliers
+        match_dist,
+        reg.TransformationEstimationPointToPoint(False),
+        3,
+        [
+            reg.CorrespondenceCheckerBasedOnEdgeLength(0.9),
+            reg.CorrespondenceCheckerBasedOnDistance(match_dist),
+        ],
+        reg.RANSACConvergenceCriteria(iterations, 0.999),
+    )
+    return np.asarray(coarse.transformation, dtype=np.float64).copy()
