@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scans.geometry import fpfh, refine_icp, register_global, surface_normals, voxel_downsample
+from scans.geometry import fpfh, icp_point_to_plane, register_global, surface_normals, voxel_downsample
 
 # Registration voxel as a share of the class scale (the mean radius of the normalised part): the coarse level
 # of ICP and the level FPFH + RANSAC work at, fine enough that the global step's pose lies in ICP's basin.
@@ -106,8 +106,10 @@ class RegistrationTarget:
     tree: object = field(init=False, repr=False)  # scipy cKDTree of points
     coarse: np.ndarray = field(init=False, repr=False)  # float64 (Mc,3) at REGISTER_VOXEL_SHARE
     coarse_normals: np.ndarray = field(init=False, repr=False)
+    coarse_tree: object = field(init=False, repr=False)
     fine: np.ndarray = field(init=False, repr=False)  # float64 (Mf,3) at FINE_VOXEL_SHARE
     fine_normals: np.ndarray = field(init=False, repr=False)
+    fine_tree: object = field(init=False, repr=False)
     _fpfh: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -122,8 +124,9 @@ class RegistrationTarget:
                 f"the class template has {len(self.coarse)} points at the registration voxel "
                 f"{self.voxel:.3g}: too few to register onto"
             )
-        self.coarse_normals = surface_normals(self.coarse, 2 * self.voxel)
-        self.fine_normals = surface_normals(self.fine, 2 * FINE_VOXEL_SHARE * self.scale)
+        self.coarse_normals = surface_normals(self.coarse)
+        self.fine_normals = surface_normals(self.fine)
+        self.coarse_tree, self.fine_tree = cKDTree(self.coarse), cKDTree(self.fine)
 
     @property
     def voxel(self) -> float:
@@ -180,11 +183,16 @@ def _refine(
     """Coarse-to-fine point-to-plane ICP: a wide pass (4 voxels) on a thinned coarse level, a tight one on the
     whole coarse level, and one on the fine level (thinned to FINE_ICP_POINTS) against the fine template."""
     voxel, fine_voxel = target.voxel, FINE_VOXEL_SHARE * target.scale
+    coarse = (target.coarse, target.coarse_normals)
     wide = _thinned(scan_coarse, WIDE_ICP_POINTS, seed)
-    transform = refine_icp(wide, target.coarse, target.coarse_normals, 4 * voxel, init, 30)
-    transform = refine_icp(scan_coarse, target.coarse, target.coarse_normals, 1.5 * voxel, transform, 30)
+    transform = icp_point_to_plane(wide, *coarse, 4 * voxel, init, 30, target_tree=target.coarse_tree)
+    transform = icp_point_to_plane(
+        scan_coarse, *coarse, 1.5 * voxel, transform, 30, target_tree=target.coarse_tree
+    )
     fine = _thinned(scan_fine, FINE_ICP_POINTS, seed)
-    return refine_icp(fine, target.fine, target.fine_normals, 1.5 * fine_voxel, transform, 30)
+    return icp_point_to_plane(
+        fine, target.fine, target.fine_normals, 1.5 * fine_voxel, transform, 30, target_tree=target.fine_tree
+    )
 
 
 def align(

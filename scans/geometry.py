@@ -14,9 +14,13 @@ times faster here (docs/design.md has the timings); faiss is kept for the high-d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import open3d as o3d
 from scipy.spatial import cKDTree
+
+if TYPE_CHECKING:
+    import open3d as o3d
 
 __all__ = [
     "KNN_WORKERS",
@@ -26,7 +30,7 @@ __all__ = [
     "fps",
     "knn",
     "local_pca",
-    "refine_icp",
+    "icp_point_to_plane",
     "register",
     "register_global",
     "roughness",
@@ -125,7 +129,16 @@ def _voxel_ids(keys: np.ndarray) -> np.ndarray:
     return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
 
 
+def _open3d():
+    """open3d, imported on first use: its import pulls in its plotly/dash viewer and costs a cold start more
+    than the rest of a run's imports together, while a run that registers by ICP alone never needs it."""
+    import open3d
+
+    return open3d
+
+
 def _to_o3d(points: np.ndarray) -> o3d.geometry.PointCloud:
+    o3d = _open3d()
     return o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.ascontiguousarray(points, dtype=np.float64)))
 
 
@@ -141,6 +154,7 @@ def _orient_outwards(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
 def estimate_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
     """Unit normals (N, 3) float32 from the k-neighbour covariance (open3d), oriented away from the
     centroid."""
+    o3d = _open3d()
     pts = _as_points(points, min_rows=3)
     if k < 3:
         raise ValueError(f"estimate_normals: k={k} must be at least 3")
@@ -207,6 +221,7 @@ def fpfh(
     radius_feature = 5 * voxel for a cloud downsampled at `voxel`. A point with no neighbour inside
     radius_feature gets an all-zero histogram.
     """
+    o3d = _open3d()
     pts = _as_points(points, min_rows=3)
     if not (radius_normal > 0 and radius_feature > 0):
         raise ValueError(f"fpfh: radii must be > 0, got {radius_normal}, {radius_feature}")
@@ -239,6 +254,7 @@ def register(
     o3d.utility.random.seed), then refined by point-to-plane ICP on the downsampled clouds. `fitness` is ICP's
     share of source points with a target point within 1.5 voxels (1.0 = fully overlapping).
     """
+    o3d = _open3d()
     src = _as_points(source, "source", min_rows=3)
     tgt = _as_points(target, "target", min_rows=3)
     if not voxel > 0:
@@ -287,38 +303,71 @@ def register(
     return np.asarray(fine.transformation, dtype=np.float64).copy(), float(fine.fitness)
 
 
-def surface_normals(points: np.ndarray, radius: float, max_nn: int = 30) -> np.ndarray:
-    """Unit normals (N, 3) float64 from the neighbours within ``radius`` (at most ``max_nn``), oriented away
-    from the centroid: what point-to-plane ICP needs of its target, computed once per template."""
-    pts = _as_points(points, min_rows=3)
-    pcd = _to_o3d(pts)
-    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn))
-    return _orient_outwards(pts, np.asarray(pcd.normals).copy())
+def surface_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
+    """Unit normals (N, 3) float64 of the k-neighbourhood's least-squares plane (:func:`local_pca`), oriented
+    away from the centroid: what point-to-plane ICP needs of its target, computed once per template (numpy,
+    so that registering by ICP does not import open3d)."""
+    _, _, eigvec = local_pca(points, min(k, len(points)))
+    return _orient_outwards(np.asarray(points, dtype=np.float64), eigvec[:, :, 0].copy())
 
 
-def refine_icp(
+def icp_point_to_plane(
     source: np.ndarray,
     target: np.ndarray,
     target_normals: np.ndarray,
     max_distance: float,
     init: np.ndarray,
     iterations: int,
-    relative_change: float = 1e-5,
+    *,
+    target_tree: cKDTree | None = None,
+    tolerance: float = 1e-3,
 ) -> np.ndarray:
-    """Point-to-plane ICP (open3d) of ``source`` onto ``target`` from ``init``: the refined 4x4 transform.
-    It stops after ``iterations`` or once fitness and RMSE change by less than ``relative_change``."""
-    reg = o3d.pipelines.registration
-    tgt = _to_o3d(target)
-    tgt.normals = o3d.utility.Vector3dVector(np.ascontiguousarray(target_normals, dtype=np.float64))
-    result = reg.registration_icp(
-        _to_o3d(source),
-        tgt,
-        max_distance,
-        np.asarray(init, dtype=np.float64),
-        reg.TransformationEstimationPointToPlane(),
-        reg.ICPConvergenceCriteria(relative_change, relative_change, iterations),
-    )
-    return np.asarray(result.transformation, dtype=np.float64).copy()
+    """Point-to-plane ICP of ``source`` onto ``target`` from the 4x4 ``init``: the refined 4x4 transform.
+
+    Each step pairs every moved source point with its nearest target point within ``max_distance`` and
+    solves the linearised (small-angle) least squares of the pairs' distances along the target normals.
+    ``target_tree`` (a cKDTree of ``target``) lets a template's tree be built once for all scans. It stops
+    after ``iterations`` steps, when a step moves the points by less than ``tolerance`` x ``max_distance``
+    (by default a thousandth of the pairing reach, far below the noise of a scan), or when fewer than six
+    pairs are left (then the last transform is returned)."""
+    src = _as_points(source, "source", min_rows=1)
+    tgt = _as_points(target, "target", min_rows=1)
+    normals = np.asarray(target_normals, dtype=np.float64)
+    tree = cKDTree(tgt) if target_tree is None else target_tree
+    transform = np.asarray(init, dtype=np.float64).copy()
+    for _ in range(iterations):
+        moved = src @ transform[:3, :3].T + transform[:3, 3]
+        dist, idx = tree.query(moved, k=1, distance_upper_bound=max_distance)
+        paired = np.isfinite(dist)
+        if paired.sum() < 6:
+            break
+        p, q, n = moved[paired], tgt[idx[paired]], normals[idx[paired]]
+        centre = p.mean(axis=0)  # rotate about the pairs' centroid: a well-conditioned system
+        arm = p - centre
+        design = np.hstack([np.cross(arm, n), n])  # d/d(omega, t) of (R arm + centre + t - q) . n at 0
+        residual = np.einsum("ij,ij->i", p - q, n)
+        try:
+            step = np.linalg.solve(design.T @ design, -design.T @ residual)
+        except np.linalg.LinAlgError:  # a plane or a line: the pose is not pinned down, keep the last one
+            break
+        update = np.eye(4)
+        update[:3, :3] = _rotation(step[:3])
+        update[:3, 3] = centre - update[:3, :3] @ centre + step[3:]
+        transform = update @ transform
+        shift = np.linalg.norm(step[3:]) + np.linalg.norm(step[:3]) * np.linalg.norm(arm, axis=1).max()
+        if shift < tolerance * max_distance:
+            break
+    return transform
+
+
+def _rotation(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation matrix of a rotation vector (Rodrigues)."""
+    angle = float(np.linalg.norm(rotvec))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = rotvec / angle
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
 
 
 def register_global(
@@ -334,6 +383,7 @@ def register_global(
     """Coarse pose of ``source`` onto ``target`` (both already at ``voxel``) by RANSAC on mutual FPFH matches,
     as in :func:`register`. The FPFH (radii 2 and 5 voxels, :func:`fpfh`) are passed in, so a template's are
     computed once and a scan's once for several rounds. RANSAC stops early at 0.999 confidence."""
+    o3d = _open3d()
     src = _as_points(source, "source", min_rows=3)
     tgt = _as_points(target, "target", min_rows=3)
     reg = o3d.pipelines.registration
