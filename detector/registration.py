@@ -46,10 +46,11 @@ GLOBAL_ROUNDS = (2_000, 10_000, 50_000)
 # one way).
 MIN_FITNESS = 0.5
 # Early stop of the global step: a pose found by ICP alone (from where the scan lies, then from its centroid)
-# is kept without FPFH + RANSAC when both the fitness and the share of scan points within half a coarse voxel
-# of the reference reach this share. A pose a few degrees off keeps a high fitness at the fitness's generous
-# reach but loses the close points on every rim, so the close share is what tells a converged pose from a
-# nearby local minimum; anything less sends the scan through the global step too, and the better pose wins.
+# is kept without FPFH + RANSAC when both the fitness and the share of scan points close to the reference
+# (within half a coarse voxel plus the reference's own point spacing) reach this share. A pose a few degrees
+# off keeps a high fitness at the fitness's generous reach but loses the close points on every rim, so the
+# close share is what tells a converged pose from a nearby local minimum; anything less sends the scan
+# through the global step too, and the better pose wins.
 EARLY_STOP_SHARE = 0.9
 CLOSE_REACH_VOXELS = 0.5
 # Scan points in the wide first ICP pass (it only has to reach the basin of the tight passes) and in the fine
@@ -110,6 +111,7 @@ class RegistrationTarget:
     fine: np.ndarray = field(init=False, repr=False)  # float64 (Mf,3) at FINE_VOXEL_SHARE
     fine_normals: np.ndarray = field(init=False, repr=False)
     fine_tree: object = field(init=False, repr=False)
+    spacing: float = field(init=False, repr=False)  # median distance between neighbouring reference points
     _fpfh: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +119,9 @@ class RegistrationTarget:
 
         self.points = np.ascontiguousarray(self.points, dtype=np.float32)
         self.tree = cKDTree(self.points)
+        self.spacing = (
+            float(np.median(self.tree.query(self.points, k=2)[0][:, 1])) if len(self.points) > 1 else 0.0
+        )
         self.coarse = self.level(self.points, REGISTER_VOXEL_SHARE)
         self.fine = self.level(self.points, FINE_VOXEL_SHARE)
         if len(self.coarse) < 3:
@@ -167,7 +172,8 @@ def _measure(points: np.ndarray, transform: np.ndarray, target: RegistrationTarg
 
 
 def _close_share(alignment: Alignment, target: RegistrationTarget) -> float:
-    return float(np.mean(alignment.template_distance <= CLOSE_REACH_VOXELS * target.voxel))
+    reach = CLOSE_REACH_VOXELS * target.voxel + target.spacing
+    return float(np.mean(alignment.template_distance <= reach))
 
 
 def _thinned(points: np.ndarray, count: int, seed: int) -> np.ndarray:
