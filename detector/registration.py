@@ -37,8 +37,9 @@ FINE_VOXEL_SHARE = 0.02
 # template.
 COORD_VOXEL_SHARE = 0.01
 # The global step's RANSAC rounds (iterations each, a fresh seed each): it stops after the first round whose
-# pose is confident (EARLY_STOP_SHARE); a part whose symmetry or noise keeps every round doubtful gets them
-# all and the best pose of any of them, a little more than one round of the former 50,000.
+# pose is confident (EARLY_STOP_SHARE) or agrees with the best pose so far (two independent starts meeting
+# is as good a sign as any); a part whose symmetry or noise keeps every round doubtful gets them all and the
+# best pose of any of them, a little more than one round of the former 50,000.
 GLOBAL_ROUNDS = (2_000, 10_000, 50_000)
 # Below this fitness the alignment is doubtful: fewer than half of the scan's points found a reference point
 # nearby,
@@ -47,12 +48,13 @@ GLOBAL_ROUNDS = (2_000, 10_000, 50_000)
 MIN_FITNESS = 0.5
 # Early stop of the global step: a pose found by ICP alone (from where the scan lies, then from its centroid)
 # is kept without FPFH + RANSAC when both the fitness and the share of scan points close to the reference
-# (within half a coarse voxel plus the reference's own point spacing) reach this share. A pose a few degrees
-# off keeps a high fitness at the fitness's generous reach but loses the close points on every rim, so the
-# close share is what tells a converged pose from a nearby local minimum; anything less sends the scan
-# through the global step too, and the better pose wins.
+# (within half a coarse voxel plus 1.5 times the reference's own point spacing) reach this share. A pose a
+# few degrees off keeps a high fitness at the fitness's generous reach but loses the close points on every
+# rim, so the close share is what tells a converged pose from a nearby local minimum; anything less sends
+# the scan through the global step too, and the better pose wins.
 EARLY_STOP_SHARE = 0.9
 CLOSE_REACH_VOXELS = 0.5
+CLOSE_REACH_SPACINGS = 1.5
 # Scan points in the wide first ICP pass (it only has to reach the basin of the tight passes) and in the fine
 # pass (where more points average the sensor noise out of the pose): ICP's cost is per source point, while
 # its accuracy comes mostly from the dense target.
@@ -172,7 +174,7 @@ def _measure(points: np.ndarray, transform: np.ndarray, target: RegistrationTarg
 
 
 def _close_share(alignment: Alignment, target: RegistrationTarget) -> float:
-    reach = CLOSE_REACH_VOXELS * target.voxel + target.spacing
+    reach = CLOSE_REACH_VOXELS * target.voxel + CLOSE_REACH_SPACINGS * target.spacing
     return float(np.mean(alignment.template_distance <= reach))
 
 
@@ -248,9 +250,10 @@ def align(
             )
             found = _measure(pts, _refine(scan_coarse, scan_fine, coarse, target, seed), target)
             candidate = Alignment(found.transform, found.fitness, found.template_distance, "global")
+            agrees = _same_pose(candidate, best, scan_coarse, target)
             if _rank(candidate, target) >= _rank(best, target):
                 best = candidate
-            if _confident(best, target):
+            if agrees or _confident(best, target):  # a second, independent start found the same pose
                 break
     except ValueError as exc:
         raise RegistrationError(
@@ -258,6 +261,12 @@ def align(
             f"structure at the registration voxel {target.voxel:.3g} (5% of the class scale)"
         ) from exc
     return best
+
+
+def _same_pose(a: Alignment, b: Alignment, points: np.ndarray, target: RegistrationTarget) -> bool:
+    """Whether two poses put every one of ``points`` within the close reach's voxel part of each other."""
+    gap = np.linalg.norm(a.apply(points) - b.apply(points), axis=1).max()
+    return bool(gap <= CLOSE_REACH_VOXELS * target.voxel)
 
 
 def _confident(alignment: Alignment, target: RegistrationTarget) -> bool:
