@@ -46,12 +46,12 @@ GLOBAL_ROUNDS = (2_000, 10_000, 50_000)
 # or fewer than half of the reference's points found a scan point (a line, a fragment or another part "fits"
 # one way).
 MIN_FITNESS = 0.5
-# Early stop of the global step: a pose found by ICP alone (from where the scan lies, then from its centroid)
-# is kept without FPFH + RANSAC when both the fitness and the share of scan points close to the reference
-# (within half a coarse voxel plus 1.5 times the reference's own point spacing) reach this share. A pose a
-# few degrees off keeps a high fitness at the fitness's generous reach but loses the close points on every
-# rim, so the close share is what tells a converged pose from a nearby local minimum; anything less sends
-# the scan through the global step too, and the better pose wins.
+# Early stop of the global step: a pose found by ICP alone from where the scan lies is kept without FPFH +
+# RANSAC when both the fitness and the share of scan points close to the reference (within half a coarse
+# voxel plus 1.5 times the reference's own point spacing) reach this share. A pose a few degrees off keeps a
+# high fitness at the fitness's generous reach but loses the close points on every rim, so the close share
+# is what tells a converged pose from a nearby local minimum; anything less sends the scan through the
+# global step too, and the better pose wins.
 EARLY_STOP_SHARE = 0.9
 CLOSE_REACH_VOXELS = 0.5
 CLOSE_REACH_SPACINGS = 1.5
@@ -209,11 +209,11 @@ def align(
     """Rigid alignment of ``points`` onto ``reference`` (both in the input's units; ``scale`` is the class
     scale). Pass a :class:`RegistrationTarget` to reuse what is computed from the reference across scans.
 
-    ICP is tried first, from the scan's own pose and then from its centroid moved onto the reference's: scans
-    of one part on one fixture differ by a few degrees, which ICP recovers alone. Only when that pose is
-    doubtful (EARLY_STOP_SHARE) does the global step run (FPFH + RANSAC on the coarse level, then the same
-    ICP), in rounds of growing length that stop at the first confident pose; the best pose of all is kept,
-    so a part put down in any pose is still recovered.
+    ICP is tried first from the scan's own pose: scans of one part on one fixture differ by a few degrees,
+    which ICP recovers alone. Only when that pose is doubtful (EARLY_STOP_SHARE) does ICP also start from the
+    scan's centroid moved onto the reference's, and the global step run (FPFH + RANSAC on the coarse level,
+    then the same ICP), in rounds of growing length that stop at the first confident pose; the best pose of
+    all is kept, so a part put down in any pose is still recovered.
 
     Raises RegistrationError when the scan is too small or too degenerate to be registered at the class's
     voxel."""
@@ -229,12 +229,13 @@ def align(
     shift = np.eye(4)
     shift[:3, 3] = target.coarse.mean(axis=0) - scan_coarse.mean(axis=0)
     best: Alignment | None = None
-    for init in (np.eye(4), shift):
+    # only the scan's own pose may stop early (the fixture case); the centroid start is one more candidate
+    for init, may_stop in ((np.eye(4), True), (shift, False)):
         found = _measure(pts, _refine(scan_coarse, scan_fine, init, target, seed), target)
         candidate = Alignment(found.transform, found.fitness, found.template_distance, "icp")
         if best is None or _rank(candidate, target) > _rank(best, target):
             best = candidate
-        if _confident(candidate, target):
+        if may_stop and _confident(candidate, target):
             return candidate
     try:
         scan_fpfh = fpfh(scan_coarse, 2 * target.voxel, 5 * target.voxel)
