@@ -200,7 +200,10 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "data": config.data,
         "classes": classes,
         "methods": list(config.methods),
-        "backends": [{"label": b.label, "name": b.name, "kwargs": b.kwargs} for b in config.backends],
+        "backends": [
+            {"label": b.label, "name": b.name, "kwargs": b.kwargs, "guidance": b.guidance}
+            for b in config.backends
+        ],
         "names": list(config.names),
         "limit": config.limit,
         "tests": limited,
