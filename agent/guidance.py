@@ -34,6 +34,9 @@ SIMILARITY_FLOOR = 0.5  # a clause nearer than this to no prototype is not read 
 # ... nor one whose best reading beats the best different reading by less than this (the episodes' filler
 # sentences, "Other irregularities do not matter", are as near to every kind's prototype and name none)
 SIMILARITY_MARGIN = 0.05
+# A patch is dropped when the named normal features' statistics carry at least this share of its evidence
+# (chosen on the training episodes' paraphrases; README, Guidance, has the measurement).
+NORMAL_FEATURE_DROP = 1 / 3
 LOOK_FOR_GAIN = 1.0  # a patch whose evidence is all the named kind's cues gets up to (1 + this) x its cue
 
 
@@ -202,13 +205,20 @@ class GuidanceIntents:
             "unread_clauses": list(self.unread),
         }
 
-    def weight(self, row: dict[str, float]) -> float | None:
+    def normal_columns(self, columns) -> set[str]:
+        """The z_ columns among `columns` that the named normal features raise (no longer evidence)."""
+        named = [s for name in self.normal_features for s in FEATURES[name].statistics]
+        return {c for c in columns if c.startswith("z_") and any(s in c for s in named)}
+
+    def weight(self, row: dict[str, float], scale_normal: bool = True) -> float | None:
         """The factor a patch's score gets under this guidance; None when the patch is to be dropped.
 
-        Evidence is the patch's positive z-scores. A named normal feature keeps only the share of the evidence
-        that is not its statistics; a named defect kind multiplies by 1 + LOOK_FOR_GAIN x the share that is
-        its
-        cues. Without intents the factor is 1, so unguided runs are unchanged."""
+        Evidence is the patch's positive z-scores. A patch in an ignored region, or one whose evidence is at
+        least NORMAL_FEATURE_DROP the named normal features' statistics (unusual mostly for being such a
+        feature), is dropped; otherwise, with `scale_normal`, only the share of its evidence that is not
+        those statistics counts (the ranker passes False: its coefficients already weigh them).
+        A named defect kind multiplies by 1 + LOOK_FOR_GAIN x the share that is its cues. Without intents the
+        factor is 1, so unguided runs are unchanged."""
         if any(region.contains(row) for region in self.ignore):
             return None
         evidence = {k: v for k, v in row.items() if k.startswith("z_") and v > 0}
@@ -217,13 +227,16 @@ class GuidanceIntents:
             return 1.0
         factor = 1.0
         if self.normal_features:
-            named = [s for name in self.normal_features for s in FEATURES[name].statistics]
-            factor *= sum(v for k, v in evidence.items() if not any(s in k for s in named)) / total
+            normal = self.normal_columns(evidence)
+            share = sum(evidence[c] for c in normal) / total
+            if share >= NORMAL_FEATURE_DROP:
+                return None
+            if scale_normal:
+                factor *= 1.0 - share
         if self.look_for:
             cues = [s for kind in self.look_for for s in DEFECT_CUES[kind]]
-            factor *= (
-                1.0 + LOOK_FOR_GAIN * sum(v for k, v in evidence.items() if any(s in k for s in cues)) / total
-            )
+            cued = sum(v for k, v in evidence.items() if any(s in k for s in cues))
+            factor *= 1.0 + LOOK_FOR_GAIN * cued / total
         return factor
 
 

@@ -8,8 +8,10 @@ coefficients (plain Python, no numpy: a backend never imports it), and reports i
 probability reaches the saved threshold, highest first, while their points stay within `target_share` of the
 scan.
 Guidance it cannot learn from the episodes' numbers is read by `agent.guidance` instead: each row's
-probability is multiplied by the guidance's weight for that patch (ignored regions drop out, a named normal
-feature's statistics stop counting, a named defect kind's cues count more), capped at 1, before the threshold.
+probability is multiplied by the guidance's weight for that patch (ignored regions and patches unusual mostly
+for a named normal feature drop out, a named defect kind's cues count more), capped at 1, before the threshold.
+The model's own coefficients already weigh the feature statistics it learned, so they are not scaled
+again.
 
 Model file: JSON with the feature names, standardisation (mean, scale), coefficients, intercept and threshold;
 no
@@ -96,7 +98,7 @@ class RankerBackend:
         scored = []
         for r in rows:
             p = self.model.probability(row_features(r, total))
-            weight = 1.0 if intents is None else intents.weight(r)
+            weight = 1.0 if intents is None else intents.weight(r, scale_normal=False)
             if weight is not None:
                 scored.append((int(r["id"]), min(1.0, p * weight), r))
         return sorted(scored, key=lambda t: (-t[1], t[0]))
