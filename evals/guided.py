@@ -167,6 +167,33 @@ def summarise(counts: dict, reads: dict[str, list[bool]]) -> dict:
     }
 
 
+def plot_guided(result: dict, path: Path) -> Path:
+    """Unguided vs guided bars per backend: false regions on the named feature, recall on defects, recall on
+    the named kind, regions in the ignored half."""
+    from evals.report import _figure
+
+    panels = (
+        ("normal feature: false regions on it", lambda b: b["normal_feature"]["false_regions_on_feature"]),
+        ("normal feature: recall on defects", lambda b: b["normal_feature"]["recall_on_defects"]),
+        ("named kind: recall on it", lambda b: b["only_kind"]["recall_on_named_kind"]),
+        ("ignored half: regions in it", lambda b: b["ignore_region"]["regions_in_ignored_half"]),
+    )
+    names = list(result["backends"])
+    figure = _figure(12, 3.2)
+    for position, (title, pick) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, len(panels), position)
+        for offset, key, colour in ((-0.2, "unguided", "0.6"), (0.2, "guided", "tab:blue")):
+            values = [pick(result["backends"][n])[key] or 0 for n in names]
+            axes.bar([i + offset for i in range(len(names))], values, width=0.4, color=colour, label=key)
+        axes.set_xticks(range(len(names)), names)
+        axes.set_title(title, fontsize=9)
+        axes.grid(axis="y", alpha=0.3)
+    figure.axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.guided", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -177,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--limit", type=int, default=None, help="N test scans, evenly spread over the parts")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of unguided vs guided here")
     args = p.parse_args(argv)
     try:
         result = evaluate(
@@ -194,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     if args.out is not None:
         atomic_write_text(args.out, text)
+    if args.plot is not None:
+        plot_guided(result, args.plot)
     print(text)
     return 0
 
