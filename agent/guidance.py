@@ -190,7 +190,8 @@ class GuidanceIntents:
         for name in self.normal_features:
             stats = "/".join(FEATURES[name].statistics)
             parts.append(
-                f"treats {FEATURES[name].description} as normal ({stats} no longer count as evidence)"
+                f"treats {FEATURES[name].description} as normal (patches unusual mostly in {stats} are "
+                "dropped, the others weigh them less)"
             )
         for region in self.ignore:
             parts.append(f"drops patches centred at {region.words()}")

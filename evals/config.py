@@ -75,8 +75,9 @@ def parse_backend(
 ) -> BackendSpec:
     """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any
     registry name, optionally with `:key=value;key=value` options instead of the model: the backend's own
-    keyword arguments (`hf:adapter=none`, `hf:adapter=DIR`, `ranker:model=FILE`) and `guidance=TEXT`, which
-    inspects that row's scans with the guidance (`policy:guidance=sharp ridges are normal`).
+    keyword arguments (`hf:adapter=none`, `hf:adapter=DIR`, `ranker:model=FILE`), `guidance=TEXT`, which
+    inspects that row's scans with the guidance (`policy:guidance=sharp ridges are normal`), and `label=NAME`,
+    the row's name in the results (default: the spec as written).
 
     `llm_kwargs` (from `--backend-kwargs`) go to the server backends (openai, langchain), e.g.
     `{"llama_cpp_compat": true}` for a llama.cpp server whose chat format drops `role: tool` messages."""
@@ -88,9 +89,10 @@ def parse_backend(
     if name not in REGISTRY:
         raise HarnessError(f"unknown backend {name!r} in {text!r}; known: {', '.join(sorted(REGISTRY))}")
     options = _options(arg)
-    guidance = None
+    guidance, label = None, text
     if options is not None:
         guidance = options.pop("guidance", None)
+        label = str(options.pop("label", text))
         if guidance is not None and (not isinstance(guidance, str) or not guidance.strip()):
             raise HarnessError(f"backend {text!r}: guidance must be text")
         _check_options(name, options, text)
@@ -114,7 +116,7 @@ def parse_backend(
         kwargs["model"] = arg
     if llm_kwargs and name in ("openai", "langchain"):
         kwargs.update(llm_kwargs)
-    return BackendSpec(label=text, name=name, kwargs=kwargs, guidance=guidance)
+    return BackendSpec(label=label, name=name, kwargs=kwargs, guidance=guidance)
 
 
 def quick_detector_config(seed: int = 0) -> DetectorConfig:

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv,
         default=[],
         help="comma-separated: policy, random-regions, ranker:model=FILE, hf[:model], hf:adapter=DIR|none, "
-        "openai:<model>, langchain:<module:Class>; options after the colon as key=value;key=value, and "
-        "guidance=TEXT for a guided row (e.g. 'policy:guidance=sharp ridges are normal')",
+        "openai:<model>, langchain:<module:Class>; options after the colon as key=value;key=value, "
+        "guidance=TEXT for a guided row and label=NAME for its name (e.g. "
+        "'policy:guidance=sharp ridges are normal;label=policy+ridges')",
     )
     p.add_argument("--out", default="eval-out", help="output folder (a rerun into it resumes)")
     p.add_argument(

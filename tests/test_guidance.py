@@ -133,5 +133,7 @@ def test_backend_specs_take_options_and_guidance():
     spec = parse_backend("ranker:model=r.json;guidance=Sharp ridges are normal here.")
     assert (spec.kwargs, spec.guidance) == ({"model": "r.json"}, "Sharp ridges are normal here.")
     assert parse_backend("hf:SmolLM2").kwargs["model"] == "SmolLM2"  # the older spelling still works
+    named = parse_backend("policy:guidance=Sharp ridges are normal here.;label=policy+ridges")
+    assert (named.label, named.guidance) == ("policy+ridges", "Sharp ridges are normal here.")
     with pytest.raises(HarnessError, match="adaptor"):
         parse_backend("hf:adaptor=none")
