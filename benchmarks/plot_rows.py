@@ -2,8 +2,8 @@
 
     python benchmarks/plot_rows.py RUN/summary.json rows.png [--names "long label=short,..."]
 
-Why: the harness's own scatter plots name each point by its label, and guided rows' labels (a backend spec with
-its guidance text and file paths) are too long to read there; this names them as asked.
+Why: the harness's own scatter plots name each point by its label, and guided rows' labels (a backend spec
+with its guidance text and file paths) are too long to read there; this names them as asked.
 """
 
 from __future__ import annotations
