@@ -20,8 +20,8 @@ scan's
 
 With guidance (`agent.guidance`), step 1 lists every patch the schema allows, and each row's cue is multiplied
 by the guidance's weight for that patch (its z-scores read from the overview's table): patches in an ignored
-region drop out, a patch unusual only in a named normal feature's statistics falls, the named defect kind's
-cues count more. Steps 2 and 3 then run on the re-weighted rows.
+region and patches unusual mostly in a named normal feature's statistics drop out, the rest weigh those
+statistics less, and the named defect kind's cues count more. Steps 2 and 3 then run on the re-weighted rows.
 """
 
 from __future__ import annotations
@@ -220,8 +220,7 @@ class PolicyBackend:
 
     @staticmethod
     def _guided(rows: list[dict], messages: list[dict]) -> list[dict]:
-        """The rows with their cue re-weighted by the guidance in the overview (rows it drops are left
-        out)."""
+        """The rows with their cue re-weighted by the guidance in the overview (dropped rows left out)."""
         intents = _intents(messages)
         if intents is None:
             return rows
@@ -239,8 +238,7 @@ class PolicyBackend:
 
     def _select(self, data: dict, messages: list[dict]) -> list[dict]:
         """The highest-cue rows (re-weighted by any guidance) whose cumulative n_points stays within the
-        target
-        share (always at least one, unless guidance dropped every listed patch)."""
+        target share (always at least one, unless guidance dropped every listed patch)."""
         rows = self._guided([r for r in _rows(data) if _patch_id(r) is not None], messages)
         rows.sort(key=lambda r: (-float(r.get("cue", 0.0) or 0.0), _patch_id(r)))
         total = _total_points(data, rows)
