@@ -25,7 +25,7 @@ import json
 import math
 from typing import Any
 
-from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, resolve_ref, tool_names
+from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, tool_names
 
 ID_KEYS = ("patch_id", "id")
 TOTAL_KEYS = ("total_points",)
@@ -126,9 +126,9 @@ def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
         if function.get("name") != "report_suspects":
             continue
         params = function.get("parameters", {})
-        regions = resolve_ref(params.get("properties", {}).get("regions", {}), params)
-        items = resolve_ref(regions.get("items", {}), params)
-        ids = resolve_ref(items.get("properties", {}).get("patch_ids", {}), params)
+        regions = params.get("properties", {}).get("regions", {})
+        items = regions.get("items", {})
+        ids = items.get("properties", {}).get("patch_ids", {})
         return regions.get("maxItems"), ids.get("maxItems")
     return None, None
 
