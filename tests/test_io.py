@@ -329,6 +329,22 @@ def test_pcd_without_data_line(tmp_path):
         read_scan(tmp_path / "h.pcd")
 
 
+def test_pcd_of_an_older_version_reads_like_0_7(tmp_path, rng):
+    """PCL's own sample files include VERSION .5 headers without VIEWPOINT; pypcd4 alone accepts only 0.7."""
+    points = cloud(rng)
+    path = write_pcd(tmp_path / "old.pcd", points)
+    text = path.read_text().replace("VERSION 0.7", "VERSION .5").replace("VIEWPOINT 0 0 0 1 0 0 0\n", "")
+    path.write_text(text)
+    np.testing.assert_array_equal(read_scan(path).points, points)
+
+
+def test_pcd_width_times_height_must_match_points(tmp_path, rng):
+    path = write_pcd(tmp_path / "wh.pcd", cloud(rng))
+    path.write_text(path.read_text().replace("WIDTH 200", "WIDTH 20"))
+    with pytest.raises(ScanError, match=r"WIDTH x HEIGHT \(20 x 1\) differs from POINTS \(200\)"):
+        read_scan(path)
+
+
 def test_pcd_max_points_checked_from_header(tmp_path, rng):
     path = write_pcd(tmp_path / "big.pcd", cloud(rng, 300))
     with pytest.raises(ScanError, match=r"has 300 points, more than the limit of 100"):
