@@ -36,19 +36,49 @@ def read_ply_vertices(path: Path, max_points: int, too_many: Callable[[int], str
     """The vertex element's scalar properties as {name: (N,) array}; ``too_many(n)``: the message for n >
     max_points.
 
-    Binary data is memory-mapped by plyfile, so the count is checked before the vertices are copied."""
+    The header is read first, so the count is checked before any body is parsed (bounded memory). Binary data
+    is memory-mapped by plyfile. plyfile parses an ascii body row by row in Python when any element has list
+    properties (faces, Cyberware ``range_grid``), dozens of times slower than numpy; so when the vertices
+    come first and hold only scalars, their rows are read by numpy and the rest of the file is not read."""
+    with open(path, "rb") as stream:
+        try:
+            header = PlyData._parse_header(stream)
+        except PlyHeaderParseError as error:
+            raise ValueError(_problem(error)) from None
+        names = [element.name for element in header.elements]
+        if "vertex" not in names:
+            raise ValueError("PLY file has no vertex element")
+        vertex = header["vertex"]
+        if vertex.count > max_points:
+            raise ValueError(too_many(vertex.count))
+        scalars = [p.name for p in vertex.properties if not isinstance(p, PlyListProperty)]
+        if header.text and names[0] == "vertex" and len(scalars) == len(vertex.properties):
+            return _ascii_vertices(stream, vertex)
     try:
         ply = PlyData.read(str(path))
     except (PlyHeaderParseError, PlyElementParseError) as error:
         raise ValueError(_problem(error)) from None
-    if "vertex" not in ply:
-        raise ValueError("PLY file has no vertex element")
-    vertex = ply["vertex"]
-    if vertex.count > max_points:
-        raise ValueError(too_many(vertex.count))
-    data = vertex.data
-    scalars = [p.name for p in vertex.properties if not isinstance(p, PlyListProperty)]
+    data = ply["vertex"].data
     return {name: np.array(data[name], dtype=data.dtype[name].newbyteorder("=")) for name in scalars}
+
+
+def _ascii_vertices(stream: BinaryIO, vertex: PlyElement) -> dict[str, np.ndarray]:
+    """The ascii rows of a scalar-only vertex element that comes first, read by numpy from ``stream``
+    (positioned just after the header); the same messages as plyfile's errors."""
+    dtype = np.dtype([(p.name, p.dtype("=")) for p in vertex.properties])
+    try:
+        rows = np.loadtxt(stream, dtype=dtype, max_rows=vertex.count, ndmin=1, comments=None)
+    except ValueError:
+        raise ValueError(
+            "PLY element 'vertex' holds a value that is not a number of its property's type"
+            " (or a row with the wrong number of values)"
+        ) from None
+    if len(rows) < vertex.count:
+        raise ValueError(
+            f"PLY is truncated: element 'vertex' declares {vertex.count} items,"
+            f" the file ends at item {len(rows)}"
+        )
+    return {name: np.ascontiguousarray(rows[name]) for name in dtype.names}
 
 
 def write_ply_binary(out: BinaryIO, columns: list[tuple[str, np.ndarray]]) -> None:
