@@ -30,7 +30,7 @@ import json
 import math
 from typing import Any
 
-from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, resolve_ref, tool_names
+from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, tool_names
 from agent.backends.overview import overview_text, parse_overview_table
 from agent.guidance import GuidanceIntents, guidance_in_messages, read_guidance, reading_summary
 
@@ -133,9 +133,9 @@ def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
         if function.get("name") != "report_suspects":
             continue
         params = function.get("parameters", {})
-        regions = resolve_ref(params.get("properties", {}).get("regions", {}), params)
-        items = resolve_ref(regions.get("items", {}), params)
-        ids = resolve_ref(items.get("properties", {}).get("patch_ids", {}), params)
+        regions = params.get("properties", {}).get("regions", {})
+        items = regions.get("items", {})
+        ids = items.get("properties", {}).get("patch_ids", {})
         return regions.get("maxItems"), ids.get("maxItems")
     return None, None
 
@@ -171,7 +171,7 @@ def _top_k_limit(tools: list[dict], default: int = 50) -> int:
         function = tool.get("function", {})
         if function.get("name") == "list_patches":
             params = function.get("parameters", {})
-            top_k = resolve_ref(params.get("properties", {}).get("top_k", {}), params)
+            top_k = params.get("properties", {}).get("top_k", {})
             return int(top_k.get("maximum", default))
     return default
 
