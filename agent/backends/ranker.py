@@ -9,7 +9,8 @@ probability reaches the saved threshold, highest first, while their points stay 
 scan.
 Guidance it cannot learn from the episodes' numbers is read by `agent.guidance` instead: each row's
 probability is multiplied by the guidance's weight for that patch (ignored regions and patches unusual mostly
-for a named normal feature drop out, a named defect kind's cues count more), capped at 1, before the threshold.
+for a named normal feature drop out, a named defect kind's cues count more), capped at 1, before the
+threshold.
 The model's own coefficients already weigh the feature statistics it learned, so they are not scaled
 again.
 
