@@ -24,7 +24,7 @@ from detector.features import PatchFeatures, make_extractor
 from detector.interpolation import interpolate_with, interpolation_support
 from detector.persistence import read_fit, write_fit
 from detector.pointmae import PointMAE
-from detector.registration import IDENTITY, Alignment, CoordinateBank, align
+from detector.registration import IDENTITY, Alignment, CoordinateBank, RegistrationTarget, align
 from detector.surface_cues import CUE_NAMES, SurfaceCues
 
 
@@ -146,6 +146,7 @@ class FittedClass:
             raise ValueError("a registered fit needs its coordinate bank and score norms")
         # the template every scan is aligned to: the first training scan's points in the coordinate bank
         self.reference = None if coord_bank is None else coord_bank.points[coord_bank.source == 0]
+        self._registration: RegistrationTarget | None = None  # what align needs of the reference, made once
         self.scale = float(scale)
         self.bank = bank
         self.mean_feature = np.asarray(mean_feature, dtype=np.float32)
@@ -175,13 +176,22 @@ class FittedClass:
             points, seed=self.config.seed if seed is None else seed, recon=recon
         )
 
+    def registration_target(self) -> RegistrationTarget:
+        """The reference prepared for registration (KD-tree, ICP levels with normals, FPFH on demand), built
+        on the first scan and reused for every later one."""
+        if self.reference is None:
+            raise ValueError("this fit does not register scans")
+        if self._registration is None:
+            self._registration = RegistrationTarget(self.reference, self.scale)
+        return self._registration
+
     def analyse(self, points: np.ndarray) -> ScanAnalysis:
         """Backbone forward pass once per scan: patch features and per-point statistics, no bank search."""
         start = time.perf_counter()
         pts = np.ascontiguousarray(points, dtype=np.float32)
         alignment, registered = IDENTITY, None
         if self.reference is not None:
-            alignment = align(pts, self.reference, self.scale, seed=self.config.seed)
+            alignment = align(pts, self.registration_target(), self.scale, seed=self.config.seed)
             registered = alignment.apply(pts)
             patches = self.patch_features(registered)
             patches.centers = alignment.undo(

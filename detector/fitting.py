@@ -25,7 +25,13 @@ from detector.features import make_extractor, torch_threads
 from detector.fitted import FittedClass
 from detector.normal_scores import TemplateViews, feature_scores, fused_patch_scores, view_object_scores
 from detector.pointmae import PointMAE, estimate_scale
-from detector.registration import COORD_VOXEL_SHARE, MIN_FITNESS, CoordinateBank, align
+from detector.registration import (
+    COORD_VOXEL_SHARE,
+    MIN_FITNESS,
+    CoordinateBank,
+    RegistrationTarget,
+    align,
+)
 from detector.registration_choice import choose_registration
 from detector.surface_cues import SurfaceCues
 from scans.geometry import voxel_downsample
@@ -249,9 +255,13 @@ def _register_templates(
     first = scans[0]
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
     aligned, fitness = [first], []
+    try:
+        target = RegistrationTarget(reference, scale)  # prepared once for all the templates
+    except ValueError as exc:
+        raise FitError(f"{names[0]}: {exc}") from exc
     for name, scan in zip(names[1:], scans[1:]):
         try:
-            alignment = align(scan, reference, scale, seed=seed)
+            alignment = align(scan, target, scale, seed=seed)
         except ValueError as exc:
             raise FitError(f"{name}: {exc} (reference {names[0]})") from exc
         if alignment.doubtful:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from detector.registration import COORD_VOXEL_SHARE, align
+from detector.registration import COORD_VOXEL_SHARE, RegistrationTarget, align
 from scans.geometry import voxel_downsample
 
 # Register when aligning leaves at most this share of the unmoved residual: pre-aligned scans keep about all
@@ -60,11 +60,12 @@ def choose_registration(
     first = scans[0]
     tree = cKDTree(first)
     reference = first[voxel_downsample(first, COORD_VOXEL_SHARE * scale)].astype(np.float32)
+    target = RegistrationTarget(reference, scale)  # prepared once for all the scans
     unmoved, moved, aligned, fitness = [], [], [first], []
     for name, scan in zip(names[1:], scans[1:]):
         unmoved.append(_residual(scan, tree))
         try:
-            alignment = align(scan, reference, scale, seed=seed)
+            alignment = align(scan, target, scale, seed=seed)
         except ValueError as exc:
             return RegistrationChoice(
                 False,

@@ -10,7 +10,6 @@ make the O(M * n) greedy loop cheap for 1000+-dimensional features.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.random_projection import SparseRandomProjection
 from threadpoolctl import threadpool_limits
 
 __all__ = ["KCenterGreedy"]
@@ -39,6 +38,10 @@ class KCenterGreedy:
         projection_dim)."""
         feats = np.asarray(features)
         if self.projection_dim is not None and feats.shape[1] > self.projection_dim:
+            # sklearn (with scipy.stats behind it) only when a coreset is built, i.e. in a fit: a run that
+            # loads a fitted bank does not pay for its import
+            from sklearn.random_projection import SparseRandomProjection
+
             proj = SparseRandomProjection(n_components=self.projection_dim, random_state=self.seed)
             feats = proj.fit_transform(feats.astype(np.float32, copy=False))
         return np.ascontiguousarray(feats, dtype=np.float32)

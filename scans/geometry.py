@@ -14,9 +14,13 @@ times faster here (docs/design.md has the timings); faiss is kept for the high-d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import open3d as o3d
 from scipy.spatial import cKDTree
+
+if TYPE_CHECKING:
+    import open3d as o3d
 
 __all__ = [
     "KNN_WORKERS",
@@ -26,8 +30,11 @@ __all__ = [
     "fps",
     "knn",
     "local_pca",
+    "icp_point_to_plane",
     "register",
+    "register_global",
     "roughness",
+    "surface_normals",
     "voxel_downsample",
 ]
 
@@ -97,8 +104,7 @@ def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
     if not voxel > 0:
         raise ValueError(f"voxel_downsample: voxel must be > 0, got {voxel}")
     keys = np.floor((pts - pts.min(axis=0)) / voxel).astype(np.int64)
-    _, inverse = np.unique(keys, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    inverse = _voxel_ids(keys)
     n_vox = int(inverse.max()) + 1
     counts = np.bincount(inverse, minlength=n_vox).astype(np.float64)
     means = np.stack([np.bincount(inverse, weights=pts[:, d], minlength=n_vox) for d in range(3)], 1)
@@ -110,7 +116,29 @@ def voxel_downsample(points: np.ndarray, voxel: float) -> np.ndarray:
     return np.sort(order[first])
 
 
+def _voxel_ids(keys: np.ndarray) -> np.ndarray:
+    """Dense id (0..V-1) of each point's voxel from its (N,3) integer voxel coordinates.
+
+    The three coordinates are packed into one int64 when their ranges allow, because a 1-D unique is many
+    times cheaper than numpy's row-wise unique (which sorts structured rows); the ids differ between the two
+    ways only by a relabelling of the voxels, which the callers do not see."""
+    span = keys.max(axis=0) + 1
+    if float(span[0]) * float(span[1]) * float(span[2]) < 2.0**62:
+        packed = (keys[:, 0] * span[1] + keys[:, 1]) * span[2] + keys[:, 2]
+        return np.unique(packed, return_inverse=True)[1].reshape(-1)
+    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _open3d():
+    """open3d, imported on first use: its import pulls in its plotly/dash viewer and costs a cold start more
+    than the rest of a run's imports together, while a run that registers by ICP alone never needs it."""
+    import open3d
+
+    return open3d
+
+
 def _to_o3d(points: np.ndarray) -> o3d.geometry.PointCloud:
+    o3d = _open3d()
     return o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.ascontiguousarray(points, dtype=np.float64)))
 
 
@@ -126,6 +154,7 @@ def _orient_outwards(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
 def estimate_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
     """Unit normals (N, 3) float32 from the k-neighbour covariance (open3d), oriented away from the
     centroid."""
+    o3d = _open3d()
     pts = _as_points(points, min_rows=3)
     if k < 3:
         raise ValueError(f"estimate_normals: k={k} must be at least 3")
@@ -192,6 +221,7 @@ def fpfh(
     radius_feature = 5 * voxel for a cloud downsampled at `voxel`. A point with no neighbour inside
     radius_feature gets an all-zero histogram.
     """
+    o3d = _open3d()
     pts = _as_points(points, min_rows=3)
     if not (radius_normal > 0 and radius_feature > 0):
         raise ValueError(f"fpfh: radii must be > 0, got {radius_normal}, {radius_feature}")
@@ -224,6 +254,7 @@ def register(
     o3d.utility.random.seed), then refined by point-to-plane ICP on the downsampled clouds. `fitness` is ICP's
     share of source points with a target point within 1.5 voxels (1.0 = fully overlapping).
     """
+    o3d = _open3d()
     src = _as_points(source, "source", min_rows=3)
     tgt = _as_points(target, "target", min_rows=3)
     if not voxel > 0:
@@ -270,3 +301,113 @@ def register(
         reg.ICPConvergenceCriteria(max_iteration=50),
     )
     return np.asarray(fine.transformation, dtype=np.float64).copy(), float(fine.fitness)
+
+
+def surface_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
+    """Unit normals (N, 3) float64 of the k-neighbourhood's least-squares plane (:func:`local_pca`), oriented
+    away from the centroid: what point-to-plane ICP needs of its target, computed once per template (numpy,
+    so that registering by ICP does not import open3d)."""
+    _, _, eigvec = local_pca(points, min(k, len(points)))
+    return _orient_outwards(np.asarray(points, dtype=np.float64), eigvec[:, :, 0].copy())
+
+
+def icp_point_to_plane(
+    source: np.ndarray,
+    target: np.ndarray,
+    target_normals: np.ndarray,
+    max_distance: float,
+    init: np.ndarray,
+    iterations: int,
+    *,
+    target_tree: cKDTree | None = None,
+    tolerance: float = 1e-3,
+) -> np.ndarray:
+    """Point-to-plane ICP of ``source`` onto ``target`` from the 4x4 ``init``: the refined 4x4 transform.
+
+    Each step pairs every moved source point with its nearest target point within ``max_distance`` and
+    solves the linearised (small-angle) least squares of the pairs' distances along the target normals.
+    ``target_tree`` (a cKDTree of ``target``) lets a template's tree be built once for all scans. It stops
+    after ``iterations`` steps, when a step moves the points by less than ``tolerance`` x ``max_distance``
+    (by default a thousandth of the pairing reach, far below the noise of a scan), or when fewer than six
+    pairs are left (then the last transform is returned)."""
+    src = _as_points(source, "source", min_rows=1)
+    tgt = _as_points(target, "target", min_rows=1)
+    normals = np.asarray(target_normals, dtype=np.float64)
+    tree = cKDTree(tgt) if target_tree is None else target_tree
+    transform = np.asarray(init, dtype=np.float64).copy()
+    for _ in range(iterations):
+        moved = src @ transform[:3, :3].T + transform[:3, 3]
+        dist, idx = tree.query(moved, k=1, distance_upper_bound=max_distance)
+        paired = np.isfinite(dist)
+        if paired.sum() < 6:
+            break
+        p, q, n = moved[paired], tgt[idx[paired]], normals[idx[paired]]
+        centre = p.mean(axis=0)  # rotate about the pairs' centroid: a well-conditioned system
+        arm = p - centre
+        design = np.hstack([np.cross(arm, n), n])  # d/d(omega, t) of (R arm + centre + t - q) . n at 0
+        residual = np.einsum("ij,ij->i", p - q, n)
+        try:
+            step = np.linalg.solve(design.T @ design, -design.T @ residual)
+        except np.linalg.LinAlgError:  # a plane or a line: the pose is not pinned down, keep the last one
+            break
+        update = np.eye(4)
+        update[:3, :3] = _rotation(step[:3])
+        update[:3, 3] = centre - update[:3, :3] @ centre + step[3:]
+        transform = update @ transform
+        shift = np.linalg.norm(step[3:]) + np.linalg.norm(step[:3]) * np.linalg.norm(arm, axis=1).max()
+        if shift < tolerance * max_distance:
+            break
+    return transform
+
+
+def _rotation(rotvec: np.ndarray) -> np.ndarray:
+    """Rotation matrix of a rotation vector (Rodrigues)."""
+    angle = float(np.linalg.norm(rotvec))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = rotvec / angle
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
+
+
+def register_global(
+    source: np.ndarray,
+    target: np.ndarray,
+    source_fpfh: np.ndarray,
+    target_fpfh: np.ndarray,
+    voxel: float,
+    *,
+    seed: int = 0,
+    iterations: int = 100_000,
+) -> np.ndarray:
+    """Coarse pose of ``source`` onto ``target`` (both already at ``voxel``) by RANSAC on mutual FPFH matches,
+    as in :func:`register`. The FPFH (radii 2 and 5 voxels, :func:`fpfh`) are passed in, so a template's are
+    computed once and a scan's once for several rounds. RANSAC stops early at 0.999 confidence."""
+    o3d = _open3d()
+    src = _as_points(source, "source", min_rows=3)
+    tgt = _as_points(target, "target", min_rows=3)
+    reg = o3d.pipelines.registration
+
+    def features(arr: np.ndarray) -> o3d.pipelines.registration.Feature:
+        feat = reg.Feature()
+        feat.data = np.ascontiguousarray(arr.T, dtype=np.float64)
+        return feat
+
+    o3d.utility.random.seed(seed)
+    match_dist = 1.5 * voxel
+    coarse = reg.registration_ransac_based_on_feature_matching(
+        _to_o3d(src),
+        _to_o3d(tgt),
+        features(source_fpfh),
+        features(target_fpfh),
+        True,  # mutual filter: keeps only reciprocal feature matches, far fewer outliers
+        match_dist,
+        reg.TransformationEstimationPointToPoint(False),
+        3,
+        [
+            reg.CorrespondenceCheckerBasedOnEdgeLength(0.9),
+            reg.CorrespondenceCheckerBasedOnDistance(match_dist),
+        ],
+        reg.RANSACConvergenceCriteria(iterations, 0.999),
+    )
+    return np.asarray(coarse.transformation, dtype=np.float64).copy()
