@@ -177,7 +177,7 @@ def base_backend():
     from agent.backends.hf_backend import HFBackend
 
     try:
-        return HFBackend(threads=1)
+        return HFBackend(threads=1, adapter="none")  # the base model, not the shipped adapter
     except BackendUnavailable as err:
         pytest.skip(str(err))
 

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scans-per-part", type=int, default=EpisodeConfig.scans_per_part)
     e.add_argument("--points", type=int, default=EpisodeConfig.points)
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
+    e.add_argument("--verbalization", choices=("compact", "full"), default=EpisodeConfig.verbalization)
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
     e.add_argument("--register", action="store_true", help="registered fits (as evals.run --register)")
     e.add_argument("--seed", type=int, default=0)
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (recorded)")
     t.add_argument("--max-tokens", type=int, default=3072, help="skip longer examples")
+    t.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N decoder layers (0 = all)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
     return p
@@ -63,6 +65,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         points=args.points,
         seed=args.seed,
         overview_tokens=args.overview_tokens,
+        verbalization=args.verbalization,
         register=args.register,
     )
     if args.parts:
@@ -114,7 +117,10 @@ def train(args: argparse.Namespace) -> int:
     if args.method == "ranker":
         from agent.tune.ranker_fit import fit_ranker, save_ranker
 
-        path = save_ranker(fit_ranker(episodes, seed=args.seed), args.out)
+        manifest_path = args.episodes / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        verbalization = manifest.get("config", {}).get("verbalization", "full")
+        path = save_ranker(fit_ranker(episodes, seed=args.seed, verbalization=verbalization), args.out)
         print(json.dumps({"out": str(path)}))
         return 0
     from agent.backends.hf_backend import HFBackend
@@ -126,6 +132,7 @@ def train(args: argparse.Namespace) -> int:
         lr=args.lr,
         max_minutes=args.max_minutes,
         max_tokens=args.max_tokens,
+        lora_layers=args.lora_layers,
         threads=args.threads,
         seed=args.seed,
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.backends.ranker import overview_text, parse_overview_table
 from agent.pipeline import InspectionConfig, build_conversation
 from agent.tune.guidance import GUIDANCE_KINDS, Guidance, make_guidance, paraphrase_ids
 from detector.config import DetectorConfig
@@ -57,7 +58,8 @@ class EpisodeConfig:
     normal_share: float = 0.25  # of those scans, this share is normal
     test_share: float = 0.3  # the last this share of each part's scans are test episodes
     guided_per_scan: int = 1  # extra guided episodes per scan (same analysis, other overview)
-    overview_tokens: int = 1200  # the overview's token budget (compact, for small models: 12 patches)
+    overview_tokens: int = 3000  # sets the patch count, as agent.run's default budget does
+    verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
     patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
     max_target_ids: int = 3  # patch ids per target region (the hf decoder writes at most max_items)
     register: bool = False
@@ -120,9 +122,14 @@ def patch_truth(patches: Patches, labels: np.ndarray, share: float) -> list[int]
     return [int(i) for i in chosen]
 
 
-def reason_for(table: PatchTable, patch_id: int, terms: int = 2) -> str:
-    """The patch's largest positive z-scores in words ("z_recon_error_max=4.2, z_curvature=3.1")."""
-    zs = {c: float(v[patch_id]) for c, v in table.columns.items() if c.startswith(REASON_COLUMNS_PREFIX)}
+def reason_for(table: PatchTable, patch_id: int, terms: int = 2, columns: set[str] | None = None) -> str:
+    """The patch's largest positive z-scores in words ("z_recon_error_max=4.2, z_curvature=3.1"), among
+    `columns` when given (the ones the overview shows: a reason cites what the reader saw)."""
+    zs = {
+        c: float(v[patch_id])
+        for c, v in table.columns.items()
+        if c.startswith(REASON_COLUMNS_PREFIX) and (columns is None or c in columns)
+    }
     top = sorted(zs.items(), key=lambda kv: (-kv[1], kv[0]))[:terms]
     words = [f"{name}={value:.1f}" for name, value in top if value > 0]
     return ", ".join(words) or f"cue={float(table.columns['cue'][patch_id]):.2f}"
@@ -134,7 +141,15 @@ def confidence_for(cue: float) -> float:
     return round(float(np.clip(0.5 + 0.1 * cue, 0.5, 0.95)), 2)
 
 
-def target_report(table: PatchTable, patch_ids: list[int], max_ids: int) -> dict:
+def shown_patches(messages: list[dict]) -> tuple[set[int], set[str]]:
+    """The patch ids and columns of the overview's table (the compact overview shows only some patches)."""
+    rows, _ = parse_overview_table(overview_text(messages))
+    return {int(r["id"]) for r in rows}, {k for r in rows for k in r}
+
+
+def target_report(
+    table: PatchTable, patch_ids: list[int], max_ids: int, columns: set[str] | None = None
+) -> dict:
     """The assistant message calling report_suspects on `patch_ids` (one region, highest cue first), or an
     empty
     report when there are none. Keys are in the schema's order, as the constrained hf decoder writes them."""
@@ -145,7 +160,7 @@ def target_report(table: PatchTable, patch_ids: list[int], max_ids: int) -> dict
         regions.append(
             {
                 "patch_ids": ranked,
-                "reason": reason_for(table, ranked[0]),
+                "reason": reason_for(table, ranked[0], columns=columns),
                 "confidence": confidence_for(float(cue[ranked[0]])),
             }
         )
@@ -247,6 +262,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
     def conversation(guidance: Guidance | None):
         inspect = InspectionConfig(
             token_budget=config.overview_tokens,
+            verbalization=config.verbalization,  # type: ignore[arg-type]
             seed=config.seed,
             guidance=guidance.text if guidance else None,
         )
@@ -255,6 +271,8 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
 
     patches, table, make_toolbox, messages = conversation(None)
     truth = patch_truth(patches, scan.labels, config.patch_label_share)
+    # a target names only patches the overview shows (the reader knows no others); the truth stays whole
+    shown, columns = shown_patches(messages)
     tools = make_toolbox().openai_schemas()
     rng = np.random.default_rng(sample_seed(config.seed, part, scan.name, "guidance"))
     guidances = [
@@ -275,7 +293,9 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
             guidance=guidance,
             messages=messages,
             tools=tools,
-            target=target_report(table, wanted, config.max_target_ids),
+            target=target_report(
+                table, [i for i in wanted if i in shown], config.max_target_ids, columns=columns
+            ),
             truth_patches=wanted,
             n_patches=int(patches.n_patches),
         )
