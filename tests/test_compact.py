@@ -125,3 +125,24 @@ def test_an_adapter_whose_file_changed_exits_2_naming_the_file(one_scan, tmp_pat
     assert run_cli.main(argv) == 2
     out = capsys.readouterr().out
     assert "adapter_model.safetensors" in out and "checksum" in out
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_the_shipped_adapter_loads_by_default_and_reports_on_a_scan(fitted, scan, analysis):
+    from agent.backends.base import BackendUnavailable
+    from agent.backends.hf_adapter import packaged_adapter
+
+    shipped = packaged_adapter()
+    assert shipped is not None, "the package ships an adapter (agent/backends/adapters/)"
+    assert (shipped / "adapter_model.safetensors").stat().st_size <= 20e6
+    from agent.backends.hf_backend import HFBackend
+
+    try:
+        backend = HFBackend(threads=1)
+    except BackendUnavailable as err:
+        pytest.skip(str(err))
+    assert backend.adapter == str(shipped) and backend.verbalization == "compact"
+    inspection = inspect_scan(scan, fitted, backend, analysis=analysis, use_fallback=False)
+    assert inspection.outcome.error is None and not inspection.outcome.fallback_used
+    assert inspection.report()["reporting_backend"] == "hf"

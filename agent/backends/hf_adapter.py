@@ -28,7 +28,7 @@ RECIPE_FILE = "recipe.json"
 CHECKSUM_FILE = "SHA256SUMS"
 # the adapter shipped in the package (agent/backends/adapters/<name>/), loaded by default on the
 # packaged model
-PACKAGED_ADAPTER = "smollm2-135m-lora"
+PACKAGED_ADAPTER = "smollm2-135m-inspect"
 
 
 def packaged_adapter() -> Path | None:

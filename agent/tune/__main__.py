@@ -1,6 +1,7 @@
 """`python -m agent.tune episodes|train`: make tuning episodes, then train an adapter or the ranker on them.
 
     python -m agent.tune episodes --out episodes/               # training parts only, never a benchmark class
+    python -m agent.tune episodes --normals my_scans/ --out episodes/   # your own normal scans, defects made
     python -m agent.tune train --episodes episodes/ --out adapter/ --method lora|prompt|ranker
 
 Exit codes: 0 done, 2 bad input (the message names the folder and the problem), 3 the model or peft is
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="new folder for episodes.jsonl, fits and test scans"
     )
     e.add_argument("--parts", default=None, help="comma-separated training parts (default: all)")
+    e.add_argument(
+        "--normals",
+        type=Path,
+        default=None,
+        help="a folder of your own normal scans instead of the training parts (defects are synthesized)",
+    )
     e.add_argument("--scans-per-part", type=int, default=EpisodeConfig.scans_per_part)
     e.add_argument("--points", type=int, default=EpisodeConfig.points)
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
@@ -76,7 +83,9 @@ def make_episodes(args: argparse.Namespace) -> int:
     config = replace(config, detector=detector)
     from scans.training_parts import TRAINING_PARTS, is_held_out
 
-    for part in config.parts:
+    if args.normals is not None:  # your own part: one "part" named after its folder
+        config = replace(config, parts=(args.normals.resolve().name,))
+    for part in config.parts if args.normals is None else ():
         if is_held_out(part) or part not in TRAINING_PARTS:
             raise ValueError(
                 f"--parts: {part!r} is not a training part (known: {', '.join(TRAINING_PARTS)}; "
@@ -90,7 +99,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         tmp.mkdir(parents=True)
         with (tmp / EPISODES_FILE).open("w", encoding="utf-8") as handle:
             for part in config.parts:
-                for episode in part_episodes(part, config, out=tmp):
+                for episode in part_episodes(part, config, out=tmp, folder=args.normals):
                     handle.write(episode.to_json() + "\n")
                     counts[episode.split] = counts.get(episode.split, 0) + 1
                 print(f"{part}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)

@@ -254,6 +254,47 @@ def part_scans(part: str, config: EpisodeConfig) -> tuple[list[np.ndarray], list
     return templates, scans
 
 
+def folder_part_scans(folder: Path, config: EpisodeConfig) -> tuple[list[np.ndarray], list[PartScan]]:
+    """Your own part: the first `templates` normal scans of `folder` (file name order) fit the class, and
+    each other scan becomes an episode scan, normal or with a defect from `scans.defects` (kinds, shares and
+    the train/test split as for a training part). Scans are subsampled to `points` (seeded)."""
+    from scans.io import is_scan_file, read_scan
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder of normal scans")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_scan_file(p))
+    if len(files) < config.templates + 2:
+        raise ValueError(
+            f"{folder}: {len(files)} scans; needs at least {config.templates + 2} normal scans "
+            f"({config.templates} to fit the class, the others for episodes)"
+        )
+
+    def read(path: Path) -> np.ndarray:
+        points = read_scan(path, seed=config.seed).points
+        if len(points) > config.points:
+            rng = np.random.default_rng(sample_seed(config.seed, folder.name, path.name))
+            points = points[np.sort(rng.choice(len(points), config.points, replace=False))]
+        return np.asarray(points, dtype=np.float32)
+
+    templates = [read(p) for p in files[: config.templates]]
+    rest = files[config.templates :]
+    n_test = max(1, round(config.test_share * len(rest)))
+    rng = np.random.default_rng(sample_seed(config.seed, folder.name, "kinds"))
+    scans = []
+    for i, path in enumerate(rest):
+        normal = rng.random() < config.normal_share
+        kind = None if normal else DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))]
+        points = read(path)
+        labels = np.zeros(len(points), dtype=bool)
+        if kind is not None:
+            seed = sample_seed(config.seed, folder.name, path.stem, kind)
+            points, labels, _ = make_defect(points, None, kind, seed, scale=extent(points))
+        split = "test" if i >= len(rest) - n_test else "train"
+        name = f"{folder.name}_{path.stem}_{kind or 'normal'}"
+        scans.append(PartScan(name, np.asarray(points, np.float32), np.asarray(labels, bool), kind, split))
+    return templates, scans
+
+
 def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: EpisodeConfig) -> Iterator[Episode]:
     """The unguided episode of one scan and its guided ones (one analysis, one patching, several
     overviews)."""
@@ -301,10 +342,13 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
         )
 
 
-def part_episodes(part: str, config: EpisodeConfig, out: Path | None = None) -> Iterator[Episode]:
+def part_episodes(
+    part: str, config: EpisodeConfig, out: Path | None = None, folder: Path | None = None
+) -> Iterator[Episode]:
     """Fit the part's class, then every episode of its scans; with `out`, the fit and the test scans are saved
-    there (parts/<part>/ and scans/<scan>.npz) for `evals.tuned` to run the full pipeline on."""
-    templates, scans = part_scans(part, config)
+    there (parts/<part>/ and scans/<scan>.npz) for `evals.tuned` to run the full pipeline on. With `folder`,
+    the part is your own normal scans there (`folder_part_scans`)."""
+    templates, scans = part_scans(part, config) if folder is None else folder_part_scans(folder, config)
     fitted = fit_class(templates, config.detector)
     if out is not None:
         fitted.save(out / "parts" / part)
