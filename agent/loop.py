@@ -1,12 +1,13 @@
 """The tool-calling loop: ask the backend, run the tools it calls, feed results back, until `report_suspects`.
 
 Why it is shaped like this:
-- The conversation is plain OpenAI-format messages, so any backend (API model, local model, the no-LLM policy) runs the
-  same loop, and a transcript is a faithful replay.
-- Models misbehave (bad JSON, unknown tools, invented patch ids, chatting instead of calling, calling forever, timing
-  out). The loop never raises on that: the first problem gets ONE repair prompt that names it; a second problem, an
-  exceeded budget or a backend exception hands the task to the fallback backend (the deterministic policy), which starts
-  again from the original messages on a fresh toolbox, and the outcome says so (`fallback_used`, `fallback_reason`).
+- The conversation is plain OpenAI-format messages, so any backend (API model, local model, the no-LLM policy)
+  runs the same loop, and a transcript is a faithful replay.
+- Models misbehave (bad JSON, unknown tools, invented patch ids, chatting instead of calling, calling forever,
+  timing out). The loop never raises on that: the first problem gets ONE repair prompt that names it; a second
+  problem, an exceeded budget or a backend exception hands the task to the fallback backend (the deterministic
+  policy), which starts again from the original messages on a fresh toolbox, and the outcome says so
+  (`fallback_used`, `fallback_reason`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,23 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from agent.backends.base import Backend, LLMReply, ToolCall, Usage
+from agent.budget import (
+    CHARS_PER_TOKEN_GUESS,
+    MESSAGE_OVERHEAD_TOKENS,
+    AgentBudget,
+    context_window,
+    message_chars,
+    reply_reserve,
+    request_chars,
+)
 from agent.transcript import Transcript
 from scans import strict_json
 
 TERMINAL_TOOL = "report_suspects"
-FINISH_PROMPT = ("The conversation is about to exceed the model's context window. Call report_suspects now, with the "
-                 "regions you suspect from what you have seen so far (an empty list if none).")
-CHARS_PER_TOKEN_GUESS = 3.0   # the first request only, before a reply has said how many tokens a prompt takes
-MESSAGE_OVERHEAD_TOKENS = 8   # chat-template tokens around each message (role markers, separators)
-DEFAULT_REPLY_RESERVE = 512   # tokens kept free for the reply when the backend does not say its limit
-DEADLINE_GRACE_SECONDS = 1.0  # a backend told its time left gets this long past it to return its own timeout error
+FINISH_PROMPT = ("The conversation is about to exceed the model's context window. Call report_suspects now, "
+                 "with the regions you suspect from what you have seen so far (an empty list if none).")
+# a backend told its time left gets this long past it to return its own timeout error
+DEADLINE_GRACE_SECONDS = 1.0
 
 
 class ToolBoxLike(Protocol):
@@ -39,22 +47,6 @@ class ToolBoxLike(Protocol):
     def openai_schemas(self) -> list[dict]: ...
 
     def call(self, name: str, arguments: str | dict) -> Any: ...
-
-
-class AgentBudget(BaseModel):
-    max_turns: int = Field(8, ge=1)  # backend.chat calls
-    max_tool_calls: int = Field(16, ge=1)
-    max_total_tokens: int = Field(60_000, ge=1)  # prompt + completion tokens summed over turns
-    max_repairs: int = Field(1, ge=0)  # repair prompts before the fallback takes over
-    # Wall time of one backend's attempt at a scan (every request and retry in it). A request still unanswered when it
-    # runs out is abandoned (a backend with `accepts_seconds_left` is also told, so its own requests stop then) and
-    # the fallback finishes the scan: a hung server costs this, not its timeout times its retries times the turns.
-    max_seconds: float | None = Field(None, gt=0)
-    # The model's context window in tokens (None: the backend's own `context_window`, if it declares one). Before a
-    # request that would not fit, the model is asked once to report now with only report_suspects on offer; if even
-    # that cannot fit, the fallback runs. Without this a small local model's conversation outgrows its window and every
-    # later turn is wasted (or the server rejects it).
-    max_context_tokens: int | None = Field(None, ge=256)
 
 
 class AgentOutcome(BaseModel):
@@ -78,41 +70,10 @@ class _Stop(Exception):
     """Internal: the current attempt must end and hand over to the fallback."""
 
 
-def _chars(messages: list[dict], tools: list[dict]) -> int:
-    """Characters of a request as JSON: a stable proxy for its prompt tokens (the chat template adds a few per turn)."""
-    return len(json.dumps(messages, ensure_ascii=False, default=str)) + len(json.dumps(tools, ensure_ascii=False))
-
-
-def _message_chars(message: dict) -> int:
-    """Characters of a message's text and of its tool calls' names and arguments."""
-    calls = message.get("tool_calls") or []
-    return len(str(message.get("content") or "")) + sum(
-        len(c.get("function", {}).get("name", "")) + len(c.get("function", {}).get("arguments", "")) for c in calls)
-
-
-def context_window(backend: Backend, budget: AgentBudget) -> int | None:
-    """The smaller of the budget's window and the backend's declared `context_window`; None when neither is known,
-    and None for a backend that reads the conversation as data, not tokens (`tokenizes = False`: the policy)."""
-    if getattr(backend, "tokenizes", True) is False:
-        return None
-    known = [w for w in (budget.max_context_tokens, getattr(backend, "context_window", None))
-             if isinstance(w, int) and w > 0]
-    return min(known) if known else None
-
-
-def _reply_reserve(backend: Backend) -> int:
-    """Tokens the reply may take: the backend's own limit (max_tokens or max_new_tokens) when it has one."""
-    for name in ("max_tokens", "max_new_tokens"):
-        value = getattr(backend, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return DEFAULT_REPLY_RESERVE
-
-
 def _default_render() -> Callable[[str, dict], str]:
     try:
         from verbalize.render import render_tool_result
-    except ImportError:  # verbalize.render not present (minimal installs): compact JSON, the documented default
+    except ImportError:  # verbalize.render not present (minimal installs): compact JSON, the default
         return lambda name, data: strict_json.dumps(data, missing_as_null=True, separators=(",", ":"),
                                               ensure_ascii=False, default=str)
     return render_tool_result
@@ -147,9 +108,10 @@ class _Attempt:
         self._logged = 0
         self._start = time.perf_counter()
         self.window = context_window(backend, budget)
-        self.measured_prompt = 0    # tokens the conversation held at the last reply that reported usage (or the guess)
-        self.measured_upto = 0      # messages[:measured_upto] are inside `measured_prompt` (0: nothing measured yet)
-        self.largest_result = 0     # characters of the longest tool result so far: the room the next one may need
+        # tokens the conversation held at the last reply that reported usage (or the guess)
+        self.measured_prompt = 0
+        self.measured_upto = 0  # messages[:measured_upto] are inside `measured_prompt` (0: none measured)
+        self.largest_result = 0  # characters of the longest tool result so far: room the next one may need
         self.most_calls = 1         # most tool calls in one reply so far: results the next turn may bring
         self.finishing = False      # the finish prompt has been sent
 
@@ -168,24 +130,24 @@ class _Attempt:
             self._logged = len(self.messages)
             sent = len(self.messages)
             # a reply without usage leaves only an upper bound: the request's characters, one token each
-            bound = _chars(self.messages, all_tools) if self.measured_upto == 0 else 0
+            bound = request_chars(self.messages, all_tools) if self.measured_upto == 0 else 0
             started = time.perf_counter()
             try:
                 reply = self._chat(copy.deepcopy(self.messages), tools)
             except _Stop:
                 raise
-            except Exception as err:  # a backend failure of any kind is the fallback's job, never the caller's
+            except Exception as err:  # a backend failure of any kind is the fallback's job, not the caller's
                 self.log("backend_error", turn=self.turns, error=f"{type(err).__name__}: {err}")
-                if self._seconds_left() == 0.0:  # the backend's own timeout at the budget's end: say which ran out
-                    raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded while waiting for the "
-                                       f"backend ({type(err).__name__}: {err})") from err
+                if self._seconds_left() == 0.0:  # the backend's own timeout at the budget's end: say so
+                    raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded while waiting for "
+                                       f"the backend ({type(err).__name__}: {err})") from err
                 raise _Stop(f"backend error: {type(err).__name__}: {err}") from err
             seconds = time.perf_counter() - started
             self.usage = self.usage + reply.usage
             if reply.usage.prompt_tokens > 0:
                 self.measured_prompt = reply.usage.prompt_tokens + reply.usage.completion_tokens
                 self.measured_upto = sent + 1  # the reply itself is counted by its completion tokens
-            elif self.measured_upto == 0:  # no usage reported: count the first request at one token per character
+            elif self.measured_upto == 0:  # no usage reported: the first request at one token per character
                 self.measured_prompt, self.measured_upto = bound, sent
             self.most_calls = max(self.most_calls, len(reply.tool_calls))
             self.log("reply", turn=self.turns, text=reply.text, raw=reply.raw,
@@ -206,9 +168,9 @@ class _Attempt:
         return max(0.0, self.budget.max_seconds - (time.perf_counter() - self._start))
 
     def _chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
-        """`backend.chat`, and under a time budget no longer than the time left: the call runs in a daemon thread
-        that is abandoned when it does not return in time (a blocked socket or a long generation cannot be
-        interrupted from outside; a backend that accepts `seconds_left` ends its own requests by then)."""
+        """`backend.chat`, and under a time budget no longer than the time left: the call runs in a daemon
+        thread that is abandoned when it does not return in time (a blocked socket or a long generation cannot
+        be interrupted from outside; a backend that accepts `seconds_left` ends its own requests by then)."""
         left = self._seconds_left()
         if left is None:
             return self.backend.chat(messages, tools)
@@ -225,8 +187,8 @@ class _Attempt:
         worker.start()
         worker.join(left + DEADLINE_GRACE_SECONDS if kwargs else left)
         if worker.is_alive():
-            raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded: the backend had not answered "
-                               f"after {left:.1f} s")
+            raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded: the backend had not "
+                               f"answered after {left:.1f} s")
         if "error" in result:
             raise result["error"]
         return result["reply"]
@@ -234,17 +196,18 @@ class _Attempt:
     def _check_budget_before_turn(self) -> None:
         if self.turns >= self.budget.max_turns:
             raise self._budget(f"max_turns={self.budget.max_turns} reached without {TERMINAL_TOOL}")
-        if self.budget.max_seconds is not None and time.perf_counter() - self._start > self.budget.max_seconds:
+        spent = time.perf_counter() - self._start
+        if self.budget.max_seconds is not None and spent > self.budget.max_seconds:
             raise self._budget(f"max_seconds={self.budget.max_seconds} exceeded")
 
     def _tools_that_fit(self, tools: list[dict]) -> list[dict]:
-        """All tools while the next request, its reply, the tool results it may bring and a finish prompt all fit the
-        context window; else one finish prompt that offers only the terminal tool (sent only if it fits); else the
-        fallback. After the finish prompt there is seldom room for a repair prompt: a malformed finish reply usually
-        ends with the context-window reason."""
+        """All tools while the next request, its reply, the tool results it may bring and a finish prompt all
+        fit the context window; else one finish prompt that offers only the terminal tool (sent only if it
+        fits); else the fallback. After the finish prompt there is seldom room for a repair prompt: a
+        malformed finish reply usually ends with the context-window reason."""
         if self.window is None:
             return tools
-        reserve = _reply_reserve(self.backend)
+        reserve = reply_reserve(self.backend)
         terminal = [t for t in tools if t["function"]["name"] == TERMINAL_TOOL]
         now = self._estimate(tools)
         if self.finishing:
@@ -252,8 +215,8 @@ class _Attempt:
                 return terminal
         else:
             finish_prompt = len(FINISH_PROMPT) + MESSAGE_OVERHEAD_TOKENS
-            # after this turn: its reply (<= reserve), up to most_calls results, the finish prompt, and then the
-            # finish turn's own reply reserve
+            # after this turn: its reply (<= reserve), up to most_calls results, the finish prompt, and then
+            # the finish turn's own reply reserve
             results = self.most_calls * (self.largest_result + MESSAGE_OVERHEAD_TOKENS)
             after = reserve + MESSAGE_OVERHEAD_TOKENS + results + finish_prompt
             if now + reserve + (after if self.turns > 0 else 0) <= self.window:
@@ -271,17 +234,17 @@ class _Attempt:
     def _estimate(self, tools: list[dict]) -> int:
         """An upper estimate of the next request's prompt tokens (the first request excepted).
 
-        The first request: all characters (every tool schema included) at a guessed rate -- not an upper bound; a
-        server that finds it too long rejects it and the fallback runs. After that: the tokens the conversation held
-        at the last reply that reported usage (else the first request at one token per character), plus one token per
-        character of every message added since (tool results are mostly digits and punctuation, which many tokenizers
-        split into one token per character) and the chat template's per-message overhead. Offering fewer tools is
-        never counted as a saving (servers render tool schemas their own way), so `tools` is only used for the first
-        request."""
+        The first request: all characters (every tool schema included) at a guessed rate -- not an upper
+        bound; a server that finds it too long rejects it and the fallback runs. After that: the tokens the
+        conversation held at the last reply that reported usage (else the first request at one token per
+        character), plus one token per character of every message added since (tool results are mostly digits
+        and punctuation, which many tokenizers split into one token per character) and the chat template's
+        per-message overhead. Offering fewer tools is never counted as a saving (servers render tool schemas
+        their own way), so `tools` is only used for the first request."""
         if self.measured_upto == 0:
-            return int(_chars(self.messages, tools) / CHARS_PER_TOKEN_GUESS) + 1
+            return int(request_chars(self.messages, tools) / CHARS_PER_TOKEN_GUESS) + 1
         added = self.messages[self.measured_upto:]
-        return self.measured_prompt + sum(_message_chars(m) + MESSAGE_OVERHEAD_TOKENS for m in added)
+        return self.measured_prompt + sum(message_chars(m) + MESSAGE_OVERHEAD_TOKENS for m in added)
 
     def _budget(self, what: str) -> _Stop:
         self.log("budget_exceeded", detail=what)
@@ -290,7 +253,8 @@ class _Attempt:
     def _handle(self, reply: LLMReply, allowed: list[str]) -> None:
         if not reply.tool_calls:
             snippet = (reply.text or "").strip().replace("\n", " ")[:80]
-            self._problem(f"the reply was text with no tool call ({snippet!r}); every turn must call a tool", allowed)
+            self._problem(f"the reply was text with no tool call ({snippet!r}); every turn must call a tool",
+                          allowed)
             return
         problems: list[str] = []
         for call in reply.tool_calls:
@@ -315,7 +279,8 @@ class _Attempt:
         try:
             arguments = json.loads(call.arguments) if call.arguments.strip() else {}
         except json.JSONDecodeError as err:
-            return self._answer(call, f"arguments of {call.name} are not valid JSON ({err.msg} at char {err.pos})")
+            return self._answer(call, f"arguments of {call.name} are not valid JSON "
+                                      f"({err.msg} at char {err.pos})")
         if not isinstance(arguments, dict):
             return self._answer(call, f"arguments of {call.name} must be a JSON object")
         started = time.perf_counter()
@@ -330,8 +295,8 @@ class _Attempt:
             getattr(result, "content", "") or _default_render()(call.name, data))
         self._answer(call, content, ok=True, seconds=time.perf_counter() - started)
         if call.name == TERMINAL_TOOL:
-            # The validated regions: as the tool returned them, else as the toolbox recorded them, else the arguments
-            # (which the tool just accepted).
+            # The validated regions: as the tool returned them, else as the toolbox recorded them, else the
+            # arguments (which the tool just accepted).
             regions = data.get("regions")
             if not isinstance(regions, list):
                 regions = getattr(self.toolbox, "report", None)
@@ -340,8 +305,9 @@ class _Attempt:
             self.regions = copy.deepcopy(list(regions or []))
         return None
 
-    def _answer(self, call: ToolCall, content: str, *, ok: bool = False, seconds: float | None = None) -> str | None:
-        """Append the `role: tool` message answering `call`; for failures the content is the problem itself."""
+    def _answer(self, call: ToolCall, content: str, *, ok: bool = False,
+                seconds: float | None = None) -> str | None:
+        """Append the `role: tool` message answering `call`; a failure's content is the problem itself."""
         text = content if ok else f"error: {content}"
         self.largest_result = max(self.largest_result, len(text))
         self.messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
@@ -357,25 +323,26 @@ class _Attempt:
             raise _Stop(f"malformed output after {self.repairs} repair(s): {problem}")
         self.repairs += 1
         prompt = (f"Your last reply could not be used: {problem}. Reply with exactly one tool call to one of "
-                  f"{', '.join(allowed)}, with JSON arguments that match the tool's schema and patch ids taken from "
-                  f"the tool results. Finish with {TERMINAL_TOOL}.")
+                  f"{', '.join(allowed)}, with JSON arguments that match the tool's schema and patch ids "
+                  f"taken from the tool results. Finish with {TERMINAL_TOOL}.")
         self.messages.append({"role": "user", "content": prompt})
         self.log("repair", problem=problem, prompt=prompt)
 
 
-def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *, budget: AgentBudget | None = None,
-              transcript: Transcript | None = None, fallback: Backend | None = None,
+def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *,
+              budget: AgentBudget | None = None, transcript: Transcript | None = None,
+              fallback: Backend | None = None,
               toolbox_factory: Callable[[], ToolBoxLike] | None = None,
               render: Callable[[str, dict], str] | None = None,
               fallback_budget: AgentBudget | None = None) -> AgentOutcome:
-    """Run `backend` until it reports suspects; hand over to `fallback` on a second malformed reply, an exceeded budget
-    or a backend exception. `messages` is not modified.
+    """Run `backend` until it reports suspects; hand over to `fallback` on a second malformed reply, an
+    exceeded budget or a backend exception. `messages` is not modified.
 
-    The fallback starts from the original `messages` on a fresh toolbox, with its own `fallback_budget` (default
-    AgentBudget(): the LLM's budget may be tight on purpose, the policy's needs are small and fixed): `toolbox_factory()` when given, else
-    the same toolbox (its tools are then assumed stateless).
-    Tool results reach the model as `render(name, data)` when given, else as the ToolResult's own `content` (the
-    toolbox renders it), else as `verbalize.render.render_tool_result(name, data)`.
+    The fallback starts from the original `messages` on a fresh toolbox, with its own `fallback_budget`
+    (default AgentBudget(): the LLM's budget may be tight on purpose, the policy's needs are small and fixed):
+    `toolbox_factory()` when given, else the same toolbox (its tools are then assumed stateless).
+    Tool results reach the model as `render(name, data)` when given, else as the ToolResult's own `content`
+    (the toolbox renders it), else as `verbalize.render.render_tool_result(name, data)`.
     """
     budget = budget or AgentBudget()
     initial = copy.deepcopy(messages)
@@ -386,8 +353,9 @@ def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *, b
     except _Stop as stop:
         reason = str(stop)
     else:
-        outcome = AgentOutcome(regions=attempt.regions or [], usage=attempt.usage, n_tool_calls=attempt.n_tool_calls,
-                               turns=attempt.turns, backend=backend.name, repairs=attempt.repairs,
+        outcome = AgentOutcome(regions=attempt.regions or [], usage=attempt.usage,
+                               n_tool_calls=attempt.n_tool_calls, turns=attempt.turns, backend=backend.name,
+                               repairs=attempt.repairs,
                                messages=attempt.messages)
         attempt.log("run_end", regions=outcome.regions, usage=outcome.usage.model_dump(), turns=outcome.turns,
                     n_tool_calls=outcome.n_tool_calls, fallback_used=False)
@@ -402,14 +370,16 @@ def run_agent(backend: Backend, toolbox: ToolBoxLike, messages: list[dict], *, b
 
     attempt.log("fallback", reason=reason, fallback=fallback.name)
     fresh = toolbox_factory() if toolbox_factory is not None else toolbox
-    second = _Attempt(fallback, fresh, copy.deepcopy(initial), fallback_budget or AgentBudget(), transcript, render)
+    second = _Attempt(fallback, fresh, copy.deepcopy(initial), fallback_budget or AgentBudget(), transcript,
+                      render)
     try:
         second.run()
         error = None
     except _Stop as stop:
         error = f"the fallback also failed: {stop} (first failure: {reason})"
     outcome = AgentOutcome(regions=second.regions or [], fallback_used=True, fallback_reason=reason,
-                           usage=attempt.usage + second.usage, n_tool_calls=attempt.n_tool_calls + second.n_tool_calls,
+                           usage=attempt.usage + second.usage,
+                           n_tool_calls=attempt.n_tool_calls + second.n_tool_calls,
                            turns=attempt.turns + second.turns, error=error, backend=fallback.name,
                            repairs=attempt.repairs + second.repairs, messages=second.messages)
     second.log("run_end", regions=outcome.regions, usage=outcome.usage.model_dump(), turns=outcome.turns,

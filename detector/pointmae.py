@@ -91,8 +91,8 @@ class PointMAEConfig:
     def paper(cls) -> PointMAEConfig:
         """Point-MAE's pretraining setup (384 wide, 12 blocks, 64x32 groups) with M3DM's feature layers."""
         return cls(width=384, depth=12, heads=6, decoder_depth=4, decoder_heads=6, embed_dims=(128, 256, 512),
-                   group_size=32, num_groups=64, inference_groups=1024, mask_ratio=0.6, feature_layers=(3, 7, 11),
-                   drop_path=0.1)
+                   group_size=32, num_groups=64, inference_groups=1024, mask_ratio=0.6,
+                   feature_layers=(3, 7, 11), drop_path=0.1)
 
     @property
     def feature_dim(self) -> int:
@@ -164,8 +164,8 @@ def knn_indices(xyz: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tenso
     return d.topk(k, dim=-1, largest=False, sorted=True).indices
 
 
-def group_points(xyz: torch.Tensor, num_groups: int, group_size: int,
-                 start: torch.Tensor | int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_points(xyz: torch.Tensor, num_groups: int, group_size: int, start: torch.Tensor | int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FPS centres + kNN patches.
 
     Returns (neighborhood (B,G,K,3) relative to its centre, centres (B,G,3), idx (B,G,K), centre idx
@@ -274,7 +274,8 @@ class PointMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.width))
         self.decoder_pos_embed = _pos_mlp(c.width)
         dec_rates = torch.linspace(0, c.drop_path, c.decoder_depth).tolist()
-        self.decoder_blocks = nn.ModuleList(Block(c.width, c.decoder_heads, c.mlp_ratio, r) for r in dec_rates)
+        self.decoder_blocks = nn.ModuleList(Block(c.width, c.decoder_heads, c.mlp_ratio, r)
+                                            for r in dec_rates)
         self.decoder_norm = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, 3 * c.group_size)  # predicts the K points of a masked patch
         self.apply(self._init_weights)
@@ -363,8 +364,7 @@ def covering_masks(groups: int, ratio: float, rounds: int, generator: torch.Gene
     return masks
 
 
-# ------------------------------------------------------------------------------------------ save / load /
-# hash
+# ------------------------------------------------------------------------------------ save / load / hash
 def _config_dict(config: PointMAEConfig) -> dict[str, Any]:
     return json.loads(config.to_json())
 
@@ -424,7 +424,8 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
         raise ValueError(f"{config_path}: bad config ({e})") from None
     if expect is not None and expect != config:
         want, got = _config_dict(expect), _config_dict(config)
-        diff = ", ".join(f"{k}: saved {got[k]!r} != expected {want[k]!r}" for k in sorted(want) if want[k] != got[k])
+        diff = ", ".join(f"{k}: saved {got[k]!r} != expected {want[k]!r}"
+                         for k in sorted(want) if want[k] != got[k])
         raise ValueError(f"{config_path}: config mismatch ({diff})")
     try:
         tensors = load_file(str(weights_path))

@@ -30,8 +30,8 @@ REPORT_DIR = "report"
 MAX_ROC_CLASSES = 4
 SCALAR_COLUMNS = ("o_auroc", "p_auroc", "au_pro", "false_alarm_rate", "detection_rate", "region_recall",
                   "false_region_rate", "verified_fraction",
-                  "prompt_tokens", "completion_tokens", "tokens", "tool_calls", "wall_p50", "wall_p95", "fit_s",
-                  "score_s", "n_scans", "n_failed", "n_fallbacks", "cost_per_scan", "cost_total")
+                  "prompt_tokens", "completion_tokens", "tokens", "tool_calls", "wall_p50", "wall_p95",
+                  "fit_s", "score_s", "n_scans", "n_failed", "n_fallbacks", "cost_per_scan", "cost_total")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -77,8 +77,8 @@ MAIN_COLUMNS: list[tuple[str, str, int]] = [
     ("false alarms", "false_alarm_rate", 2), ("detected", "detection_rate", 2),
     ("region recall", "region_recall", 2), ("false regions", "false_region_rate", 2),
     ("share verified", "verified_fraction", 2), ("tokens/scan", "tokens", 0), ("tool calls", "tool_calls", 1),
-    ("s/scan p50", "wall_p50", 2), ("s/scan p95", "wall_p95", 2), ("s/scan", "score_s", 2), ("fit s", "fit_s", 0),
-    ("failed", "n_failed", 0), ("fallbacks", "n_fallbacks", 0),
+    ("s/scan p50", "wall_p50", 2), ("s/scan p95", "wall_p95", 2), ("s/scan", "score_s", 2),
+    ("fit s", "fit_s", 0), ("failed", "n_failed", 0), ("fallbacks", "n_fallbacks", 0),
 ]
 
 
@@ -115,8 +115,8 @@ def budget_note(meta: dict) -> str | None:
         return None
     inspection = meta.get("inspection") or {}
     budget = inspection.get("budget") or {}
-    parts = [f"at most {budget[k]:,} {what}" for k, what in (("max_turns", "turns"), ("max_tool_calls", "tool calls"),
-                                                             ("max_total_tokens", "tokens")) if budget.get(k)]
+    limits = (("max_turns", "turns"), ("max_tool_calls", "tool calls"), ("max_total_tokens", "tokens"))
+    parts = [f"at most {budget[k]:,} {what}" for k, what in limits if budget.get(k)]
     if budget.get("max_context_tokens"):
         parts.append(f"a context window of {budget['max_context_tokens']:,} tokens (the agent is asked to "
                      "report "
@@ -143,7 +143,8 @@ def grouped_reasons(summary: dict, limit: int | None = 4) -> list[tuple[str, str
 
 def reason_lines(summary: dict, limit: int = 4) -> list[str]:
     """The most frequent failure and fallback reasons per method/backend, as markdown list items."""
-    return [f"- {name} {what} x{count}: {reason}" for name, what, reason, count in grouped_reasons(summary, limit)]
+    return [f"- {name} {what} x{count}: {reason}"
+            for name, what, reason, count in grouped_reasons(summary, limit)]
 
 
 def markdown_report(summary: dict, meta: dict) -> str:
@@ -286,7 +287,8 @@ def plot_per_class(summary: dict, classes: list[str], path: Path) -> Path:
         axes.grid(axis="y", alpha=0.3)
         if position == 1:
             handles, labels = axes.get_legend_handles_labels()
-            figure.legend(handles, labels, fontsize=8, ncol=min(len(names), 5), loc="upper center", frameon=False)
+            figure.legend(handles, labels, fontsize=8, ncol=min(len(names), 5), loc="upper center",
+                          frameon=False)
     figure.tight_layout(rect=(0, 0, 1, 0.94))
     figure.savefig(path)
     return path
@@ -365,7 +367,8 @@ def write_html(out: Path, summary: dict, meta: dict, plots: dict[str, str], exam
                 for name, what, reason, count in grouped_reasons(summary, limit=None)]
     environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     page = environment.from_string(HTML_TEMPLATE.read_text(encoding="utf-8")).render(
-        data=meta["data"], classes=classes, limit=limit_note(meta), command=meta.get("command"), budget=budget_note(meta),
+        data=meta["data"], classes=classes, limit=limit_note(meta), command=meta.get("command"),
+        budget=budget_note(meta),
         main_table=_html_table([(n, e.get("mean", {})) for n, e in summary.items()], _columns(summary),
                                "method / backend"),
         class_table=_html_table([(n, {c: _pair(e.get(c)) for c in classes}) for n, e in summary.items()],

@@ -51,7 +51,8 @@ from scans.shared_data import shared_scans_dir
 RECIPE_VERSION = 1
 DEFAULT_SCANS = shared_scans_dir()
 PCL_CANDIDATES = ("rops_cloud.pcd", "milk.pcd", "car6.pcd", "cturtle.pcd")
-PYBULLET_CANDIDATES = ("duck.obj", "teddy2_VHACD_CHs.obj", "teddy.obj", "cube.obj", "sphere2.obj", "torus.obj")
+PYBULLET_CANDIDATES = ("duck.obj", "teddy2_VHACD_CHs.obj", "teddy.obj", "cube.obj", "sphere2.obj",
+                       "torus.obj")
 MIN_SOURCE_POINTS = 8000  # Anomaly-ShapeNet's smallest samples have ~8k points
 MESH_NOISE = 0.003  # sensor noise sigma as a fraction of the object size (mesh sources)
 SCAN_NOISE = 0.001  # real scans are already noisy: add only a little
@@ -110,12 +111,14 @@ def discover_sources(scans_dir: Path | None = DEFAULT_SCANS) -> tuple[dict[str, 
     else:
         bunny = Path(scans_dir) / "stanford-bunny" / "bun_zipper_res2.ply"
         if bunny.is_file():
-            sources["bunny"] = Source("bunny", "mesh", str(bunny), "Stanford 3D Scanning Repository", solid=False)
+            sources["bunny"] = Source("bunny", "mesh", str(bunny), "Stanford 3D Scanning Repository",
+                                      solid=False)
         for file_name in PCL_CANDIDATES:
             path = Path(scans_dir) / "pcl" / file_name
             if path.is_file():
                 name = path.stem.replace("_cloud", "")
-                sources[name] = Source(name, "pcd", str(path), "PCL test data (single sensor view)", solid=False)
+                sources[name] = Source(name, "pcd", str(path), "PCL test data (single sensor view)",
+                                       solid=False)
     pymeshlab_dir = _package_dir("pymeshlab")
     if pymeshlab_dir is not None:
         for path in sorted((pymeshlab_dir / "tests" / "sample_meshes").glob("*"))[:50]:
@@ -249,8 +252,9 @@ def build_class(source: Source, class_dir: Path, config: BenchConfig) -> list[di
         points, normals, size = _clean_sample(source, config.points, seed)
         mask, info = None, None
         if kind is not None:
-            points, mask, info, normals = defect_lib.make_defect(points, normals, kind, seed + 1, solid=source.solid,
-                                                                 scale=size, return_normals=True)
+            points, mask, info, normals = defect_lib.make_defect(points, normals, kind, seed + 1,
+                                                                 solid=source.solid, scale=size,
+                                                                 return_normals=True)
         points, _ = part_lib.scan_like(points, normals, seed + 2, noise=noise, scale=size,
                                         max_rotation_deg=config.pose_deg)
         emit(split, stem, points, mask, info, seed)
@@ -372,7 +376,8 @@ EPILOG = """examples:
   SCANAGENT_SHARED=/data/shared scanagent bench --out dev-bench   # real scans from /data/shared/data/scans
   (`python -m evals.bench ...` is the same command)
 
-exit codes: 0 ok, 2 bad input (unknown or unavailable class, existing --out without --overwrite, bad option)"""
+exit codes: 0 ok, 2 bad input (unknown or unavailable class, existing --out without --overwrite, """ \
+    "bad option)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                              defects_per_type=args.per_defect, seed=args.seed,
                              defect_types=tuple(class_list(args.defects) or ()),
                              pose_deg=args.pose_deg)
-        summary = build_benchmark(args.out, classes=class_list(args.classes), config=config, scans_dir=args.scans,
-                                  overwrite=args.overwrite, workers=args.workers,
+        summary = build_benchmark(args.out, classes=class_list(args.classes), config=config,
+                                  scans_dir=args.scans, overwrite=args.overwrite, workers=args.workers,
                                   progress=lambda name, n: print(f"  {name}: {n} samples", flush=True))
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -187,7 +187,8 @@ class ToolBox:
         lines = []
         for spec in self._specs.values():
             schema = spec.parameters_schema()
-            args = ", ".join(f"{name}: {_describe_arg(prop)}" for name, prop in schema.get("properties", {}).items())
+            args = ", ".join(f"{name}: {_describe_arg(prop)}"
+                             for name, prop in schema.get("properties", {}).items())
             lines.append(f"- {spec.name}({args}): {spec.description}")
         return "\n".join(lines)
 
@@ -287,7 +288,8 @@ class ToolBox:
                      "(normalised xyz).", GeometryArgs, self._patch_geometry),
             ToolSpec("neighbourhood", "Patches whose centres lie within `radius` of this patch's centre, and "
                                       "how this "
-                     "patch differs from them (in robust standard deviations).", NeighbourArgs, self._neighbourhood),
+                     "patch differs from them (in robust standard deviations).", NeighbourArgs,
+                     self._neighbourhood),
             ToolSpec("feature_lookup", "The learned statistics of one patch and, when a memory bank is "
                                        "attached, its "
                      "similarity to normal patches of the class; a bank look-up costs the patch's point "
@@ -336,18 +338,20 @@ class ToolBox:
         if not within:
             within = candidates[:3]
             note = f"no patch centre within radius {args.radius}; the {len(within)} nearest are shown"
-        data: dict[str, Any] = {"patch_id": pid, "radius": args.radius,
-                                "neighbours": [{**self._summary_row(i), "distance": _sig(dist[i])} for i in within]}
+        neighbours = [{**self._summary_row(i), "distance": _sig(dist[i])} for i in within]
+        data: dict[str, Any] = {"patch_id": pid, "radius": args.radius, "neighbours": neighbours}
         if note:
             data["note"] = note
         if within:
             signals = ["curvature", "roughness", "spacing"]
-            signals += [f"{s}_{agg}" for s in self.context.table.stat_names for agg in ("mean", "max")] + ["cue"]
+            signals += [f"{s}_{agg}" for s in self.context.table.stat_names
+                        for agg in ("mean", "max")] + ["cue"]
             diffs = {}
             for col in signals:
                 nb_median = float(np.median(cols[col][within]))
+                diff_sd = (cols[col][pid] - nb_median) / (robust_spread(cols[col]) or 1.0)
                 diffs[col] = {"value": _sig(cols[col][pid]), "neighbour_median": _sig(nb_median),
-                              "diff_sd": _sig((cols[col][pid] - nb_median) / (robust_spread(cols[col]) or 1.0))}
+                              "diff_sd": _sig(diff_sd)}
             data["differences"] = diffs
             normal = np.array([cols[f"n{a}"][pid] for a in "xyz"])
             nb_normal = np.stack([cols[f"n{a}"][within] for a in "xyz"], axis=1).mean(axis=0)
@@ -380,7 +384,8 @@ class ToolBox:
         try:
             answer = lookup([pid])
         except Exception as exc:  # the bank is outside the model's control; report, do not crash the loop
-            raise ToolError(f"memory bank look-up failed for patch {pid}: {type(exc).__name__}: {exc}") from exc
+            raise ToolError(f"memory bank look-up failed for patch {pid}: "
+                            f"{type(exc).__name__}: {exc}") from exc
         if pid not in answer:
             raise ToolError(f"memory bank returned no result for patch {pid}")
         self.budget_left -= cost
@@ -395,7 +400,8 @@ class ToolBox:
         regions = []
         for region in args.regions:
             ids = list(dict.fromkeys(region.patch_ids))  # drop repeated ids, keep order
-            regions.append({"patch_ids": ids, "reason": region.reason.strip(), "confidence": region.confidence})
+            regions.append({"patch_ids": ids, "reason": region.reason.strip(),
+                            "confidence": region.confidence})
         self.report = regions
         covered = sorted({i for r in regions for i in r["patch_ids"]})
         points = int(self.context.patches.counts[covered].sum()) if covered else 0
@@ -419,11 +425,12 @@ def _describe_arg(prop: dict) -> str:
     elif prop.get("type") == "array":
         lo, hi = prop.get("minItems", 0), prop.get("maxItems")
         item = prop.get("items", {})
-        inner = "{" + ", ".join(f"{k}: {_describe_arg(v)}" for k, v in item.get("properties", {}).items()) + "}" \
-            if item.get("type") == "object" else _describe_arg(item)
+        fields = ", ".join(f"{k}: {_describe_arg(v)}" for k, v in item.get("properties", {}).items())
+        inner = "{" + fields + "}" if item.get("type") == "object" else _describe_arg(item)
         text = f"list of {lo}..{hi} x {inner}"
     else:
-        kind = {"integer": "int", "number": "float", "boolean": "bool", "string": "str"}.get(prop.get("type"), "any")
+        kinds = {"integer": "int", "number": "float", "boolean": "bool", "string": "str"}
+        kind = kinds.get(prop.get("type"), "any")
         lo = prop.get("minimum", prop.get("exclusiveMinimum"))
         hi = prop.get("maximum", prop.get("exclusiveMaximum"))
         text = kind + (f" {lo}..{hi}" if lo is not None and hi is not None else "")
