@@ -2,17 +2,13 @@
 scans>`).
 
 Fits one class — Point-MAE trained on the class's normal scans, a memory bank of its patch features,
-thresholds
-calibrated on normal data — and writes it as one folder that `python -m agent.run --bank <dir>` reads.
-Exit codes: 0 fitted, 2 bad input (missing/empty/unreadable scans, unknown class or layout, bad options, an
---out
-that is not a fit or cannot be written, checked before fitting). Nothing is written unless the fit succeeds
-(the
-folder appears in one rename).
+thresholds calibrated on normal data — and writes it as one folder that `python -m agent.run --bank <dir>`
+reads. Exit codes: 0 fitted, 2 bad input (missing/empty/unreadable scans, unknown class or layout, bad
+options, an --out that is not a fit or cannot be written, checked before fitting). Nothing is written unless
+the fit succeeds (the folder appears in one rename).
 
 Why the work lives in :func:`fit_from_options`: tests and other code call it directly and get a
-:class:`FitReport`;
-:func:`main` only parses arguments, draws progress bars and prints the summary.
+:class:`FitReport`; :func:`main` only parses arguments, draws progress bars and prints the summary.
 """
 
 from __future__ import annotations
@@ -29,10 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agent.cli_args import EXIT_BAD_INPUT, EXIT_OK, console_say, run_cli
 from agent.quiet import quiet_third_party
 from scans.progress import Progress as ProgressCallback
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 DEFAULT_MESH_POINTS = 30000
 
 
@@ -381,6 +377,15 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         mesh_points=args.mesh_points,
         register=args.register,
     )
+    return run_cli(
+        lambda: _fit_with_progress(options, console),
+        console_say(console),
+        [(FitInputError, "error", EXIT_BAD_INPUT)],
+    )
+
+
+def _fit_with_progress(options: FitOptions, console: Console) -> int:
+    """The fit behind progress bars (they stop before any error is shown), then its summary table."""
     labels = {"read": "reading scans", "train": "training Point-MAE", "features": "bank feature views"}
     with Progress(
         TextColumn("{task.description:<20}"),
@@ -397,12 +402,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
                 tasks[stage] = bars.add_task(labels.get(stage, stage), total=total)
             bars.update(tasks[stage], completed=done, total=total)
 
-        try:
-            report = fit_from_options(options, progress)
-        except FitInputError as exc:
-            bars.stop()
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            return EXIT_BAD_INPUT
+        report = fit_from_options(options, progress)
     console.print(summary_table(report))
     return EXIT_OK
 

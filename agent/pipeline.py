@@ -370,7 +370,10 @@ def inspect_scan(
         verify_mode=config.verify if verification.mode == "bank" else "suspects",
         registration=_registration_summary(analysis),
         guidance=guidance_summary(
-            redact(config.guidance), fallback if outcome.fallback_used else backend, outcome.fallback_used
+            redact(config.guidance),
+            fallback if outcome.fallback_used else backend,
+            outcome.fallback_used,
+            outcome.messages,
         ),
     )
 
@@ -389,22 +392,32 @@ def _scrubbed(outcome: AgentOutcome, redact: Redactor) -> AgentOutcome:
     )
 
 
-def guidance_summary(guidance: str | None, reporting: Backend | None, fallback_used: bool) -> dict | None:
+def guidance_summary(
+    guidance: str | None, reporting: Backend | None, fallback_used: bool, messages: list[dict] | None = None
+) -> dict | None:
     """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it
-    does not
-    say), with a note when it did not, so that guidance is never silently ignored. None when no guidance was
-    given."""
+    does not say), with a note when it did not, so that guidance is never silently ignored. A backend that
+    reads guidance into intents (`guidance_reading`, the policy and the ranker) also says what it read and how
+    it applied it, from the conversation it answered. None when no guidance was given."""
     if not guidance:
         return None
     name = getattr(reporting, "name", "?")
     used = getattr(reporting, "uses_guidance", None)
     who = f"the fallback {name}" if fallback_used else f"the {name} backend"
     note = None
-    if used is None:
+    reading = getattr(reporting, "guidance_reading", None)
+    extra: dict = {}
+    if callable(reading) and messages is not None:
+        extra = reading(messages)
+        used = extra.pop("used")
+        note = extra.pop("note", None)
+        if note is not None:
+            note = f"{who} made the report: {note}"
+    elif used is None:
         note = f"{who} made the report and does not declare whether it reads guidance"
     elif not used:
         note = f"{who} made the report and does not read guidance: the report was made without it"
-    return {"text": guidance, "used": used, "reporting_backend": name, "note": note}
+    return {"text": guidance, "used": used, "reporting_backend": name, "note": note, **extra}
 
 
 def _registration_summary(analysis: ScanAnalysis | None) -> dict | None:

@@ -152,6 +152,9 @@ def print_summary(
     guidance = report.get("guidance")
     if guidance and not guidance["used"]:
         console.print(f"  [yellow]guidance not used:[/yellow] {guidance['note']}")
+    elif guidance and guidance.get("applied"):
+        reader = guidance.get("read", {}).get("reader", "keywords")
+        console.print(f"  guidance read ({reader}): {guidance['applied']}", markup=False)
     registration = report.get("registration")
     if registration and registration["doubtful"]:
         console.print(

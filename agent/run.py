@@ -1,11 +1,10 @@
 """`python -m agent.run scan.ply [more scans | a folder] [--bank DIR] [--backend ...] [--out DIR]`.
 
 Inspects scans with an agent and the memory bank and writes one output folder per scan (see agent.report); a
-run over a
-folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model and the bank
-load once
-for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad flags),
-3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline, no key.
+run over a folder or several scans also writes `index.html` in --out, linking each scan's viewer. The model
+and the bank load once for all scans. Exit codes: 0 ok, 2 bad input (unreadable scan, bad bank folder, bad
+flags), 3 backend unavailable. `--demo` builds a demo part with a defect, fits it, and inspects it: offline,
+no key.
 """
 
 from __future__ import annotations
@@ -19,15 +18,24 @@ from pathlib import Path
 
 import jinja2
 from rich.console import Console
-from rich.markup import escape
 
-from agent.cli_args import DEFAULT_MAX_SECONDS, context_window_arg, positive_int, seconds_arg
+from agent.cli_args import (
+    DEFAULT_MAX_SECONDS,
+    EXIT_BACKEND,
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    CliExit,
+    console_say,
+    context_window_arg,
+    exits_on,
+    positive_int,
+    run_cli,
+    seconds_arg,
+)
 from agent.quiet import quiet_third_party
 from agent.sampled import MAX_ANALYSIS_POINTS
 from agent.secrets import RedactedStream, Redactor, redacted_logging, secrets_in
-
-EXIT_OK, EXIT_BAD_INPUT, EXIT_BACKEND = 0, 2, 3
-
 
 EPILOG = """examples:
   scanagent run scans/part_017.ply --bank banks/bracket --out runs/     # one scan, policy agent
@@ -186,18 +194,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     out_root = Path(args.out)
     started = time.perf_counter()
-    try:  # before any work: a run that cannot write its outputs, or render its prompts, should not start
-        if args.templates is not None:
-            check_templates(args.templates)
-        check_writable(out_root, "--out folder")
-    except (TemplateFolderError, OutputError) as exc:
-        console.print(f"[red]bad option:[/red] {escape(str(exc))}")
-        return EXIT_BAD_INPUT
-    root_existed = out_root.exists()
-    try:
-        return _run_checked(args, console, out_root, started)
-    finally:
-        _remove_if_empty(out_root, root_existed)
+
+    def work() -> int:
+        # before any work: a run that cannot write its outputs, or render its prompts, should not start
+        with exits_on(((TemplateFolderError, OutputError), "bad option", EXIT_BAD_INPUT)):
+            if args.templates is not None:
+                check_templates(args.templates)
+            check_writable(out_root, "--out folder")
+        root_existed = out_root.exists()
+        try:
+            return _run_checked(args, console, out_root, started)
+        finally:
+            _remove_if_empty(out_root, root_existed)
+
+    return run_cli(work, console_say(console))
 
 
 def _remove_if_empty(folder: Path, existed: bool) -> None:
@@ -238,30 +248,21 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
         console.print("[red]no scans given[/red] (pass scan files or folders of scans, or --demo)")
         return EXIT_BAD_INPUT
     if not 0.0 < args.max_verify_fraction <= 1.0:
-        console.print(
-            f"[red]bad option:[/red] --max-verify-fraction must be in (0, 1], got {args.max_verify_fraction}"
+        raise CliExit(
+            "bad option", f"--max-verify-fraction must be in (0, 1], got {args.max_verify_fraction}"
         )
-        return EXIT_BAD_INPUT
     if args.verify == "all" and not args.bank:
-        console.print(
-            "[red]bad option:[/red] --verify all scores every point with a memory bank: give --bank DIR"
-        )
-        return EXIT_BAD_INPUT
+        raise CliExit("bad option", "--verify all scores every point with a memory bank: give --bank DIR")
     fitted = None
     if args.bank:
-        try:
+        with exits_on(((FitError, OSError, ValueError), "bad bank", EXIT_BAD_INPUT)):
             fitted = FittedClass.load(args.bank)
-        except (FitError, OSError, ValueError) as exc:
-            console.print(f"[red]bad bank:[/red] {exc}")
-            return EXIT_BAD_INPUT
-    try:
+    with exits_on(
+        (BackendUnavailable, "backend unavailable", EXIT_BACKEND),
+        # bad JSON, unknown keyword arguments, wrong flag combination
+        ((ValueError, TypeError), "bad backend options", EXIT_BAD_INPUT),
+    ):
         backend = make_backend(args)
-    except BackendUnavailable as exc:
-        console.print(f"[red]backend unavailable:[/red] {exc}")
-        return EXIT_BACKEND
-    except (ValueError, TypeError) as exc:  # bad JSON, unknown keyword arguments, wrong flag combination
-        console.print(f"[red]bad backend options:[/red] {exc}")
-        return EXIT_BAD_INPUT
     config = InspectionConfig(
         verify=args.verify,
         max_verify_fraction=args.max_verify_fraction,
@@ -284,13 +285,14 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
     status, taken, written = EXIT_OK, set(), 0
     rows: list[ScanRow] = []
     several = len(scans) > 1
+    say = console_say(console)
     for path in scans:
         try:
             scan = read_scan(path, mesh_points=args.mesh_points, min_points=min_points, seed=args.seed)
             if fitted is not None:
                 check_scan_fits_class(scan.points, fitted, str(path), bank_dir=str(args.bank))
         except (ScanError, ClassMismatch) as exc:
-            console.print(f"[red]bad scan:[/red] {exc}")
+            say("bad scan", str(exc))
             rows.append(ScanRow.failed(str(path), str(exc)))
             status = EXIT_BAD_INPUT
             continue
@@ -318,25 +320,22 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
                     analysed_rows=analysed,
                     seed=args.seed,
                 )
-        except (
-            RegistrationError
-        ) as exc:  # a registered class cannot align this scan: nothing is written for it
-            console.print(f"[red]bad scan:[/red] {path}: {exc}")
+        except RegistrationError as exc:  # a registered class cannot align it: nothing is written
+            say("bad scan", f"{path}: {exc}")
             rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
         except OutputError as exc:  # checked before the scan is scored; the other scans go on
-            console.print(f"[red]bad output:[/red] {path}: {escape(str(exc))}")
+            say("bad output", f"{path}: {exc}")
             rows.append(ScanRow.failed(str(path), f"{path}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
         except jinja2.TemplateError as exc:  # a user template failing at render time fails every scan alike
-            console.print(
-                f"[red]bad option:[/red] --templates: {escape(template_error_message(exc, args.templates))}"
-            )
-            return EXIT_BAD_INPUT
+            raise CliExit(
+                "bad option", f"--templates: {template_error_message(exc, args.templates)}"
+            ) from exc
         except OSError as exc:  # e.g. the disk filled up: nothing half-written was left for this scan
-            console.print(f"[red]output failed:[/red] {path}: {out_dir}: {escape(str(exc))}")
+            say("output failed", f"{path}: {out_dir}: {exc}")
             rows.append(ScanRow.failed(str(path), f"{path}: {out_dir}: {exc}"))
             status = EXIT_BAD_INPUT
             continue
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             return run(args, console)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
-            return 130
+            return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from scans import strict_json
+from scans.geometry import knn
 
 FORMAT_NAME = "scanagent-pointmae"
 FORMAT_VERSION = 1
@@ -157,11 +158,10 @@ def farthest_point_sample(xyz: torch.Tensor, n: int, start: torch.Tensor | int =
 
 
 def knn_indices(xyz: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B,Q,k) of the k nearest points of xyz (B,N,3) to each query (B,Q,3), nearest first.
-
-    Uses exact differences (not the matmul expansion) so the order matches a brute-force reference."""
-    d = torch.cdist(queries, xyz, compute_mode="donot_use_mm_for_euclid_dist")
-    return d.topk(k, dim=-1, largest=False, sorted=True).indices
+    """Indices (B,Q,k) of the k nearest points of xyz (B,N,3) to each query (B,Q,3), nearest first: the
+    project's one kNN (scans.geometry.knn, a k-d tree) per batch item, no gradient (indices only)."""
+    rows = [knn(x.detach().cpu().numpy(), q.detach().cpu().numpy(), k)[1] for x, q in zip(xyz, queries)]
+    return torch.from_numpy(np.stack(rows)).to(xyz.device)
 
 
 def group_points(xyz: torch.Tensor, num_groups: int, group_size: int, start: torch.Tensor | int = 0

@@ -8,6 +8,8 @@ empty run.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,18 +32,52 @@ class HarnessError(ValueError):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """One backend as named on the command line: `label` is the result name, `name` the registry entry."""
+    """One backend as named on the command line: `label` is the result name, `name` the registry entry,
+    `guidance` the operator guidance its scans are inspected with (a guided variant of the same backend)."""
 
     label: str
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    guidance: str | None = None
+
+
+def _options(arg: str) -> dict[str, Any] | None:
+    """`key=value;key=value` as a dict (values read as JSON when they parse, else kept as text), or None when
+    `arg` is not in that form (the older `hf:<model>` / `openai:<model>` spelling)."""
+    pieces = [piece.strip() for piece in arg.split(";") if piece.strip()]
+    if not pieces or not all(re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", piece) for piece in pieces):
+        return None
+    options: dict[str, Any] = {}
+    for piece in pieces:
+        key, _, value = piece.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
+def _check_options(name: str, options: dict[str, Any], text: str) -> None:
+    """Unknown keyword options fail here, naming the backend's own, before anything is fitted."""
+    from agent.backends import backend_parameters
+
+    known = backend_parameters(name)
+    unknown = sorted(set(options) - set(known)) if known is not None else []
+    if unknown:
+        raise HarnessError(
+            f"backend {text!r}: unknown option(s) {', '.join(unknown)}; {name} takes guidance, "
+            + ", ".join(known or [])
+        )
 
 
 def parse_backend(
     text: str, *, base_url: str | None = None, seed: int = 0, llm_kwargs: dict[str, Any] | None = None
 ) -> BackendSpec:
     """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any
-    registry name.
+    registry name, optionally with `:key=value;key=value` options instead of the model: the backend's own
+    keyword arguments (`hf:adapter=none`, `hf:adapter=DIR`, `ranker:model=FILE`), `guidance=TEXT`, which
+    inspects that row's scans with the guidance (`policy:guidance=sharp ridges are normal`), and `label=NAME`,
+    the row's name in the results (default: the spec as written).
 
     `llm_kwargs` (from `--backend-kwargs`) go to the server backends (openai, langchain), e.g.
     `{"llama_cpp_compat": true}` for a llama.cpp server whose chat format drops `role: tool` messages."""
@@ -52,6 +88,16 @@ def parse_backend(
     kwargs: dict[str, Any] = {}
     if name not in REGISTRY:
         raise HarnessError(f"unknown backend {name!r} in {text!r}; known: {', '.join(sorted(REGISTRY))}")
+    options = _options(arg)
+    guidance, label = None, text
+    if options is not None:
+        guidance = options.pop("guidance", None)
+        label = str(options.pop("label", text))
+        if guidance is not None and (not isinstance(guidance, str) or not guidance.strip()):
+            raise HarnessError(f"backend {text!r}: guidance must be text")
+        _check_options(name, options, text)
+        kwargs.update(options)
+        arg = ""
     if name == "openai":
         if arg:
             kwargs["model"] = arg
@@ -63,14 +109,14 @@ def parse_backend(
     elif name == "hf":
         if arg:
             kwargs["model"] = arg
-        kwargs["seed"] = seed
+        kwargs.setdefault("seed", seed)
     elif name == "random-regions":
-        kwargs["seed"] = seed
+        kwargs.setdefault("seed", seed)
     elif arg:
         kwargs["model"] = arg
     if llm_kwargs and name in ("openai", "langchain"):
         kwargs.update(llm_kwargs)
-    return BackendSpec(label=text, name=name, kwargs=kwargs)
+    return BackendSpec(label=label, name=name, kwargs=kwargs, guidance=guidance)
 
 
 def quick_detector_config(seed: int = 0) -> DetectorConfig:

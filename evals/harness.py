@@ -32,7 +32,7 @@ from evals.scan_jobs import JobContext, ScanJob
 from evals.store import RESULTS_FILE, RUN_FILE, ResultStore, ScanResult, safe_name
 from scans import strict_json
 from scans.datasets import Dataset, Sample, open_dataset
-from scans.files import atomic_write_text, json_default
+from scans.files import atomic_write_text
 from scans.progress import Progress
 
 __all__ = [
@@ -200,7 +200,10 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
         "data": config.data,
         "classes": classes,
         "methods": list(config.methods),
-        "backends": [{"label": b.label, "name": b.name, "kwargs": b.kwargs} for b in config.backends],
+        "backends": [
+            {"label": b.label, "name": b.name, "kwargs": b.kwargs, "guidance": b.guidance}
+            for b in config.backends
+        ],
         "names": list(config.names),
         "limit": config.limit,
         "tests": limited,
@@ -219,7 +222,7 @@ def _write_run_meta(out: Path, config: HarnessConfig, classes: list[str], limite
     )  # keys in kwargs and command
     atomic_write_text(
         out / RUN_FILE,
-        strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True, default=json_default),
+        strict_json.dumps(meta, missing_as_null=True, indent=1, sort_keys=True),
     )
 
 

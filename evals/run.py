@@ -21,10 +21,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent.cli_args import DEFAULT_MAX_SECONDS, context_window_arg, seconds_arg
+from agent.cli_args import (
+    DEFAULT_MAX_SECONDS,
+    EXIT_BAD_INPUT,
+    EXIT_FAILURES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    console_say,
+    context_window_arg,
+    exits_on,
+    run_cli,
+    seconds_arg,
+)
 from agent.quiet import quiet_third_party
-
-EXIT_OK, EXIT_FAILURES, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _csv(text: str) -> list[str]:
@@ -68,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         type=_csv,
         default=[],
-        help="comma-separated: policy, random-regions, hf[:model], openai:<model>, langchain:<module:Class>",
+        help="comma-separated: policy, random-regions, ranker:model=FILE, hf[:model], hf:adapter=DIR|none, "
+        "openai:<model>, langchain:<module:Class>; options after the colon as key=value;key=value, "
+        "guidance=TEXT for a guided row and label=NAME for its name (e.g. "
+        "'policy:guidance=sharp ridges are normal;label=policy+ridges')",
     )
     p.add_argument("--out", default="eval-out", help="output folder (a rerun into it resumes)")
     p.add_argument(
@@ -205,17 +217,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_third_party(verbose=args.verbose)
     console = Console(stderr=True)
+    return run_cli(lambda: _run(args, console), console_say(console))
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    """The harness run behind progress bars; bad input ends it through agent.cli_args (exit 2)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from detector.config import FitError
     from evals.harness import HarnessError, run_harness
     from scans.datasets import DatasetError
 
-    try:
+    with exits_on(((HarnessError, DatasetError, ValueError, FileExistsError), "bad input", EXIT_BAD_INPUT)):
         config = make_config(args)
-    except (HarnessError, DatasetError, ValueError, FileExistsError) as exc:
-        console.print(f"[red]bad input:[/red] {exc}")
-        return EXIT_BAD_INPUT
     tasks: dict[str, int] = {}
     with Progress(
         TextColumn("{task.description}"),
@@ -233,16 +247,14 @@ def main(argv: list[str] | None = None) -> int:
             bars.update(tasks[stage], completed=done, total=total, detail=detail[:60])
 
         try:
-            outcome = run_harness(config, progress=progress)
+            with exits_on(((HarnessError, DatasetError, FitError), "bad input", EXIT_BAD_INPUT)):
+                outcome = run_harness(config, progress=progress)
         except KeyboardInterrupt:
             console.print(
                 f"[yellow]interrupted[/yellow]: finished results are in {config.out / 'results.jsonl'}; "
                 "rerun the same command to resume"
             )
             return EXIT_INTERRUPTED
-        except (HarnessError, DatasetError, FitError) as exc:
-            console.print(f"[red]bad input:[/red] {exc}")
-            return EXIT_BAD_INPUT
     out = config.out
     print(
         f"ran {outcome.ran} (name x scan) results, skipped {outcome.skipped} already done, "

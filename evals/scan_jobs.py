@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -203,11 +203,12 @@ def _run_backend(
         if ctx.transcript_root is not None:
             transcript = Path(ctx.transcript_root) / safe_name(spec.label) / job.cls / f"{job.scan}.jsonl"
             transcript.parent.mkdir(parents=True, exist_ok=True)
+        config = ctx.inspection if spec.guidance is None else replace(ctx.inspection, guidance=spec.guidance)
         inspection = inspect_scan(
             points,
             fitted,
             backend,
-            config=ctx.inspection,
+            config=config,
             transcript_path=transcript,
             analysis=analysis,
             use_fallback=ctx.fallback,

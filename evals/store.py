@@ -20,7 +20,7 @@ from typing import Self
 import numpy as np
 
 from scans import strict_json
-from scans.files import atomic_save_npy, json_default
+from scans.files import atomic_save_npy
 
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -110,7 +110,7 @@ class ResultStore:
                 rel_regions = rel.with_name(f"{row['scan']}.regions.npy")
                 atomic_save_npy(self.out / rel_regions, np.asarray(result.regions, dtype=np.int32))
                 row["regions_file"] = rel_regions.as_posix()
-        line = strict_json.dumps(row, missing_as_null=True, sort_keys=True, default=json_default)
+        line = strict_json.dumps(row, missing_as_null=True, sort_keys=True)
         self._file.write(line + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -22,7 +22,9 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,38 +52,78 @@ def _reported(inspection) -> list[list[int]]:
     return [list(r.patch_ids) for r in inspection.verification.regions]
 
 
-def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=print) -> dict:
-    """Per-backend metrics on the test episodes (`limit` of them, evenly spread over the file)."""
+@dataclass
+class TestScan:
+    """One held-out test scan with its part's fit, its analysis and its unguided episode's ground truth."""
+
+    name: str
+    part: str
+    points: np.ndarray
+    labels: np.ndarray
+    fit: FittedClass
+    analysis: Any
+    truth: list[int]
+    defect: str | None
+
+
+@dataclass
+class TestSet:
+    episodes: list[dict]
+    by_name: dict[str, TestScan]  # every scan the episodes use
+    budget: int  # the overview's token budget the episodes were made with
+    seed: int
+
+    @property
+    def scans(self) -> list[TestScan]:
+        """The scans that have an unguided episode (so their ground truth without guidance is known)."""
+        plain = {e["scan"] for e in self.episodes if e["guidance"] is None}
+        return [s for name, s in self.by_name.items() if name in plain]
+
+
+def load_test_scans(directory: Path, limit: int | None = None) -> TestSet:
+    """The test episodes (`limit` of them, evenly spread over the file), their saved scans, fits and
+    analyses."""
     episodes = read_episodes(directory, split="test")
     if limit is not None and 0 < limit < len(episodes):  # evenly spread, so every part is in a short run
         episodes = [episodes[i * len(episodes) // limit] for i in range(limit)]
     if not episodes:
         raise ValueError(f"{directory}: no test episodes")
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    budget = int(manifest["config"]["overview_tokens"])
     fits = {
         part: FittedClass.load(directory / "parts" / part) for part in sorted({e["part"] for e in episodes})
     }
-    scans, analyses = {}, {}
+    scans: dict[str, TestScan] = {}
     for e in episodes:
         stem = e["scan"]
         if stem not in scans:
             with np.load(directory / "scans" / f"{stem}.npz") as data:
-                scans[stem] = (data["points"], data["labels"].astype(bool))
-            analyses[stem] = fits[e["part"]].analyse(scans[stem][0])
+                points, labels = data["points"], data["labels"].astype(bool)
+            fit = fits[e["part"]]
+            scans[stem] = TestScan(stem, e["part"], points, labels, fit, fit.analyse(points), [], e["defect"])
+        if e["guidance"] is None:
+            scans[stem].truth = list(e["truth_patches"])
+    return TestSet(
+        episodes,
+        scans,
+        int(manifest["config"]["overview_tokens"]),
+        int(manifest["config"]["seed"]),
+    )
+
+
+def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=print) -> dict:
+    """Per-backend metrics on the test episodes (`limit` of them, evenly spread over the file)."""
+    tests = load_test_scans(directory, limit)
+    episodes, budget = tests.episodes, tests.budget
     results = {}
     for spec in specs:
         label, backend = backend_from_spec(spec)
         rows = []
         for e in episodes:
-            stem = e["scan"]
-            points, labels = scans[stem]
+            scan = tests.by_name[e["scan"]]
             guidance = e["guidance"]["text"] if e["guidance"] else None
-            config = InspectionConfig(token_budget=budget, guidance=guidance, seed=manifest["config"]["seed"])
+            config = InspectionConfig(token_budget=budget, guidance=guidance, seed=tests.seed)
             started = time.perf_counter()
-            inspection = inspect_scan(
-                points, fits[e["part"]], backend, config=config, analysis=analyses[stem]
-            )
+            inspection = inspect_scan(scan.points, scan.fit, backend, config=config, analysis=scan.analysis)
             regions = _reported(inspection)
             truth = set(e["truth_patches"])
             rows.append(
@@ -96,9 +138,9 @@ def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=pr
                     "tokens": inspection.outcome.usage.total_tokens,
                     "seconds": time.perf_counter() - started,
                     "object_score": inspection.object_score,
-                    "labels": labels,
+                    "labels": scan.labels,
                     "point_scores": inspection.point_scores,
-                    "normal": not labels.any(),
+                    "normal": not scan.labels.any(),
                 }
             )
         results[label] = summarise(rows)

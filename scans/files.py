@@ -1,21 +1,18 @@
-"""Writing files so that a reader sees the old file or the new one, never half of one; and plain JSON of numpy
-values.
+"""Writing files so that a reader sees the old file or the new one, never half of one.
 
 Every writer in the project goes through `atomic_write`: the payload goes to a temporary file in the target's
-folder
-(the same filesystem, so the final `os.replace` is atomic), is flushed to disk, and only then takes the
-target's
-name. A failure or Ctrl-C at any point leaves the previous file untouched and no temporary file behind.
+folder (the same filesystem, so the final `os.replace` is atomic), is flushed to disk, and only then takes the
+target's name. A failure or Ctrl-C at any point leaves the previous file untouched and no temporary file
+behind. JSON documents are made by `scans.strict_json`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 
@@ -62,19 +59,3 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """`np.save` without pickles, atomically."""
     return atomic_write(path, lambda out: np.save(out, np.asarray(array), allow_pickle=False), suffix=".npy")
-
-
-def json_default(value: Any) -> Any:
-    """`json.dumps(default=...)` for the values numpy code produces: numpy scalars, arrays and paths."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def atomic_write_json(path: str | os.PathLike, document: Any, **dumps: Any) -> Path:
-    """`document` as JSON (numpy values allowed, see json_default), atomically; `dumps` go to json.dumps."""
-    return atomic_write_text(path, json.dumps(document, default=json_default, **dumps))

@@ -18,8 +18,8 @@ import numpy as np
 
 from scans.files import atomic_save_npy, atomic_write, atomic_write_bytes, umask_mode  # noqa: F401 -- umask_mode: API
 from scans.outliers import FAR_FACTOR, find_far_outliers
-from scans.pcd import decode_pcd_body, parse_pcd_header
-from scans.ply import parse_ply_header, read_ply_vertices, write_ply_binary
+from scans.pcd import read_pcd
+from scans.ply import read_ply_vertices, write_ply_binary
 
 MIN_POINTS = 64  # what the detector needs at least
 DEFAULT_MAX_POINTS = 50_000_000
@@ -151,28 +151,20 @@ def _column_stack(fields: dict[str, np.ndarray], names: tuple[str, str, str]) ->
 
 
 def _read_pcd(path: Path, max_points: int, **_: object) -> _RawCloud:
-    data = path.read_bytes()
-    header = parse_pcd_header(data)
-    if header.points > max_points:
-        raise ValueError(_too_many(header.points, max_points))
-    fields = decode_pcd_body(data, header)
+    pcd = read_pcd(path, max_points, lambda n: _too_many(n, max_points))
+    fields = pcd.fields
     points = _column_stack(fields, ("x", "y", "z"))
     if points is None:
         raise ValueError("PCD file has no x y z fields")
     raw = _RawCloud(points, _column_stack(fields, ("normal_x", "normal_y", "normal_z")), fields.get("label"))
-    if header.height > 1:  # organized cloud (PCL marks missing pixels with NaN)
-        raw.grid_shape = (header.height, header.width)
+    if pcd.height > 1:  # organized cloud (PCL marks missing pixels with NaN)
+        raw.grid_shape = (pcd.height, pcd.width)
         raw.valid = np.isfinite(points).all(axis=1)
     return raw
 
 
 def _read_ply(path: Path, max_points: int, **_: object) -> _RawCloud:
-    data = path.read_bytes()
-    header = parse_ply_header(data)
-    vertex = header.element("vertex")
-    if vertex is not None and vertex.count > max_points:
-        raise ValueError(_too_many(vertex.count, max_points))
-    fields = read_ply_vertices(data, header)
+    fields = read_ply_vertices(path, max_points, lambda n: _too_many(n, max_points))
     points = _column_stack(fields, ("x", "y", "z"))
     if points is None:
         raise ValueError("PLY vertex element has no x y z properties")

@@ -7,12 +7,16 @@ report.json with a NaN threshold broke every tool that read it). Two policies, c
   documents where such a value is a bug (a fitted folder's metadata);
 * ``dumps(obj, missing_as_null=True)`` writes it as ``null``, for documents where a value is legitimately
   missing (a report's statistic that could not be computed, a metric over no scans).
+
+It is also the project's one converter for the values numpy code and paths produce (``to_json_value``), so
+every writer turns them into JSON the same way.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import PurePath
 from typing import Any
 
 
@@ -22,8 +26,7 @@ class NonFiniteJSONError(ValueError):
 
 def _plain(value: Any) -> Any:
     """numpy scalars and arrays as Python values (what ``json`` can write). Recognised without importing
-    numpy:
-    the agent loop and the transcript use this module and must stay free of numpy."""
+    numpy: the agent loop and the transcript use this module and must stay free of numpy."""
     if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
         return value.tolist()
     return value
@@ -61,7 +64,11 @@ def first_nonfinite(value: Any, path: str = "") -> str | None:
     return None
 
 
-def _default(value: Any) -> Any:
+def to_json_value(value: Any) -> Any:
+    """``json.dumps(default=...)``: numpy scalars and arrays as numbers and lists, paths as strings; anything
+    else is a TypeError naming its type."""
+    if isinstance(value, PurePath):
+        return str(value)
     plain = _plain(value)
     if plain is value:
         raise TypeError(f"{type(value).__name__} is not JSON serialisable")
@@ -70,11 +77,11 @@ def _default(value: Any) -> Any:
 
 def dumps(obj: Any, *, what: str = "json document", missing_as_null: bool = False, **kwargs: Any) -> str:
     """``json.dumps`` that never writes NaN/Infinity: null for them (``missing_as_null``) or
-    NonFiniteJSONError naming ``what`` (usually the file) and the key. numpy scalars and arrays are written
-    as numbers and lists."""
+    NonFiniteJSONError naming ``what`` (usually the file) and the key. numpy values and paths are written as
+    ``to_json_value`` makes them."""
     if missing_as_null:
         obj = nan_to_none(obj)
-    kwargs.setdefault("default", _default)
+    kwargs.setdefault("default", to_json_value)
     try:
         return json.dumps(obj, allow_nan=False, **kwargs)
     except ValueError:

@@ -15,7 +15,7 @@ from typing import Self
 import pytest
 
 from agent.backends import REGISTRY, BackendUnavailable, get_backend
-from agent.backends.base import LLMReply, ToolCall, resolve_ref
+from agent.backends.base import LLMReply, ToolCall
 from agent.backends.hf_backend import HFBackend, parse_free_tool_call
 from agent.loop import run_agent
 
@@ -320,18 +320,6 @@ def test_free_text_tool_call_parsing():
     with pytest.raises(json.JSONDecodeError):
         json.loads(broken.arguments)
     assert parse_free_tool_call("The scan looks fine to me.", "z") is None
-
-
-def test_schema_refs_and_optionals_resolve():
-    root = {
-        "$defs": {"Region": {"type": "object", "properties": {"reason": {"type": "string"}}}},
-        "properties": {"regions": {"type": "array", "items": {"$ref": "#/$defs/Region"}}},
-    }
-    assert resolve_ref({"$ref": "#/$defs/Region"}, root)["properties"] == {"reason": {"type": "string"}}
-    assert (
-        resolve_ref({"anyOf": [{"type": "integer"}, {"type": "null"}], "default": None}, root)["type"]
-        == "integer"
-    )
 
 
 def test_number_clamping_respects_schema_bounds():

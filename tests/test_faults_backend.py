@@ -156,9 +156,10 @@ def test_a_401_that_echoes_the_key_leaves_no_trace_of_it(given, scan_file, tmp_p
     terminal = capsys.readouterr()
     for text in (json.dumps(report), transcript, terminal.out, terminal.err):
         assert KEY not in text and KEY[3:15] not in text
-    # issue 13 item 5 on the way: the fallback policy made the report and could not read the guidance
-    assert report["guidance"]["used"] is False and "fallback policy" in report["guidance"]["note"]
-    assert "guidance not used" in terminal.out
+    # issue 13 item 5: the fallback policy made the report, and says how it read the guidance
+    assert report["guidance"]["reporting_backend"] == "policy" and report["guidance"]["used"] is True
+    assert report["guidance"]["read"]["normal_features"] == ["edges"]
+    assert "guidance read" in terminal.out
 
 
 def test_a_key_echoed_while_probing_the_server_is_not_printed(scan_file, tmp_path, capsys, monkeypatch):
@@ -368,16 +369,19 @@ def _completion() -> dict:
 
 # ---- issue 13 item 5: guidance is never silently ignored
 # ---------------------------------------------------------
-def test_policy_says_it_does_not_read_guidance(scan_file, tmp_path, capsys):
+def test_policy_says_how_it_read_and_applied_the_guidance(scan_file, tmp_path, capsys):
     assert run(scan_file, "--out", tmp_path, "--no-render", "--guidance", "sharp ridges are normal") == 0
     report, _ = outputs(tmp_path)
-    assert report["guidance"] == {
-        "text": "sharp ridges are normal",
-        "used": False,
-        "reporting_backend": "policy",
-        "note": "the policy backend made the report and does not read guidance: the "
-        "report was made without it",
-    }
+    guidance = report["guidance"]
+    assert guidance["used"] is True and guidance["note"] is None and guidance["reporting_backend"] == "policy"
+    assert guidance["read"]["normal_features"] == ["edges"] and "curvature" in guidance["applied"]
+    assert "guidance read" in capsys.readouterr().out
+
+
+def test_guidance_the_policy_reads_no_intent_in_is_reported_as_not_used(scan_file, tmp_path, capsys):
+    assert run(scan_file, "--out", tmp_path, "--no-render", "--guidance", "the weather is nice today") == 0
+    report, _ = outputs(tmp_path)
+    assert report["guidance"]["used"] is False and "read no intent" in report["guidance"]["note"]
     assert "guidance not used" in capsys.readouterr().out
 
 

@@ -127,6 +127,18 @@ def test_strict_json_refuses_nan_naming_the_document_and_key():
         strict_json.dumps({"a": {"b": [1.0, np.float32("inf")]}}, what="meta.json")
 
 
+def test_strict_json_is_the_one_converter_for_numpy_values_and_paths():
+    document = {"path": Path("runs") / "a.ply", "n": np.int64(3), "x": np.float32(0.5), "v": np.arange(2)}
+    assert json.loads(strict_json.dumps(document, missing_as_null=True)) == {
+        "path": str(Path("runs") / "a.ply"),
+        "n": 3,
+        "x": 0.5,
+        "v": [0, 1],
+    }
+    with pytest.raises(TypeError, match="object is not JSON serialisable"):
+        strict_json.dumps({"o": object()})
+
+
 # ---------------------------------------------------------------------------- item 5: one row per input row
 def test_scores_have_one_value_per_input_row_with_nan_where_a_row_was_dropped(bank, points, tmp_path):
     rows = points.astype(np.float64)

@@ -322,6 +322,18 @@ def test_backend_specs_and_bad_input() -> None:
     assert not Path("/tmp/never-written").exists()
 
 
+@pytest.mark.slow
+def test_a_guided_row_inspects_its_scans_with_the_guidance(quick_run: Path, tmp_path: Path) -> None:
+    everything = "Ignore everything with x above -5 (normalised coordinates)."  # every patch is centred there
+    guided = parse_backend(f"policy:guidance={everything}")
+    run_harness(_subset_config(quick_run, tmp_path, methods=(), backends=(parse_backend("policy"), guided)))
+    rows = ResultStore(tmp_path).latest()
+    plain = [r for (label, _, _), r in rows.items() if label == "policy"]
+    followed = [r for (label, _, _), r in rows.items() if label == guided.label]
+    assert len(plain) == len(followed) == 3
+    assert all(r["regions"] for r in plain) and not any(r["regions"] for r in followed)
+
+
 def test_random_regions_is_seeded_and_stays_within_the_policy_budget() -> None:
     from agent.backends import get_backend
 

@@ -20,6 +20,7 @@ from agent.backends.policy import PolicyBackend
 from agent.loop import AgentBudget, run_agent
 from agent.transcript import Transcript, read_transcript
 from tests.scripted import ScriptedBackend, call, text
+from tools.agent_tools import closed_inline_schema
 
 # patch id -> (cue, n_points, z_recon_error_mean, z_curvature); 10 patches, 1000 points in all.
 PATCHES = {
@@ -98,7 +99,11 @@ class FakeToolBox:
         return [
             {
                 "type": "function",
-                "function": {"name": n, "description": f"{n} tool", "parameters": m.model_json_schema()},
+                "function": {
+                    "name": n,
+                    "description": f"{n} tool",
+                    "parameters": closed_inline_schema(m.model_json_schema()),
+                },
             }
             for n, m in self.MODELS.items()
         ]

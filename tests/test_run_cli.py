@@ -193,6 +193,14 @@ def test_bank_with_another_backbone_exits_2(bank, scans, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_bad_bank_message_prints_a_bracketed_path_as_it_is(scans, tmp_path, capsys):
+    """Error messages are text, not rich markup: a folder named like a markup tag is printed whole."""
+    missing = tmp_path / "[red]bank"
+    assert run(scans / "part0.pcd", "--bank", missing, "--out", tmp_path / "out") == 2
+    printed = capsys.readouterr().out
+    assert "bad bank" in printed and str(missing) in printed
+
+
 def test_scan_of_another_class_size_exits_2(bank, scans, tmp_path, capsys):
     big = write_pcd(tmp_path / "in_mm.pcd", read_scan(scans / "part0.pcd").points * 1000.0)
     assert run(big, "--bank", bank, "--out", tmp_path / "out") == 2

@@ -33,7 +33,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from scans import strict_json
-from scans.files import json_default
 from scans.geometry import fps
 from scans.patches import Patches, PatchTable
 from scans.stats import robust_spread
@@ -412,8 +411,7 @@ def _compact_json(name: str, data: dict) -> str:
     """Default tool-result text: compact JSON with sorted keys (what verbalize.render_tool_result also
     emits)."""
     try:
-        return strict_json.dumps(data, missing_as_null=True, separators=(",", ":"), sort_keys=True,
-                                 default=json_default)
+        return strict_json.dumps(data, missing_as_null=True, separators=(",", ":"), sort_keys=True)
     except TypeError as exc:
         raise TypeError(f"tool {name} returned a value that is not JSON ({exc})") from exc
 

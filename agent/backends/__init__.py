@@ -7,55 +7,50 @@ torch; a backend whose package is missing raises `BackendUnavailable` when it is
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 
 from agent.backends.base import Backend, BackendUnavailable, LLMReply, ToolCall, Usage
 
-
-def _openai(**kwargs) -> Backend:
-    from agent.backends.openai_backend import OpenAIBackend
-
-    return OpenAIBackend(**kwargs)
-
-
-def _langchain(**kwargs) -> Backend:
-    from agent.backends.langchain_backend import LangChainBackend
-
-    return LangChainBackend(**kwargs)
-
-
-def _hf(**kwargs) -> Backend:
-    from agent.backends.hf_backend import HFBackend
-
-    return HFBackend(**kwargs)
-
-
-def _policy(**kwargs) -> Backend:
-    from agent.backends.policy import PolicyBackend
-
-    return PolicyBackend(**kwargs)
-
-
-def _ranker(**kwargs) -> Backend:
-    from agent.backends.ranker import RankerBackend
-
-    return RankerBackend(**kwargs)
-
-
-def _random_regions(**kwargs) -> Backend:
-    from agent.backends.random_regions import RandomRegionsBackend
-
-    return RandomRegionsBackend(**kwargs)
-
-
-REGISTRY: dict[str, Callable[..., Backend]] = {
-    "openai": _openai,
-    "langchain": _langchain,
-    "hf": _hf,
-    "policy": _policy,
-    "random-regions": _random_regions,
-    "ranker": _ranker,
+# name -> (module, class); a factory imports its module only when called
+_CLASSES: dict[str, tuple[str, str]] = {
+    "openai": ("agent.backends.openai_backend", "OpenAIBackend"),
+    "langchain": ("agent.backends.langchain_backend", "LangChainBackend"),
+    "hf": ("agent.backends.hf_backend", "HFBackend"),
+    "policy": ("agent.backends.policy", "PolicyBackend"),
+    "random-regions": ("agent.backends.random_regions", "RandomRegionsBackend"),
+    "ranker": ("agent.backends.ranker", "RankerBackend"),
 }
+
+
+def _backend_class(name: str) -> type:
+    module, cls = _CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def _factory(name: str) -> Callable[..., Backend]:
+    def make(**kwargs) -> Backend:
+        return _backend_class(name)(**kwargs)
+
+    return make
+
+
+REGISTRY: dict[str, Callable[..., Backend]] = {name: _factory(name) for name in _CLASSES}
+
+
+def backend_parameters(name: str) -> list[str] | None:
+    """The keyword arguments a registered backend takes, so a misspelt option fails before a run; None when
+    its module cannot be imported here (then the backend itself reports what is missing when it starts)."""
+    if name not in _CLASSES:
+        return None
+    try:
+        params = list(inspect.signature(_backend_class(name).__init__).parameters.values())
+    except ImportError:
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None  # it passes any keyword on (to a chat model): nothing to check here
+    return [p.name for p in params if p.name != "self" and p.kind is not p.VAR_POSITIONAL]
 
 
 def get_backend(name: str, **kwargs) -> Backend:

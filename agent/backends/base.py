@@ -77,29 +77,6 @@ class Backend(Protocol):
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply: ...
 
 
-def resolve_ref(schema: dict, root: dict) -> dict:
-    """`schema` with its `$ref` (into `root`) and single-branch anyOf/oneOf/allOf inlined: the shape pydantic
-    gives
-    nested and Optional fields, read the same way by every backend that inspects a tool schema."""
-    while "$ref" in schema:
-        ref = schema["$ref"]
-        if not ref.startswith("#/"):
-            raise ValueError(f"unsupported $ref {ref}")
-        node: Any = root
-        for part in ref[2:].split("/"):
-            node = node[part]
-        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
-    for key in ("anyOf", "oneOf"):
-        if key in schema:  # Optional[...] in pydantic: take the first non-null branch
-            options = [o for o in schema[key] if o.get("type") != "null"]
-            if options:
-                merged = {k: v for k, v in schema.items() if k != key}
-                return resolve_ref({**options[0], **merged}, root)
-    if "allOf" in schema and len(schema["allOf"]) == 1:
-        return resolve_ref({**schema["allOf"][0], **{k: v for k, v in schema.items() if k != "allOf"}}, root)
-    return schema
-
-
 def sole_tool(tools: list[dict], configured: Any) -> str | None:
     """The tool's name when exactly one tool is offered under tool_choice "auto", else None.
 

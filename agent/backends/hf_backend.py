@@ -45,7 +45,7 @@ import os
 import time
 import types
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, resolve_ref
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
@@ -143,12 +143,10 @@ class HFBackend:
         self,
         dec: Decoder,
         schema: dict,
-        root: dict,
         field: str,
         endings: tuple[str, ...],
         ids: list[int] | None,
     ) -> None:
-        schema = resolve_ref(schema, root)
         kind = schema.get("type")
         if "const" in schema:
             dec.extend(json.dumps(schema["const"]))
@@ -174,9 +172,9 @@ class HFBackend:
             dec.set_text(dec.text[: len(dec.text) - len(produced)] + cleaned)
             dec.extend('"')
         elif kind == "array":
-            self._array(dec, schema, root, field, ids)
+            self._array(dec, schema, field, ids)
         elif kind == "object" or "properties" in schema:
-            self._object(dec, schema, root, ids)
+            self._object(dec, schema, ids)
         else:
             dec.extend("null")
 
@@ -195,20 +193,20 @@ class HFBackend:
             value = min(value, hi - (step if "exclusiveMaximum" in schema and "maximum" not in schema else 0))
         return str(round(value)) if kind == "integer" else f"{value:.3g}" if value else "0"
 
-    def _array(self, dec: Decoder, schema: dict, root: dict, field: str, ids: list[int] | None) -> None:
+    def _array(self, dec: Decoder, schema: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
         lo = schema.get("minItems", 0 if self.empty_arrays else 1)
         hi = min(schema.get("maxItems", self.max_items), max(self.max_items, lo))
         remaining = list(ids) if ids else None
         dec.extend("[")
-        if lo == 0 and "properties" in resolve_ref(items, root) and dec.choose(["]", "{"]) == "]":
+        if lo == 0 and "properties" in items and dec.choose(["]", "{"]) == "]":
             dec.extend("]")
             return
         count = 0
         while True:
             item_field = "patch_id" if field == "patch_ids" else field
             before = dec.text
-            self._value(dec, items, root, item_field, (",", "]"), remaining)
+            self._value(dec, items, item_field, (",", "]"), remaining)
             count += 1
             if remaining is not None and item_field == "patch_id":
                 chosen = int(dec.text[len(before) :])
@@ -220,20 +218,20 @@ class HFBackend:
             dec.extend(", ")
         dec.extend("]")
 
-    def _object(self, dec: Decoder, schema: dict, root: dict, ids: list[int] | None) -> None:
+    def _object(self, dec: Decoder, schema: dict, ids: list[int] | None) -> None:
         required = set(schema.get("required", []))
         props = [
             (k, v)
             for k, v in schema.get("properties", {}).items()
             if k in required
-            or "enum" in resolve_ref(v, root)
-            or resolve_ref(v, root).get("type") == "boolean"
+            or "enum" in v
+            or v.get("type") == "boolean"
         ]
         dec.extend("{")
         for n, (key, sub) in enumerate(props):
             dec.extend(("" if n == 0 else ", ") + json.dumps(key) + ": ")
             endings = (", ",) if n < len(props) - 1 else ("}",)
-            self._value(dec, sub, root, key, endings, ids)
+            self._value(dec, sub, key, endings, ids)
         dec.extend("}")
 
     # -- the Backend interface
@@ -292,7 +290,7 @@ class HFBackend:
             if t["function"]["name"] == name
         )
         ids = self.fixed_patch_ids or seen_patch_ids(messages) or None  # the overview's and tools' ids
-        self._object(dec, resolve_ref(schema, schema), schema, ids)
+        self._object(dec, schema, ids)
         arguments = dec.text[args_start:]
         dec.extend("}" + CALL_CLOSE)
         self._validate(arguments, schema)

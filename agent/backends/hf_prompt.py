@@ -112,7 +112,7 @@ def build_prompt(
 def seen_patch_ids(messages: list[dict]) -> list[int]:
     """Patch ids that the overview's table and the tool results showed, in first-seen order: the only ids the
     model may name (the compact overview shows a few patches; naming another would be a guess)."""
-    from agent.backends.ranker import overview_text, parse_overview_table
+    from agent.backends.overview import overview_text, parse_overview_table
 
     seen: dict[int, None] = {int(r["id"]): None for r in parse_overview_table(overview_text(messages))[0]}
 

@@ -17,6 +17,11 @@ selected
 scan's
    points (at least one patch), each region with a reason built from the patch's largest statistics
    ("recon_error z=3.1, curvature z=2.0") and a confidence from its cue relative to the other listed patches.
+
+With guidance (`agent.guidance`), step 1 lists every patch the schema allows, and each row's cue is multiplied
+by the guidance's weight for that patch (its z-scores read from the overview's table): patches in an ignored
+region and patches unusual mostly in a named normal feature's statistics drop out, the rest weigh those
+statistics less, and the named defect kind's cues count more. Steps 2 and 3 then run on the re-weighted rows.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import json
 import math
 from typing import Any
 
-from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, resolve_ref, tool_names
+from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, tool_names
+from agent.backends.overview import overview_text, parse_overview_table
+from agent.guidance import GuidanceIntents, guidance_in_messages, read_guidance, reading_summary
 
 ID_KEYS = ("patch_id", "id")
 TOTAL_KEYS = ("total_points",)
@@ -126,9 +133,9 @@ def report_limits(tools: list[dict]) -> tuple[int | None, int | None]:
         if function.get("name") != "report_suspects":
             continue
         params = function.get("parameters", {})
-        regions = resolve_ref(params.get("properties", {}).get("regions", {}), params)
-        items = resolve_ref(regions.get("items", {}), params)
-        ids = resolve_ref(items.get("properties", {}).get("patch_ids", {}), params)
+        regions = params.get("properties", {}).get("regions", {})
+        items = regions.get("items", {})
+        ids = items.get("properties", {}).get("patch_ids", {})
         return regions.get("maxItems"), ids.get("maxItems")
     return None, None
 
@@ -151,12 +158,28 @@ def _ints_under(value: Any, keys: tuple[str, ...]) -> list[int]:
     return found
 
 
+def _intents(messages: list[dict]) -> GuidanceIntents | None:
+    """The guidance's intents when it has any the policy can act on, else None (unguided behaviour)."""
+    text = guidance_in_messages(messages)
+    intents = read_guidance(text) if text else None
+    return intents if intents is not None and intents.active else None
+
+
+def _top_k_limit(tools: list[dict], default: int = 50) -> int:
+    """The most rows list_patches' schema allows, so that guidance can re-rank every patch it can reach."""
+    for tool in tools:
+        function = tool.get("function", {})
+        if function.get("name") == "list_patches":
+            params = function.get("parameters", {})
+            top_k = params.get("properties", {}).get("top_k", {})
+            return int(top_k.get("maximum", default))
+    return default
+
+
 class PolicyBackend:
     name = "policy"
     tokenizes = False  # it reads tool results as JSON: no context window, no overview cut for one
-    uses_guidance = (
-        False  # it ranks patches by their statistics: the user's guidance is text it does not read
-    )
+    uses_guidance = True  # read into intents by agent.guidance; `guidance_reading` says how it was applied
 
     def __init__(
         self,
@@ -195,10 +218,28 @@ class PolicyBackend:
                 out.append((name, args, parse_json_object(m.get("content") or "")))
         return out
 
-    def _select(self, data: dict) -> list[dict]:
-        """The highest-cue rows whose cumulative n_points stays within the target share (always at least
-        one)."""
-        rows = [r for r in _rows(data) if _patch_id(r) is not None]
+    @staticmethod
+    def _guided(rows: list[dict], messages: list[dict]) -> list[dict]:
+        """The rows with their cue re-weighted by the guidance in the overview (dropped rows left out)."""
+        intents = _intents(messages)
+        if intents is None:
+            return rows
+        stats = {int(r["id"]): r for r in parse_overview_table(overview_text(messages))[0]}
+        guided = []
+        for row in rows:
+            weight = intents.weight({**stats.get(_patch_id(row), {}), **row})
+            if weight is not None:
+                guided.append({**row, "cue": float(row.get("cue", 0.0) or 0.0) * weight})
+        return guided
+
+    def guidance_reading(self, messages: list[dict]) -> dict:
+        """How the guidance in the conversation was read and applied (report.json's `guidance` entry)."""
+        return reading_summary(messages, "policy")
+
+    def _select(self, data: dict, messages: list[dict]) -> list[dict]:
+        """The highest-cue rows (re-weighted by any guidance) whose cumulative n_points stays within the
+        target share (always at least one, unless guidance dropped every listed patch)."""
+        rows = self._guided([r for r in _rows(data) if _patch_id(r) is not None], messages)
         rows.sort(key=lambda r: (-float(r.get("cue", 0.0) or 0.0), _patch_id(r)))
         total = _total_points(data, rows)
         selected: list[dict] = []
@@ -230,11 +271,12 @@ class PolicyBackend:
         listed_already = any(name == "list_patches" for name, _, _ in results)
 
         if not listings and not listed_already and "list_patches" in available:
+            top_k = self.top_k if _intents(messages) is None else max(self.top_k, _top_k_limit(tools))
             return self._calls(
-                n_calls, [("list_patches", {"sort_by": "cue", "top_k": self.top_k, "descending": True})]
+                n_calls, [("list_patches", {"sort_by": "cue", "top_k": top_k, "descending": True})]
             )
 
-        selected = self._select(listings[-1]) if listings else []
+        selected = self._select(listings[-1], messages) if listings else []
         asked = {(name, args.get("patch_id")) for name, args, _ in results}
         follow_ups: list[tuple[str, dict]] = []  # one turn of parallel look-ups, then the report
         if "neighbourhood" in available:

@@ -7,7 +7,12 @@ table out of the overview message (the same numbers a model reads), scores every
 coefficients (plain Python, no numpy: a backend never imports it), and reports in one turn the patches whose
 probability reaches the saved threshold, highest first, while their points stay within `target_share` of the
 scan.
-It does not read guidance: that is what it cannot learn, and the comparison shows it.
+Guidance it cannot learn from the episodes' numbers is read by `agent.guidance` instead: each row's
+probability is multiplied by the guidance's weight for that patch (ignored regions and patches unusual mostly
+for a named normal feature drop out, a named defect kind's cues count more), capped at 1, before the
+threshold.
+The model's own coefficients already weigh the feature statistics it learned, so they are not scaled
+again.
 
 Model file: JSON with the feature names, standardisation (mean, scale), coefficients, intercept and threshold;
 no
@@ -18,36 +23,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, tool_names
+from agent.backends.overview import overview_text, parse_overview_table
 from agent.backends.policy import report_limits
+from agent.guidance import guidance_in_messages, read_guidance, reading_summary
 
 FORMAT = "scanagent-patch-ranker"
 POSITION_COLUMNS = ("id", "x", "y", "z")
-_POINTS_RE = re.compile(r"^Points: (\d+)\.", re.MULTILINE)
-
-
-def parse_overview_table(text: str) -> tuple[list[dict[str, float]], int | None]:
-    """The rows of the overview's patch table (column -> value, `id` included) and the scan's point count."""
-    lines = text.splitlines()
-    rows: list[dict[str, float]] = []
-    for n, line in enumerate(lines):
-        header = line.split()
-        if header[:1] != ["id"] or "cue" not in header:
-            continue
-        for row_line in lines[n + 1 :]:
-            values = row_line.split()
-            if len(values) != len(header):
-                break
-            try:
-                rows.append({name: float(v) for name, v in zip(header, values)})
-            except ValueError:
-                break
-        break
-    match = _POINTS_RE.search(text)
-    return rows, int(match.group(1)) if match else None
 
 
 def row_features(row: dict[str, float], total_points: int | None) -> dict[str, float]:
@@ -56,14 +40,6 @@ def row_features(row: dict[str, float], total_points: int | None) -> dict[str, f
     if "n_points" in row and total_points:
         features["point_share"] = row["n_points"] / total_points
     return features
-
-
-def overview_text(messages: list[dict]) -> str:
-    """The first user message that holds a patch table (the scan overview)."""
-    for m in messages:
-        if m.get("role") == "user" and "## Patch table" in (m.get("content") or ""):
-            return m["content"]
-    return ""
 
 
 class RankerModel:
@@ -100,6 +76,7 @@ class RankerModel:
 class RankerBackend:
     name = "ranker"
     tokenizes = False  # it reads the table as data: no context window applies
+    uses_guidance = True  # read into intents by agent.guidance; `guidance_reading` says how it was applied
 
     def __init__(self, model: str | Path | None = None, target_share: float = 0.15, max_ids: int = 20):
         if model is None:
@@ -119,8 +96,19 @@ class RankerBackend:
     def ranked(self, messages: list[dict]) -> list[tuple[int, float, dict[str, float]]]:
         """(patch id, probability, row) of every shown patch, most likely first."""
         rows, total = parse_overview_table(overview_text(messages))
-        scored = [(int(r["id"]), self.model.probability(row_features(r, total)), r) for r in rows]
+        text = guidance_in_messages(messages)
+        intents = read_guidance(text) if text else None
+        scored = []
+        for r in rows:
+            p = self.model.probability(row_features(r, total))
+            weight = 1.0 if intents is None else intents.weight(r, scale_normal=False)
+            if weight is not None:
+                scored.append((int(r["id"]), min(1.0, p * weight), r))
         return sorted(scored, key=lambda t: (-t[1], t[0]))
+
+    def guidance_reading(self, messages: list[dict]) -> dict:
+        """How the guidance in the conversation was read and applied (report.json's `guidance` entry)."""
+        return reading_summary(messages, "ranker")
 
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
         if "report_suspects" not in tool_names(tools):

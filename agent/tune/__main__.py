@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable
+from agent.cli_args import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, run_cli, stderr_say
 from agent.tune.episodes import EPISODES_FILE, MANIFEST_FILE, EpisodeConfig, part_episodes, read_episodes
 
 
@@ -115,7 +116,7 @@ def make_episodes(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps({"out": str(args.out), "episodes": counts, "episodes_sha256": digest}))
-    return 0
+    return EXIT_OK
 
 
 def train(args: argparse.Namespace) -> int:
@@ -131,7 +132,7 @@ def train(args: argparse.Namespace) -> int:
         verbalization = manifest.get("config", {}).get("verbalization", "full")
         path = save_ranker(fit_ranker(episodes, seed=args.seed, verbalization=verbalization), args.out)
         print(json.dumps({"out": str(path)}))
-        return 0
+        return EXIT_OK
     from agent.backends.hf_backend import HFBackend
     from agent.tune.train import TrainConfig, adapter_digest, train_adapter
 
@@ -164,19 +165,18 @@ def train(args: argparse.Namespace) -> int:
             }
         )
     )
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return make_episodes(args) if args.command == "episodes" else train(args)
-    except BackendUnavailable as err:  # the model, transformers or peft is missing
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    rules = [
+        (BackendUnavailable, "error", EXIT_BACKEND),  # the model, transformers or peft is missing
+        ((ValueError, FileNotFoundError, FileExistsError), "error", EXIT_BAD_INPUT),
+    ]
+    return run_cli(
+        lambda: make_episodes(args) if args.command == "episodes" else train(args), stderr_say, rules
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The scan overview's patch table read back out of the conversation, for the backends that read numbers.
+
+Why: the policy and the learned ranker see only the messages, as a model does; the overview message is where
+the per-patch statistics (the z-score columns) stand, so they read them there instead of asking a tool for
+each patch.
+"""
+
+from __future__ import annotations
+
+import re
+
+_POINTS_RE = re.compile(r"^Points: (\d+)\.", re.MULTILINE)
+
+
+def parse_overview_table(text: str) -> tuple[list[dict[str, float]], int | None]:
+    """The rows of the overview's patch table (column -> value, `id` included) and the scan's point count."""
+    lines = text.splitlines()
+    rows: list[dict[str, float]] = []
+    for n, line in enumerate(lines):
+        header = line.split()
+        if header[:1] != ["id"] or "cue" not in header:
+            continue
+        for row_line in lines[n + 1 :]:
+            values = row_line.split()
+            if len(values) != len(header):
+                break
+            try:
+                rows.append({name: float(v) for name, v in zip(header, values)})
+            except ValueError:
+                break
+        break
+    match = _POINTS_RE.search(text)
+    return rows, int(match.group(1)) if match else None
+
+
+def overview_text(messages: list[dict]) -> str:
+    """The first user message that holds a patch table (the scan overview)."""
+    for m in messages:
+        if m.get("role") == "user" and "## Patch table" in (m.get("content") or ""):
+            return m["content"]
+    return ""
