@@ -31,8 +31,10 @@ from scans.outliers import robust_radius_mean
 from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
+from verbalize.compact import render_compact_overview, render_compact_system
 
 VerifyMode = Literal["suspects", "all"]
+Verbalization = Literal["full", "compact"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class InspectionConfig:
     token_budget: int = 3000  # for the scan overview
     guidance: str | None = None
     templates: str | None = None  # user template folder overriding prompts/*.j2 by file name
+    # "compact": the short overview and system prompt for small models (verbalize.compact); a backend that
+    # declares `verbalization` (the hf backend, the ranker) gets its own
+    verbalization: Verbalization = "full"
     budget: AgentBudget = field(default_factory=AgentBudget)
     seed: int = 0
 
@@ -243,15 +248,13 @@ def build_conversation(
             raise
 
     toolbox = make_toolbox()
-    messages = [
-        {"role": "system", "content": render_system(toolbox.tools_summary(), templates=config.templates)},
-        {
-            "role": "user",
-            "content": render_overview(
-                table, config.guidance, config.token_budget, templates=config.templates
-            ),
-        },
-    ]
+    if config.verbalization == "compact":
+        system = render_compact_system(templates=config.templates)
+        overview = render_compact_overview(table, config.guidance, templates=config.templates)
+    else:
+        system = render_system(toolbox.tools_summary(), templates=config.templates)
+        overview = render_overview(table, config.guidance, config.token_budget, templates=config.templates)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": overview}]
     return patches, table, make_toolbox, messages
 
 
@@ -280,12 +283,18 @@ def inspect_scan(
     timings["analyse"] = time.perf_counter() - t0
     scored = np.zeros(len(pts), dtype=bool)
     t0 = time.perf_counter()
-    # a backend tuned on a compact overview (an hf adapter) gets the overview size it was trained on
-    overview_budget = getattr(backend, "overview_tokens", None) or overview_token_budget(
-        config.token_budget, context_window(backend, config.budget))
+    # a backend that reads the compact overview (verbalize.compact) gets it; its length does not depend on
+    # the budget, so the budget only sets the patch count; an adapter's recipe may fix that budget
+    verbalization = getattr(backend, "verbalization", None) or config.verbalization
+    overview_budget = getattr(backend, "overview_tokens", None) or (
+        config.token_budget
+        if verbalization == "compact"
+        else overview_token_budget(config.token_budget, context_window(backend, config.budget))
+    )
     template_errors: list[jinja2.TemplateError] = []
+    spoken = replace(config, token_budget=overview_budget, verbalization=verbalization)
     patches, table, make_toolbox, messages = build_conversation(
-        pts, fitted, analysis, replace(config, token_budget=overview_budget), scored, template_errors
+        pts, fitted, analysis, spoken, scored, template_errors
     )
     timings["verbalize"] = time.perf_counter() - t0
     if not use_fallback:

@@ -41,6 +41,7 @@ EPILOG = """examples:
   scanagent run scans/part_017.ply --bank banks/bracket --out runs/     # one scan, policy agent
   scanagent run scans/ --bank banks/bracket                             # a folder: summary.csv/.json in --out
   scanagent run scan.ply --bank banks/bracket --backend hf -v           # local SmolLM2, its progress bars
+  scanagent run scan.ply --bank banks/bracket --backend hf --adapter none  # SmolLM2, no tuned adapter
   scanagent run --demo                                                  # offline demo, no key
   (`python -m agent.run ...` is the same command)
 
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="hf: model dir, cached id or .gguf (default: packaged SmolLM2); openai: model name; "
         "langchain: module:Class",
+    )
+    p.add_argument(
+        "--adapter",
+        help="hf: a tuned adapter folder (python -m agent.tune train), or none for the base model "
+        "(default: the adapter shipped with the package)",
     )
     p.add_argument("--base-url", help="openai: an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--backend-kwargs", default="{}", help="JSON object of extra backend arguments")
@@ -154,6 +160,18 @@ def make_backend(args: argparse.Namespace):
     kwargs = backend_kwargs(args)
     if args.model:  # langchain: the chat model class (module:Class); the others: the model's name
         kwargs.setdefault("chat_model" if args.backend == "langchain" else "model", args.model)
+    if args.adapter is not None:
+        if args.backend != "hf":
+            raise ValueError("--adapter is for --backend hf")
+        if args.adapter != "none":  # a folder that is not a whole adapter is bad input, named
+            from agent.backends.base import BackendUnavailable
+            from agent.backends.hf_adapter import check_adapter_dir
+
+            try:
+                check_adapter_dir(Path(args.adapter))
+            except BackendUnavailable as exc:
+                raise ValueError(f"--adapter {args.adapter}: {exc}") from None
+        kwargs.setdefault("adapter", args.adapter)
     if args.base_url:
         if args.backend != "openai":
             raise ValueError("--base-url is for --backend openai")

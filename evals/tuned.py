@@ -36,14 +36,15 @@ from evals.metrics import o_auroc, p_auroc
 
 
 def backend_from_spec(spec: str):
-    """ "policy", "ranker=FILE", "hf" (base model), "hf=ADAPTER_DIR", "random-regions" -> (label, backend)."""
+    """ "policy", "ranker=FILE", "hf" (the packaged adapter), "hf=none" (base model), "hf=ADAPTER_DIR",
+    "random-regions" -> (label, backend)."""
     name, _, arg = spec.partition("=")
     if name == "ranker":
         return name, get_backend("ranker", model=arg or None)
     if name == "hf":
-        return (f"hf:{Path(arg).name}" if arg else "hf:base"), get_backend(
-            "hf", adapter=arg or None, threads=2
-        )
+        backend = get_backend("hf", adapter=arg or None, threads=2)
+        label = "hf:base" if backend.adapter is None else f"hf:{Path(backend.adapter).name}"
+        return label, backend
     return name, get_backend(name)
 
 
@@ -165,6 +166,7 @@ def summarise(rows: list[dict]) -> dict:
         else None,
         "empty_when_target_empty": share([r["regions"] == 0 for r in empty]),
         "fallbacks": sum(r["fallback"] for r in rows),
+        "own_report_rate": share([not r["fallback"] for r in rows]),
         "seconds_per_episode": round(float(np.mean([r["seconds"] for r in rows])), 2),
         "tokens_per_episode": round(float(np.mean([r["tokens"] for r in rows])), 1),
     }
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.tuned", description=__doc__.split("\n")[0])
     p.add_argument("--episodes", required=True, type=Path)
     p.add_argument(
-        "--backends", default="policy", help="comma-separated: policy, ranker=FILE, hf, hf=ADAPTER"
+        "--backends", default="policy", help="comma-separated: policy, ranker=FILE, hf, hf=none, hf=ADAPTER"
     )
     p.add_argument("--limit", type=int, default=None, help="N test episodes, evenly spread over the parts")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

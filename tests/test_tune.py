@@ -177,7 +177,7 @@ def base_backend():
     from agent.backends.hf_backend import HFBackend
 
     try:
-        return HFBackend(threads=1)
+        return HFBackend(threads=1, adapter="none")  # the base model, not the shipped adapter
     except BackendUnavailable as err:
         pytest.skip(str(err))
 
@@ -270,3 +270,22 @@ def test_a_prompt_tuned_adapter_decodes_incrementally_like_from_scratch(tmp_path
     assert float((fresh.last_logits - base.last_logits).abs().max()) > 1e-4
     reply = tuned.chat(short[0]["messages"], short[0]["tools"])
     assert reply.tool_calls and json.loads(reply.tool_calls[0].arguments) is not None
+
+
+def test_episodes_from_your_own_normal_scans(tmp_path, capsys):
+    from agent.tune.episodes import folder_part_scans
+    from scans.io import write_pcd
+    from tests.tiny import part_scans as tiny_scans
+
+    folder = tmp_path / "my_part"
+    folder.mkdir()
+    assert tune_main(["episodes", "--out", str(tmp_path / "eps"), "--normals", str(folder)]) == 2
+    assert str(folder) in capsys.readouterr().err and not (tmp_path / "eps").exists()
+    for i, points in enumerate(tiny_scans(8, 1500, seed=3)):
+        write_pcd(folder / f"scan{i}.pcd", points)
+    config = replace(TINY_EPISODES, templates=2, normal_share=0.3, test_share=0.34)
+    templates, scans = folder_part_scans(folder, config)
+    assert len(templates) == 2 and len(scans) == 6
+    assert {s.split for s in scans} == {"train", "test"}
+    assert all(s.labels.any() == (s.defect is not None) for s in scans)  # synthesized defects are labelled
+    assert any(s.defect is not None for s in scans)

@@ -26,6 +26,15 @@ from agent.backends.base import BackendUnavailable
 
 RECIPE_FILE = "recipe.json"
 CHECKSUM_FILE = "SHA256SUMS"
+# the adapter shipped in the package (agent/backends/adapters/<name>/), loaded by default on the
+# packaged model
+PACKAGED_ADAPTER = "smollm2-135m-inspect"
+
+
+def packaged_adapter() -> Path | None:
+    """The shipped adapter's folder, or None when this install has none (then the base model is used)."""
+    folder = Path(__file__).resolve().parent / "adapters" / PACKAGED_ADAPTER
+    return folder if (folder / "adapter_config.json").is_file() else None
 
 
 def file_sha256(path: Path) -> str:
@@ -46,6 +55,8 @@ def read_recipe(directory: Path) -> dict:
 def check_adapter_dir(directory: Path) -> None:
     """Refuse a folder that is not a peft adapter, or whose files do not match the checksums written with
     it."""
+    if not directory.is_dir():
+        raise BackendUnavailable(f"hf backend: adapter folder {directory} does not exist or is not a folder")
     if not (directory / "adapter_config.json").is_file():
         raise BackendUnavailable(
             f"hf backend: {directory} has no adapter_config.json (not a peft adapter folder)"

@@ -4,7 +4,8 @@ ones.
 Loading lives in agent.backends.hf_loading, the prompt in hf_prompt, the decoder in hf_decoder.
 `adapter=DIR` puts a tuned peft adapter (`python -m agent.tune train`) on the model
 (agent.backends.hf_adapter);
-`adapter=None` or "none" is the base model.
+`adapter=None` is the adapter shipped in the package on the packaged model (agent/backends/adapters/, none
+for another model), "none" the base model.
 
 Decoding, chosen because a 135M instruct model cannot be trusted to write a tool call (documented in the
 report):
@@ -74,6 +75,7 @@ class HFBackend:
         terminal_tool: str = "report_suspects",
         adapter: str | None = None,
         empty_arrays: bool | None = None,
+        verbalization: str | None = None,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -93,6 +95,11 @@ class HFBackend:
         self.model.eval()
         # a tuned adapter (agent.backends.hf_adapter); "none" or None = the base model
         self.adapter, self._forward_override, self.recipe = None, None, {}
+        if adapter is None and model is None:  # the packaged model gets the packaged adapter, when shipped
+            from agent.backends.hf_adapter import packaged_adapter
+
+            shipped = packaged_adapter()
+            adapter = str(shipped) if shipped is not None else None
         if adapter is not None and str(adapter) != "none":
             from agent.backends.hf_adapter import apply_adapter
 
@@ -100,6 +107,12 @@ class HFBackend:
             self.adapter = str(adapter)
         # the overview size the adapter was trained on (agent.pipeline reads it); None = the configured budget
         self.overview_tokens: int | None = self.recipe.get("overview_tokens")
+        # the overview it reads (agent.pipeline): the adapter's, else the compact one a 135M model can use
+        self.verbalization: str = verbalization or self.recipe.get("verbalization") or "compact"
+        if self.verbalization not in ("compact", "full"):
+            raise BackendUnavailable(
+                f"hf backend: verbalization must be compact or full, got {verbalization!r}"
+            )
         # arrays without minItems may be empty (an empty report); off for the base model, as it was measured
         self.empty_arrays = self.adapter is not None if empty_arrays is None else empty_arrays
         self.constrained = constrained
@@ -225,7 +238,14 @@ class HFBackend:
     # ----------------------------------------------------------------------------------------
     def prompt(self, messages: list[dict], tools: list[dict]) -> str:
         """The exact prompt text a reply to `messages` is decoded after (what agent.tune trains on)."""
-        return build_prompt(self.tokenizer, messages, tools, self.template_has_tools, self.max_prompt_tokens)
+        return build_prompt(
+            self.tokenizer,
+            messages,
+            tools,
+            self.template_has_tools,
+            self.max_prompt_tokens,
+            brief_tools=self.verbalization == "compact",
+        )
 
     def chat(self, messages: list[dict], tools: list[dict], *, seconds_left: float | None = None) -> LLMReply:
         """One reply; with `seconds_left` no forward pass starts after that many seconds (TimeoutError), so a
@@ -269,7 +289,7 @@ class HFBackend:
             for t in tools
             if t["function"]["name"] == name
         )
-        ids = self.fixed_patch_ids or seen_patch_ids(messages) or None
+        ids = self.fixed_patch_ids or seen_patch_ids(messages) or None  # the overview's and tools' ids
         self._object(dec, schema, ids)
         arguments = dec.text[args_start:]
         dec.extend("}" + CALL_CLOSE)

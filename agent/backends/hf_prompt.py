@@ -18,7 +18,9 @@ from agent.backends.base import ToolCall, parse_json_object, tool_call_names
 CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
 
 
-def describe_tools(tools: list[dict]) -> str:
+def describe_tools(tools: list[dict], brief: bool = False) -> str:
+    """The tool list for a template without tools; `brief` gives names and arguments only (the compact
+    prompt for small models, where each description would cost more tokens than it teaches)."""
     lines = [
         "You can call these tools. Answer with exactly one call written as",
         '<tool_call>\n{"name": "<tool name>", "arguments": {<JSON arguments>}}\n</tool_call>',
@@ -29,11 +31,13 @@ def describe_tools(tools: list[dict]) -> str:
         props = (fn.get("parameters") or {}).get("properties", {})
         args = ", ".join(f"{k}: {v.get('type', 'object')}" for k, v in props.items())
         summary = (fn.get("description") or "").strip().split("\n")[0]
-        lines.append(f"- {fn['name']}({args}): {summary}")
+        lines.append(f"- {fn['name']}({args})" + ("" if brief else f": {summary}"))
     return "\n".join(lines)
 
 
-def template_messages(messages: list[dict], tools: list[dict], template_has_tools: bool) -> list[dict]:
+def template_messages(
+    messages: list[dict], tools: list[dict], template_has_tools: bool, brief_tools: bool = False
+) -> list[dict]:
     """Messages the chat template can render: tool turns folded into plain roles when it does not know
     tools."""
     names = tool_call_names(messages)
@@ -74,7 +78,7 @@ def template_messages(messages: list[dict], tools: list[dict], template_has_tool
         else:
             out.append({"role": role, "content": content})
     if not template_has_tools:
-        description = describe_tools(tools)
+        description = describe_tools(tools, brief_tools)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + description}
         else:
@@ -83,10 +87,15 @@ def template_messages(messages: list[dict], tools: list[dict], template_has_tool
 
 
 def build_prompt(
-    tokenizer: Any, messages: list[dict], tools: list[dict], template_has_tools: bool, max_prompt_tokens: int
+    tokenizer: Any,
+    messages: list[dict],
+    tools: list[dict],
+    template_has_tools: bool,
+    max_prompt_tokens: int,
+    brief_tools: bool = False,
 ) -> str:
     """The chat template's text for the conversation, its oldest long turns cut until it fits the budget."""
-    msgs = template_messages(messages, tools, template_has_tools)
+    msgs = template_messages(messages, tools, template_has_tools, brief_tools)
     kwargs = {"tools": tools} if template_has_tools else {}
     text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
     # Too long for the budget: shorten the oldest long turns after the first two (system + task) until it
@@ -101,8 +110,11 @@ def build_prompt(
 
 
 def seen_patch_ids(messages: list[dict]) -> list[int]:
-    """Patch ids that tool results mentioned, in first-seen order: the only ids the model may name."""
-    seen: dict[int, None] = {}
+    """Patch ids that the overview's table and the tool results showed, in first-seen order: the only ids the
+    model may name (the compact overview shows a few patches; naming another would be a guess)."""
+    from agent.backends.overview import overview_text, parse_overview_table
+
+    seen: dict[int, None] = {int(r["id"]): None for r in parse_overview_table(overview_text(messages))[0]}
 
     def walk(value: Any) -> None:
         if isinstance(value, dict):

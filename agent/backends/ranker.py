@@ -54,6 +54,7 @@ class RankerModel:
         self.coef = [float(v) for v in data["coef"]]
         self.intercept = float(data["intercept"])
         self.threshold = float(data["threshold"])
+        self.verbalization = str(data.get("verbalization", "full"))  # the overview it was trained on
         if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
             raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
 
@@ -90,6 +91,7 @@ class RankerBackend:
             raise BackendUnavailable(str(err)) from err
         self.target_share = target_share
         self.max_ids = max_ids
+        self.verbalization = self.model.verbalization  # agent.pipeline gives it the overview it learned on
 
     def ranked(self, messages: list[dict]) -> list[tuple[int, float, dict[str, float]]]:
         """(patch id, probability, row) of every shown patch, most likely first."""

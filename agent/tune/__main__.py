@@ -1,6 +1,7 @@
 """`python -m agent.tune episodes|train`: make tuning episodes, then train an adapter or the ranker on them.
 
     python -m agent.tune episodes --out episodes/               # training parts only, never a benchmark class
+    python -m agent.tune episodes --normals my_scans/ --out episodes/   # your own normal scans, defects made
     python -m agent.tune train --episodes episodes/ --out adapter/ --method lora|prompt|ranker
 
 Exit codes: 0 done, 2 bad input (the message names the folder and the problem), 3 the model or peft is
@@ -33,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, type=Path, help="new folder for episodes.jsonl, fits and test scans"
     )
     e.add_argument("--parts", default=None, help="comma-separated training parts (default: all)")
+    e.add_argument(
+        "--normals",
+        type=Path,
+        default=None,
+        help="a folder of your own normal scans instead of the training parts (defects are synthesized)",
+    )
     e.add_argument("--scans-per-part", type=int, default=EpisodeConfig.scans_per_part)
     e.add_argument("--points", type=int, default=EpisodeConfig.points)
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
+    e.add_argument("--verbalization", choices=("compact", "full"), default=EpisodeConfig.verbalization)
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
     e.add_argument("--register", action="store_true", help="registered fits (as evals.run --register)")
     e.add_argument("--seed", type=int, default=0)
@@ -47,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (recorded)")
     t.add_argument("--max-tokens", type=int, default=3072, help="skip longer examples")
+    t.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N decoder layers (0 = all)")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
     return p
@@ -64,6 +73,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         points=args.points,
         seed=args.seed,
         overview_tokens=args.overview_tokens,
+        verbalization=args.verbalization,
         register=args.register,
     )
     if args.parts:
@@ -74,7 +84,9 @@ def make_episodes(args: argparse.Namespace) -> int:
     config = replace(config, detector=detector)
     from scans.training_parts import TRAINING_PARTS, is_held_out
 
-    for part in config.parts:
+    if args.normals is not None:  # your own part: one "part" named after its folder
+        config = replace(config, parts=(args.normals.resolve().name,))
+    for part in config.parts if args.normals is None else ():
         if is_held_out(part) or part not in TRAINING_PARTS:
             raise ValueError(
                 f"--parts: {part!r} is not a training part (known: {', '.join(TRAINING_PARTS)}; "
@@ -88,7 +100,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         tmp.mkdir(parents=True)
         with (tmp / EPISODES_FILE).open("w", encoding="utf-8") as handle:
             for part in config.parts:
-                for episode in part_episodes(part, config, out=tmp):
+                for episode in part_episodes(part, config, out=tmp, folder=args.normals):
                     handle.write(episode.to_json() + "\n")
                     counts[episode.split] = counts.get(episode.split, 0) + 1
                 print(f"{part}: done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
@@ -115,7 +127,10 @@ def train(args: argparse.Namespace) -> int:
     if args.method == "ranker":
         from agent.tune.ranker_fit import fit_ranker, save_ranker
 
-        path = save_ranker(fit_ranker(episodes, seed=args.seed), args.out)
+        manifest_path = args.episodes / MANIFEST_FILE
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        verbalization = manifest.get("config", {}).get("verbalization", "full")
+        path = save_ranker(fit_ranker(episodes, seed=args.seed, verbalization=verbalization), args.out)
         print(json.dumps({"out": str(path)}))
         return EXIT_OK
     from agent.backends.hf_backend import HFBackend
@@ -127,6 +142,7 @@ def train(args: argparse.Namespace) -> int:
         lr=args.lr,
         max_minutes=args.max_minutes,
         max_tokens=args.max_tokens,
+        lora_layers=args.lora_layers,
         threads=args.threads,
         seed=args.seed,
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.backends.ranker import overview_text, parse_overview_table
 from agent.pipeline import InspectionConfig, build_conversation
 from agent.tune.guidance import GUIDANCE_KINDS, Guidance, make_guidance, paraphrase_ids
 from detector.config import DetectorConfig
@@ -57,7 +58,8 @@ class EpisodeConfig:
     normal_share: float = 0.25  # of those scans, this share is normal
     test_share: float = 0.3  # the last this share of each part's scans are test episodes
     guided_per_scan: int = 1  # extra guided episodes per scan (same analysis, other overview)
-    overview_tokens: int = 1200  # the overview's token budget (compact, for small models: 12 patches)
+    overview_tokens: int = 3000  # sets the patch count, as agent.run's default budget does
+    verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
     patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
     max_target_ids: int = 3  # patch ids per target region (the hf decoder writes at most max_items)
     register: bool = False
@@ -120,9 +122,14 @@ def patch_truth(patches: Patches, labels: np.ndarray, share: float) -> list[int]
     return [int(i) for i in chosen]
 
 
-def reason_for(table: PatchTable, patch_id: int, terms: int = 2) -> str:
-    """The patch's largest positive z-scores in words ("z_recon_error_max=4.2, z_curvature=3.1")."""
-    zs = {c: float(v[patch_id]) for c, v in table.columns.items() if c.startswith(REASON_COLUMNS_PREFIX)}
+def reason_for(table: PatchTable, patch_id: int, terms: int = 2, columns: set[str] | None = None) -> str:
+    """The patch's largest positive z-scores in words ("z_recon_error_max=4.2, z_curvature=3.1"), among
+    `columns` when given (the ones the overview shows: a reason cites what the reader saw)."""
+    zs = {
+        c: float(v[patch_id])
+        for c, v in table.columns.items()
+        if c.startswith(REASON_COLUMNS_PREFIX) and (columns is None or c in columns)
+    }
     top = sorted(zs.items(), key=lambda kv: (-kv[1], kv[0]))[:terms]
     words = [f"{name}={value:.1f}" for name, value in top if value > 0]
     return ", ".join(words) or f"cue={float(table.columns['cue'][patch_id]):.2f}"
@@ -134,7 +141,15 @@ def confidence_for(cue: float) -> float:
     return round(float(np.clip(0.5 + 0.1 * cue, 0.5, 0.95)), 2)
 
 
-def target_report(table: PatchTable, patch_ids: list[int], max_ids: int) -> dict:
+def shown_patches(messages: list[dict]) -> tuple[set[int], set[str]]:
+    """The patch ids and columns of the overview's table (the compact overview shows only some patches)."""
+    rows, _ = parse_overview_table(overview_text(messages))
+    return {int(r["id"]) for r in rows}, {k for r in rows for k in r}
+
+
+def target_report(
+    table: PatchTable, patch_ids: list[int], max_ids: int, columns: set[str] | None = None
+) -> dict:
     """The assistant message calling report_suspects on `patch_ids` (one region, highest cue first), or an
     empty
     report when there are none. Keys are in the schema's order, as the constrained hf decoder writes them."""
@@ -145,7 +160,7 @@ def target_report(table: PatchTable, patch_ids: list[int], max_ids: int) -> dict
         regions.append(
             {
                 "patch_ids": ranked,
-                "reason": reason_for(table, ranked[0]),
+                "reason": reason_for(table, ranked[0], columns=columns),
                 "confidence": confidence_for(float(cue[ranked[0]])),
             }
         )
@@ -239,6 +254,47 @@ def part_scans(part: str, config: EpisodeConfig) -> tuple[list[np.ndarray], list
     return templates, scans
 
 
+def folder_part_scans(folder: Path, config: EpisodeConfig) -> tuple[list[np.ndarray], list[PartScan]]:
+    """Your own part: the first `templates` normal scans of `folder` (file name order) fit the class, and
+    each other scan becomes an episode scan, normal or with a defect from `scans.defects` (kinds, shares and
+    the train/test split as for a training part). Scans are subsampled to `points` (seeded)."""
+    from scans.io import is_scan_file, read_scan
+
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder of normal scans")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_scan_file(p))
+    if len(files) < config.templates + 2:
+        raise ValueError(
+            f"{folder}: {len(files)} scans; needs at least {config.templates + 2} normal scans "
+            f"({config.templates} to fit the class, the others for episodes)"
+        )
+
+    def read(path: Path) -> np.ndarray:
+        points = read_scan(path, seed=config.seed).points
+        if len(points) > config.points:
+            rng = np.random.default_rng(sample_seed(config.seed, folder.name, path.name))
+            points = points[np.sort(rng.choice(len(points), config.points, replace=False))]
+        return np.asarray(points, dtype=np.float32)
+
+    templates = [read(p) for p in files[: config.templates]]
+    rest = files[config.templates :]
+    n_test = max(1, round(config.test_share * len(rest)))
+    rng = np.random.default_rng(sample_seed(config.seed, folder.name, "kinds"))
+    scans = []
+    for i, path in enumerate(rest):
+        normal = rng.random() < config.normal_share
+        kind = None if normal else DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))]
+        points = read(path)
+        labels = np.zeros(len(points), dtype=bool)
+        if kind is not None:
+            seed = sample_seed(config.seed, folder.name, path.stem, kind)
+            points, labels, _ = make_defect(points, None, kind, seed, scale=extent(points))
+        split = "test" if i >= len(rest) - n_test else "train"
+        name = f"{folder.name}_{path.stem}_{kind or 'normal'}"
+        scans.append(PartScan(name, np.asarray(points, np.float32), np.asarray(labels, bool), kind, split))
+    return templates, scans
+
+
 def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: EpisodeConfig) -> Iterator[Episode]:
     """The unguided episode of one scan and its guided ones (one analysis, one patching, several
     overviews)."""
@@ -247,6 +303,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
     def conversation(guidance: Guidance | None):
         inspect = InspectionConfig(
             token_budget=config.overview_tokens,
+            verbalization=config.verbalization,  # type: ignore[arg-type]
             seed=config.seed,
             guidance=guidance.text if guidance else None,
         )
@@ -255,6 +312,8 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
 
     patches, table, make_toolbox, messages = conversation(None)
     truth = patch_truth(patches, scan.labels, config.patch_label_share)
+    # a target names only patches the overview shows (the reader knows no others); the truth stays whole
+    shown, columns = shown_patches(messages)
     tools = make_toolbox().openai_schemas()
     rng = np.random.default_rng(sample_seed(config.seed, part, scan.name, "guidance"))
     guidances = [
@@ -275,16 +334,21 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
             guidance=guidance,
             messages=messages,
             tools=tools,
-            target=target_report(table, wanted, config.max_target_ids),
+            target=target_report(
+                table, [i for i in wanted if i in shown], config.max_target_ids, columns=columns
+            ),
             truth_patches=wanted,
             n_patches=int(patches.n_patches),
         )
 
 
-def part_episodes(part: str, config: EpisodeConfig, out: Path | None = None) -> Iterator[Episode]:
+def part_episodes(
+    part: str, config: EpisodeConfig, out: Path | None = None, folder: Path | None = None
+) -> Iterator[Episode]:
     """Fit the part's class, then every episode of its scans; with `out`, the fit and the test scans are saved
-    there (parts/<part>/ and scans/<scan>.npz) for `evals.tuned` to run the full pipeline on."""
-    templates, scans = part_scans(part, config)
+    there (parts/<part>/ and scans/<scan>.npz) for `evals.tuned` to run the full pipeline on. With `folder`,
+    the part is your own normal scans there (`folder_part_scans`)."""
+    templates, scans = part_scans(part, config) if folder is None else folder_part_scans(folder, config)
     fitted = fit_class(templates, config.detector)
     if out is not None:
         fitted.save(out / "parts" / part)

@@ -42,8 +42,9 @@ def ranker_dataset(episodes: list[dict]) -> tuple[list[str], np.ndarray, np.ndar
     return names, x, np.array(labels, dtype=np.int64)
 
 
-def fit_ranker(episodes: list[dict], *, seed: int = 0, c: float = 1.0) -> dict:
-    """The ranker model (a JSON-ready dict) fitted on `episodes`."""
+def fit_ranker(episodes: list[dict], *, seed: int = 0, c: float = 1.0, verbalization: str = "full") -> dict:
+    """The ranker model (a JSON-ready dict) fitted on `episodes`, whose overviews are `verbalization` ones
+    (the backend asks for the same at inference)."""
     names, x, y = ranker_dataset(episodes)
     if y.min() == y.max():
         raise ValueError("the ranker needs both defect and normal patches among the training episodes")
@@ -62,6 +63,7 @@ def fit_ranker(episodes: list[dict], *, seed: int = 0, c: float = 1.0) -> dict:
         "coef": model.coef_[0].tolist(),
         "intercept": float(model.intercept_[0]),
         "threshold": threshold,
+        "verbalization": verbalization,
         "trained_on": {"patches": len(y), "defect_patches": int(y.sum()), "seed": seed, "C": c},
     }
 

@@ -1,0 +1,98 @@
+"""A compact scan overview for small local models: only the patches with the highest cue, in short columns.
+
+Why: the full overview (every patch, every statistic's mean and max, a legend) costs 1-3k tokens; a 135M
+model reads it slowly, trains on it slowly (a step's cost grows with the prompt), and cannot make use of most
+of it. The compact overview keeps what a reader needs to name a region: the `rows` patches with the highest
+cue (in id order, so the id says nothing about the rank), their centre, the three geometric z-scores, the max
+z-score of each learned statistic that varies on this scan, and the cue. A statistic whose shown z-scores are
+all 0 (a constant statistic, as the floor of `robust_z` makes it) carries no evidence and is left out. Column
+names are the full table's, so `agent.backends.ranker` parses both formats with one reader.
+
+The patching does not change: the number of patches still comes from the configured token budget, so the
+compact and the full overview of one scan name the same patches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from scans.patches import PatchTable
+from verbalize.render import (
+    CLOSE_MARKER,
+    GUIDANCE_SHARE,
+    OPEN_MARKER,
+    TokenCounter,
+    _fmt,
+    _sanitise_guidance,
+    environment,
+    estimate_tokens,
+)
+
+COMPACT_ROWS = 8  # patches shown; the rest are summarised by their largest cue
+COMPACT_TOKEN_BUDGET = 512  # overview budget (estimate_tokens) without guidance; rows are dropped to fit
+GEOMETRY_COLUMNS = ("z_curvature", "z_roughness", "z_spacing")
+
+
+def compact_columns(table: PatchTable, rows: list[int]) -> list[str]:
+    """The columns shown for `rows`: centre, geometric z-scores, each varying statistic's max z-score, cue."""
+    stats = []
+    for stat in table.stat_names:
+        name = f"z_{stat}_max"
+        if any(_fmt(table.columns[name][i], 1) != "0.0" for i in rows):
+            stats.append(name)
+    return ["x", "y", "z", *GEOMETRY_COLUMNS, *stats, "cue"]
+
+
+def render_compact_overview(
+    table: PatchTable,
+    guidance: str | None = None,
+    rows: int = COMPACT_ROWS,
+    token_budget: int = COMPACT_TOKEN_BUDGET,
+    *,
+    templates: str | Path | None = None,
+    count_tokens: TokenCounter | None = None,
+) -> str:
+    """The compact overview (module docstring): at most `rows` patches, fewer if the text would exceed
+    `token_budget`; the guidance has its own share of the budget on top, as in the full overview."""
+    count = count_tokens or estimate_tokens
+    template = environment(templates).get_template("overview_compact.j2")
+    cue = table.columns["cue"]
+    by_cue = sorted(range(table.n_patches), key=lambda i: (-cue[i], i))
+    clean_guidance = None
+    if guidance is not None:
+        clean_guidance = _sanitise_guidance(guidance, int(token_budget * GUIDANCE_SHARE), count)
+
+    def render(keep: int, with_guidance: bool) -> str:
+        kept = sorted(by_cue[:keep])
+        rest = by_cue[keep:]
+        cols = compact_columns(table, kept)
+        decimals = {c: (1 if c in "xyz" or c.startswith("z_") else 2) for c in cols}
+        shown = [
+            [str(int(table.ids[i])), *(_fmt(table.columns[c][i], decimals[c]) for c in cols)] for i in kept
+        ]
+        text = template.render(
+            n_points=table.normalisation.n_points,
+            n_patches=table.n_patches,
+            stat_names=list(table.stat_names),
+            header=["id", *cols],
+            rows=shown,
+            omitted={"count": len(rest), "cue_max": _fmt(np.max(cue[rest]), 2)} if rest else None,
+            guidance=clean_guidance if with_guidance else None,
+            open_marker=OPEN_MARKER,
+            close_marker=CLOSE_MARKER,
+        )
+        return text.strip() + "\n"
+
+    keep = min(rows, table.n_patches)
+    while keep > 1 and count(render(keep, False)) > token_budget:
+        keep -= 1
+    if count(render(keep, False)) > token_budget:
+        raise ValueError(f"token budget {token_budget} is too small for a compact overview with one patch")
+    return render(keep, True)
+
+
+def render_compact_system(*, templates: str | Path | None = None) -> str:
+    """The compact system prompt (the task and how to read the numbers; the backend lists the tools)."""
+    return environment(templates).get_template("system_compact.j2").render().strip() + "\n"
