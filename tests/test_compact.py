@@ -139,7 +139,7 @@ def test_the_shipped_adapter_loads_by_default_and_reports_on_a_scan(fitted, scan
     from agent.backends.hf_backend import HFBackend
 
     try:
-        backend = HFBackend(threads=1)
+        backend = HFBackend(threads=2, report_after=1)  # one tool round: loading and reporting
     except BackendUnavailable as err:
         pytest.skip(str(err))
     assert backend.adapter == str(shipped) and backend.verbalization == "compact"
