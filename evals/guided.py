@@ -17,19 +17,16 @@ Per backend and kind:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from agent.backends import BackendUnavailable
 from agent.guidance import FEATURES, read_guidance
 from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.guidance import PARAPHRASES, Guidance, make_guidance, paraphrase_ids
-from evals.tuned import backend_from_spec, load_test_scans
-from scans.files import atomic_write_text
+from evals.tuned import backend_from_spec, episode_parser, load_test_scans, run_episode_eval
 
 FEATURE_Z = 2.0  # a patch "shows" a feature when one of the feature's z-scores reaches this
 BORDER_OFFSET = 0.15  # the ignore_region border lies this far (normalised units) short of the defect's centre
@@ -195,37 +192,14 @@ def plot_guided(result: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evals.guided", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--episodes", required=True, type=Path, help="a folder made by python -m agent.tune episodes"
-    )
-    p.add_argument(
-        "--backends", default="policy", help="comma-separated: policy, ranker=FILE, hf, hf=ADAPTER"
-    )
-    p.add_argument("--limit", type=int, default=None, help="N test scans, evenly spread over the parts")
-    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    description = __doc__.split("\n\n")[0]
+    p = episode_parser("python -m evals.guided", description, "policy, ranker=FILE, hf, hf=ADAPTER")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of unguided vs guided here")
     args = p.parse_args(argv)
-    try:
-        result = evaluate(
-            args.episodes,
-            [s for s in args.backends.split(",") if s],
-            args.limit,
-            log=lambda line: print(line, file=sys.stderr),
-        )
-    except BackendUnavailable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    text = json.dumps(result, indent=1)
-    if args.out is not None:
-        atomic_write_text(args.out, text)
-    if args.plot is not None:
+    code, result = run_episode_eval(args, evaluate)
+    if result is not None and args.plot is not None:
         plot_guided(result, args.plot)
-    print(text)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

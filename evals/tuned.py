@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.episodes import MANIFEST_FILE, read_episodes
 from detector.fitted import FittedClass
 from evals.metrics import o_auroc, p_auroc
+from scans.files import atomic_write_text
 
 
 def backend_from_spec(spec: str):
@@ -186,17 +188,23 @@ def summarise(rows: list[dict]) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evals.tuned", description=__doc__.split("\n")[0])
-    p.add_argument("--episodes", required=True, type=Path)
+def episode_parser(prog: str, description: str, backends_help: str) -> argparse.ArgumentParser:
+    """The flags that evals.tuned and evals.guided share: the episodes, the backends, a limit and --out."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument(
-        "--backends", default="policy", help="comma-separated: policy, ranker=FILE, hf, hf=none, hf=ADAPTER"
+        "--episodes", required=True, type=Path, help="a folder made by python -m agent.tune episodes"
     )
-    p.add_argument("--limit", type=int, default=None, help="N test episodes, evenly spread over the parts")
+    p.add_argument("--backends", default="policy", help=f"comma-separated: {backends_help}")
+    p.add_argument("--limit", type=int, default=None, help="N test scans, evenly spread over the parts")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def run_episode_eval(args: argparse.Namespace, evaluate_fn: Callable[..., dict]) -> tuple[int, dict | None]:
+    """(exit code, result): ``evaluate_fn(episodes, backends, limit, log=...)`` with bad input -> 2 and an
+    unavailable backend -> 3, the JSON written atomically to ``--out`` and printed."""
     try:
-        result = evaluate(
+        result = evaluate_fn(
             args.episodes,
             [s for s in args.backends.split(",") if s],
             args.limit,
@@ -204,17 +212,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     except BackendUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
+        return 3, None
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2, None
     text = json.dumps(result, indent=1)
     if args.out is not None:
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(args.out)
+        atomic_write_text(args.out, text)
     print(text)
-    return 0
+    return 0, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = episode_parser(
+        "python -m evals.tuned", __doc__.split("\n")[0], "policy, ranker=FILE, hf, hf=none, hf=ADAPTER"
+    )
+    return run_episode_eval(p.parse_args(argv), evaluate)[0]
 
 
 if __name__ == "__main__":

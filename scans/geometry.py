@@ -245,62 +245,31 @@ def register(
     seed: int = 0,
     ransac_iterations: int = 100_000,
 ) -> tuple[np.ndarray, float]:
-    """Rigidly align `source` to `target`: returns (4x4 float64 transform T with target ~ T @ source,
-    fitness).
+    """Rigidly align `source` to `target` from any pose: returns (4x4 float64 transform T with target ~ T @
+    source, fitness).
 
-    For scans that are not pre-aligned (as Reg3D-AD does): both clouds are voxel-downsampled at `voxel`,
-    described
-    by FPFH (radii 2 and 5 voxels), coarsely aligned by RANSAC on feature matches (seeded through
-    o3d.utility.random.seed), then refined by point-to-plane ICP on the downsampled clouds. `fitness` is ICP's
-    share of source points with a target point within 1.5 voxels (1.0 = fully overlapping).
-    """
-    o3d = _open3d()
+    For a single pair of scans that are not pre-aligned (as Reg3D-AD does): both clouds are voxel-downsampled
+    at `voxel`, coarsely aligned by :func:`register_global` (RANSAC on FPFH matches, seeded), then refined by
+    :func:`icp_point_to_plane` on the downsampled clouds. `fitness` is the share of source points with a
+    target point within 1.5 voxels (1.0 = fully overlapping). The detector's own registration
+    (detector.registration) uses the same two steps with a template's data prepared once."""
     src = _as_points(source, "source", min_rows=3)
     tgt = _as_points(target, "target", min_rows=3)
     if not voxel > 0:
         raise ValueError(f"register: voxel must be > 0, got {voxel}")
-    reg = o3d.pipelines.registration
     src_d = src[voxel_downsample(src, voxel)]
     tgt_d = tgt[voxel_downsample(tgt, voxel)]
     if len(src_d) < 3 or len(tgt_d) < 3:
         raise ValueError(f"register: voxel={voxel} leaves fewer than 3 points; use a smaller voxel")
     src_f, tgt_f = fpfh(src_d, 2 * voxel, 5 * voxel), fpfh(tgt_d, 2 * voxel, 5 * voxel)
-    src_pcd, tgt_pcd = _to_o3d(src_d), _to_o3d(tgt_d)
-    for pcd, pts in ((src_pcd, src_d), (tgt_pcd, tgt_d)):  # normals for point-to-plane ICP
-        pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=2 * voxel, max_nn=30))
-        pcd.normals = o3d.utility.Vector3dVector(_orient_outwards(pts, np.asarray(pcd.normals).copy()))
-
-    def features(arr: np.ndarray) -> o3d.pipelines.registration.Feature:
-        feat = reg.Feature()
-        feat.data = np.ascontiguousarray(arr.T, dtype=np.float64)
-        return feat
-
-    o3d.utility.random.seed(seed)
-    match_dist = 1.5 * voxel
-    coarse = reg.registration_ransac_based_on_feature_matching(
-        src_pcd,
-        tgt_pcd,
-        features(src_f),
-        features(tgt_f),
-        True,  # mutual filter: keeps only reciprocal feature matches, far fewer outliers
-        match_dist,
-        reg.TransformationEstimationPointToPoint(False),
-        3,
-        [
-            reg.CorrespondenceCheckerBasedOnEdgeLength(0.9),
-            reg.CorrespondenceCheckerBasedOnDistance(match_dist),
-        ],
-        reg.RANSACConvergenceCriteria(ransac_iterations, 0.999),
+    coarse = register_global(src_d, tgt_d, src_f, tgt_f, voxel, seed=seed, iterations=ransac_iterations)
+    tree = cKDTree(tgt_d)
+    fine = icp_point_to_plane(
+        src_d, tgt_d, surface_normals(tgt_d), 1.5 * voxel, coarse, 50, target_tree=tree
     )
-    fine = reg.registration_icp(
-        src_pcd,
-        tgt_pcd,
-        match_dist,
-        coarse.transformation,
-        reg.TransformationEstimationPointToPlane(),
-        reg.ICPConvergenceCriteria(max_iteration=50),
-    )
-    return np.asarray(fine.transformation, dtype=np.float64).copy(), float(fine.fitness)
+    moved = src_d @ fine[:3, :3].T + fine[:3, 3]
+    dist, _ = tree.query(moved, k=1, distance_upper_bound=1.5 * voxel)
+    return fine, float(np.mean(np.isfinite(dist)))
 
 
 def surface_normals(points: np.ndarray, k: int = 20) -> np.ndarray:
@@ -380,8 +349,8 @@ def register_global(
     seed: int = 0,
     iterations: int = 100_000,
 ) -> np.ndarray:
-    """Coarse pose of ``source`` onto ``target`` (both already at ``voxel``) by RANSAC on mutual FPFH matches,
-    as in :func:`register`. The FPFH (radii 2 and 5 voxels, :func:`fpfh`) are passed in, so a template's are
+    """Coarse pose of ``source`` onto ``target`` (both already at ``voxel``) by RANSAC on mutual FPFH matches.
+    The FPFH (radii 2 and 5 voxels, :func:`fpfh`) are passed in, so a template's are
     computed once and a scan's once for several rounds. RANSAC stops early at 0.999 confidence."""
     o3d = _open3d()
     src = _as_points(source, "source", min_rows=3)
