@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
 SMALL_POSES = (1.0, 2.0, 3.0, 4.0, 5.0, 5.0)
 LARGE_POSES = (20.0, 60.0)
 NOISE_OF_DIAGONAL = 0.0015
@@ -131,15 +132,6 @@ def run_side(tree: Path, folder: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def base_worktree(rev: str, where: Path) -> Path:
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), rev],
-        check=True,
-        capture_output=True,
-    )
-    return where
-
-
 def summarise(rows: list[dict], small: bool) -> dict:
     chosen = [r for r in rows if (r["pose_deg"] <= 5.0) == small]
     return {
@@ -161,23 +153,21 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=30_000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/registration.json")
     args = ap.parse_args()
-    base = (
-        args.base
-        or subprocess.run(
-            ["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+    from base_code import (  # beside this script; not in its child runs
+        base_revision,
+        base_worktree,
+        head_revision,
     )
+
+    base = base_revision(args.base)
     load_before = os.getloadavg()[0]
-    results = {"base": base, "head": _head(), "parts": {}}
+    results = {"base": base, "head": head_revision(), "parts": {}}
     with tempfile.TemporaryDirectory(prefix="bench-registration-") as tmp:
-        tree = base_worktree(base, Path(tmp) / "base")
-        try:
+        with base_worktree(base, Path(tmp) / "base") as tree:
             for part in args.parts.split(","):
                 folder = make_scans(part, args.points, seed=7, work=Path(tmp) / "scans")
                 old, new = run_side(tree, folder), run_side(ROOT, folder)
                 results["parts"][part] = {"base": old, "current": new}
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     results["load_avg"] = [load_before, os.getloadavg()[0]]
     print(
         f"base {base[:10]} vs current {results['head'][:10]}; load average {load_before:.1f} -> "
@@ -203,12 +193,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
-
-
-def _head() -> str:
-    return subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
 
 
 if __name__ == "__main__":

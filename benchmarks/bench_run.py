@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from base_code import ROOT, base_revision, base_worktree
+
 WATCHED = ("transformers", "langchain", "langchain_core", "openai", "open3d", "sklearn", "torch")
 
 
@@ -81,39 +82,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/run.json")
     args = ap.parse_args()
-    base = (
-        args.base
-        or subprocess.run(
-            ["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
+    base = base_revision(args.base)
     first = sorted(p for p in args.scans.iterdir() if p.is_file())[0]
     load_before = os.getloadavg()[0]
     results: dict = {"base": base, "bank": str(args.bank), "scans": str(args.scans)}
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
-        tree = Path(tmp) / "base"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), base],
-            check=True,
-            capture_output=True,
-        )
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-run-") as tmp,
+        base_worktree(base, Path(tmp) / "base") as tree,
+    ):
         sides = {"base": tree, "current": ROOT}
-        try:
+        for name, side in sides.items():
+            results[name] = {"warm": warm(side, args.bank, args.scans, Path(tmp) / f"warm-{name}")}
+        cold: dict[str, list[float]] = {name: [] for name in sides}
+        for r in range(args.repeats):
             for name, side in sides.items():
-                results[name] = {"warm": warm(side, args.bank, args.scans, Path(tmp) / f"warm-{name}")}
-            cold: dict[str, list[float]] = {name: [] for name in sides}
-            for r in range(args.repeats):
-                for name, side in sides.items():
-                    out = Path(tmp) / f"cold-{name}-{r}"
-                    cold[name].append(
-                        run_cli(side, [str(first), "--bank", str(args.bank), "--out", str(out)])[0]
-                    )
-            for name, side in sides.items():
-                results[name]["cold_s"] = statistics.median(cold[name])
-                results[name]["cold_runs_s"] = cold[name]
-                results[name]["imports"] = imported(side, args.bank, first, Path(tmp) / f"imports-{name}")
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+                out = Path(tmp) / f"cold-{name}-{r}"
+                cold[name].append(
+                    run_cli(side, [str(first), "--bank", str(args.bank), "--out", str(out)])[0]
+                )
+        for name, side in sides.items():
+            results[name]["cold_s"] = statistics.median(cold[name])
+            results[name]["cold_runs_s"] = cold[name]
+            results[name]["imports"] = imported(side, args.bank, first, Path(tmp) / f"imports-{name}")
     results["load_avg"] = [load_before, os.getloadavg()[0]]
     old, new = results["base"], results["current"]
     print(f"base {base[:10]}; load average {load_before:.1f} -> {results['load_avg'][1]:.1f}")
