@@ -3,10 +3,14 @@
 Why: the full overview (every patch, every statistic's mean and max, a legend) costs 1-3k tokens; a 135M
 model reads it slowly, trains on it slowly (a step's cost grows with the prompt), and cannot make use of most
 of it. The compact overview keeps what a reader needs to name a region: the `rows` patches with the highest
-cue (in id order, so the id says nothing about the rank), their centre, the three geometric z-scores, the max
+cue, highest first, their centre, the three geometric z-scores, the max
 z-score of each learned statistic that varies on this scan, and the cue. A statistic whose shown z-scores are
 all 0 (a constant statistic, as the floor of `robust_z` makes it) carries no evidence and is left out. Column
 names are the full table's, so `agent.backends.ranker` parses both formats with one reader.
+
+Rows come highest cue first (the full table is in id order): a small model reads a ranked list as the policy
+reads `list_patches(sort_by="cue")`, and what it has to learn is where the defect ends and what guidance
+changes, not how to sort eight numbers.
 
 The patching does not change: the number of patches still comes from the configured token budget, so the
 compact and the full overview of one scan name the same patches.
@@ -65,7 +69,7 @@ def render_compact_overview(
         clean_guidance = _sanitise_guidance(guidance, int(token_budget * GUIDANCE_SHARE), count)
 
     def render(keep: int, with_guidance: bool) -> str:
-        kept = sorted(by_cue[:keep])
+        kept = by_cue[:keep]
         rest = by_cue[keep:]
         cols = compact_columns(table, kept)
         decimals = {c: (1 if c in "xyz" or c.startswith("z_") else 2) for c in cols}

@@ -45,7 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
     e.add_argument("--verbalization", choices=("compact", "full"), default=EpisodeConfig.verbalization)
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
-    e.add_argument("--register", action="store_true", help="registered fits (as evals.run --register)")
+    pose = e.add_mutually_exclusive_group()
+    pose.add_argument(
+        "--register", action="store_const", const=True, dest="register", help="force registered fits"
+    )
+    pose.add_argument(
+        "--no-register", action="store_const", const=False, dest="register", help="force unregistered fits"
+    )
+    # neither flag: each part's fit measures and decides, as agent.fit and evals.run do by default, so the
+    # episodes show the statistics (surface cues included) that agent.run will show
     e.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="train a LoRA / prompt-tuning adapter or the ranker baseline")
     t.add_argument("--episodes", required=True, type=Path)

@@ -62,7 +62,7 @@ class EpisodeConfig:
     verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
     patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
     max_target_ids: int = 3  # patch ids per target region (the hf decoder writes at most max_items)
-    register: bool = False
+    register: bool | None = None  # None: each part's fit decides (agent.fit's default)
     seed: int = 0
     detector: DetectorConfig = field(default_factory=lambda: DetectorConfig(train_steps=100, bank_views=2))
 
