@@ -238,6 +238,12 @@ def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_pat
         p.name for p in out.iterdir()
     }
     assert (out / "adapter_model.safetensors").stat().st_size < 20e6
+    # our model card and the base model's file name, not peft's empty template and this machine's cache path
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == recipe["base_model"] and "/" not in recipe["base_model"]
+    card = (out / "README.md").read_text()
+    assert "More Information Needed" not in card and recipe["episodes_sha256"] in card
+    assert "README.md" in (out / "SHA256SUMS").read_text()
     tuned = HFBackend(threads=1, adapter=str(out))
     assert tuned.overview_tokens == 1200
     after = _last_logits(tuned, text)

@@ -209,16 +209,53 @@ def train_adapter(
     return recipe
 
 
+def model_card(recipe: dict) -> str:
+    """The adapter's README: what it is, what it was trained on and how, from its recipe (peft's own card is
+    an empty template that names this machine's cache path)."""
+    config = recipe.get("config", {})
+    lines = [
+        f"# scanagent inspection adapter ({recipe.get('method')})",
+        "",
+        f"A {recipe.get('method')} adapter for `{recipe.get('base_model')}` (the packaged "
+        "SmolLM2-135M-Instruct), trained by `python -m agent.tune train` to read scanagent's compact scan "
+        "overview and call `report_suspects` with the patches that carry a defect (an empty report on a "
+        "normal scan), following operator guidance.",
+        "",
+        f"- episodes: `{recipe.get('episodes')}` (sha256 `{recipe.get('episodes_sha256')}`), "
+        f"{recipe.get('examples')} training examples ({recipe.get('skipped_too_long')} skipped as too long), "
+        f"{recipe.get('verbalization')} overview",
+        f"- steps: {recipe.get('steps_done')} of {config.get('steps')}, lr {config.get('lr')}, seed "
+        f"{config.get('seed')}, {config.get('threads')} thread(s), {recipe.get('seconds')} s wall",
+        f"- loss, first / last 10 steps: {recipe.get('loss_first10')} / {recipe.get('loss_last10')}",
+        "",
+        "Every file here is listed in SHA256SUMS and checked when the hf backend loads the folder. "
+        "Retrain: `python -m agent.tune episodes --out EPISODES` then "
+        f"`python -m agent.tune train --episodes EPISODES --out DIR --method {recipe.get('method')}`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def finish_adapter_dir(directory: Path, recipe: dict) -> None:
+    """recipe.json, our model card, the base model named by its file (not a cache path), then SHA256SUMS."""
+    config_path = directory / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+    adapter_config["base_model_name_or_path"] = recipe.get("base_model")
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True), encoding="utf-8")
+    (directory / "README.md").write_text(model_card(recipe), encoding="utf-8")
+    (directory / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True), encoding="utf-8")
+    names = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
+    sums = "".join(f"{file_sha256(directory / n)}  {n}\n" for n in names)
+    (directory / CHECKSUM_FILE).write_text(sums, encoding="utf-8")
+
+
 def write_adapter(model: Any, out: Path, recipe: dict) -> None:
-    """peft's folder + recipe.json + SHA256SUMS, through a temporary folder renamed at the end."""
+    """peft's folder + recipe.json + model card + SHA256SUMS, through a temporary folder renamed at the
+    end."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True), encoding="utf-8")
-        names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CHECKSUM_FILE)
-        sums = "".join(f"{file_sha256(tmp / n)}  {n}\n" for n in names)
-        (tmp / CHECKSUM_FILE).write_text(sums, encoding="utf-8")
+        finish_adapter_dir(tmp, recipe)
         if out.exists():  # never replace what is there (the CLI refuses earlier, with exit 2)
             raise FileExistsError(f"{out}: already exists; choose a new adapter folder")
         tmp.rename(out)
