@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (recorded)")
     t.add_argument("--max-tokens", type=int, default=3072, help="skip longer examples")
     t.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N decoder layers (0 = all)")
+    t.add_argument(
+        "--target",
+        choices=("decisions", "full"),
+        default="decisions",
+        help="loss on the call up to the first region's patch ids (default) or on the whole call",
+    )
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
     return p
@@ -151,6 +157,7 @@ def train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         max_tokens=args.max_tokens,
         lora_layers=args.lora_layers,
+        target=args.target,
         threads=args.threads,
         seed=args.seed,
     )
