@@ -71,7 +71,7 @@ class HFBackend:
         patch_ids: list[int] | None = None,
         seed: int = 0,
         threads: int | None = None,
-        report_after: int | None = 3,
+        report_after: int | None | str = "auto",
         terminal_tool: str = "report_suspects",
         adapter: str | None = None,
         empty_arrays: bool | None = None,
@@ -121,6 +121,18 @@ class HFBackend:
         self.max_string_tokens = max_string_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.fixed_patch_ids = patch_ids
+        # "auto": an adapter trained on the report decision alone (recipe target "decisions": one-turn
+        # episodes, the tool name never in its loss) reports at once; otherwise after 3 tool results. The
+        # first such adapter, left to choose, called list_patches three times (35-60 s a turn) first.
+        if report_after == "auto":
+            trained_one_turn = self.recipe.get("config", {}).get("target") == "decisions"
+            report_after = 0 if trained_one_turn else 3
+        if isinstance(report_after, str) and report_after.isdigit():  # from a backend spec's text
+            report_after = int(report_after)
+        if report_after is not None and not isinstance(report_after, int):
+            raise BackendUnavailable(
+                f"hf backend: report_after must be a number or auto, got {report_after!r}"
+            )
         self.report_after = report_after
         self.terminal_tool = terminal_tool
         self.template_has_tools = "tools" in (self.tokenizer.chat_template or "")
