@@ -248,7 +248,7 @@ def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_pat
     assert tuned.overview_tokens == 1200
     after = _last_logits(tuned, text)
     assert float((after - before).abs().max()) > 1e-4
-    # trained on the report decision alone (the default target) it reports at once; the base model
+    # trained on the report decision alone (the default target) it reports at once; the base model after 3
     assert recipe["config"]["target"] == "decisions" and tuned.report_after == 0
     base = HFBackend(threads=1, adapter="none")
     assert base.adapter is None and base.report_after == 3
