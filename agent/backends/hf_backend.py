@@ -127,8 +127,6 @@ class HFBackend:
         if report_after == "auto":
             trained_one_turn = self.recipe.get("config", {}).get("target") == "decisions"
             report_after = 0 if trained_one_turn else 3
-        if isinstance(report_after, str) and report_after.isdigit():  # from a backend spec's text
-            report_after = int(report_after)
         if report_after is not None and not isinstance(report_after, int):
             raise BackendUnavailable(
                 f"hf backend: report_after must be a number or auto, got {report_after!r}"

@@ -77,7 +77,7 @@ def target_text(episode: dict, target: str = "full") -> str:
     if target != "decisions":
         raise ValueError(f"unknown target {target!r}; use full or decisions")
     regions = json.loads(call["arguments"])["regions"]
-    head = text.split('"regions": [', 1)[0] + '"regions": ['
+    head = text.partition(REGIONS_KEY)[0] + REGIONS_KEY + " ["
     if not regions:
         return head + "]"
     return head + '{"patch_ids": [' + ", ".join(str(i) for i in regions[0]["patch_ids"]) + "]"
