@@ -29,7 +29,7 @@ from agent.sampled import spread_to_all
 from agent.viewer import write_viewer
 from scans import staging, strict_json
 from scans.io import Scan, write_scores
-from scans.render import render_regions_png
+from scans.regions_png import render_regions_png
 
 SCAN_OUTPUT_KIND = "scan output"  # the output marker's kind (scans.staging)
 

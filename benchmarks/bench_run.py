@@ -32,7 +32,9 @@ from pathlib import Path
 
 from base_code import ROOT, base_revision, base_worktree
 
-WATCHED = ("transformers", "langchain", "langchain_core", "openai", "open3d", "sklearn", "torch")
+WATCHED = (
+    "transformers", "langchain", "langchain_core", "openai", "open3d", "sklearn", "matplotlib", "torch"
+)
 
 
 def run_cli(tree: Path, args: list[str], extra: list[str] = ()) -> tuple[float, subprocess.CompletedProcess]:

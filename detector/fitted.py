@@ -130,6 +130,7 @@ class FittedClass:
         coord_bank: CoordinateBank | None = None,
         score_norms: dict[str, float] | None = None,
         cues: SurfaceCues | None = None,
+        registration: RegistrationTarget | None = None,
     ) -> None:
         self.config = config
         # per-point surface evidence fused with the bank's score (config.surface_cues), in the same unit: the
@@ -146,7 +147,8 @@ class FittedClass:
             raise ValueError("a registered fit needs its coordinate bank and score norms")
         # the template every scan is aligned to: the first training scan's points in the coordinate bank
         self.reference = None if coord_bank is None else coord_bank.points[coord_bank.source == 0]
-        self._registration: RegistrationTarget | None = None  # what align needs of the reference, made once
+        # what align needs of the reference: as the fitted folder stored it, else made on the first scan
+        self._registration: RegistrationTarget | None = registration if self.reference is not None else None
         self.scale = float(scale)
         self.bank = bank
         self.mean_feature = np.asarray(mean_feature, dtype=np.float32)
@@ -334,6 +336,7 @@ class FittedClass:
             score_norms=self.score_norms,
             backbone_id=self.backbone_id(),
             cues=self.cues,
+            registration=None if self.reference is None else self.registration_target(),
         )
 
     @classmethod

@@ -114,6 +114,8 @@ class RegistrationTarget:
     fine_normals: np.ndarray = field(init=False, repr=False)
     fine_tree: object = field(init=False, repr=False)
     spacing: float = field(init=False, repr=False)  # median distance between neighbouring reference points
+    # the levels and spacing as a fitted folder stores them (see `prepared`); None = compute them here
+    stored: dict[str, np.ndarray] | None = field(default=None, repr=False)
     _fpfh: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,19 +123,59 @@ class RegistrationTarget:
 
         self.points = np.ascontiguousarray(self.points, dtype=np.float32)
         self.tree = cKDTree(self.points)
-        self.spacing = (
-            float(np.median(self.tree.query(self.points, k=2)[0][:, 1])) if len(self.points) > 1 else 0.0
-        )
-        self.coarse = self.level(self.points, REGISTER_VOXEL_SHARE)
-        self.fine = self.level(self.points, FINE_VOXEL_SHARE)
+        if self.stored is not None:
+            self._take(self.stored)
+        else:
+            self.spacing = (
+                float(np.median(self.tree.query(self.points, k=2)[0][:, 1])) if len(self.points) > 1 else 0.0
+            )
+            self.coarse = self.level(self.points, REGISTER_VOXEL_SHARE)
+            self.fine = self.level(self.points, FINE_VOXEL_SHARE)
         if len(self.coarse) < 3:
             raise RegistrationError(
                 f"the class template has {len(self.coarse)} points at the registration voxel "
                 f"{self.voxel:.3g}: too few to register onto"
             )
-        self.coarse_normals = surface_normals(self.coarse)
-        self.fine_normals = surface_normals(self.fine)
+        if self.stored is None:
+            self.coarse_normals = surface_normals(self.coarse)
+            self.fine_normals = surface_normals(self.fine)
+        self.stored = None
         self.coarse_tree, self.fine_tree = cKDTree(self.coarse), cKDTree(self.fine)
+
+    def prepared(self) -> dict[str, np.ndarray]:
+        """What a fitted folder stores so that loading it skips the normals (~0.4 s of a cold run)."""
+        return {
+            "coarse": self.coarse,
+            "coarse_normals": self.coarse_normals,
+            "fine": self.fine,
+            "fine_normals": self.fine_normals,
+            "spacing": np.array([self.spacing]),
+        }
+
+    def _take(self, stored: dict[str, np.ndarray]) -> None:
+        """Use stored levels after checking their shapes (ValueError names the array)."""
+        for level in ("coarse", "fine"):
+            points, normals = stored.get(level), stored.get(f"{level}_normals")
+            for name, array in ((level, points), (f"{level}_normals", normals)):
+                if (
+                    not isinstance(array, np.ndarray)
+                    or array.ndim != 2
+                    or array.shape[1:] != (3,)
+                    or not np.isfinite(array).all()
+                ):
+                    raise ValueError(f"registration level {name} is missing or not a finite (M, 3) array")
+            if normals.shape != points.shape:  # type: ignore[union-attr]
+                raise ValueError(
+                    f"registration level {level}: {len(normals)} normals for {len(points)} points"
+                )
+        spacing = np.asarray(stored.get("spacing", []), dtype=np.float64).reshape(-1)
+        if spacing.shape != (1,) or not (np.isfinite(spacing[0]) and spacing[0] >= 0):
+            raise ValueError("registration spacing is missing or invalid")
+        self.coarse = stored["coarse"].astype(np.float64)
+        self.fine = stored["fine"].astype(np.float64)
+        self.coarse_normals = stored["coarse_normals"].astype(np.float64)
+        self.fine_normals = stored["fine_normals"].astype(np.float64)
+        self.spacing = float(spacing[0])
 
     @property
     def voxel(self) -> float:

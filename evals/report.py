@@ -298,7 +298,8 @@ def plot_per_class(summary: dict, classes: list[str], path: Path) -> Path:
 def render_examples(out: Path, meta: dict, directory: Path, max_examples: int = 4) -> list[dict]:
     """Ground truth and flagged regions of a few defective scans (one per class first), for the first
     backend."""
-    from scans.render import render_points_png, render_regions_png
+    from scans.regions_png import render_regions_png
+    from scans.render import render_points_png
 
     latest = ResultStore(out).latest()
     name = meta["backends"][0]["label"] if meta["backends"] else (meta["methods"] or [None])[0]

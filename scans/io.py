@@ -402,16 +402,12 @@ def write_scores(path_stem, points, scores, *, input_scores=None) -> tuple[Path,
     if not np.isfinite(values).all():
         raise ValueError(f"{stem}: scores contain NaN/inf")
     npy_values = values if input_scores is None else np.asarray(input_scores, dtype=np.float32).reshape(-1)
-    from matplotlib import colormaps  # only the colour table is needed, no figure
+    from scans.colours import heat_levels, heat_table
 
     # 256-entry colour table indexed per point: a few bytes per point, whatever the scan's size
-    table = (colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
     low = float(values.min()) if len(values) else 0.0
-    span = float(values.max()) - low if len(values) else 0.0
-    level = np.zeros(len(values), dtype=np.uint8)
-    if span > 0:
-        level = np.clip(np.rint((values - low) * (255.0 / span)), 0, 255).astype(np.uint8)
-    rgb = table[level]
+    high = float(values.max()) if len(values) else 0.0
+    rgb = heat_table()[heat_levels(values, low, high)]
     columns = [*((axis, array[:, i].astype(np.float32, copy=False)) for i, axis in enumerate("xyz")),
                ("red", rgb[:, 0]), ("green", rgb[:, 1]), ("blue", rgb[:, 2]), ("anomaly", values)]
     npy_path, ply_path = Path(stem + ".npy"), Path(stem + ".ply")

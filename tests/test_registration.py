@@ -105,6 +105,32 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
         FittedClass.load(saved)
 
 
+def test_a_saved_fit_stores_its_registration_levels_and_loading_reuses_them(registered_fit, tmp_path):
+    """Loading takes the template's ICP levels and normals from the folder instead of recomputing them (a
+    cold run's 0.4 s); they equal what the fit computed, a fit without them still loads (and computes them),
+    and levels of the wrong shape, even sealed again, are refused with the folder named."""
+    import shutil
+
+    from detector.manifest import write_manifest
+
+    saved = registered_fit.save(tmp_path / "fit")
+    again = FittedClass.load(saved)
+    assert again._registration is not None  # taken from the folder, not built on the first scan
+    made, stored = registered_fit.registration_target(), again.registration_target()
+    for name in ("coarse", "coarse_normals", "fine", "fine_normals"):
+        np.testing.assert_array_equal(getattr(stored, name), getattr(made, name))
+    assert stored.spacing == made.spacing
+    older = tmp_path / "older"
+    shutil.copytree(saved, older)
+    shutil.rmtree(older / "registration")
+    write_manifest(older)
+    assert FittedClass.load(older)._registration is None
+    np.save(saved / "registration" / "fine_normals.npy", np.zeros((4, 3)), allow_pickle=False)
+    write_manifest(saved)
+    with pytest.raises(FitError, match="registration.*fine.*refit"):
+        FittedClass.load(saved)
+
+
 def test_registration_finds_a_bulge_on_a_turned_scan_that_the_unaligned_bank_misses(registered_fit):
     """Templates and test scan in different poses: the registered fit ranks the bulge's points high, the same
     fit

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scans.render import CONFIRMED_BLUE, regions_figure, render_points_png, render_regions_png
+from scans.regions_png import CONFIRMED_BLUE, regions_picture, render_regions_png
+from scans.render import render_points_png
 
 
 def sphere(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -103,10 +104,10 @@ def test_regions_are_numbered_in_order_on_a_heat_map(tmp_path, rng):
         np.flatnonzero(points[:, 1] > 0.8),
         np.flatnonzero(points[:, 0] > 0.8),
     ]
-    figure = regions_figure(
+    picture = regions_picture(
         points, regions, ["a", "b", "c"], scores=points[:, 2], verdicts=["confirmed", "rejected", "skipped"]
     )
-    numbers = sorted(t.get_text() for axes in figure.axes for t in axes.texts)
+    numbers = sorted(picture.numbers)
     assert numbers == sorted(["1", "2", "3"] * 3)
     heat = pixels(
         render_regions_png(tmp_path / "h.png", points, regions, ["a", "b", "c"], scores=points[:, 2])
@@ -123,8 +124,8 @@ def test_long_legend_is_whole_and_inside_the_image(tmp_path, rng):
     reason = " ".join(f"word{i:03d}" for i in range(37))[:300]
     regions = [np.flatnonzero(points[:, 2] > 0.9 - 0.1 * i) for i in range(6)]
     labels = [f"{i + 1} rejected (40 points, confidence 0.50): {reason}" for i in range(6)]
-    figure = regions_figure(points, regions, labels)
-    legend_text = " ".join(t.get_text() for t in figure.legends[0].get_texts())
+    picture = regions_picture(points, regions, labels)
+    legend_text = " ".join(picture.legend)
     assert legend_text.split() == " ".join(labels).split()
     image = pixels(render_regions_png(tmp_path / "long.png", points, regions, labels))
     border = np.concatenate(

@@ -25,8 +25,9 @@ from markupsafe import Markup
 
 from agent.secrets import Redactor
 from scans import strict_json
+from scans.colours import heat_table
 from scans.files import atomic_write_text
-from scans.render import HEAT_CMAP, VERDICT_STYLES, subsample_indices
+from scans.regions_png import VERDICT_STYLES, subsample_indices
 
 MAX_VIEWER_POINTS = 200_000
 BACKGROUND = "#f4f4f4"  # light: the heat map's low end (inferno) is near black
@@ -54,9 +55,7 @@ def redact(value: Any) -> Any:
 
 def colour_table() -> list[list[int]]:
     """The heat map's 256 colours as RGB bytes, the same map as scores.ply and regions.png."""
-    from matplotlib import colormaps
-
-    return (colormaps[HEAT_CMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(int).tolist()
+    return heat_table().astype(int).tolist()
 
 
 def viewer_data(
