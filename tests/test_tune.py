@@ -270,13 +270,22 @@ def test_a_prompt_tuned_adapter_decodes_incrementally_like_from_scratch(tmp_path
         return dec
 
     stepwise, fresh = decoder(), decoder()
-    stepwise.set_text(text[:-100])
-    stepwise.set_text(text[:-150])  # shorter: crops the cache, keeping the virtual tokens
-    stepwise.set_text(text)
+    for part in (text[:-100], text[:-150], text):  # the shorter crops the cache, keeping the virtual tokens
+        stepwise.set_text(part)
+        stepwise.flush()
     fresh.set_text(text)
+    fresh.flush()
     assert float((stepwise.last_logits - fresh.last_logits).abs().max()) < 1e-3
+    # choices over a prefix tree (one pass, a 4-D mask) score as one continuation at a time from scratch
+    ids = [str(i) for i in range(12)]
+    together = fresh.loglikelihoods([i + "," for i in ids])
+    alone = [decoder() for _ in ids[:3]]
+    for dec in alone:
+        dec.set_text(text)
+    assert max(abs(d.loglikelihood(i + ",") - t) for d, i, t in zip(alone, ids, together)) < 1e-3
     base = _Decoder(base_backend.model, base_backend.tokenizer, base_backend.torch)
     base.set_text(text)
+    base.flush()
     assert float((fresh.last_logits - base.last_logits).abs().max()) > 1e-4
     reply = tuned.chat(short[0]["messages"], short[0]["tools"])
     assert reply.tool_calls and json.loads(reply.tool_calls[0].arguments) is not None
@@ -299,3 +308,37 @@ def test_episodes_from_your_own_normal_scans(tmp_path, capsys):
     assert {s.split for s in scans} == {"train", "test"}
     assert all(s.labels.any() == (s.defect is not None) for s in scans)  # synthesized defects are labelled
     assert any(s.defect is not None for s in scans)
+
+
+@pytest.mark.llm
+def test_choices_scored_over_a_prefix_tree_match_full_recomputation(base_backend):
+    """The decoder scores a choice's candidates in one pass over their prefix tree (a 4-D mask, own
+    position ids) on top of its KV cache; each score must equal log P(candidate | text) computed from
+    scratch, the continuation that merges with the text's last token ("[" + "]" -> "[]") included, and the
+    cache must hold the text again afterwards."""
+    from agent.backends.hf_decoder import Decoder
+
+    torch, model, tok = base_backend.torch, base_backend.model, base_backend.tokenizer
+    text = "<|im_start|>user\nPatches: " + ", ".join(f"{i}: {i * 0.37 % 3:.2f}" for i in range(30))
+    text += "<|im_end|>\n<|im_start|>assistant\n" + '{"regions": ['
+
+    def from_scratch(continuation: str) -> float:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        full = tok(text + continuation, add_special_tokens=False)["input_ids"]
+        common = next((k for k, (a, b) in enumerate(zip(ids, full)) if a != b), min(len(ids), len(full)))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), dim=-1)
+        return float(sum(logprobs[k - 1, full[k]] for k in range(max(common, 1), len(full))))
+
+    dec = Decoder(model, tok, torch)
+    dec.set_text(text)
+    candidates = ["]", "{", '{"patch_ids": [7', "", *(f"{i}," for i in range(25))]
+    scores = dec.loglikelihoods(candidates)
+    for candidate, score in zip(candidates[:8], scores):
+        assert abs(score - from_scratch(candidate)) < 1e-3, candidate
+    assert scores[3] == 0.0
+    fresh = Decoder(model, tok, torch)
+    fresh.set_text(text)
+    fresh.flush()
+    assert dec.cache.get_seq_length() == len(dec.ids) == len(fresh.ids)
+    assert float((dec.last_logits - fresh.last_logits).abs().max()) < 1e-3

@@ -90,7 +90,7 @@ def prefix_forward(model: Any, torch: Any, virtual: Any) -> Any:
     """A decoder `_forward` replacement that starts every fresh cache with the virtual tokens."""
     from transformers import DynamicCache
 
-    def forward(decoder: Any, new_ids: list[int]) -> Any:
+    def forward(decoder: Any, new_ids: list[int], **model_kwargs: Any) -> Any:
         deadline = getattr(decoder, "deadline", None)  # the loop's time budget, as the plain decoder keeps it
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("hf backend: generation stopped at the call's time limit")
@@ -101,7 +101,10 @@ def prefix_forward(model: Any, torch: Any, virtual: Any) -> Any:
             decoder.cache = OffsetCache(inner, int(virtual.shape[0]))
         with torch.no_grad():
             out = model(
-                input_ids=torch.tensor([new_ids]), past_key_values=decoder.cache.inner, use_cache=True
+                input_ids=torch.tensor([new_ids]),
+                past_key_values=decoder.cache.inner,
+                use_cache=True,
+                **model_kwargs,
             )
         return out.logits[0]
 

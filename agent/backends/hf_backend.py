@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import types
 
@@ -146,6 +147,12 @@ class HFBackend:
             if isinstance(sid, int) and sid != self.tokenizer.unk_token_id:
                 self._stop_ids.add(sid)
         self._calls = 0
+        # one decoder for every call, so a prompt's KV cache is reused for what the next prompt shares with it
+        # (the system message and tools: about a third of a compact prompt's tokens)
+        self._decoder = Decoder(self.model, self.tokenizer, self.torch)
+        if self._forward_override is not None:  # prompt tuning: virtual tokens at the start of every cache
+            self._decoder._forward = types.MethodType(self._forward_override, self._decoder)  # type: ignore[method-assign]
+        self._decoder_lock = threading.Lock()
 
     # -- constrained arguments
     # ----------------------------------------------------------------------------------------
@@ -263,20 +270,25 @@ class HFBackend:
         the loop gave up on stops computing instead of competing with the fallback."""
         deadline = None if seconds_left is None else time.monotonic() + seconds_left
         prompt = self.prompt(messages, tools)
-        dec = Decoder(self.model, self.tokenizer, self.torch, deadline)
-        if self._forward_override is not None:  # prompt tuning: virtual tokens at the start of every cache
-            dec._forward = types.MethodType(self._forward_override, dec)  # type: ignore[method-assign]
-        dec.set_text(prompt)
-        prompt_tokens = len(dec.ids)
-        self._calls += 1
-        call_id = f"hf_{self._calls}"
-        if self.constrained and tools:
-            reply = self._constrained_call(dec, messages, tools, call_id)
-        else:
-            reply = self._free_reply(dec, tools, call_id)
-        # Like a server's count: every token of the reply (forced JSON punctuation included), not only the
-        # decided ones.
-        reply_tokens = len(dec.ids) - prompt_tokens
+        with self._decoder_lock:  # a call the loop gave up on stops at its next forward pass (the deadline)
+            dec = self._decoder
+            dec.deadline, dec.generated = deadline, 0
+            try:
+                dec.set_text(prompt)  # the cache keeps what this prompt shares with the last one
+                dec.flush()
+                prompt_tokens = len(dec.ids)
+                self._calls += 1
+                call_id = f"hf_{self._calls}"
+                if self.constrained and tools:
+                    reply = self._constrained_call(dec, messages, tools, call_id)
+                else:
+                    reply = self._free_reply(dec, tools, call_id)
+            except BaseException:
+                dec.reset()  # stopped part-way: its cache may not match its tokens
+                raise
+            # Like a server's count: every token of the reply (forced JSON punctuation included), not only
+            # the decided ones.
+            reply_tokens = len(dec._encode(dec.text)) - prompt_tokens
         reply.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max(reply_tokens, 1))
         return reply
 

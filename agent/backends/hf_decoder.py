@@ -2,9 +2,9 @@
 
 The hf backend writes tool calls through it: `choose` picks among candidate continuations by log-likelihood
 (lm-evaluation-harness style, sum of token log-probs), `generate` decodes greedily, optionally restricted to a
-set
-of tokens, and `extend` forces text. Only the tokens after the common prefix with the cached text are run
-again.
+set of tokens, and `extend` forces text. Only the tokens after the common prefix with the cached text are run
+again, forced text only when a decision needs it, and a choice's candidates together in one pass over their
+prefix tree (on 2 threads, a choice among 60 patch ids took 19.6 s one candidate at a time, 1.1 s so).
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ class Decoder:
         self.cache: Any = None
         self.last_logits: Any = None
         self.generated = 0  # tokens chosen by the model (argmax or likelihood), not forced
+        self._synced_text: str | None = None  # the text `ids`, the cache and last_logits hold
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
-    def _forward(self, new_ids: list[int]) -> Any:
-        """Run `new_ids` after the cached prefix; returns logits (len(new_ids), vocab)."""
+    def _forward(self, new_ids: list[int], **model_kwargs: Any) -> Any:
+        """Run `new_ids` after the cached prefix; returns logits (len(new_ids), vocab). `model_kwargs`
+        (position ids, a 4-D attention mask) go to the model as they are."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise TimeoutError("hf backend: generation stopped at the call's time limit")
         from transformers import DynamicCache
@@ -49,9 +51,77 @@ class Decoder:
             self.cache = DynamicCache()
         with self.torch.no_grad():
             out = self.model(
-                input_ids=self.torch.tensor([new_ids]), past_key_values=self.cache, use_cache=True
+                input_ids=self.torch.tensor([new_ids]),
+                past_key_values=self.cache,
+                use_cache=True,
+                **model_kwargs,
             )
         return out.logits[0]
+
+    def _tree_forward(self, branches: list[list[int]]) -> list[Any]:
+        """Logits at every token of several continuations of the cached text, in one forward pass over their
+        prefix tree: a shared prefix ("1" of "1," and "12,") is one node, and each node sees the cached text
+        and its ancestors only (a 4-D mask and its own position ids, as tree attention does), instead of one
+        pass per continuation. The nodes stay in the cache in order (the caller crops)."""
+        torch = self.torch
+        inner = getattr(self.cache, "inner", self.cache)  # prompt tuning's cache holds the virtual tokens too
+        past = inner.get_seq_length()
+        node_of: dict[tuple[int, ...], int] = {}
+        tokens: list[int] = []
+        ancestry: list[list[int]] = []  # each node's ancestors and itself
+        paths: list[list[int]] = []  # each branch's node per token
+        for branch in branches:
+            path: list[int] = []
+            for depth in range(len(branch)):
+                key = tuple(branch[: depth + 1])
+                if key not in node_of:
+                    node_of[key] = len(tokens)
+                    tokens.append(branch[depth])
+                    ancestry.append([*(ancestry[path[-1]] if path else []), len(tokens) - 1])
+                path.append(node_of[key])
+            paths.append(path)
+        sees = torch.zeros(len(tokens), len(tokens), dtype=torch.bool)
+        for node, line in enumerate(ancestry):
+            sees[node, line] = True
+        allowed = torch.cat([torch.ones(len(tokens), past, dtype=torch.bool), sees], dim=1)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        depth = torch.tensor([len(line) - 1 for line in ancestry])
+        logits = self._forward(tokens, position_ids=(past + depth)[None], attention_mask=mask[None, None])
+        return [logits[path] for path in paths]
+
+    def loglikelihoods(self, continuations: list[str]) -> list[float]:
+        """log P(c | text) of each continuation, over the tokens in which text + c differs from the text's
+        own tokens (so a continuation that merges with the text's last token, like "[" + "]" -> "[]", is
+        scored as the text it makes), all in one forward pass over their prefix tree. The tree's first branch
+        re-runs the text's own last tokens, which leaves the cache and `last_logits` as they were."""
+        self.flush()
+        fulls = [self._encode(self.text + c) for c in continuations]
+        starts = []
+        for full in fulls:
+            common = 0
+            for a, b in zip(self.ids, full):
+                if a != b:
+                    break
+                common += 1
+            starts.append(max(min(common, len(self.ids)), 1))
+        base = min(starts) - 1  # every continuation's scored tokens come after the first `base` tokens
+        _crop(self.cache, base)
+        # a continuation's last token needs no logits of its own: the node before it predicts it
+        rows = self._tree_forward([self.ids[base:], *(full[base:-1] for full in fulls)])
+        _crop(self.cache, len(self.ids))  # the text's own branch went in first: the cache holds the text
+        self.last_logits = rows[0][-1]
+        scores = []
+        for full, start, logits in zip(fulls, starts, rows[1:]):
+            # the logits at branch position j predict token base + j + 1
+            picked = logits[start - base - 1 : len(full) - base - 1].float()
+            logprobs = self.torch.log_softmax(picked, dim=-1)
+            scores.append(float(sum(logprobs[j, tok] for j, tok in enumerate(full[start:]))))
+        return scores
+
+    def loglikelihood(self, continuation: str) -> float:
+        """log P(continuation | text) (see :meth:`loglikelihoods`)."""
+        return self.loglikelihoods([continuation])[0]
 
     def _sync(self, ids: list[int]) -> None:
         """Make the cache hold exactly `ids` (at least the last token is re-run so last_logits is fresh)."""
@@ -63,50 +133,37 @@ class Decoder:
         common = min(common, len(ids) - 1)
         if self.cache is not None:
             _crop(self.cache, common)
+        self.ids = list(ids[:common])  # what the cache holds, should the forward pass stop (a time limit)
         logits = self._forward(ids[common:])
         self.ids = list(ids)
         self.last_logits = logits[-1]
 
     def set_text(self, text: str) -> None:
+        """Make `text` the current text; the model runs on it at the next decision (:meth:`flush`), so forced
+        pieces in a row (JSON punctuation, keys) cost one forward pass, not one each."""
         self.text = text
-        self._sync(self._encode(text))
 
     def extend(self, piece: str) -> None:
-        self.set_text(self.text + piece)
+        self.text += piece
 
-    def loglikelihood(self, continuation: str) -> float:
-        """log P(continuation | text), summed over the tokens that differ from the current text's tokens."""
-        full = self._encode(self.text + continuation)
-        common = 0
-        for a, b in zip(self.ids, full):
-            if a != b:
-                break
-            common += 1
-        if common == len(
-            self.ids
-        ):  # the usual case: the text's tokens stay, the continuation only adds tokens
-            new = full[common:]
-            rows = [self.last_logits]
-            if len(new) > 1:
-                rows.extend(self._forward(new[:-1]))
-            _crop(self.cache, common)
-            logprobs = self.torch.log_softmax(self.torch.stack(rows).float(), dim=-1)
-            return float(sum(logprobs[i, tok] for i, tok in enumerate(new)))
-        start = max(common, 1)  # the continuation re-tokenizes the end of the text (e.g. a merged quote)
-        _crop(self.cache, start - 1)
-        logits = self._forward(full[start - 1 :])
-        logprobs = self.torch.log_softmax(logits.float(), dim=-1)
-        total = float(sum(logprobs[i, tok] for i, tok in enumerate(full[start:])))
-        _crop(self.cache, start - 1)
-        self._forward(self.ids[start - 1 :])  # restore the cache for the current text
-        return total
+    def flush(self) -> None:
+        """Run the model on what the text gained since the cache last matched it (the common token prefix is
+        kept)."""
+        if self.text != self._synced_text:
+            self._sync(self._encode(self.text))
+            self._synced_text = self.text
+
+    def reset(self) -> None:
+        """Forget the cache (after a call that stopped part-way, whose cache may not match `ids`)."""
+        self.text, self._synced_text, self.ids, self.cache, self.last_logits = "", None, [], None, None
 
     def choose(self, candidates: list[str], endings: tuple[str, ...] = ("",)) -> str:
         """The candidate with the highest log-likelihood (followed by any of `endings`); ties go to the
         first."""
         best, best_score = candidates[0], -math.inf
-        for cand in candidates:
-            scores = [self.loglikelihood(cand + e) for e in endings]
+        flat = self.loglikelihoods([cand + e for cand in candidates for e in endings])
+        for n, cand in enumerate(candidates):
+            scores = flat[n * len(endings) : (n + 1) * len(endings)]
             peak = max(scores)
             score = peak + math.log(sum(math.exp(s - peak) for s in scores))
             if score > best_score:
@@ -119,6 +176,7 @@ class Decoder:
     ) -> str:
         """Greedy tokens (restricted to `allowed` plus `stop` when given) until a stop token; returns the new
         text."""
+        self.flush()
         produced = ""
         mask = None
         if allowed is not None:
@@ -137,6 +195,5 @@ class Decoder:
             self.generated += 1
             self.ids.append(token)
             self.last_logits = self._forward([token])[-1]
-        self.text += produced
-        self.set_text(self.text)  # re-tokenize canonically (cheap: the common prefix is reused)
+        self.text += produced  # the next flush re-tokenizes it canonically (the common prefix is reused)
         return produced
