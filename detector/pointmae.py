@@ -403,7 +403,6 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
     tensors, wrong shapes, and tensors whose hash differs from the one recorded at save time."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
     root = Path(directory)
     config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
     for p in (config_path, weights_path):
@@ -443,9 +442,8 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
     if bad_shapes:
         raise ValueError(f"{weights_path}: wrong shape/dtype for {bad_shapes}")
     model.load_state_dict(tensors, strict=True, assign=True)
-    left_on_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left_on_meta:
-        raise ValueError(f"{weights_path}: no tensors for {left_on_meta}")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # nothing may stay uninitialised
+        raise ValueError(f"{weights_path}: tensors do not match the config")
     if backbone_hash(model) != meta.get("hash"):
         raise ValueError(f"{weights_path}: tensor contents differ from the hash recorded in {config_path} "
                          "(file modified or corrupted)")
