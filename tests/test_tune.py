@@ -252,6 +252,13 @@ def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_pat
     assert recipe["config"]["target"] == "decisions" and tuned.report_after == 0
     base = HFBackend(threads=1, adapter="none")
     assert base.adapter is None and base.report_after == 3
+    # it never learned to write a reason, so a region's reason quotes the overview row of its first patch
+    assert tuned.reasons == "statistics" and base.reasons == "model"
+    tuned.empty_arrays = False  # made to name a region, so there is a reason to check
+    regions = json.loads(tuned.chat(short["messages"], short["tools"]).tool_calls[0].arguments)["regions"]
+    assert regions and all(
+        r["reason"].startswith(f"overview row of patch {r['patch_ids'][0]}: ") for r in regions
+    )
 
 
 @pytest.mark.slow

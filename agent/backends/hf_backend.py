@@ -50,6 +50,7 @@ from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
+from agent.backends.overview import overview_text, parse_overview_table, row_reason
 
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
 
@@ -77,6 +78,7 @@ class HFBackend:
         adapter: str | None = None,
         empty_arrays: bool | None = None,
         verbalization: str | None = None,
+        reasons: str = "auto",
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -133,6 +135,17 @@ class HFBackend:
                 f"hf backend: report_after must be a number or auto, got {report_after!r}"
             )
         self.report_after = report_after
+        # "auto": an adapter trained on the decisions alone never learned to write a reason (its free text was
+        # "1.0.0.1.1..." at ~0.2 s a token), so a region's reason quotes the overview row of its first patch,
+        # as the ranker's does; otherwise (and with "model") the model writes it
+        if reasons not in ("auto", "model", "statistics"):
+            raise BackendUnavailable(
+                f"hf backend: reasons must be auto, model or statistics, got {reasons!r}"
+            )
+        trained_on_decisions = self.recipe.get("config", {}).get("target") == "decisions"
+        self.reasons = ("statistics" if trained_on_decisions else "model") if reasons == "auto" else reasons
+        self._rows: dict[int, dict[str, float]] = {}  # the overview's rows by patch id (this call's)
+        self._region_ids: list[int] = []  # the patch ids of the region being written
         self.terminal_tool = terminal_tool
         self.template_has_tools = "tools" in (self.tokenizer.chat_template or "")
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
@@ -180,6 +193,12 @@ class HFBackend:
             produced = dec.generate(allowed, stop, max_tokens=8)
             dec.set_text(before)
             dec.extend(self._clamp_number(produced, schema, kind))
+        elif kind == "string" and field == "reason" and self.reasons == "statistics":
+            first = self._region_ids[0] if self._region_ids else None
+            row = self._rows.get(first) if first is not None else None
+            text = f"overview row of patch {first}: {row_reason(row)}" if row else "named by the model"
+            text = text[: schema.get("maxLength", 10_000)].ljust(schema.get("minLength", 0), ".")
+            dec.extend(json.dumps(text))
         elif kind == "string":
             dec.extend('"')
             produced = dec.generate(None, self._stop_ids, self.max_string_tokens, stop_text='"')
@@ -215,6 +234,8 @@ class HFBackend:
         lo = schema.get("minItems", 0 if self.empty_arrays else 1)
         hi = min(schema.get("maxItems", self.max_items), max(self.max_items, lo))
         remaining = list(ids) if ids else None
+        if field == "patch_ids":
+            self._region_ids = []
         dec.extend("[")
         if lo == 0 and "properties" in items and dec.choose(["]", "{"]) == "]":
             dec.extend("]")
@@ -227,6 +248,7 @@ class HFBackend:
             count += 1
             if remaining is not None and item_field == "patch_id":
                 chosen = int(dec.text[len(before) :])
+                self._region_ids.append(chosen)
                 remaining = [i for i in remaining if i != chosen] or None
             if count >= hi or (item_field == "patch_id" and not remaining):
                 break
@@ -312,6 +334,7 @@ class HFBackend:
             if t["function"]["name"] == name
         )
         ids = self.fixed_patch_ids or seen_patch_ids(messages) or None  # the overview's and tools' ids
+        self._rows = {int(r["id"]): r for r in parse_overview_table(overview_text(messages))[0]}
         self._object(dec, schema, ids)
         arguments = dec.text[args_start:]
         dec.extend("}" + CALL_CLOSE)

@@ -39,3 +39,10 @@ def overview_text(messages: list[dict]) -> str:
         if m.get("role") == "user" and "## Patch table" in (m.get("content") or ""):
             return m["content"]
     return ""
+
+
+def row_reason(row: dict[str, float], terms: int = 2) -> str:
+    """A patch row's largest positive z-scores in words ("z_curvature=4.1, z_recon=3.0"), else its cue."""
+    zs = sorted(((k, v) for k, v in row.items() if k.startswith("z_")), key=lambda kv: (-kv[1], kv[0]))
+    zs = zs[:terms]
+    return ", ".join(f"{k}={v:.1f}" for k, v in zs if v > 0) or f"cue={row.get('cue', 0.0):.2f}"

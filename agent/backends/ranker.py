@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, tool_names
-from agent.backends.overview import overview_text, parse_overview_table
+from agent.backends.overview import overview_text, parse_overview_table, row_reason
 from agent.backends.policy import report_limits
 from agent.guidance import guidance_in_messages, read_guidance, reading_summary
 
@@ -128,11 +128,7 @@ class RankerBackend:
             chosen.append((pid, p, row))
         regions = []
         if chosen and max_regions != 0:
-            top = chosen[0][2]
-            zs = sorted(
-                ((k, v) for k, v in top.items() if k.startswith("z_")), key=lambda kv: (-kv[1], kv[0])
-            )[:2]
-            reason = ", ".join(f"{k}={v:.1f}" for k, v in zs if v > 0) or f"cue={top.get('cue', 0.0):.2f}"
+            reason = row_reason(chosen[0][2])
             regions.append(
                 {
                     "patch_ids": [pid for pid, _, _ in chosen],
