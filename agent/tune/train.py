@@ -212,6 +212,7 @@ def train_adapter(
         "format": "scanagent-adapter",
         "method": config.method,
         "config": asdict(config),
+        "learning_rate": config.learning_rate(),  # the one used (config.lr None = the method's default)
         "steps_done": steps_done,
         "examples": len(examples),
         "skipped_too_long": skipped,
@@ -249,7 +250,7 @@ def model_card(recipe: dict) -> str:
         f"- episodes: `{recipe.get('episodes')}` (sha256 `{recipe.get('episodes_sha256')}`), "
         f"{recipe.get('examples')} training examples ({recipe.get('skipped_too_long')} skipped as too long), "
         f"{recipe.get('verbalization')} overview",
-        f"- steps: {recipe.get('steps_done')} of {config.get('steps')}, lr {config.get('lr')}, seed "
+        f"- steps: {recipe.get('steps_done')} of {config.get('steps')}, lr {recipe.get('learning_rate', config.get('lr'))}, seed "
         f"{config.get('seed')}, {config.get('threads')} thread(s), {recipe.get('seconds')} s wall",
         f"- loss, first / last 10 steps: {recipe.get('loss_first10')} / {recipe.get('loss_last10')}",
         "",
