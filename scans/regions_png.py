@@ -288,30 +288,8 @@ def regions_picture(
     return picture
 
 
-def render_regions_png(
-    path,
-    points,
-    regions: list[np.ndarray],
-    labels: list[str],
-    title: str | None = None,
-    *,
-    scores=None,
-    verdicts: Sequence[str] | None = None,
-    views: Sequence[str] = ("front", "side", "top"),
-    max_points: int = 20000,
-    seed: int = 0,
-) -> Path:
-    """Write :func:`regions_picture` as a PNG (through a temporary file, so a failed render leaves no partial
-    image)."""
-    picture = regions_picture(
-        points,
-        regions,
-        labels,
-        title,
-        scores=scores,
-        verdicts=verdicts,
-        views=views,
-        max_points=max_points,
-        seed=seed,
-    )
+def render_regions_png(path, *args, **kwargs) -> Path:
+    """Write :func:`regions_picture` (same arguments after the path) as a PNG, through a temporary file so
+    that a failed render leaves no partial image."""
+    picture = regions_picture(*args, **kwargs)
     return atomic_write(path, lambda out: picture.image.save(out, format="PNG"), suffix=".png")
