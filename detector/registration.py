@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scans.geometry import fpfh, icp_point_to_plane, register_global, surface_normals, voxel_downsample
+from scans.geometry import (
+    KNN_WORKERS,
+    fpfh,
+    icp_point_to_plane,
+    register_global,
+    surface_normals,
+    voxel_downsample,
+)
 
 # Registration voxel as a share of the class scale (the mean radius of the normalised part): the coarse level
 # of ICP and the level FPFH + RANSAC work at, fine enough that the global step's pose lies in ICP's basin.
@@ -205,13 +212,13 @@ def _measure(points: np.ndarray, transform: np.ndarray, target: RegistrationTarg
 
     moved = Alignment(transform, 1.0).apply(points)
     reach = 1.5 * target.voxel
-    to_reference = target.tree.query(moved, k=1, distance_upper_bound=reach, workers=1)[0]
+    to_reference = target.tree.query(moved, k=1, distance_upper_bound=reach, workers=KNN_WORKERS)[0]
     forward = float(np.mean(to_reference <= reach))
-    backward_d = cKDTree(moved).query(target.points, k=1, distance_upper_bound=reach, workers=1)[0]
+    backward_d = cKDTree(moved).query(target.points, k=1, distance_upper_bound=reach, workers=KNN_WORKERS)[0]
     backward = float(np.mean(backward_d <= reach))
     far = ~np.isfinite(to_reference)
     if far.any():  # beyond the bound: the exact distance still matters to template_distance
-        to_reference[far] = target.tree.query(moved[far], k=1, workers=1)[0]
+        to_reference[far] = target.tree.query(moved[far], k=1, workers=KNN_WORKERS)[0]
     return Alignment(transform, min(forward, backward), to_reference.astype(np.float32))
 
 
