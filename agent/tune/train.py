@@ -250,7 +250,8 @@ def model_card(recipe: dict) -> str:
         f"- episodes: `{recipe.get('episodes')}` (sha256 `{recipe.get('episodes_sha256')}`), "
         f"{recipe.get('examples')} training examples ({recipe.get('skipped_too_long')} skipped as too long), "
         f"{recipe.get('verbalization')} overview",
-        f"- steps: {recipe.get('steps_done')} of {config.get('steps')}, lr {recipe.get('learning_rate', config.get('lr'))}, seed "
+        f"- steps: {recipe.get('steps_done')} of {config.get('steps')}, "
+        f"lr {recipe.get('learning_rate', config.get('lr'))}, seed "
         f"{config.get('seed')}, {config.get('threads')} thread(s), {recipe.get('seconds')} s wall",
         f"- loss, first / last 10 steps: {recipe.get('loss_first10')} / {recipe.get('loss_last10')}",
         "",
