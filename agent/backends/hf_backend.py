@@ -127,22 +127,21 @@ class HFBackend:
         # "auto": an adapter trained on the report decision alone (recipe target "decisions": one-turn
         # episodes, the tool name never in its loss) reports at once; otherwise after 3 tool results. The
         # first such adapter, left to choose, called list_patches three times (35-60 s a turn) first.
+        trained_on_decisions = self.recipe.get("config", {}).get("target") == "decisions"
         if report_after == "auto":
-            trained_one_turn = self.recipe.get("config", {}).get("target") == "decisions"
-            report_after = 0 if trained_one_turn else 3
+            report_after = 0 if trained_on_decisions else 3
         if report_after is not None and not isinstance(report_after, int):
             raise BackendUnavailable(
                 f"hf backend: report_after must be a number or auto, got {report_after!r}"
             )
         self.report_after = report_after
         # "auto": an adapter trained on the decisions alone never learned to write a reason (its free text was
-        # "1.0.0.1.1..." at ~0.2 s a token), so a region's reason quotes the overview row of its first patch,
-        # as the ranker's does; otherwise (and with "model") the model writes it
+        # "1.0.0.1.1...", one slow token at a time), so a region's reason quotes the overview row of its first
+        # patch, as the ranker's does; otherwise (and with "model") the model writes it
         if reasons not in ("auto", "model", "statistics"):
             raise BackendUnavailable(
                 f"hf backend: reasons must be auto, model or statistics, got {reasons!r}"
             )
-        trained_on_decisions = self.recipe.get("config", {}).get("target") == "decisions"
         self.reasons = ("statistics" if trained_on_decisions else "model") if reasons == "auto" else reasons
         self._rows: dict[int, dict[str, float]] = {}  # the overview's rows by patch id (this call's)
         self._region_ids: list[int] = []  # the patch ids of the region being written
