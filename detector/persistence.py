@@ -86,7 +86,7 @@ def write_fit(
             if cues is not None:
                 (tmp / CUES_DIR).mkdir()
                 cues.save(tmp / CUES_DIR)
-            if registration is not None:  # so that loading skips the template's normals (a cold run's 0.4 s)
+            if registration is not None:  # so that loading skips the template's normals (a cold run's cost)
                 (tmp / REGISTRATION_DIR).mkdir()
                 for name, array in registration.prepared().items():
                     np.save(tmp / REGISTRATION_DIR / f"{name}.npy", array, allow_pickle=False)

@@ -430,7 +430,7 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights_path}: unreadable tensor file ({e})") from None
-    with torch.device("meta"):  # no random init of tensors that are overwritten at once (~0.15 s cold)
+    with torch.device("meta"):  # no random init of tensors that are overwritten at once
         model = PointMAE(config)
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

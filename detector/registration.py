@@ -20,7 +20,7 @@ needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import numpy as np
 
@@ -122,16 +122,16 @@ class RegistrationTarget:
     fine_tree: object = field(init=False, repr=False)
     spacing: float = field(init=False, repr=False)  # median distance between neighbouring reference points
     # the levels and spacing as a fitted folder stores them (see `prepared`); None = compute them here
-    stored: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    stored: InitVar[dict[str, np.ndarray] | None] = None
     _fpfh: np.ndarray | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, stored: dict[str, np.ndarray] | None) -> None:
         from scipy.spatial import cKDTree
 
         self.points = np.ascontiguousarray(self.points, dtype=np.float32)
         self.tree = cKDTree(self.points)
-        if self.stored is not None:
-            self._take(self.stored)
+        if stored is not None:
+            self._take(stored)
         else:
             self.spacing = (
                 float(np.median(self.tree.query(self.points, k=2)[0][:, 1])) if len(self.points) > 1 else 0.0
@@ -143,14 +143,13 @@ class RegistrationTarget:
                 f"the class template has {len(self.coarse)} points at the registration voxel "
                 f"{self.voxel:.3g}: too few to register onto"
             )
-        if self.stored is None:
+        if stored is None:
             self.coarse_normals = surface_normals(self.coarse)
             self.fine_normals = surface_normals(self.fine)
-        self.stored = None
         self.coarse_tree, self.fine_tree = cKDTree(self.coarse), cKDTree(self.fine)
 
     def prepared(self) -> dict[str, np.ndarray]:
-        """What a fitted folder stores so that loading it skips the normals (~0.4 s of a cold run)."""
+        """What a fitted folder stores so that loading it skips the normals (most of preparing the target)."""
         return {
             "coarse": self.coarse,
             "coarse_normals": self.coarse_normals,

@@ -38,9 +38,6 @@ RIM_SPACINGS = 2.0  # a gap marks scan points within this many local spacings be
 REACH_PERCENTILE = 99.5  # how far the scan may normally be from a template point (leave-one-out)
 NORM_PERCENTILE = 99.0  # the cue value that counts as 1 (leave-one-out normal data)
 MIN_NORM = 1e-3  # a cue that is exactly 0 on all normal data (identical templates) keeps a tiny unit
-# a scan's cue queries use the project's kNN threads (scans.geometry): k-d tree queries are exact however they
-# are split (the same cues), and on 2 cores this takes the cues of a 30k-point scan from ~0.9 s to ~0.5 s
-QUERY_WORKERS = KNN_WORKERS
 FILES = ("cue_points.npy", "cue_normals.npy", "cue_source.npy", "cue_spacing.npy", "cues.json")
 
 
@@ -54,7 +51,7 @@ def _local_spacing(points: np.ndarray) -> np.ndarray:
 def plane_distance(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
     """float32 (N,) point-to-plane distance of each point to the template surface behind ``tree``."""
     k = min(PLANE_NEIGHBOURS, tree.n)
-    _, idx = tree.query(points, k=k, workers=QUERY_WORKERS)
+    _, idx = tree.query(points, k=k, workers=KNN_WORKERS)
     idx = idx.reshape(len(points), k)
     offsets = points[:, None, :].astype(np.float64) - tree.data[idx]
     plane = np.abs(np.einsum("nkd,nkd->nk", offsets, normals[idx]))
@@ -72,17 +69,17 @@ def uncovered_rim(
     """float32 (N,) per scan point: the largest gap beyond normal reach (in reaches) of the uncovered template
     points whose rim it lies on; 0 where no template surface near it is missing."""
     # a bounded search first: nearly every template point is covered, and those stop looking at the reach
-    bounded, _ = scan_tree.query(template, k=1, distance_upper_bound=reach, workers=QUERY_WORKERS)
+    bounded, _ = scan_tree.query(template, k=1, distance_upper_bound=reach, workers=KNN_WORKERS)
     out = np.zeros(len(points), np.float32)
     uncovered = np.flatnonzero(~np.isfinite(bounded))
     if uncovered.size:
-        gap_dist = scan_tree.query(template[uncovered], k=1, workers=QUERY_WORKERS)[0]
+        gap_dist = scan_tree.query(template[uncovered], k=1, workers=KNN_WORKERS)[0]
         gap = np.clip(gap_dist / reach - 1.0, 0.0, None)
         keep = gap > 0
         uncovered, gap_dist, gap = uncovered[keep], gap_dist[keep], gap[keep]
     if uncovered.size:
         radii = gap_dist + rim_spacings * spacing[uncovered]
-        members = scan_tree.query_ball_point(template[uncovered], r=radii, workers=QUERY_WORKERS)
+        members = scan_tree.query_ball_point(template[uncovered], r=radii, workers=KNN_WORKERS)
         sizes = np.fromiter((len(m) for m in members), dtype=np.int64, count=len(members))
         if sizes.sum():
             near = np.concatenate([np.asarray(m, dtype=np.int64) for m in members if m])
@@ -95,7 +92,7 @@ def neighbourhoods(scan_tree: cKDTree, k: int = SMOOTH_NEIGHBOURS) -> np.ndarray
     k = min(k, scan_tree.n)
     if k <= 1:
         return None
-    return scan_tree.query(scan_tree.data, k=k, workers=QUERY_WORKERS)[1]
+    return scan_tree.query(scan_tree.data, k=k, workers=KNN_WORKERS)[1]
 
 
 def smooth(values: np.ndarray, neighbours: np.ndarray | None) -> np.ndarray:
