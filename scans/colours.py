@@ -1,6 +1,6 @@
 """The heat map's colour table, read from a small file shipped beside this module instead of from matplotlib.
 
-Why: importing matplotlib costs ~0.45 s of a cold `agent.run` (budget 6 s), and scores.ply, regions.png and
+Why: importing matplotlib is a noticeable part of a cold `agent.run`, and scores.ply, regions.png and
 viewer.html need nothing of it but 256 colours. The file holds matplotlib's "inferno" at 256 levels;
 tests/test_colours.py checks it against matplotlib, so the two cannot drift apart.
 """

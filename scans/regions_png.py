@@ -2,10 +2,11 @@
 numbered, drawn with numpy and Pillow.
 
 Why not matplotlib: on the path of every `agent.run`, its 3-D scatter of 20k points in three views and its
-import took ~2 s of a cold single-scan run (budget 6 s); an orthographic splat of the same points into a
-pixel grid takes milliseconds. Points are drawn in score order (the highest last, on top) and not by depth,
-so a small defect is never hidden behind the part; the cloud is subsampled deterministically by seed, region
-points kept first. The legend carries every label whole (wrapped, never cut) and the image grows to hold it.
+import were a large part of a cold single-scan run; an orthographic splat of the same points into a pixel
+grid is a small part (README: speed with registration). Points are drawn in score order (the highest last,
+on top) and not by depth, so a small defect is never hidden behind the part; the cloud is subsampled
+deterministically by seed, region points kept first. The legend carries every label whole (wrapped, never
+cut) and the image grows to hold it.
 """
 
 from __future__ import annotations
@@ -70,11 +71,9 @@ def check_points(points) -> np.ndarray:
     return array
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # a Pillow without FreeType: its one bitmap size
-        return ImageFont.load_default()
+def _style(verdict: str) -> dict:
+    """How a region of this verdict is outlined (an unknown verdict as skipped)."""
+    return VERDICT_STYLES.get(verdict, VERDICT_STYLES["skipped"])
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:
@@ -146,11 +145,10 @@ def _line(draw: ImageDraw.ImageDraw, start: tuple[int, int], end: tuple[int, int
         draw.line((*start, *end), fill=colour, width=width)
         return
     (x0, y0), (x1, y1) = start, end
-    length = float(np.hypot(x1 - x0, y1 - y0))
+    length = max(float(np.hypot(x1 - x0, y1 - y0)), 1.0)
     on, off = dash
-    for a in np.arange(0.0, max(length, 1.0), on + off):
-        b = min(a + on, max(length, 1.0))
-        t0, t1 = a / max(length, 1.0), b / max(length, 1.0)
+    for a in np.arange(0.0, length, on + off):
+        t0, t1 = a / length, min(a + on, length) / length
         draw.line(
             (x0 + t0 * (x1 - x0), y0 + t0 * (y1 - y0), x0 + t1 * (x1 - x0), y0 + t1 * (y1 - y0)),
             fill=colour,
@@ -233,8 +231,13 @@ def regions_picture(
         colours = heat_table()[heat_levels(values[order], low, high)]
     size = int(np.clip(round(np.sqrt(60000 / len(keep))), 1, 4))
     pad = 0.01 * float((array.max(axis=0) - array.min(axis=0)).max())
+    boxes = [  # (number, corners, style) of each non-empty region, the same in every view
+        (number, array[index].min(axis=0) - pad, array[index].max(axis=0) + pad, _style(verdict))
+        for number, (index, verdict) in enumerate(zip(region_indices, verdicts), start=1)
+        if len(index)
+    ]
 
-    small, normal, large = _font(11), _font(12), _font(15)
+    small, normal, large = (ImageFont.load_default(size=s) for s in (11, 12, 15))
     wrapped = [textwrap.fill(label, LEGEND_WRAP, subsequent_indent="    ").split("\n") for label in labels]
     legend_lines = [line for lines in wrapped for line in lines]
     line_height = 16
@@ -260,11 +263,7 @@ def regions_picture(
     for view, projection in zip(views, projections):
         heading = (projection.left + PANEL_PIXELS / 2, panels_top - 4)
         draw.text(heading, view, fill=INK, font=small, anchor="md")
-        for number, (index, verdict) in enumerate(zip(region_indices, verdicts), start=1):
-            if not len(index):
-                continue
-            style = VERDICT_STYLES.get(verdict, VERDICT_STYLES["skipped"])
-            box_low, box_high = array[index].min(axis=0) - pad, array[index].max(axis=0) + pad
+        for number, box_low, box_high, style in boxes:
             column, row = _box(draw, projection, box_low, box_high, style)
             at = (column + 3, row - 3)
             tag = draw.textbbox(at, str(number), font=small, anchor="lb")
@@ -280,8 +279,7 @@ def regions_picture(
         draw.text((bar_left, bar_top - 8), "anomaly score", fill=INK, font=small, anchor="ld")
     y = panels_top + PANEL_PIXELS + 10
     for lines, verdict in zip(wrapped, verdicts):
-        style = VERDICT_STYLES.get(verdict, VERDICT_STYLES["skipped"])
-        _line(draw, (14, y + 8), (44, y + 8), style)
+        _line(draw, (14, y + 8), (44, y + 8), _style(verdict))
         for line in lines:
             draw.text((54, y), line, fill=INK, font=normal)
             y += line_height

@@ -107,8 +107,8 @@ def test_registered_fit_aligns_templates_and_saves_its_banks(registered_fit, tmp
 
 def test_a_saved_fit_stores_its_registration_levels_and_loading_reuses_them(registered_fit, tmp_path):
     """Loading takes the template's ICP levels and normals from the folder instead of recomputing them
-    (part of a cold run); they equal what the fit computed, a fit without them still loads (and computes them),
-    and levels of the wrong shape, even sealed again, are refused with the folder named."""
+    (part of a cold run); they equal what the fit computed, a fit without them still loads (and computes
+    them), and levels of the wrong shape, even sealed again, are refused with the folder named."""
     import shutil
 
     from detector.manifest import write_manifest
