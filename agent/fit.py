@@ -164,7 +164,7 @@ def _check_out(out: Path) -> None:
 
 def _detector_config(options: FitOptions):
     from detector.config import DetectorConfig
-    from detector.pointmae import PointMAEConfig
+    from detector.pointmae_config import PointMAEConfig
 
     if options.feature not in ("pointmae", "fpfh"):
         raise FitInputError(f"--feature must be pointmae or fpfh, got {options.feature!r}")

@@ -73,7 +73,7 @@ def make_scans(part: str, points: int, seed: int, work: Path) -> Path:
 
 def worker(folder: Path) -> dict:
     """Runs inside the subprocess of one side: align every scan of ``folder`` and measure."""
-    from detector.pointmae import estimate_scale
+    from detector.grouping import estimate_scale
     from detector.registration import COORD_VOXEL_SHARE, align
     from scans.geometry import voxel_downsample
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import detector.surface_cues as sc
-from detector.pointmae import estimate_scale
+from detector.grouping import estimate_scale
 from detector.registration import COORD_VOXEL_SHARE, align
 from evals.metrics import au_pro_points, o_auroc, p_auroc
 from scans.datasets import AnomalyShapeNet

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from detector.pointmae import PointMAEConfig
+from detector.pointmae_config import PointMAEConfig
 
 DETECTOR_VERSION = 1
 FORMAT_NAME = "scanagent-fitted-class"

@@ -2,53 +2,23 @@
 
 The memory bank, the fitted class and the fitting never ask which kind they hold: they call an extractor's
 ``patch_features`` (patches of one scan with their feature vectors and per-patch statistics) and ``identity``
-(what
-the bank's rows came from, so a bank is never read with features of another model). Both kinds share the
-detector's
-patching (FPS centres, kNN groups of ``group_size`` points, the class-level scale), so a comparison between
-them is
-about the descriptor alone.
+(what the bank's rows came from, so a bank is never read with features of another model). Both kinds share
+the detector's patching (detector.grouping: FPS centres, kNN groups of ``group_size`` points, the class-level
+scale), so a comparison between them is about the descriptor alone. Point-MAE runs as its exported graph
+(detector.pointmae_runtime), so computing features does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
-from detector.pointmae import (
-    PATCH_OVERLAP,
-    PointMAE,
-    backbone_hash,
-    covering_masks,
-    group_points,
-    normalise_points,
-)
+from detector.grouping import PATCH_OVERLAP, covering_masks, group_scan, normalise_points
+from detector.pointmae_runtime import OnnxBackbone
 
-# Torch threads for the backbone's inference (bank views at fit time, analyse at test time). One thread,
-# because
-# inference is many small ops (FPS is a loop over the centres) and an OpenMP team stalls whenever another
-# process
-# holds a core (docs/design.md has the measurements). Fixing the count also keeps features independent of the
-# caller's torch setting.
-INFERENCE_THREADS = 1
 FPFH_IDENTITY = "fpfh-v1"
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` torch intra-op threads, restoring the caller's setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -60,13 +30,8 @@ class PatchFeatures:
     feature_norm: np.ndarray  # float32 (G,) L2 norm of features
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
 def extract_patch_features(
-    model: PointMAE,
+    backbone: OnnxBackbone,
     points: np.ndarray,
     *,
     num_groups: int,
@@ -78,56 +43,50 @@ def extract_patch_features(
     """Patch features + per-patch reconstruction error of one scan.
 
     The scan is normalised (centroid, class ``scale``), randomly subsampled to ``num_groups*group_size/2``
-    points
-    (the density training crops use when ``num_groups == config.inference_groups``), grouped by FPS + kNN,
-    embedded
-    once, encoded unmasked for features, and reconstructed in ``recon_rounds`` masking rounds that together
-    hide
-    every patch; a patch's recon_error is its Chamfer-L2 averaged over the rounds that hid it.
-    ``recon_rounds=0`` skips reconstruction (about half the time) and returns recon_error as NaN, for callers
-    that
-    only need features (e.g. filling a memory bank)."""
+    points (the density training crops use when ``num_groups == config.inference_groups``), grouped by FPS +
+    kNN, embedded once, encoded unmasked for features, and reconstructed in ``recon_rounds`` masking rounds
+    that together hide every patch; a patch's recon_error is its Chamfer-L2 averaged over the rounds that hid
+    it. ``recon_rounds=0`` skips reconstruction (about half the time) and returns recon_error as NaN, for
+    callers that only need features (e.g. filling a memory bank). The seed decides the subsample, the first
+    centre and the masks (a numpy Generator), so the same scan and seed give the same patches."""
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3 or not np.isfinite(pts).all():
         raise ValueError(f"points must be a finite (N,3) array, got shape {pts.shape}")
-    if group_size != model.config.group_size:
-        raise ValueError(f"group_size {group_size} != the backbone's {model.config.group_size}")
+    if group_size != backbone.config.group_size:
+        raise ValueError(f"group_size {group_size} != the backbone's {backbone.config.group_size}")
     n = len(pts)
     if n < group_size:
         raise ValueError(f"scan has {n} points, fewer than group_size {group_size}")
-    gen = torch.Generator().manual_seed(seed)
+    if recon_rounds < 0:
+        raise ValueError(f"recon_rounds must be >= 0, got {recon_rounds}")
+    rng = np.random.default_rng(seed)
     normalised, _ = normalise_points(pts, scale)
     n_sample = min(n, max(num_groups * group_size // PATCH_OVERLAP, group_size))
-    sub = torch.randperm(n, generator=gen)[:n_sample].sort().values if n_sample < n else torch.arange(n)
+    sub = np.sort(rng.permutation(n)[:n_sample]) if n_sample < n else np.arange(n)
     g = min(num_groups, n_sample)
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        xyz = torch.from_numpy(normalised)[sub].unsqueeze(0).to(device)
-        start = int(torch.randint(n_sample, (1,), generator=gen))
-        neighborhood, centers, idx, center_idx = group_points(xyz, g, group_size, start)
-        tokens = model.embed(neighborhood)
-        _, kept = model.run_encoder(tokens, centers, tuple(model.config.feature_layers))
-        features = torch.cat(kept, dim=-1)[0]
-        if recon_rounds < 0:
-            raise ValueError(f"recon_rounds must be >= 0, got {recon_rounds}")
-        masks = covering_masks(g, model.config.mask_ratio, recon_rounds, gen) if recon_rounds else []
-        err_sum = torch.zeros(g, dtype=torch.float64)
-        err_count = torch.zeros(g, dtype=torch.float64)
-        for mask in masks:
-            errors = model.reconstruct_masked(tokens, neighborhood, centers, mask.unsqueeze(0).to(device))
-            err_sum[mask] += errors[0].double().cpu()
-            err_count[mask] += 1
-    finally:
-        model.train(was_training)
-    group_idx = sub[idx[0].cpu()].numpy().astype(np.int64)
-    feats = features.float().cpu().numpy()
+    start = int(rng.integers(n_sample))
+    neighborhood, centers, idx, center_idx = group_scan(normalised[sub], g, group_size, start)
+    err_sum = np.zeros(g, dtype=np.float64)
+    err_count = np.zeros(g, dtype=np.float64)
+    if recon_rounds:
+        masks = covering_masks(g, backbone.config.mask_ratio, recon_rounds, rng)
+        visible = np.stack([np.flatnonzero(~mask) for mask in masks])
+        masked = np.stack([np.flatnonzero(mask) for mask in masks])
+        features, errors = backbone.run(neighborhood, centers, visible, masked)
+        assert errors is not None
+        for hidden, error in zip(masked, errors):
+            err_sum[hidden] += error
+            err_count[hidden] += 1
+    else:
+        features, _ = backbone.run(neighborhood, centers)
+    with np.errstate(invalid="ignore"):  # 0/0 = NaN only when recon_rounds == 0
+        recon_error = (err_sum / err_count).astype(np.float32)
+    feats = np.asarray(features, dtype=np.float32)
     return PatchFeatures(
-        centers=pts[sub[center_idx[0].cpu()].numpy()].astype(np.float32),
-        group_idx=group_idx,
+        centers=pts[sub[center_idx]].astype(np.float32),
+        group_idx=sub[idx].astype(np.int64),
         features=feats,
-        recon_error=(err_sum / err_count).float().numpy(),  # 0/0 = NaN only when recon_rounds == 0
+        recon_error=recon_error,
         feature_norm=np.linalg.norm(feats, axis=1).astype(np.float32),
     )
 
@@ -152,7 +111,7 @@ class FeatureExtractor(Protocol):
 class PointMAEExtractor:
     """M3DM's features: a Point-MAE encoder on all patches, a few blocks' outputs concatenated."""
 
-    backbone: PointMAE
+    backbone: OnnxBackbone
     num_groups: int
     group_size: int
     scale: float
@@ -161,22 +120,21 @@ class PointMAEExtractor:
     has_recon: bool = True
 
     def identity(self) -> str:
-        return backbone_hash(self.backbone)
+        return self.backbone.identity
 
     def patch_features(self, points: np.ndarray, *, seed: int, recon: bool = True) -> PatchFeatures:
         """``recon=False`` skips the masked-reconstruction rounds (recon_error comes back NaN): the memory
         bank
         only needs features, and the rounds cost about as much as the feature pass itself."""
-        with torch_threads(INFERENCE_THREADS):
-            return extract_patch_features(
-                self.backbone,
-                points,
-                num_groups=self.num_groups,
-                group_size=self.group_size,
-                seed=seed,
-                scale=self.scale,
-                recon_rounds=self.recon_rounds if recon else 0,
-            )
+        return extract_patch_features(
+            self.backbone,
+            points,
+            num_groups=self.num_groups,
+            group_size=self.group_size,
+            seed=seed,
+            scale=self.scale,
+            recon_rounds=self.recon_rounds if recon else 0,
+        )
 
 
 @dataclass
@@ -209,7 +167,13 @@ class FPFHExtractor:
 
 
 def make_extractor(
-    kind: str, backbone: PointMAE | None, *, num_groups: int, group_size: int, scale: float, recon_rounds: int
+    kind: str,
+    backbone: OnnxBackbone | None,
+    *,
+    num_groups: int,
+    group_size: int,
+    scale: float,
+    recon_rounds: int,
 ) -> FeatureExtractor:
     """The extractor for a feature kind ("pointmae" needs its backbone, "fpfh" none)."""
     if kind == "fpfh":

@@ -23,7 +23,7 @@ from detector.config import DetectorConfig
 from detector.features import PatchFeatures, make_extractor
 from detector.interpolation import interpolate_with, interpolation_support
 from detector.persistence import read_fit, write_fit
-from detector.pointmae import PointMAE
+from detector.pointmae_runtime import OnnxBackbone
 from detector.registration import IDENTITY, Alignment, CoordinateBank, RegistrationTarget, align
 from detector.surface_cues import CUE_NAMES, SurfaceCues
 
@@ -124,7 +124,7 @@ class FittedClass:
         bank: MemoryBank,
         mean_feature: np.ndarray,
         thresholds: dict[str, float],
-        backbone: PointMAE | None,
+        backbone: OnnxBackbone | None,
         info: dict | None = None,
         *,
         coord_bank: CoordinateBank | None = None,

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from detector.bank import MemoryBank
 from detector.calibration import object_threshold
 from detector.config import TRAIN_THREADS, DetectorConfig, FitError
-from detector.features import make_extractor, torch_threads
+from detector.features import make_extractor
 from detector.fitted import FittedClass
+from detector.grouping import estimate_scale
 from detector.normal_scores import TemplateViews, feature_scores, fused_patch_scores, view_object_scores
-from detector.pointmae import PointMAE, estimate_scale
+from detector.pointmae_runtime import OnnxBackbone, onnx_backbone
 from detector.registration import (
     COORD_VOXEL_SHARE,
     MIN_FITNESS,
@@ -36,6 +38,9 @@ from detector.registration_choice import choose_registration
 from detector.surface_cues import SurfaceCues
 from scans.geometry import voxel_downsample
 from scans.progress import Progress
+
+if TYPE_CHECKING:  # torch is imported only when a fit trains Point-MAE
+    from detector.pointmae import PointMAE
 
 
 def _check_train_scans(
@@ -72,7 +77,7 @@ def fit_class(
     train_scans: list[np.ndarray],
     config: DetectorConfig = DetectorConfig(),
     *,
-    init_backbone: PointMAE | None = None,
+    init_backbone: PointMAE | OnnxBackbone | None = None,
     progress: Progress | None = None,
     names: list[str] | None = None,
 ) -> FittedClass:
@@ -104,7 +109,7 @@ def fit_class(
         )
     timings: dict[str, float] = {}
     scale = estimate_scale(scans)
-    backbone: PointMAE | None = None
+    backbone: OnnxBackbone | None = None
     fitness: list[float] = []
     t0 = time.perf_counter()
     decision: dict = {"register": bool(config.register), "decided_by": "flag"}
@@ -120,7 +125,9 @@ def fit_class(
         timings["register_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if config.feature == "pointmae":
-        from detector.pointmae_train import train_pointmae  # torch training only when fitting Point-MAE
+        # torch only when fitting Point-MAE: train, then export the pass inference runs (pointmae_graph)
+        from detector.pointmae import torch_threads
+        from detector.pointmae_train import train_pointmae
 
         def report(step: int, loss: float) -> None:
             if progress is not None:
@@ -128,19 +135,24 @@ def fit_class(
 
         try:
             with torch_threads(TRAIN_THREADS):
-                backbone = train_pointmae(
+                model = train_pointmae(
                     scans,
                     config.backbone,
                     steps=config.train_steps,
                     seed=config.seed,
-                    init=init_backbone,
+                    init=init.torch_model() if isinstance(init := init_backbone, OnnxBackbone) else init,
                     progress=report,
                     batch_size=config.train_batch,
                     scale=scale,
                 )
         except ValueError as exc:
             raise FitError(f"Point-MAE training failed: {exc}") from exc
-    timings["train_s"] = time.perf_counter() - t0
+        timings["train_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        backbone = onnx_backbone(model)
+        timings["export_s"] = time.perf_counter() - t0
+    else:
+        timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # features only: the scans are aligned already and no bank is searched
     probe = make_extractor(

@@ -21,7 +21,7 @@ from detector.bank import MemoryBank
 from detector.config import DETECTOR_VERSION, FORMAT_NAME, META_FILE, DetectorConfig, FitError
 from detector.features import FPFH_IDENTITY
 from detector.manifest import ManifestError, verify_manifest, write_manifest
-from detector.pointmae import PointMAE, backbone_hash, load_backbone, save_backbone
+from detector.pointmae_runtime import OnnxBackbone, read_backbone
 from detector.registration import CoordinateBank, RegistrationTarget
 from detector.surface_cues import SurfaceCues
 from scans import strict_json
@@ -60,7 +60,7 @@ def write_fit(
     bank: MemoryBank,
     mean_feature: np.ndarray,
     thresholds: dict[str, float],
-    backbone: PointMAE | None,
+    backbone: OnnxBackbone | None,
     info: dict,
     coord_bank: CoordinateBank | None,
     score_norms: dict[str, float],
@@ -77,7 +77,7 @@ def write_fit(
     try:
         with staged_dir(target, FIT_KIND, also_ours=_is_unmarked_fit) as tmp:
             if backbone is not None:
-                save_backbone(backbone, tmp / "backbone")
+                backbone.save(tmp / "backbone")
             bank.save(tmp / "bank")
             np.save(tmp / "mean_feature.npy", mean_feature, allow_pickle=False)
             if coord_bank is not None:
@@ -204,23 +204,16 @@ def _read_registration(
         raise FitError(f"{folder}: the registration levels do not load ({exc}); refit the class") from exc
 
 
-def _read_backbone(root: Path, config: DetectorConfig, backbone_id: str) -> PointMAE | None:
+def _read_backbone(root: Path, config: DetectorConfig, backbone_id: str) -> OnnxBackbone | None:
     """The Point-MAE backbone of a Point-MAE fit, checked against the hash the bank was built with."""
     if config.feature != "pointmae":
         if backbone_id != FPFH_IDENTITY:
             raise FitError(f"{root}: feature 'fpfh' but backbone id {backbone_id[:12]!r}; refit the class")
         return None
     try:
-        backbone = load_backbone(root / "backbone", expect=config.backbone)
+        return read_backbone(root / "backbone", config.backbone, backbone_id)
     except (OSError, ValueError) as exc:
-        raise FitError(f"{root}: backbone does not load ({exc})") from exc
-    found = backbone_hash(backbone)
-    if found != backbone_id:
-        raise FitError(
-            f"{root}: backbone hash {found[:12]} differs from the one the bank was built with "
-            f"({backbone_id[:12]}); the bank belongs to another backbone — refit the class"
-        )
-    return backbone
+        raise FitError(f"{root}: backbone does not load ({exc}); refit the class") from exc
 
 
 def _read_coordinate_bank(root: Path, meta: dict) -> tuple[CoordinateBank, dict[str, float]]:

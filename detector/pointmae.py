@@ -9,172 +9,65 @@ memory bank follow M3DM (Wang et al., 2023): the encoder runs on *all* patches u
 few
 blocks (after the final norm) are concatenated per patch.
 
-Everything is plain torch (CPU or CUDA); FPS, kNN and Chamfer are written here so no compiled extension is
-needed.
-
-Scale conventions (why they matter): a class has a known physical size, so points are centred per scan and
-divided
-by one class-level ``scale`` (see :func:`estimate_scale`) instead of being fitted into a unit sphere per scan.
-Patch
-*scale* is fixed by point density: a scan is randomly subsampled to ``num_groups * group_size / 2`` points
-(:data:`PATCH_OVERLAP` = 2, every point lies in ~2 patches) before grouping, and training crops use the same
-density
-(see ``detector.pointmae_train``), so a patch at inference describes the same surface extent as a patch in
-training.
+Everything is plain torch (CPU or CUDA); FPS + kNN grouping is shared with inference in numpy
+(detector.grouping, where the scale conventions are explained), Chamfer is written here, so no compiled
+extension is needed. Inference runs the exported graph of :class:`detector.pointmae_graph.ScanPass`
+without torch (detector.pointmae_runtime).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from detector.grouping import group_scan
+from detector.pointmae_config import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    PointMAEConfig,
+    config_dict,
+    read_backbone_meta,
+)
 from scans import strict_json
-from scans.geometry import knn
-
-FORMAT_NAME = "scanagent-pointmae"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-PATCH_OVERLAP = 2  # points in patches / points sampled: each sampled point is covered by ~2 patches
 
 
-# --------------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class PointMAEConfig:
-    """Architecture and patching of one backbone. Saved next to the weights; loading refuses a mismatch."""
-
-    width: int = 192                        # transformer token width (trans_dim)
-    depth: int = 4                          # encoder blocks
-    heads: int = 4
-    decoder_depth: int = 2
-    decoder_heads: int = 4
-    mlp_ratio: float = 4.0
-    embed_dims: tuple[int, int, int] = (32, 64, 128)  # mini-PointNet: 3->a->b, max, [b,b]->c->width
-    group_size: int = 32                    # K points per patch (the decoder predicts exactly K points)
-    num_groups: int = 64                    # patches per training crop
-    inference_groups: int = 512             # patches over a whole scan at inference
-    mask_ratio: float = 0.6
-    feature_layers: tuple[int, ...] = (1, 3)        # encoder blocks whose (normed) outputs are concatenated
-    drop_path: float = 0.1
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.width % self.heads or self.width % self.decoder_heads:
-            problems.append(f"width {self.width} must be divisible by heads "
-                            f"{self.heads}/{self.decoder_heads}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            problems.append(f"mask_ratio {self.mask_ratio} must be in (0, 1)")
-        if not self.feature_layers or any(not 0 <= i < self.depth for i in self.feature_layers):
-            problems.append(f"feature_layers {self.feature_layers} must be non-empty indices into "
-                            f"{self.depth} blocks")
-        if min(self.width, self.depth, self.heads, self.decoder_depth, self.group_size, self.num_groups,
-               self.inference_groups, *self.embed_dims) < 1:
-            problems.append("sizes must be positive")
-        if problems:
-            raise ValueError("PointMAEConfig: " + "; ".join(problems))
-
-    @classmethod
-    def small(cls) -> PointMAEConfig:
-        """Default for 2 CPU cores: fits one class in about a minute (see tools.pointmae_train)."""
-        return cls()
-
-    @classmethod
-    def paper(cls) -> PointMAEConfig:
-        """Point-MAE's pretraining setup (384 wide, 12 blocks, 64x32 groups) with M3DM's feature layers."""
-        return cls(width=384, depth=12, heads=6, decoder_depth=4, decoder_heads=6, embed_dims=(128, 256, 512),
-                   group_size=32, num_groups=64, inference_groups=1024, mask_ratio=0.6,
-                   feature_layers=(3, 7, 11), drop_path=0.1)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.width * len(self.feature_layers)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | dict[str, Any]) -> PointMAEConfig:
-        data = json.loads(text) if isinstance(text, str) else dict(text)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"PointMAEConfig: unknown fields {unknown}")
-        for key in ("embed_dims", "feature_layers"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` torch intra-op threads, restoring the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-# --------------------------------------------------------------------------------------- normalisation
-# helpers
-def estimate_scale(scans: list[np.ndarray]) -> float:
-    """Class-level scale: mean distance of a point to its scan's centroid, averaged over the templates."""
-    if not scans:
-        raise ValueError("estimate_scale: no scans given")
-    radii = [float(np.linalg.norm(s - s.mean(axis=0), axis=1).mean()) for s in scans]
-    scale = float(np.mean(radii))
-    if not scale > 0:
-        raise ValueError("estimate_scale: scans have zero extent")
-    return scale
-
-
-def normalise_points(points: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Centre on the centroid and divide by the class scale. Returns (normalised float32, centroid
-    float64)."""
-    if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    centroid = points.astype(np.float64).mean(axis=0)
-    return ((points - centroid) / scale).astype(np.float32), centroid
-
-
-# ---------------------------------------------------------------------------------------- FPS, kNN, grouping
-def farthest_point_sample(xyz: torch.Tensor, n: int, start: torch.Tensor | int = 0) -> torch.Tensor:
-    """Batched farthest point sampling. xyz (B,N,3), start index per batch item -> indices (B,n) int64.
-
-    Distances are squared Euclidean; ties go to the lowest index (torch.max returns the first maximum)."""
-    b, num, _ = xyz.shape
-    if not 0 < n <= num:
-        raise ValueError(f"farthest_point_sample: cannot pick {n} of {num} points")
-    idx = torch.empty(b, n, dtype=torch.long, device=xyz.device)
-    current = torch.as_tensor(start, dtype=torch.long, device=xyz.device).expand(b).clone()
-    nearest = torch.full((b, num), float("inf"), dtype=xyz.dtype, device=xyz.device)
-    rows = torch.arange(b, device=xyz.device)
-    for i in range(n):
-        idx[:, i] = current
-        d = ((xyz - xyz[rows, current].unsqueeze(1)) ** 2).sum(-1)
-        nearest = torch.minimum(nearest, d)
-        current = nearest.argmax(dim=1)
-    return idx
-
-
-def knn_indices(xyz: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B,Q,k) of the k nearest points of xyz (B,N,3) to each query (B,Q,3), nearest first: the
-    project's one kNN (scans.geometry.knn, a k-d tree) per batch item, no gradient (indices only)."""
-    rows = [knn(x.detach().cpu().numpy(), q.detach().cpu().numpy(), k)[1] for x, q in zip(xyz, queries)]
-    return torch.from_numpy(np.stack(rows)).to(xyz.device)
-
-
+# ------------------------------------------------------------------------------------------------ grouping
 def group_points(xyz: torch.Tensor, num_groups: int, group_size: int, start: torch.Tensor | int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FPS centres + kNN patches.
+    """FPS centres + kNN patches of a batch (B,N,3), one scan at a time with detector.grouping's numpy code
+    (indices only, no gradient), so training groups exactly as inference does.
 
     Returns (neighborhood (B,G,K,3) relative to its centre, centres (B,G,3), idx (B,G,K), centre idx
     (B,G))."""
     b = xyz.shape[0]
+    starts = torch.as_tensor(start, dtype=torch.long).expand(b).tolist()
+    points = xyz.detach().cpu().numpy()
+    parts = [group_scan(p, num_groups, group_size, s)[2:] for p, s in zip(points, starts)]
+    idx = torch.from_numpy(np.stack([p[0] for p in parts])).to(xyz.device)
+    center_idx = torch.from_numpy(np.stack([p[1] for p in parts])).to(xyz.device)
     rows = torch.arange(b, device=xyz.device)[:, None]
-    center_idx = farthest_point_sample(xyz, num_groups, start)
     centers = xyz[rows, center_idx]
-    idx = knn_indices(xyz, centers, group_size)
     neighborhood = xyz[rows[:, :, None], idx] - centers.unsqueeze(2)
     return neighborhood, centers, idx, center_idx
 
@@ -245,7 +138,7 @@ class Block(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = nn.functional.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -306,6 +199,18 @@ class PointMAE(nn.Module):
         return self.norm(x), kept
 
     # -- masked reconstruction --------------------------------------------------------------------------
+    def predict_masked(self, visible_tokens: torch.Tensor, visible_centers: torch.Tensor,
+                       masked_centers: torch.Tensor) -> torch.Tensor:
+        """The K points (B,M,K,3) of each masked patch, from the visible tokens (B,V,C) at their centres
+        (B,V,3) and the masked patches' centres (B,M,3): encoder on the visible, decoder with mask tokens."""
+        b, m = masked_centers.shape[:2]
+        visible, _ = self.run_encoder(visible_tokens, visible_centers)
+        pos = self.decoder_pos_embed(torch.cat([visible_centers, masked_centers], dim=1))
+        x = torch.cat([visible, self.mask_token.expand(b, m, -1)], dim=1)
+        for block in self.decoder_blocks:
+            x = block(x + pos)
+        return self.head(self.decoder_norm(x[:, -m:])).reshape(b, m, self.config.group_size, 3)
+
     def reconstruct_masked(self, tokens: torch.Tensor, neighborhood: torch.Tensor, centers: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor:
         """Chamfer-L2 (B,M) of every masked patch, predicted from the visible ones.
@@ -316,13 +221,8 @@ class PointMAE(nn.Module):
         m = int(mask[0].sum())
         if m == 0 or m == g or bool((mask.sum(1) != m).any()):
             raise ValueError("mask must hide the same number (0 < M < G) of patches in every row")
-        visible, _ = self.run_encoder(tokens[~mask].reshape(b, g - m, c), centers[~mask].reshape(b, g - m, 3))
-        pos = self.decoder_pos_embed(torch.cat([centers[~mask].reshape(b, g - m, 3),
-                                                centers[mask].reshape(b, m, 3)], dim=1))
-        x = torch.cat([visible, self.mask_token.expand(b, m, -1)], dim=1)
-        for block in self.decoder_blocks:
-            x = block(x + pos)
-        pred = self.head(self.decoder_norm(x[:, -m:])).reshape(b * m, self.config.group_size, 3)
+        pred = self.predict_masked(tokens[~mask].reshape(b, g - m, c), centers[~mask].reshape(b, g - m, 3),
+                                   centers[mask].reshape(b, m, 3)).reshape(b * m, self.config.group_size, 3)
         target = neighborhood[mask].reshape(b * m, -1, 3)
         return chamfer_l2_per_patch(pred, target).reshape(b, m)
 
@@ -345,30 +245,7 @@ def random_mask(batch: int, groups: int, ratio: float, generator: torch.Generato
     return order < m
 
 
-def covering_masks(groups: int, ratio: float, rounds: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(rounds,G) bool masks that together hide every patch at least once.
-
-    Patches are put in a random order and round r hides a cyclic window of that order starting at r*G/rounds;
-    the
-    window is max(ratio*G, G/rounds) long, so consecutive windows touch and the union is everything."""
-    if rounds < 1:
-        raise ValueError("covering_masks: rounds must be >= 1")
-    m = min(max(round(ratio * groups), math.ceil(groups / rounds), 1), groups - 1)
-    perm = torch.randperm(groups, generator=generator)
-    masks = torch.zeros(rounds, groups, dtype=torch.bool)
-    for r in range(rounds):
-        window = (torch.arange(m) + (r * groups) // rounds) % groups
-        masks[r, perm[window]] = True
-    if rounds * m < groups or not bool(masks.any(0).all()):
-        raise ValueError(f"{rounds} rounds with mask ratio {ratio} cannot cover all {groups} patches")
-    return masks
-
-
 # ------------------------------------------------------------------------------------ save / load / hash
-def _config_dict(config: PointMAEConfig) -> dict[str, Any]:
-    return json.loads(config.to_json())
-
-
 def backbone_hash(model: PointMAE) -> str:
     """sha256 over the config json and every tensor (name, dtype, shape, bytes) in name order."""
     h = hashlib.sha256(model.config.to_json().encode())
@@ -386,7 +263,7 @@ def save_backbone(model: PointMAE, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": _config_dict(model.config),
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config_dict(model.config),
             "hash": backbone_hash(model)}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         save_file(tensors, str(Path(tmp) / WEIGHTS_FILE))
@@ -408,24 +285,7 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
     for p in (config_path, weights_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p}: missing (not a saved Point-MAE backbone)")
-    try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid json ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path}: not a {FORMAT_NAME} config")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format_version {meta.get('format_version')!r}, this code reads "
-                         f"{FORMAT_VERSION}")
-    try:
-        config = PointMAEConfig.from_json(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{config_path}: bad config ({e})") from None
-    if expect is not None and expect != config:
-        want, got = _config_dict(expect), _config_dict(config)
-        diff = ", ".join(f"{k}: saved {got[k]!r} != expected {want[k]!r}"
-                         for k in sorted(want) if want[k] != got[k])
-        raise ValueError(f"{config_path}: config mismatch ({diff})")
+    config, recorded_hash = read_backbone_meta(config_path, expect)
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -444,7 +304,7 @@ def load_backbone(directory: str | os.PathLike, expect: PointMAEConfig | None = 
     model.load_state_dict(tensors, strict=True, assign=True)
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # nothing may stay uninitialised
         raise ValueError(f"{weights_path}: tensors do not match the config")
-    if backbone_hash(model) != meta.get("hash"):
+    if backbone_hash(model) != recorded_hash:
         raise ValueError(f"{weights_path}: tensor contents differ from the hash recorded in {config_path} "
                          "(file modified or corrupted)")
     return model.to(device).eval()

@@ -31,15 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.pointmae import (
-    PATCH_OVERLAP,
-    PointMAE,
-    PointMAEConfig,
-    estimate_scale,
-    knn_indices,
-    load_backbone,
-    save_backbone,
-)
+from detector.grouping import PATCH_OVERLAP, estimate_scale
+from detector.pointmae import PointMAE, load_backbone, save_backbone
+from detector.pointmae_config import PointMAEConfig
+from scans.geometry import knn
 
 StepHook = Callable[[int, float], None]  # (step, loss) after every optimiser step
 
@@ -91,7 +86,7 @@ def sample_crop(
     )
     pts = pts + noise
     seed_point = pts[torch.randint(pts.shape[0], (1,), generator=gen)]
-    near = knn_indices(pts.unsqueeze(0), seed_point.unsqueeze(0), crop_points)[0, 0]
+    near = torch.from_numpy(knn(pts.numpy(), seed_point.numpy(), crop_points)[1][0])
     return pts[near]
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from agent.pipeline import InspectionConfig
 from detector.config import DetectorConfig
-from detector.pointmae import PointMAEConfig
+from detector.pointmae_config import PointMAEConfig
 from evals.methods import DEFAULT_METHODS, METHODS
 from evals.methods import REGISTRY as METHOD_REGISTRY
 

@@ -73,19 +73,19 @@ def knn(points: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np
     return dist.astype(np.float32), idx.astype(np.int64)
 
 
-def fps(points: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def fps(points: np.ndarray, n: int, seed: int = 0, *, start: int | None = None) -> np.ndarray:
     """Exact farthest point sampling: `n` indices into `points`, in pick order.
 
-    The first index is drawn from `seed`; each next pick is the point whose distance to the already picked set
-    is
-    largest (first index wins ties, as numpy's argmax does). O(N * n) time and O(N) memory.
+    The first index is `start`, or drawn from `seed` when it is None; each next pick is the point whose
+    distance to the already picked set is largest (first index wins ties, as numpy's argmax does). O(N * n)
+    time and O(N) memory.
     """
     pts = _as_points(points)
     num = pts.shape[0]
     if not 1 <= n <= num:
         raise ValueError(f"fps: n={n} must be between 1 and the number of points ({num})")
     picked = np.empty(n, dtype=np.int64)
-    picked[0] = np.random.default_rng(seed).integers(num)
+    picked[0] = np.random.default_rng(seed).integers(num) if start is None else start
     min_sq = np.full(num, np.inf)
     for i in range(1, n):
         diff = pts - pts[picked[i - 1]]

@@ -2,8 +2,8 @@
 
 A registered fit whose scans arrive in about the templates' pose is aligned by ICP alone (the early stop), so
 the run needs neither open3d (only the FPFH + RANSAC fallback does) nor sklearn (only a fit's coreset does),
-a policy run never the LLM stacks (transformers, langchain, openai), and writing its pictures (regions.png,
-viewer.html) and scores.ply never matplotlib.
+a policy run never the LLM stacks (transformers, langchain, openai), writing its pictures (regions.png,
+viewer.html) and scores.ply never matplotlib, and Point-MAE runs as the fit's exported graph, never torch.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from tests.test_registration import turned
 from tests.tiny import TINY_FIT, part_scans
 
 ROOT = Path(__file__).resolve().parents[1]
-NOT_IMPORTED = ("transformers", "langchain", "langchain_core", "openai", "open3d", "sklearn", "matplotlib")
+NOT_IMPORTED = (
+    "transformers", "langchain", "langchain_core", "openai", "open3d", "sklearn", "matplotlib", "torch",
+)
 
 
-def test_policy_run_of_a_registered_fit_imports_no_llm_stack_nor_open3d_sklearn_matplotlib(tmp_path):
+def test_policy_run_of_a_registered_fit_imports_no_llm_stack_torch_open3d_sklearn_matplotlib(tmp_path):
     scans = part_scans(4, 3000, seed=3)
     fitted = fit_class(scans[:3], dataclasses.replace(TINY_FIT, register=True))
     bank = fitted.save(tmp_path / "fit")

@@ -23,7 +23,7 @@ from detector.config import DetectorConfig, FitError
 from detector.fitted import FittedClass
 from detector.fitting import fit_class
 from detector.manifest import write_manifest
-from detector.pointmae import PointMAEConfig
+from detector.pointmae_config import PointMAEConfig
 from scans.parts import part_mesh, sample_surface, scan_like
 from tests.tiny import TINY, TINY_FIT, part_scans
 

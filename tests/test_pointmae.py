@@ -10,20 +10,18 @@ import pytest
 import torch
 
 from detector.features import PatchFeatures, extract_patch_features
+from detector.grouping import covering_masks, estimate_scale, group_scan
 from detector.interpolation import interpolate_to_points
 from detector.pointmae import (
     PointMAE,
     PointMAEConfig,
     backbone_hash,
     chamfer_l2_per_patch,
-    covering_masks,
-    estimate_scale,
-    farthest_point_sample,
     group_points,
-    knn_indices,
     load_backbone,
     save_backbone,
 )
+from detector.pointmae_runtime import OnnxBackbone, onnx_backbone
 from detector.pointmae_train import train_pointmae
 
 TINY = PointMAEConfig(
@@ -52,6 +50,11 @@ def trained() -> PointMAE:
     return train_pointmae([sphere(2000, 0), sphere(2000, 1)], TINY, steps=3, seed=0, batch_size=2, scale=5.0)
 
 
+@pytest.fixture(scope="module")
+def exported(trained: PointMAE) -> OnnxBackbone:
+    return onnx_backbone(trained)
+
+
 # ---------------------------------------------------------------------------------- primitives vs numpy
 def numpy_fps(points: np.ndarray, n: int, start: int) -> list[int]:
     chosen = [start]
@@ -61,22 +64,26 @@ def numpy_fps(points: np.ndarray, n: int, start: int) -> list[int]:
     return chosen
 
 
-def test_fps_matches_bruteforce_numpy() -> None:
+def test_grouping_fps_and_knn_match_bruteforce_numpy() -> None:
     rng = np.random.default_rng(3)
-    pts = rng.normal(size=(2, 60, 3))
-    starts = [0, 17]
-    got = farthest_point_sample(torch.from_numpy(pts), 12, torch.tensor(starts))
-    for b in range(2):
-        assert got[b].tolist() == numpy_fps(pts[b], 12, starts[b])
+    pts = rng.normal(size=(60, 3)).astype(np.float32)
+    neighborhood, centers, idx, center_idx = group_scan(pts, 12, 5, start=17)
+    assert center_idx.tolist() == numpy_fps(pts.astype(np.float64), 12, 17)
+    d = ((centers[:, None] - pts[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(idx, np.argsort(d, axis=1)[:, :5])
+    np.testing.assert_allclose(neighborhood + centers[:, None], pts[idx], atol=1e-6)
 
 
-def test_knn_matches_numpy_argsort() -> None:
-    rng = np.random.default_rng(4)
-    pts, queries = rng.normal(size=(2, 50, 3)), rng.normal(size=(2, 7, 3))
-    got = knn_indices(torch.from_numpy(pts), torch.from_numpy(queries), 5).numpy()
-    for b in range(2):
-        d = ((queries[b][:, None] - pts[b][None]) ** 2).sum(-1)
-        np.testing.assert_array_equal(got[b], np.argsort(d, axis=1)[:, :5])
+def test_training_groups_as_inference_does() -> None:
+    """The torch batch grouping is the numpy grouping of each scan (one FPS, one kNN)."""
+    pts = np.random.default_rng(6).normal(size=(2, 100, 3)).astype(np.float32)
+    neighborhood, centers, idx, center_idx = group_points(torch.from_numpy(pts), 8, 5, torch.tensor([0, 40]))
+    for b, start in enumerate((0, 40)):
+        ref = group_scan(pts[b], 8, 5, start)
+        np.testing.assert_array_equal(idx[b].numpy(), ref[2])
+        np.testing.assert_array_equal(center_idx[b].numpy(), ref[3])
+        np.testing.assert_allclose(neighborhood[b].numpy(), ref[0], atol=1e-6)
+    np.testing.assert_array_equal(idx[:, :, 0], center_idx)  # a centre's nearest point is itself
 
 
 def test_chamfer_l2_matches_numpy() -> None:
@@ -91,16 +98,9 @@ def test_chamfer_l2_matches_numpy() -> None:
     assert chamfer_l2_per_patch(torch.from_numpy(a), torch.from_numpy(a)).abs().max() == 0
 
 
-def test_group_points_neighbourhoods_are_relative_to_centres() -> None:
-    pts = torch.from_numpy(np.random.default_rng(6).normal(size=(1, 100, 3)))
-    neighborhood, centers, idx, center_idx = group_points(pts, 8, 5)
-    np.testing.assert_allclose(neighborhood + centers.unsqueeze(2), pts[0][idx[0]].unsqueeze(0))
-    np.testing.assert_array_equal(idx[0, :, 0], center_idx[0])  # a centre's nearest point is itself
-
-
 @pytest.mark.parametrize("groups,ratio,rounds", [(10, 0.6, 2), (7, 0.3, 4), (512, 0.6, 2), (9, 0.2, 3)])
 def test_covering_masks_hide_every_patch(groups: int, ratio: float, rounds: int) -> None:
-    masks = covering_masks(groups, ratio, rounds, torch.Generator().manual_seed(0))
+    masks = covering_masks(groups, ratio, rounds, np.random.default_rng(0))
     assert masks.shape == (rounds, groups)
     assert masks.any(0).all()
     assert len(set(masks.sum(1).tolist())) == 1 and 0 < int(masks[0].sum()) < groups
@@ -108,7 +108,7 @@ def test_covering_masks_hide_every_patch(groups: int, ratio: float, rounds: int)
 
 def test_covering_masks_refuse_one_round() -> None:
     with pytest.raises(ValueError, match="cannot cover"):
-        covering_masks(10, 0.6, 1, None)
+        covering_masks(10, 0.6, 1, np.random.default_rng(0))
 
 
 def test_interpolate_to_points_matches_bruteforce() -> None:
@@ -141,9 +141,9 @@ def test_config_json_round_trip_and_presets() -> None:
 
 
 # --------------------------------------------------------------------------------------- features
-def test_patch_features_shapes_and_coordinates(trained: PointMAE) -> None:
+def test_patch_features_shapes_and_coordinates(exported: OnnxBackbone) -> None:
     pts = sphere(3000, 9)
-    pf = extract_patch_features(trained, pts, num_groups=32, group_size=16, seed=0, scale=5.0)
+    pf = extract_patch_features(exported, pts, num_groups=32, group_size=16, seed=0, scale=5.0)
     assert isinstance(pf, PatchFeatures)
     assert pf.centers.shape == (32, 3) and pf.centers.dtype == np.float32
     assert pf.group_idx.shape == (32, 16) and pf.group_idx.dtype == np.int64
@@ -157,13 +157,13 @@ def test_patch_features_shapes_and_coordinates(trained: PointMAE) -> None:
     assert len(np.unique(pf.group_idx[:, 0])) == 32
 
 
-def test_extract_rejects_bad_input(trained: PointMAE) -> None:
+def test_extract_rejects_bad_input(exported: OnnxBackbone) -> None:
     with pytest.raises(ValueError, match="group_size"):
-        extract_patch_features(trained, sphere(500, 0), num_groups=8, group_size=8, seed=0, scale=5.0)
+        extract_patch_features(exported, sphere(500, 0), num_groups=8, group_size=8, seed=0, scale=5.0)
     bad = sphere(500, 0)
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="finite"):
-        extract_patch_features(trained, bad, num_groups=8, group_size=16, seed=0, scale=5.0)
+        extract_patch_features(exported, bad, num_groups=8, group_size=16, seed=0, scale=5.0)
 
 
 # ------------------------------------------------------------------------------------ persistence
@@ -172,8 +172,8 @@ def test_save_load_round_trip(trained: PointMAE, tmp_path: Path) -> None:
     loaded = load_backbone(tmp_path / "bb", expect=TINY)
     assert backbone_hash(loaded) == backbone_hash(trained)
     pts = sphere(1500, 11)
-    a = extract_patch_features(trained, pts, num_groups=32, group_size=16, seed=2, scale=5.0)
-    b = extract_patch_features(loaded, pts, num_groups=32, group_size=16, seed=2, scale=5.0)
+    a = extract_patch_features(onnx_backbone(trained), pts, num_groups=32, group_size=16, seed=2, scale=5.0)
+    b = extract_patch_features(onnx_backbone(loaded), pts, num_groups=32, group_size=16, seed=2, scale=5.0)
     np.testing.assert_array_equal(a.features, b.features)
     np.testing.assert_array_equal(a.recon_error, b.recon_error)
     assert sorted(p.name for p in (tmp_path / "bb").iterdir()) == ["config.json", "model.safetensors"]
@@ -230,8 +230,8 @@ def test_training_is_deterministic_and_leaves_global_rng_alone() -> None:
     c = train_pointmae(scans, TINY, steps=2, seed=6, batch_size=2, scale=5.0)
     assert backbone_hash(a) == backbone_hash(b) != backbone_hash(c)
     pts = sphere(1500, 3)
-    fa = extract_patch_features(a, pts, num_groups=32, group_size=16, seed=1, scale=5.0)
-    fb = extract_patch_features(b, pts, num_groups=32, group_size=16, seed=1, scale=5.0)
+    fa = extract_patch_features(onnx_backbone(a), pts, num_groups=32, group_size=16, seed=1, scale=5.0)
+    fb = extract_patch_features(onnx_backbone(b), pts, num_groups=32, group_size=16, seed=1, scale=5.0)
     np.testing.assert_allclose(fa.features, fb.features, atol=1e-6)
     np.testing.assert_allclose(fa.recon_error, fb.recon_error, atol=1e-6)
 
@@ -265,7 +265,7 @@ def test_twenty_steps_lower_the_reconstruction_loss() -> None:
             np.mean(
                 [
                     extract_patch_features(
-                        model, pts, num_groups=32, group_size=16, seed=s, scale=5.0
+                        onnx_backbone(model), pts, num_groups=32, group_size=16, seed=s, scale=5.0
                     ).recon_error.mean()
                     for s in range(3)
                 ]
@@ -276,13 +276,13 @@ def test_twenty_steps_lower_the_reconstruction_loss() -> None:
     assert mean_recon(after) < mean_recon(before)  # held-out scan, every patch masked once or more
 
 
-def test_recon_rounds_zero_skips_reconstruction_only(trained: PointMAE) -> None:
+def test_recon_rounds_zero_skips_reconstruction_only(exported: OnnxBackbone) -> None:
     pts = sphere(1500, 4)
     full = extract_patch_features(
-        trained, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=3
+        exported, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=3
     )
     bare = extract_patch_features(
-        trained, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=0
+        exported, pts, num_groups=32, group_size=16, seed=3, scale=5.0, recon_rounds=0
     )
     np.testing.assert_array_equal(full.features, bare.features)
     np.testing.assert_array_equal(full.group_idx, bare.group_idx)

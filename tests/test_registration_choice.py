@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from agent.fit import EXIT_OK, main
-from detector.pointmae import estimate_scale
+from detector.grouping import estimate_scale
 from detector.registration_choice import choose_registration
 from scans.io import write_pcd
 from scans.parts import part_mesh, sample_surface, scan_like

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from detector.pointmae import estimate_scale
+from detector.grouping import estimate_scale
 from detector.registration import COORD_VOXEL_SHARE, RegistrationTarget, align
 from scans.geometry import voxel_downsample
 from tests.test_registration import turned

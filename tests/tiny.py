@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from detector.config import DetectorConfig
-from detector.pointmae import PointMAEConfig
+from detector.pointmae_config import PointMAEConfig
 from scans.parts import part_mesh, sample_surface, scan_like
 
 TINY = PointMAEConfig(
