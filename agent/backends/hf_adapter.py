@@ -97,13 +97,13 @@ def prefix_forward(model: Any, torch: Any, virtual: Any) -> Any:
         if decoder.cache is None:
             inner = DynamicCache()
             with torch.no_grad():
-                model(inputs_embeds=virtual[None], past_key_values=inner, use_cache=True)
+                model(inputs_embeds=virtual[None], use_cache=True, **{decoder.cache_keyword: inner})
             decoder.cache = OffsetCache(inner, int(virtual.shape[0]))
         with torch.no_grad():
             out = model(
                 input_ids=torch.tensor([new_ids]),
-                past_key_values=decoder.cache.inner,
                 use_cache=True,
+                **{decoder.cache_keyword: decoder.cache.inner},
                 **model_kwargs,
             )
         return out.logits[0]

@@ -9,6 +9,7 @@ prefix tree instead of one pass each (README: the hf backend's speed).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any
@@ -22,6 +23,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         common += 1
     return common
+
+
+def cache_keyword(model: Any) -> str:
+    """The name forward takes the KV cache by: transformers 5.24 renamed `past_key_values` to `cache` (the old
+    name warns, and goes in 5.40), and the versions before have only the old one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft adapter
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def _crop(cache: Any, length: int) -> None:
@@ -46,6 +54,7 @@ class Decoder:
         self.last_logits: Any = None
         self.generated = 0  # tokens chosen by the model (argmax or likelihood), not forced
         self._synced_text: str | None = None  # the text `ids`, the cache and last_logits hold
+        self.cache_keyword = cache_keyword(model)
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -62,8 +71,8 @@ class Decoder:
         with self.torch.no_grad():
             out = self.model(
                 input_ids=self.torch.tensor([new_ids]),
-                past_key_values=self.cache,
                 use_cache=True,
+                **{self.cache_keyword: self.cache},
                 **model_kwargs,
             )
         return out.logits[0]
