@@ -94,6 +94,39 @@ def test_nan_threshold_exits_2_and_writes_no_report(bank, points, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_a_graph_of_another_backbone_resealed_exits_2_naming_the_file(bank, points, tmp_path, capsys):
+    """The exported Point-MAE pass is checked against the bank's backbone, not only against the manifest."""
+    from detector.manifest import write_manifest
+    from detector.pointmae_runtime import GRAPH_META
+
+    damaged = damaged_copy(bank, tmp_path)
+    record = json.loads((damaged / "backbone" / GRAPH_META).read_text())
+    (damaged / "backbone" / GRAPH_META).write_text(json.dumps({**record, "backbone_hash": "0" * 64}))
+    write_manifest(damaged)
+    np.save(tmp_path / "scan.npy", points)
+    assert run(tmp_path / "scan.npy", "--bank", damaged, "--out", tmp_path / "out", "--no-render") == 2
+    printed = capsys.readouterr().out
+    assert "scan_pass.onnx" in printed and "refit" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fit_saved_before_the_graph_runs_and_scores_the_same(bank, points, tmp_path):
+    """An older fitted folder (weights only) is exported on reading, with the same scores as the graph."""
+    from detector.manifest import write_manifest
+    from detector.pointmae_runtime import GRAPH_FILE, GRAPH_META
+
+    older = damaged_copy(bank, tmp_path)
+    for name in (GRAPH_FILE, GRAPH_META):
+        (older / "backbone" / name).unlink()
+    write_manifest(older)
+    np.save(tmp_path / "scan.npy", points)
+    for folder, out in ((bank, "now"), (older, "before")):
+        assert run(tmp_path / "scan.npy", "--bank", folder, "--out", tmp_path / out, "--no-render") == 0
+    now, before = (json.loads((tmp_path / o / "scan" / "report.json").read_text()) for o in ("now", "before"))
+    assert now["object_score"] == before["object_score"]
+    assert sorted(p.name for p in (older / "backbone").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_a_fit_without_its_manifest_is_refused_with_a_refit_message(bank, points, tmp_path, capsys):
     damaged = damaged_copy(bank, tmp_path)
     (damaged / MANIFEST_FILE).unlink()
