@@ -127,8 +127,10 @@ def read_backbone(directory: Path, expect: PointMAEConfig, expect_hash: str) -> 
             f"{directory / CONFIG_FILE}: backbone hash {recorded[:12]} differs from the one the bank was "
             f"built with ({expect_hash[:12]}); the bank belongs to another backbone"
         )
-    if not (directory / GRAPH_FILE).is_file():  # a fit from before the graph was stored
-        loaded = onnx_backbone(read_torch_backbone(directory, config, expect_hash))
+    if not (directory / GRAPH_FILE).is_file():  # a fit from before the graph was stored: export it now
+        from detector.pointmae import load_backbone  # checks the weights against the recorded hash
+
+        loaded = onnx_backbone(load_backbone(directory, expect=config))
         loaded.source = directory
         return loaded
     graph = (directory / GRAPH_FILE).read_bytes()
@@ -158,16 +160,3 @@ def onnx_backbone(model: Any) -> OnnxBackbone:
 
     return OnnxBackbone(model.config, backbone_hash(model), export_scan_pass(model), weights=model)
 
-
-def read_torch_backbone(directory: Path, config: PointMAEConfig, expect_hash: str) -> Any:
-    """The torch weights in ``directory``, loaded and hashed (the path for fits without a graph)."""
-    from detector.pointmae import backbone_hash, load_backbone
-
-    model = load_backbone(directory, expect=config)
-    found = backbone_hash(model)
-    if found != expect_hash:
-        raise ValueError(
-            f"{directory}: backbone hash {found[:12]} differs from the one the bank was built with "
-            f"({expect_hash[:12]})"
-        )
-    return model
