@@ -49,3 +49,21 @@ def scan() -> np.ndarray:
 @pytest.fixture(scope="module")
 def analysis(fitted: FittedClass, scan: np.ndarray) -> ScanAnalysis:
     return fitted.analyse(scan)
+
+
+# a tiny Point-MAE trained 3 steps on two spheres, and its exported graph (tests/test_pointmae*.py)
+@pytest.fixture(scope="module")
+def trained():
+    from detector.pointmae_train import train_pointmae
+    from tests.tiny import SPHERE_BACKBONE, sphere
+
+    return train_pointmae(
+        [sphere(2000, 0), sphere(2000, 1)], SPHERE_BACKBONE, steps=3, seed=0, batch_size=2, scale=5.0
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    from detector.pointmae_runtime import onnx_backbone
+
+    return onnx_backbone(trained)

@@ -23,36 +23,8 @@ from detector.pointmae import (
 )
 from detector.pointmae_runtime import OnnxBackbone, onnx_backbone
 from detector.pointmae_train import train_pointmae
-
-TINY = PointMAEConfig(
-    width=32,
-    depth=2,
-    heads=2,
-    decoder_depth=1,
-    decoder_heads=2,
-    embed_dims=(16, 16, 32),
-    group_size=16,
-    num_groups=16,
-    inference_groups=32,
-    feature_layers=(0, 1),
-    drop_path=0.1,
-)
-
-
-def sphere(n: int, seed: int, radius: float = 5.0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    v = rng.normal(size=(n, 3))
-    return (radius * v / np.linalg.norm(v, axis=1, keepdims=True) + [1.0, -2.0, 3.0]).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def trained() -> PointMAE:
-    return train_pointmae([sphere(2000, 0), sphere(2000, 1)], TINY, steps=3, seed=0, batch_size=2, scale=5.0)
-
-
-@pytest.fixture(scope="module")
-def exported(trained: PointMAE) -> OnnxBackbone:
-    return onnx_backbone(trained)
+from tests.tiny import SPHERE_BACKBONE as TINY
+from tests.tiny import sphere
 
 
 # ---------------------------------------------------------------------------------- primitives vs numpy

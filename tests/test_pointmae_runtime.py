@@ -1,5 +1,6 @@
 """Point-MAE as inference runs it: the exported ScanPass on onnxruntime against the torch model's own
-training-time paths, and the checks a saved backbone folder passes before its graph is run."""
+training-time paths, and the checks a saved backbone folder passes before its graph is run (the tiny
+backbone and its graph are conftest's `trained` and `exported`)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,10 @@ import pytest
 import torch
 
 from detector.grouping import covering_masks, group_scan
-from detector.pointmae import PointMAE, backbone_hash, save_backbone
-from detector.pointmae_runtime import GRAPH_FILE, GRAPH_META, OnnxBackbone, onnx_backbone, read_backbone
-from detector.pointmae_train import train_pointmae
-from tests.test_pointmae import TINY, sphere
-
-
-@pytest.fixture(scope="module")
-def model() -> PointMAE:
-    return train_pointmae([sphere(2000, 0), sphere(2000, 1)], TINY, steps=2, seed=1, batch_size=2, scale=5.0)
-
-
-@pytest.fixture(scope="module")
-def exported(model: PointMAE) -> OnnxBackbone:
-    return onnx_backbone(model)
+from detector.pointmae import backbone_hash, save_backbone
+from detector.pointmae_runtime import GRAPH_FILE, GRAPH_META, read_backbone
+from tests.tiny import SPHERE_BACKBONE as TINY
+from tests.tiny import sphere
 
 
 def patches(groups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +26,7 @@ def patches(groups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("groups,rounds", [(32, 2), (21, 3)])  # the patch and round counts are free axes
-def test_graph_gives_what_the_torch_model_computes(model, exported, groups: int, rounds: int) -> None:
+def test_graph_gives_what_the_torch_model_computes(trained, exported, groups: int, rounds: int) -> None:
     neighborhood, centers = patches(groups, seed=groups)
     masks = covering_masks(groups, TINY.mask_ratio, rounds, np.random.default_rng(0))
     visible = np.stack([np.flatnonzero(~m) for m in masks])
@@ -43,11 +34,11 @@ def test_graph_gives_what_the_torch_model_computes(model, exported, groups: int,
     features, errors = exported.run(neighborhood, centers, visible, masked)
     with torch.no_grad():
         nb, ct = torch.from_numpy(neighborhood)[None], torch.from_numpy(centers)[None]
-        tokens = model.embed(nb)
-        _, kept = model.run_encoder(tokens, ct, TINY.feature_layers)
+        tokens = trained.embed(nb)
+        _, kept = trained.run_encoder(tokens, ct, TINY.feature_layers)
         want_features = torch.cat(kept, dim=-1)[0].numpy()
         want_errors = [
-            model.reconstruct_masked(tokens, nb, ct, torch.from_numpy(m)[None])[0].numpy() for m in masks
+            trained.reconstruct_masked(tokens, nb, ct, torch.from_numpy(m)[None])[0].numpy() for m in masks
         ]
     np.testing.assert_allclose(features, want_features, atol=1e-4, rtol=1e-4)
     assert errors is not None and errors.shape == (rounds, masked.shape[1])
@@ -71,8 +62,8 @@ def test_saved_folder_reads_back_and_runs_the_same(exported, tmp_path: Path) -> 
     )
 
 
-def test_folder_without_a_graph_is_exported_on_reading(model, exported, tmp_path: Path) -> None:
-    save_backbone(model, tmp_path)  # a fit from before graphs were stored
+def test_folder_without_a_graph_is_exported_on_reading(trained, exported, tmp_path: Path) -> None:
+    save_backbone(trained, tmp_path)  # a fit from before graphs were stored
     loaded = read_backbone(tmp_path, TINY, exported.identity)
     neighborhood, centers = patches(32, seed=6)
     want = exported.run(neighborhood, centers)[0]

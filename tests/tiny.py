@@ -8,6 +8,8 @@ two-block backbone trained for a few steps keeps each module's fit to a second o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from detector.config import DetectorConfig
@@ -40,3 +42,13 @@ def part_scans(count: int, points: int, seed: int, part: str = "bracket") -> lis
         clean, normals = sample_surface(mesh, points, seed=seed + i)
         out.append(scan_like(clean, normals, seed=seed + 100 + i)[0].astype(np.float32))
     return out
+
+
+# tests/test_pointmae*.py: a backbone trained on spheres (conftest's `trained`)
+SPHERE_BACKBONE = replace(TINY, embed_dims=(16, 16, 32), inference_groups=32, drop_path=0.1)
+
+
+def sphere(n: int, seed: int, radius: float = 5.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=(n, 3))
+    return (radius * v / np.linalg.norm(v, axis=1, keepdims=True) + [1.0, -2.0, 3.0]).astype(np.float32)
