@@ -54,7 +54,14 @@ class Decoder:
         self.last_logits: Any = None
         self.generated = 0  # tokens chosen by the model (argmax or likelihood), not forced
         self._synced_text: str | None = None  # the text `ids`, the cache and last_logits hold
-        self.cache_keyword = cache_keyword(model)
+        self._cache_keyword: str | None = None  # found on the first forward pass (cache_keyword)
+
+    @property
+    def cache_keyword(self) -> str:
+        """The name the model's forward takes the KV cache by (module function cache_keyword)."""
+        if self._cache_keyword is None:
+            self._cache_keyword = cache_keyword(self.model)
+        return self._cache_keyword
 
     def _encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
