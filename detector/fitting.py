@@ -133,6 +133,7 @@ def fit_class(
             if progress is not None:
                 progress("train", step + 1, config.train_steps)
 
+        init_model = init_backbone.torch_model() if isinstance(init_backbone, OnnxBackbone) else init_backbone
         try:
             with torch_threads(TRAIN_THREADS):
                 model = train_pointmae(
@@ -140,7 +141,7 @@ def fit_class(
                     config.backbone,
                     steps=config.train_steps,
                     seed=config.seed,
-                    init=init.torch_model() if isinstance(init := init_backbone, OnnxBackbone) else init,
+                    init=init_model,
                     progress=report,
                     batch_size=config.train_batch,
                     scale=scale,
