@@ -54,6 +54,9 @@ class RegionVerdict:
     confidence: float
     point_count: int
     verdict: str  # "confirmed" | "rejected" | "skipped" (verification budget spent)
+    # a region too large for the budget left is verified on its leading patches only (the agent lists the
+    # likeliest first): these; None when it was verified whole (or skipped)
+    partial_patch_ids: list[int] | None = None
     max_distance: float | None = None
     mean_distance: float | None = None
     threshold: float | None = None
@@ -144,19 +147,33 @@ def _budgeted_regions(
     already: np.ndarray | None = None,
 ) -> tuple[list[tuple[dict, np.ndarray, np.ndarray | None]], np.ndarray]:
     """Regions in confidence order with their points (+margin) while the point budget lasts; None = skipped.
-    Points `already` scored (the agent's bank look-ups) count towards the budget."""
+    Points `already` scored (the agent's bank look-ups) count towards the budget. A region too large for what
+    is left is verified on as many of its leading patches as fit (the region's dict then carries them as
+    "partial_patch_ids"): skipping it whole left a six-patch region naming a defect unverified, and its scan
+    scored as normal."""
     order = sorted(range(len(regions)), key=lambda i: (-float(regions[i].get("confidence", 0.0)), i))
     chosen = np.zeros(len(points), dtype=bool) if already is None else already.copy()
     planned: list[tuple[dict, np.ndarray, np.ndarray | None]] = []
+
+    def fits(candidate: np.ndarray) -> bool:
+        return int(chosen.sum() + (~chosen[candidate]).sum()) <= max_points
+
     for i in order:
         region = regions[i]
-        own = patches.points_of(region["patch_ids"])
+        ids = list(region["patch_ids"])
+        own = patches.points_of(ids)
         grown = _with_margin(points, own, margin)
-        if chosen.sum() + (~chosen[grown]).sum() > max_points:
-            grown = own  # try without margin before giving up on the region
-        if chosen.sum() + (~chosen[grown]).sum() > max_points:
+        if not fits(grown):
+            grown = own  # try without margin before cutting the region
+        leading = len(ids)
+        while leading > 1 and not fits(grown):
+            leading -= 1
+            grown = patches.points_of(ids[:leading])
+        if not fits(grown):
             planned.append((region, own, None))
             continue
+        if leading < len(ids):
+            region = {**region, "partial_patch_ids": [int(p) for p in ids[:leading]]}
         chosen[grown] = True
         planned.append((region, own, grown))
     return planned, chosen
@@ -180,6 +197,7 @@ def _verdicts(
             RegionVerdict(
                 **base,
                 verdict="confirmed" if confirmed else "rejected",
+                partial_patch_ids=region.get("partial_patch_ids"),
                 max_distance=top,
                 mean_distance=float(region_scores.mean()),
                 threshold=None if threshold is None else float(threshold),

@@ -121,6 +121,19 @@ def test_hf_is_deterministic(hf_backend):
     assert first.raw == second.raw and first.tool_calls[0].arguments == second.tool_calls[0].arguments
 
 
+def test_hf_region_ids_are_bounded_by_max_ids(hf_backend):
+    """A region names at most `max_ids` patches, whatever the schema allows (20 here)."""
+    tools = [t for t in FakeToolBox().openai_schemas() if t["function"]["name"] == "report_suspects"]
+    saved = hf_backend.max_ids
+    try:
+        hf_backend.max_ids = 2
+        reply = hf_backend.chat(TASK, tools)
+    finally:
+        hf_backend.max_ids = saved
+    regions = json.loads(reply.tool_calls[0].arguments)["regions"]
+    assert regions and all(1 <= len(r["patch_ids"]) <= 2 for r in regions)
+
+
 def test_hf_free_generation_validity(gguf_path):
     """Unconstrained greedy generation: how often does SmolLM2-135M write a usable tool call by itself?"""
     pytest.importorskip("transformers")

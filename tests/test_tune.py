@@ -15,7 +15,13 @@ from agent.backends.policy import PolicyBackend
 from agent.backends.ranker import RankerBackend, parse_overview_table
 from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.__main__ import main as tune_main
-from agent.tune.episodes import EpisodeConfig, guided_truth, part_episodes, patch_truth
+from agent.tune.episodes import (
+    LOWEST_CONFIDENCE,
+    EpisodeConfig,
+    guided_truth,
+    part_episodes,
+    patch_truth,
+)
 from agent.tune.guidance import PARAPHRASES, make_guidance, paraphrase_ids
 from agent.tune.ranker_fit import fit_ranker, save_ranker
 from scans.bench import discover_sources
@@ -32,6 +38,8 @@ TINY_EPISODES = EpisodeConfig(
     test_share=0.25,
     overview_tokens=1200,
     detector=TINY_FIT,
+    normal_target="lowest",  # the empty target is what guided normal scans get
+    max_target_ids=6,
 )
 
 
@@ -69,11 +77,20 @@ def test_targets_follow_ground_truth_and_guidance(episodes):
         assert call["name"] == "report_suspects"
         regions = json.loads(call["arguments"])["regions"]
         named = [pid for r in regions for pid in r["patch_ids"]]
+        g = e["guidance"]
+        rows = {int(r["id"]): r for r in parse_overview_table(e["messages"][1]["content"])[0]}
+        if e["defect"] is None and g is None:  # a normal scan: its top shown patch, for the bank to clear
+            top = max(rows.values(), key=lambda r: r["cue"])
+            assert regions == [
+                {**regions[0], "patch_ids": [int(top["id"])], "confidence": LOWEST_CONFIDENCE}
+            ]
+            assert e["truth_patches"] == []
+            continue
         assert set(named) <= set(e["truth_patches"])
         assert bool(named) == bool(e["truth_patches"])
+        assert len(named) == min(len(set(e["truth_patches"]) & set(rows)), TINY_EPISODES.max_target_ids)
         if e["defect"] is None:
             assert regions == []
-        g = e["guidance"]
         if g is None:
             assert "GUIDANCE" not in e["messages"][1]["content"]
             continue
@@ -82,7 +99,6 @@ def test_targets_follow_ground_truth_and_guidance(episodes):
         if g["kind"] == "only_kind" and g["defect_kind"] != e["defect"]:
             assert regions == []
         if g["kind"] == "ignore_region":
-            rows = {int(r["id"]): r for r in parse_overview_table(e["messages"][1]["content"])[0]}
             for pid in named:
                 coordinate = rows[pid][g["axis"]]
                 assert not (coordinate > g["value"] if g["above"] else coordinate < g["value"])

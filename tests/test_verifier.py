@@ -77,12 +77,29 @@ def test_agent_lookups_count_towards_the_budget_and_keep_their_bank_scores(fitte
     assert verdicts[(5,)] == "skipped"  # the low-confidence region is dropped, not the budget exceeded
 
 
-def test_regions_past_the_budget_are_skipped_not_overspent(fitted, analysis, patches):
+def test_regions_past_the_budget_are_cut_to_their_leading_patches_not_overspent(fitted, analysis, patches):
     everything = list(range(patches.n_patches))
     v = verify(fitted, analysis, patches, [region(everything, 0.9), region([4], 0.5)], max_fraction=0.2)
     assert v.verified_fraction <= 0.2
+    whole = v.regions[0]
+    assert whole.verdict in ("confirmed", "rejected") and whole.partial_patch_ids
+    leading = whole.partial_patch_ids
+    assert leading == everything[: len(leading)] and len(leading) < len(everything)
+    assert v.verified[patches.points_of(leading)].all()
+    n = len(analysis.points)
+    # as many leading patches as fit: one more would pass the budget
+    assert patches.counts[: len(leading) + 1].sum() > 0.2 * n
+    assert v.regions[1].verdict == "skipped" or 4 in leading
+    with_room = verify(fitted, analysis, patches, [region([4], 0.5)], max_fraction=0.2)
+    assert with_room.regions[0].partial_patch_ids is None  # a region that fits is verified whole
+
+
+def test_a_region_whose_first_patch_does_not_fit_is_skipped(fitted, analysis, patches):
+    biggest = int(np.argmax(patches.counts))
+    share = 0.5 * patches.counts[biggest] / len(analysis.points)
+    v = verify(fitted, analysis, patches, [region([biggest, 0], 0.9)], max_fraction=share)
     assert v.regions[0].verdict == "skipped" and v.regions[0].max_distance is None
-    assert v.regions[1].verdict in ("confirmed", "rejected")
+    assert not v.verified.any()
 
 
 def test_verdict_compares_the_region_maximum_with_the_normal_threshold(fitted, analysis, patches):

@@ -26,8 +26,8 @@ otherwise the tool
   conversation's tool results (so ids cannot be invented); other integers/numbers by greedy decoding
   restricted to digit
   tokens, then clamped to the schema's bounds; strings (reasons) by free greedy decoding, stopped at a quote;
-  arrays item by item, continuing while "," is likelier than "]" (bounded by maxItems and `max_items`).
-  Optional
+  arrays item by item, continuing while "," is likelier than "]" (bounded by maxItems and `max_items`;
+  `max_ids` for a region's patch ids). Optional
   properties without an enum/boolean type keep their defaults. Once `report_after` tool results are in the
   conversation only the terminal tool (report_suspects) may be chosen: a 135M model otherwise keeps looking
   forever. The result is checked against the JSON schema with
@@ -68,6 +68,7 @@ class HFBackend:
         constrained: bool = True,
         max_new_tokens: int = 160,
         max_items: int = 3,
+        max_ids: int = 6,
         max_string_tokens: int = 24,
         max_prompt_tokens: int = 6000,
         patch_ids: list[int] | None = None,
@@ -120,7 +121,8 @@ class HFBackend:
         self.empty_arrays = self.adapter is not None if empty_arrays is None else empty_arrays
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
-        self.max_items = max_items
+        self.max_items = max_items  # items of an array (regions of a report)
+        self.max_ids = max_ids  # patch ids of one region: a defect across several patches needs them all
         self.max_string_tokens = max_string_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.fixed_patch_ids = patch_ids
@@ -231,7 +233,8 @@ class HFBackend:
     def _array(self, dec: Decoder, schema: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
         lo = schema.get("minItems", 0 if self.empty_arrays else 1)
-        hi = min(schema.get("maxItems", self.max_items), max(self.max_items, lo))
+        cap = self.max_ids if field == "patch_ids" else self.max_items
+        hi = min(schema.get("maxItems", cap), max(cap, lo))
         remaining = list(ids) if ids else None
         if field == "patch_ids":
             self._region_ids = []

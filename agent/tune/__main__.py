@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--points", type=int, default=EpisodeConfig.points)
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
     e.add_argument("--verbalization", choices=("compact", "full"), default=EpisodeConfig.verbalization)
+    e.add_argument(
+        "--max-target-ids", type=int, default=EpisodeConfig.max_target_ids, help="patch ids a target names"
+    )
+    e.add_argument(
+        "--normal-target",
+        choices=("empty", "lowest"),
+        default=EpisodeConfig.normal_target,
+        help="a normal scan's target: an empty report, or its top patch at the lowest confidence",
+    )
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
     pose = e.add_mutually_exclusive_group()
     pose.add_argument(
@@ -89,6 +98,8 @@ def make_episodes(args: argparse.Namespace) -> int:
         overview_tokens=args.overview_tokens,
         verbalization=args.verbalization,
         register=args.register,
+        max_target_ids=args.max_target_ids,
+        normal_target=args.normal_target,
     )
     if args.parts:
         config = replace(config, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()))

@@ -10,7 +10,8 @@ schemas as `agent.run`), and the target is the `report_suspects` call naming the
 by
 ground truth (a patch counts when at least `patch_label_share` of its points are labelled), with a reason from
 the
-patch's own statistics and a confidence from its cue. A normal scan's target is an empty report. Guided
+patch's own statistics and a confidence from its cue. A normal scan's target is an empty report, or its
+highest-cue patch at the lowest confidence (`EpisodeConfig.normal_target`: the bank then clears it). Guided
 episodes
 (`agent.tune.guidance`) add operator guidance to the overview and change the target to match.
 
@@ -61,7 +62,15 @@ class EpisodeConfig:
     overview_tokens: int = 3000  # sets the patch count, as agent.run's default budget does
     verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
     patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
-    max_target_ids: int = 3  # patch ids per target region (the hf decoder writes at most max_items)
+    # patch ids per target region (the hf decoder writes at most its max_ids). 6 with normal_target "lowest"
+    # trained a worse adapter than the shipped one (3, "empty"): region recall 0.78 against 0.82 on the dev
+    # benchmark (README, ninth session), so the defaults stay those of the shipped recipe
+    max_target_ids: int = 3
+    # an unguided normal scan's target: "empty" an empty report; "lowest" its highest-cue shown patch at the
+    # lowest confidence, for the verifier's bank to clear (the overview's z-scores are against the scan's own
+    # patches, so its text cannot tell a normal scan from a defective one, and an adapter taught "empty" left
+    # one defective dev-bench scan unreported)
+    normal_target: str = "empty"
     register: bool | None = None  # None: each part's fit decides (agent.fit's default)
     seed: int = 0
     detector: DetectorConfig = field(default_factory=lambda: DetectorConfig(train_steps=100, bank_views=2))
@@ -147,12 +156,19 @@ def shown_patches(messages: list[dict]) -> tuple[set[int], set[str]]:
     return {int(r["id"]) for r in rows}, {k for r in rows for k in r}
 
 
+LOWEST_CONFIDENCE = 0.5  # confidence_for's floor: "worth a look, nothing stands out"
+
+
 def target_report(
-    table: PatchTable, patch_ids: list[int], max_ids: int, columns: set[str] | None = None
+    table: PatchTable,
+    patch_ids: list[int],
+    max_ids: int,
+    columns: set[str] | None = None,
+    confidence: float | None = None,
 ) -> dict:
     """The assistant message calling report_suspects on `patch_ids` (one region, highest cue first), or an
-    empty
-    report when there are none. Keys are in the schema's order, as the constrained hf decoder writes them."""
+    empty report when there are none; `confidence` overrides the cue's. Keys are in the schema's order, as the
+    constrained hf decoder writes them."""
     cue = table.columns["cue"]
     ranked = sorted(patch_ids, key=lambda i: (-float(cue[i]), i))[:max_ids]
     regions = []
@@ -161,7 +177,7 @@ def target_report(
             {
                 "patch_ids": ranked,
                 "reason": reason_for(table, ranked[0], columns=columns),
-                "confidence": confidence_for(float(cue[ranked[0]])),
+                "confidence": confidence_for(float(cue[ranked[0]])) if confidence is None else confidence,
             }
         )
     arguments = json.dumps({"regions": regions})
@@ -325,6 +341,12 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
         ):  # the patching does not depend on the guidance: only the overview's text changes
             messages = conversation(guidance)[3]
         wanted = guided_truth(table, truth, scan.defect, guidance)
+        named, confidence = [i for i in wanted if i in shown], None
+        if not truth and guidance is None and config.normal_target == "lowest" and shown:
+            cue = table.columns["cue"]
+            named, confidence = [max(shown, key=lambda i: (float(cue[i]), -i))], LOWEST_CONFIDENCE
+        elif config.normal_target not in ("lowest", "empty"):
+            raise ValueError(f"normal_target must be lowest or empty, got {config.normal_target!r}")
         yield Episode(
             id=scan.name if guidance is None else f"{scan.name}_g{g}",
             scan=scan.name,
@@ -334,9 +356,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
             guidance=guidance,
             messages=messages,
             tools=tools,
-            target=target_report(
-                table, [i for i in wanted if i in shown], config.max_target_ids, columns=columns
-            ),
+            target=target_report(table, named, config.max_target_ids, columns=columns, confidence=confidence),
             truth_patches=wanted,
             n_patches=int(patches.n_patches),
         )
