@@ -114,9 +114,14 @@ def check_phrase(region: dict, mode: str) -> str:
     if mode != "bank":
         return f"{region['verdict']}: {top / limit:.2f}x the typical distance to the scan's own far patches"
     within = " (within normal)" if region["verdict"] == "rejected" else ""
-    return (
-        f"{region['verdict']} by the memory bank: {top / limit:.2f}x the class's normal patch limit{within}"
+    partial = region.get("partial_patch_ids")
+    part = (
+        f" on its first {len(partial)} of {len(region['patch_ids'])} patches (the budget held no more)"
+        if partial
+        else ""
     )
+    ratio = f"{top / limit:.2f}x the class's normal patch limit{within}"
+    return f"{region['verdict']} by the memory bank{part}: {ratio}"
 
 
 def region_explanation(region: dict, table: PatchTable, mode: str) -> str:

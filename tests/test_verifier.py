@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.explain import check_phrase
 from agent.verifier import verify, verify_zero_shot
 from verbalize import describe_scan
 
@@ -90,6 +91,8 @@ def test_regions_past_the_budget_are_cut_to_their_leading_patches_not_overspent(
     # as many leading patches as fit: one more would pass the budget
     assert patches.counts[: len(leading) + 1].sum() > 0.2 * n
     assert v.regions[1].verdict == "skipped" or 4 in leading
+    words = check_phrase(whole.to_dict(), "bank")
+    assert f"on its first {len(leading)} of {len(everything)} patches" in words
     with_room = verify(fitted, analysis, patches, [region([4], 0.5)], max_fraction=0.2)
     assert with_room.regions[0].partial_patch_ids is None  # a region that fits is verified whole
 
