@@ -63,6 +63,13 @@ def test_episodes_refuse_a_benchmark_class(tmp_path, capsys):
     assert not (tmp_path / "eps").exists()
 
 
+def test_episodes_refuse_a_target_of_no_ids(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tune_main(["episodes", "--out", str(tmp_path / "eps"), "--max-target-ids", "0"])
+    assert stop.value.code == 2 and "--max-target-ids" in capsys.readouterr().err
+    assert not (tmp_path / "eps").exists()
+
+
 def test_episodes_are_deterministic(episodes):
     again = [json.loads(e.to_json()) for e in part_episodes("tee_plate", TINY_EPISODES)]
     assert again == episodes
@@ -81,9 +88,7 @@ def test_targets_follow_ground_truth_and_guidance(episodes):
         rows = {int(r["id"]): r for r in parse_overview_table(e["messages"][1]["content"])[0]}
         if e["defect"] is None and g is None:  # a normal scan: its top shown patch, for the bank to clear
             top = max(rows.values(), key=lambda r: r["cue"])
-            assert regions == [
-                {**regions[0], "patch_ids": [int(top["id"])], "confidence": LOWEST_CONFIDENCE}
-            ]
+            assert regions == [{**regions[0], "patch_ids": [int(top["id"])], "confidence": LOWEST_CONFIDENCE}]
             assert e["truth_patches"] == []
             continue
         assert set(named) <= set(e["truth_patches"])

@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable
-from agent.cli_args import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, run_cli, stderr_say
+from agent.cli_args import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, positive_int, run_cli, stderr_say
 from agent.tune.episodes import EPISODES_FILE, MANIFEST_FILE, EpisodeConfig, part_episodes, read_episodes
 
 
@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
     e.add_argument("--verbalization", choices=("compact", "full"), default=EpisodeConfig.verbalization)
     e.add_argument(
-        "--max-target-ids", type=int, default=EpisodeConfig.max_target_ids, help="patch ids a target names"
+        "--max-target-ids",
+        type=positive_int,
+        default=EpisodeConfig.max_target_ids,
+        help="patch ids a target names",
     )
     e.add_argument(
         "--normal-target",
