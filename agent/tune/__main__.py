@@ -23,7 +23,14 @@ from pathlib import Path
 
 from agent.backends.base import BackendUnavailable
 from agent.cli_args import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, positive_int, run_cli, stderr_say
-from agent.tune.episodes import EPISODES_FILE, MANIFEST_FILE, EpisodeConfig, part_episodes, read_episodes
+from agent.tune.episodes import (
+    EPISODES_FILE,
+    MANIFEST_FILE,
+    NORMAL_TARGETS,
+    EpisodeConfig,
+    part_episodes,
+    read_episodes,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--normal-target",
-        choices=("empty", "lowest"),
+        choices=NORMAL_TARGETS,
         default=EpisodeConfig.normal_target,
         help="a normal scan's target: an empty report, or its top patch at the lowest confidence",
     )

@@ -46,6 +46,7 @@ from scans.training_parts import TRAINING_PARTS, training_mesh
 EPISODES_FILE = "episodes.jsonl"
 MANIFEST_FILE = "manifest.json"
 REASON_COLUMNS_PREFIX = "z_"
+NORMAL_TARGETS = ("empty", "lowest")  # EpisodeConfig.normal_target
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class EpisodeConfig:
     register: bool | None = None  # None: each part's fit decides (agent.fit's default)
     seed: int = 0
     detector: DetectorConfig = field(default_factory=lambda: DetectorConfig(train_steps=100, bank_views=2))
+
+    def __post_init__(self) -> None:
+        if self.normal_target not in NORMAL_TARGETS:
+            raise ValueError(f"normal_target must be one of {NORMAL_TARGETS}, got {self.normal_target!r}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -341,12 +346,10 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
         ):  # the patching does not depend on the guidance: only the overview's text changes
             messages = conversation(guidance)[3]
         wanted = guided_truth(table, truth, scan.defect, guidance)
-        named, confidence = [i for i in wanted if i in shown], None
-        if not truth and guidance is None and config.normal_target == "lowest" and shown:
-            cue = table.columns["cue"]
-            named, confidence = [max(shown, key=lambda i: (float(cue[i]), -i))], LOWEST_CONFIDENCE
-        elif config.normal_target not in ("lowest", "empty"):
-            raise ValueError(f"normal_target must be lowest or empty, got {config.normal_target!r}")
+        named, limit, confidence = [i for i in wanted if i in shown], config.max_target_ids, None
+        if not truth and guidance is None and config.normal_target == "lowest":
+            # target_report ranks by cue: its first shown patch, at the lowest confidence
+            named, limit, confidence = sorted(shown), 1, LOWEST_CONFIDENCE
         yield Episode(
             id=scan.name if guidance is None else f"{scan.name}_g{g}",
             scan=scan.name,
@@ -356,7 +359,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
             guidance=guidance,
             messages=messages,
             tools=tools,
-            target=target_report(table, named, config.max_target_ids, columns=columns, confidence=confidence),
+            target=target_report(table, named, limit, columns=columns, confidence=confidence),
             truth_patches=wanted,
             n_patches=int(patches.n_patches),
         )
