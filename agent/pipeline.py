@@ -31,7 +31,7 @@ from scans.outliers import robust_radius_mean
 from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
-from verbalize.compact import render_compact_overview, render_compact_system
+from verbalize.compact import COMPACT_ROWS, render_compact_overview, render_compact_system
 
 VerifyMode = Literal["suspects", "all"]
 Verbalization = Literal["full", "compact"]
@@ -51,6 +51,9 @@ class InspectionConfig:
     # "compact": the short overview and system prompt for small models (verbalize.compact); a backend that
     # declares `verbalization` (the hf backend, the ranker) gets its own
     verbalization: Verbalization = "full"
+    # rows of the compact overview; a backend that declares `compact_rows` (an adapter's recipe, the ranker's
+    # model) gets the count it was trained on: the shipped adapter, trained on 8, reports nothing on 12
+    compact_rows: int = COMPACT_ROWS
     budget: AgentBudget = field(default_factory=AgentBudget)
     seed: int = 0
 
@@ -250,7 +253,9 @@ def build_conversation(
     toolbox = make_toolbox()
     if config.verbalization == "compact":
         system = render_compact_system(templates=config.templates)
-        overview = render_compact_overview(table, config.guidance, templates=config.templates)
+        overview = render_compact_overview(
+            table, config.guidance, rows=config.compact_rows, templates=config.templates
+        )
     else:
         system = render_system(toolbox.tools_summary(), templates=config.templates)
         overview = render_overview(table, config.guidance, config.token_budget, templates=config.templates)
@@ -292,7 +297,10 @@ def inspect_scan(
         else overview_token_budget(config.token_budget, context_window(backend, config.budget))
     )
     template_errors: list[jinja2.TemplateError] = []
-    spoken = replace(config, token_budget=overview_budget, verbalization=verbalization)
+    rows = getattr(backend, "compact_rows", None) or config.compact_rows
+    spoken = replace(
+        config, token_budget=overview_budget, verbalization=verbalization, compact_rows=rows
+    )
     patches, table, make_toolbox, messages = build_conversation(
         pts, fitted, analysis, spoken, scored, template_errors
     )

@@ -4,6 +4,7 @@ tuned hf adapter's command-line contract (`agent.run --adapter`)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -14,7 +15,12 @@ from agent.backends.ranker import parse_overview_table
 from agent.pipeline import InspectionConfig, build_conversation, inspect_scan
 from scans.io import write_pcd
 from verbalize import describe_scan, estimate_tokens, render_overview
-from verbalize.compact import COMPACT_ROWS, COMPACT_TOKEN_BUDGET, render_compact_overview
+from verbalize.compact import (
+    COMPACT_ROWS,
+    COMPACT_TOKEN_BUDGET,
+    compact_token_budget,
+    render_compact_overview,
+)
 
 
 def _scan(n: int = 30_000, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -63,6 +69,20 @@ def test_compact_overview_is_at_most_1024_model_tokens(table):
     assert len(tokenizer(text)["input_ids"]) <= 1024
 
 
+def test_more_rows_get_a_larger_budget_and_are_all_shown(table):
+    assert table.n_patches > 12
+    rows, _ = parse_overview_table(render_compact_overview(table, rows=12))
+    assert len(rows) == 12
+    cue = table.columns["cue"]
+    assert [int(r["id"]) for r in rows] == np.argsort(-cue, kind="stable")[:12].tolist()
+    assert compact_token_budget(COMPACT_ROWS) == COMPACT_TOKEN_BUDGET < compact_token_budget(12)
+    eight_rows = estimate_tokens(render_compact_overview(table, rows=8))
+    squeezed = render_compact_overview(table, rows=12, token_budget=eight_rows)
+    assert len(parse_overview_table(squeezed)[0]) == 8  # an explicit budget still drops rows to fit
+    with pytest.raises(ValueError, match="at least one row"):
+        render_compact_overview(table, rows=0)
+
+
 def test_a_small_statistic_that_never_varies_is_left_out(table):
     constant = describe_scan(*_with_constant_stat(), token_budget=3000)[1]
     header = next(line for line in render_compact_overview(constant).splitlines() if line.startswith("id "))
@@ -78,6 +98,10 @@ class CompactReader(PolicyBackend):
     verbalization = "compact"
 
 
+class TwelveRowReader(CompactReader):
+    compact_rows = 12  # as an adapter's recipe or a ranker model trained on 12-row overviews declares
+
+
 def test_a_backend_that_reads_the_compact_overview_gets_it(fitted, scan, analysis):
     config = InspectionConfig(token_budget=3000, verbalization="compact")
     _, _, _, messages = build_conversation(scan, fitted, analysis, config, np.zeros(len(scan), dtype=bool))
@@ -86,6 +110,20 @@ def test_a_backend_that_reads_the_compact_overview_gets_it(fitted, scan, analysi
     full = inspect_scan(scan, fitted, PolicyBackend(), config=InspectionConfig(), analysis=analysis)
     compact = inspect_scan(scan, fitted, CompactReader(), config=InspectionConfig(), analysis=analysis)
     assert compact.patches.n_patches == full.patches.n_patches  # same patches, a shorter text
+
+
+def test_a_backend_trained_on_more_rows_gets_them(fitted, scan, analysis, tmp_path):
+    transcripts = {}
+    for backend in (CompactReader(), TwelveRowReader()):
+        path = tmp_path / f"{type(backend).__name__}.jsonl"
+        config = InspectionConfig()
+        inspect_scan(scan, fitted, backend, config=config, analysis=analysis, transcript_path=path)
+        transcripts[type(backend).__name__] = path.read_text()
+    shown = {}
+    for name, text in transcripts.items():
+        start = next(json.loads(line) for line in text.splitlines() if "messages" in json.loads(line))
+        shown[name] = len(parse_overview_table(start["messages"][1]["content"])[0])
+    assert shown == {"CompactReader": COMPACT_ROWS, "TwelveRowReader": 12}
 
 
 # -- agent.run --adapter

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from agent.backends.base import BackendUnavailable
 from agent.backends.policy import PolicyBackend
 from agent.backends.ranker import RankerBackend, parse_overview_table
 from agent.pipeline import InspectionConfig, inspect_scan
@@ -40,6 +41,7 @@ TINY_EPISODES = EpisodeConfig(
     detector=TINY_FIT,
     normal_target="lowest",  # the empty target is what guided normal scans get
     max_target_ids=6,
+    compact_rows=6,  # not the default: the overviews must show what the config asks for
 )
 
 
@@ -63,10 +65,11 @@ def test_episodes_refuse_a_benchmark_class(tmp_path, capsys):
     assert not (tmp_path / "eps").exists()
 
 
-def test_episodes_refuse_a_target_of_no_ids(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--max-target-ids", "--compact-rows"])
+def test_episodes_refuse_a_count_of_zero(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as stop:
-        tune_main(["episodes", "--out", str(tmp_path / "eps"), "--max-target-ids", "0"])
-    assert stop.value.code == 2 and "--max-target-ids" in capsys.readouterr().err
+        tune_main(["episodes", "--out", str(tmp_path / "eps"), flag, "0"])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "eps").exists()
 
 
@@ -177,7 +180,19 @@ def test_ranker_trains_and_ranks_a_planted_anomaly_first(tmp_path, rng):
 def test_ranker_reads_the_real_overview(episodes):
     for e in episodes:
         rows, total = parse_overview_table(e["messages"][1]["content"])
-        assert len(rows) == min(e["n_patches"], COMPACT_ROWS) and total is not None
+        assert len(rows) == min(e["n_patches"], TINY_EPISODES.compact_rows) and total is not None
+    assert TINY_EPISODES.compact_rows != COMPACT_ROWS
+
+
+def test_the_ranker_keeps_the_row_count_it_was_trained_on(tmp_path, rng):
+    train = [_planted_episode(rng, int(rng.integers(12)) if i % 4 else None) for i in range(12)]
+    path = save_ranker(fit_ranker(train, verbalization="compact", compact_rows=12), tmp_path)
+    assert RankerBackend(model=path).compact_rows == 12
+    data = json.loads(path.read_text())
+    data["compact_rows"] = 0
+    path.write_text(json.dumps(data))
+    with pytest.raises(BackendUnavailable, match="compact_rows"):
+        RankerBackend(model=path)
 
 
 class CompactPolicy(PolicyBackend):
@@ -195,7 +210,6 @@ def test_a_backend_trained_on_a_compact_overview_gets_it(fitted, scan, analysis)
 # --------------------------------
 @pytest.fixture(scope="module")
 def base_backend():
-    from agent.backends.base import BackendUnavailable
     from agent.backends.hf_backend import HFBackend
 
     try:
@@ -233,7 +247,8 @@ def _train(tmp_path, episodes, base_backend, method: str, steps: int):
     folder = tmp_path / "episodes"
     folder.mkdir(exist_ok=True)
     (folder / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in short))
-    (folder / "manifest.json").write_text(json.dumps({"config": {"overview_tokens": 1200}}))
+    manifest = {"config": {"overview_tokens": 1200, "compact_rows": TINY_EPISODES.compact_rows}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / method
     recipe = train_adapter(
         folder,
@@ -255,6 +270,7 @@ def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_pat
     before = _last_logits(base_backend, text)
     out, recipe, _ = _train(tmp_path, episodes, base_backend, "lora", steps=2)
     assert recipe["steps_done"] == 2 and recipe["overview_tokens"] == 1200
+    assert recipe["compact_rows"] == TINY_EPISODES.compact_rows  # the overview it learned on, kept
     assert {"adapter_config.json", "adapter_model.safetensors", "recipe.json", "SHA256SUMS"} <= {
         p.name for p in out.iterdir()
     }
@@ -266,13 +282,13 @@ def test_two_lora_steps_write_a_loadable_adapter_that_changes_the_logits(tmp_pat
     assert "More Information Needed" not in card and recipe["episodes_sha256"] in card
     assert "README.md" in (out / "SHA256SUMS").read_text()
     tuned = HFBackend(threads=1, adapter=str(out))
-    assert tuned.overview_tokens == 1200
+    assert tuned.overview_tokens == 1200 and tuned.compact_rows == TINY_EPISODES.compact_rows
     after = _last_logits(tuned, text)
     assert float((after - before).abs().max()) > 1e-4
     # trained on the report decision alone (the default target) it reports at once; the base model after 3
     assert recipe["config"]["target"] == "decisions" and tuned.report_after == 0
     base = HFBackend(threads=1, adapter="none")
-    assert base.adapter is None and base.report_after == 3
+    assert base.adapter is None and base.report_after == 3 and base.compact_rows is None
     # it never learned to write a reason, so a region's reason quotes the overview row of its first patch
     assert tuned.reasons == "statistics" and base.reasons == "model"
     tuned.empty_arrays = False  # made to name a region, so there is a reason to check
@@ -370,3 +386,29 @@ def test_choices_scored_over_a_prefix_tree_match_full_recomputation(base_backend
     fresh.flush()
     assert dec.cache.get_seq_length() == len(dec.ids) == len(fresh.ids)
     assert float((dec.last_logits - fresh.last_logits).abs().max()) < 1e-3
+
+
+def test_train_tunes_the_base_model_not_the_shipped_adapter(tmp_path, episodes, monkeypatch):
+    """A LoRA trained on top of the shipped adapter (merged into the weights) is a delta that means nothing
+    on the base model it is loaded onto: until this was caught, retrained adapters behaved like the base."""
+    import agent.backends.hf_backend as hf_backend
+    import agent.tune.train as train_module
+
+    built: list[dict] = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+    def fake_train(episodes_dir, out, config, *, episodes, backend_factory, progress=None):
+        backend_factory()
+        return {"steps_done": 0, "seconds": 0.0, "loss_last10": []}
+
+    monkeypatch.setattr(hf_backend, "HFBackend", Recorder)
+    monkeypatch.setattr(train_module, "train_adapter", fake_train)
+    monkeypatch.setattr(train_module, "adapter_digest", lambda out: "")
+    folder = tmp_path / "episodes"
+    folder.mkdir()
+    (folder / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    assert tune_main(["train", "--episodes", str(folder), "--out", str(tmp_path / "lora")]) == 0
+    assert built and built[0].get("adapter") == "none"

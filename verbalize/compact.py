@@ -34,8 +34,9 @@ from verbalize.render import (
     estimate_tokens,
 )
 
-COMPACT_ROWS = 8  # patches shown; the rest are summarised by their largest cue
-COMPACT_TOKEN_BUDGET = 512  # overview budget (estimate_tokens) without guidance; rows are dropped to fit
+COMPACT_ROWS = 8  # patches shown by default; the rest are summarised by their largest cue
+COMPACT_TOKEN_BUDGET = 512  # budget (estimate_tokens) of a COMPACT_ROWS overview without guidance
+COMPACT_ROW_TOKENS = 48  # budget added per row beyond COMPACT_ROWS (a row of 13 columns is ~35-40)
 GEOMETRY_COLUMNS = ("z_curvature", "z_roughness", "z_spacing")
 
 
@@ -49,17 +50,27 @@ def compact_columns(table: PatchTable, rows: list[int]) -> list[str]:
     return ["x", "y", "z", *GEOMETRY_COLUMNS, *stats, "cue"]
 
 
+def compact_token_budget(rows: int) -> int:
+    """The overview budget for `rows` rows: rows are dropped only when a wide table (many varying
+    statistics) would not fit."""
+    return COMPACT_TOKEN_BUDGET + COMPACT_ROW_TOKENS * max(0, rows - COMPACT_ROWS)
+
+
 def render_compact_overview(
     table: PatchTable,
     guidance: str | None = None,
     rows: int = COMPACT_ROWS,
-    token_budget: int = COMPACT_TOKEN_BUDGET,
+    token_budget: int | None = None,
     *,
     templates: str | Path | None = None,
     count_tokens: TokenCounter | None = None,
 ) -> str:
     """The compact overview (module docstring): at most `rows` patches, fewer if the text would exceed
-    `token_budget`; the guidance has its own share of the budget on top, as in the full overview."""
+    `token_budget` (default `compact_token_budget(rows)`); the guidance has its own share of the budget on
+    top, as in the full overview."""
+    if rows < 1:
+        raise ValueError(f"a compact overview needs at least one row, got {rows}")
+    token_budget = compact_token_budget(rows) if token_budget is None else token_budget
     count = count_tokens or estimate_tokens
     template = environment(templates).get_template("overview_compact.j2")
     cue = table.columns["cue"]

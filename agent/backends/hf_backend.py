@@ -55,6 +55,17 @@ from agent.backends.overview import overview_text, parse_overview_table, row_rea
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
 
 
+def _positive_or_none(value: object, name: str) -> int | None:
+    """A recipe's count (None when absent); anything else than a positive integer is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BackendUnavailable(
+            f"hf backend: the adapter recipe's {name} must be a positive integer, got {value!r}"
+        )
+    return value
+
+
 class HFBackend:
     name = "hf"
     uses_guidance = True  # the guidance is part of the prompt the model reads
@@ -117,6 +128,8 @@ class HFBackend:
             raise BackendUnavailable(
                 f"hf backend: verbalization must be compact or full, got {verbalization!r}"
             )
+        # the compact overview's rows it was trained on (agent.pipeline reads it); None = the default 8
+        self.compact_rows: int | None = _positive_or_none(self.recipe.get("compact_rows"), "compact_rows")
         # arrays without minItems may be empty (an empty report); off for the base model, as it was measured
         self.empty_arrays = self.adapter is not None if empty_arrays is None else empty_arrays
         self.constrained = constrained

@@ -55,6 +55,10 @@ class RankerModel:
         self.intercept = float(data["intercept"])
         self.threshold = float(data["threshold"])
         self.verbalization = str(data.get("verbalization", "full"))  # the overview it was trained on
+        rows = data.get("compact_rows")  # and its row count (None: the default)
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"{source}: compact_rows must be a positive integer, got {rows!r}")
+        self.compact_rows: int | None = rows
         if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
             raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
 
@@ -92,6 +96,7 @@ class RankerBackend:
         self.target_share = target_share
         self.max_ids = max_ids
         self.verbalization = self.model.verbalization  # agent.pipeline gives it the overview it learned on
+        self.compact_rows = self.model.compact_rows
 
     def ranked(self, messages: list[dict]) -> list[tuple[int, float, dict[str, float]]]:
         """(patch id, probability, row) of every shown patch, most likely first."""

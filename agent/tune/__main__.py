@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overview-tokens", type=int, default=EpisodeConfig.overview_tokens)
     e.add_argument("--verbalization", choices=("compact", "full"), default=EpisodeConfig.verbalization)
     e.add_argument(
+        "--compact-rows",
+        type=positive_int,
+        default=EpisodeConfig.compact_rows,
+        help="patches the compact overview shows",
+    )
+    e.add_argument(
         "--max-target-ids",
         type=positive_int,
         default=EpisodeConfig.max_target_ids,
@@ -109,6 +115,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         verbalization=args.verbalization,
         register=args.register,
         max_target_ids=args.max_target_ids,
+        compact_rows=args.compact_rows,
         normal_target=args.normal_target,
     )
     if args.parts:
@@ -164,8 +171,14 @@ def train(args: argparse.Namespace) -> int:
 
         manifest_path = args.episodes / MANIFEST_FILE
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        verbalization = manifest.get("config", {}).get("verbalization", "full")
-        path = save_ranker(fit_ranker(episodes, seed=args.seed, verbalization=verbalization), args.out)
+        config = manifest.get("config", {})
+        model = fit_ranker(
+            episodes,
+            seed=args.seed,
+            verbalization=config.get("verbalization", "full"),
+            compact_rows=config.get("compact_rows"),
+        )
+        path = save_ranker(model, args.out)
         print(json.dumps({"out": str(path)}))
         return EXIT_OK
     from agent.backends.hf_backend import HFBackend
@@ -187,7 +200,9 @@ def train(args: argparse.Namespace) -> int:
         args.out,
         config,
         episodes=episodes,
-        backend_factory=lambda: HFBackend(threads=args.threads, seed=args.seed),
+        # the base model: a default HFBackend loads the shipped adapter merged into the weights, and a LoRA
+        # trained on top of it is a delta that means nothing on the base it is loaded onto
+        backend_factory=lambda: HFBackend(threads=args.threads, seed=args.seed, adapter="none"),
         progress=lambda line: print(line, file=sys.stderr),
     )
     print(

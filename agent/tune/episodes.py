@@ -42,6 +42,7 @@ from scans.defects import DEFECT_TYPES, make_defect
 from scans.parts import extent, sample_surface, scan_like
 from scans.patches import Patches, PatchTable
 from scans.training_parts import TRAINING_PARTS, training_mesh
+from verbalize.compact import COMPACT_ROWS
 
 EPISODES_FILE = "episodes.jsonl"
 MANIFEST_FILE = "manifest.json"
@@ -62,6 +63,7 @@ class EpisodeConfig:
     guided_per_scan: int = 1  # extra guided episodes per scan (same analysis, other overview)
     overview_tokens: int = 3000  # sets the patch count, as agent.run's default budget does
     verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
+    compact_rows: int = COMPACT_ROWS  # patches the compact overview shows (the adapter's recipe records it)
     patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
     # patch ids per target region (the hf decoder writes at most its max_ids). 6 with normal_target "lowest"
     # trained a worse adapter than the shipped one (3, "empty"): region recall 0.78 against 0.82 on the dev
@@ -79,6 +81,8 @@ class EpisodeConfig:
     def __post_init__(self) -> None:
         if self.normal_target not in NORMAL_TARGETS:
             raise ValueError(f"normal_target must be one of {NORMAL_TARGETS}, got {self.normal_target!r}")
+        if self.compact_rows < 1 or self.max_target_ids < 1:
+            raise ValueError("compact_rows and max_target_ids must be at least 1")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -325,6 +329,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
         inspect = InspectionConfig(
             token_budget=config.overview_tokens,
             verbalization=config.verbalization,  # type: ignore[arg-type]
+            compact_rows=config.compact_rows,
             seed=config.seed,
             guidance=guidance.text if guidance else None,
         )

@@ -42,9 +42,16 @@ def ranker_dataset(episodes: list[dict]) -> tuple[list[str], np.ndarray, np.ndar
     return names, x, np.array(labels, dtype=np.int64)
 
 
-def fit_ranker(episodes: list[dict], *, seed: int = 0, c: float = 1.0, verbalization: str = "full") -> dict:
+def fit_ranker(
+    episodes: list[dict],
+    *,
+    seed: int = 0,
+    c: float = 1.0,
+    verbalization: str = "full",
+    compact_rows: int | None = None,
+) -> dict:
     """The ranker model (a JSON-ready dict) fitted on `episodes`, whose overviews are `verbalization` ones
-    (the backend asks for the same at inference)."""
+    with `compact_rows` rows when compact (the backend asks for the same at inference)."""
     names, x, y = ranker_dataset(episodes)
     if y.min() == y.max():
         raise ValueError("the ranker needs both defect and normal patches among the training episodes")
@@ -64,6 +71,7 @@ def fit_ranker(episodes: list[dict], *, seed: int = 0, c: float = 1.0, verbaliza
         "intercept": float(model.intercept_[0]),
         "threshold": threshold,
         "verbalization": verbalization,
+        "compact_rows": compact_rows,
         "trained_on": {"patches": len(y), "defect_patches": int(y.sum()), "seed": seed, "C": c},
     }
 

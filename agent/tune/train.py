@@ -220,6 +220,7 @@ def train_adapter(
         "episodes_sha256": episodes_hash(episodes_dir),
         "overview_tokens": manifest.get("config", {}).get("overview_tokens"),
         "verbalization": manifest.get("config", {}).get("verbalization", "full"),
+        "compact_rows": manifest.get("config", {}).get("compact_rows"),  # None: episodes made before the flag
         "base_model": os.path.basename(str(backend.source)),
         "seconds": round(time.perf_counter() - started, 1),
         # CPU time of the training loop (all threads): with 2 free cores, wall time is about half of it
