@@ -65,9 +65,9 @@ class EpisodeConfig:
     verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
     compact_rows: int = COMPACT_ROWS  # patches the compact overview shows (the adapter's recipe records it)
     patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
-    # patch ids per target region (the hf decoder writes at most its max_ids). 6 with normal_target "lowest"
-    # trained a worse adapter than the shipped one (3, "empty"): region recall 0.78 against 0.82 on the dev
-    # benchmark (README, ninth session), so the defaults stay those of the shipped recipe
+    # patch ids per target region (the hf decoder writes at most its max_ids); 3 is the shipped recipe's. The
+    # ninth session's run with 6 and normal_target "lowest" says nothing either way: it was trained on top of
+    # the shipped adapter (a bug in agent.tune train, fixed in the tenth session)
     max_target_ids: int = 3
     # an unguided normal scan's target: "empty" an empty report; "lowest" its highest-cue shown patch at the
     # lowest confidence, for the verifier's bank to clear (the overview's z-scores are against the scan's own
