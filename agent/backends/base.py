@@ -77,6 +77,16 @@ class Backend(Protocol):
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply: ...
 
 
+def recorded_count(value: object, source: str, name: str) -> int | None:
+    """A row or id count read from a trained model's file (an adapter recipe, a ranker model): None when the
+    file predates it, else a positive integer; anything else is refused, naming the file and the field."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {name} must be a positive integer, got {value!r}")
+    return value
+
+
 def sole_tool(tools: list[dict], configured: Any) -> str | None:
     """The tool's name when exactly one tool is offered under tool_choice "auto", else None.
 

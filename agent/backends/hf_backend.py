@@ -46,24 +46,13 @@ import threading
 import time
 import types
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
 from agent.backends.overview import overview_text, parse_overview_table, row_reason
 
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
-
-
-def _positive_or_none(value: object, name: str) -> int | None:
-    """A recipe's count (None when absent); anything else than a positive integer is refused."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BackendUnavailable(
-            f"hf backend: the adapter recipe's {name} must be a positive integer, got {value!r}"
-        )
-    return value
 
 
 class HFBackend:
@@ -129,7 +118,12 @@ class HFBackend:
                 f"hf backend: verbalization must be compact or full, got {verbalization!r}"
             )
         # the compact overview's rows it was trained on (agent.pipeline reads it); None = the default 8
-        self.compact_rows: int | None = _positive_or_none(self.recipe.get("compact_rows"), "compact_rows")
+        try:
+            self.compact_rows = recorded_count(
+                self.recipe.get("compact_rows"), f"hf backend: the recipe of {self.adapter}", "compact_rows"
+            )
+        except ValueError as err:
+            raise BackendUnavailable(str(err)) from None
         # arrays without minItems may be empty (an empty report); off for the base model, as it was measured
         self.empty_arrays = self.adapter is not None if empty_arrays is None else empty_arrays
         self.constrained = constrained

@@ -25,7 +25,7 @@ import json
 import math
 from pathlib import Path
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, tool_names
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
 from agent.backends.overview import overview_text, parse_overview_table, row_reason
 from agent.backends.policy import report_limits
 from agent.guidance import guidance_in_messages, read_guidance, reading_summary
@@ -55,10 +55,8 @@ class RankerModel:
         self.intercept = float(data["intercept"])
         self.threshold = float(data["threshold"])
         self.verbalization = str(data.get("verbalization", "full"))  # the overview it was trained on
-        rows = data.get("compact_rows")  # and its row count (None: the default)
-        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-            raise ValueError(f"{source}: compact_rows must be a positive integer, got {rows!r}")
-        self.compact_rows: int | None = rows
+        # and its row count (None: the default)
+        self.compact_rows = recorded_count(data.get("compact_rows"), source, "compact_rows")
         if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
             raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
 
