@@ -240,7 +240,7 @@ def _short(episode: dict) -> dict:
     }
 
 
-def _train(tmp_path, episodes, base_backend, method: str, steps: int):
+def _train(tmp_path, episodes, base_backend, method: str, steps: int, target: str = "decisions"):
     from agent.tune.train import TrainConfig, train_adapter
 
     short = [_short(e) for e in episodes[:2]]
@@ -253,7 +253,7 @@ def _train(tmp_path, episodes, base_backend, method: str, steps: int):
     recipe = train_adapter(
         folder,
         out,
-        TrainConfig(method=method, steps=steps, threads=1, lr=1e-2),
+        TrainConfig(method=method, steps=steps, threads=1, lr=1e-2, target=target),
         episodes=short,
         backend_factory=lambda: base_backend,
     )
@@ -412,3 +412,88 @@ def test_train_tunes_the_base_model_not_the_shipped_adapter(tmp_path, episodes, 
     (folder / "episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
     assert tune_main(["train", "--episodes", str(folder), "--out", str(tmp_path / "lora")]) == 0
     assert built and built[0].get("adapter") == "none"
+
+
+# -- a yes/no per shown row (target rows): the same numbers in training and use, and the report they make
+# --------------------------------
+def test_rows_are_chosen_over_the_threshold_within_the_share():
+    from agent.backends.overview import select_rows
+
+    ranked = [(4, 3.0, {"n_points": 50.0}), (2, 1.0, {"n_points": 60.0}), (9, 0.5, {"n_points": 10.0})]
+    assert [r[0] for r in select_rows(ranked, 0.8, 20, 1.0, 1000)] == [4, 2]  # 9 is under the threshold
+    assert [r[0] for r in select_rows(ranked, 0.0, 20, 0.1, 1000)] == [4]  # 110 of 1000 points > 10%
+    assert [r[0] for r in select_rows(ranked, 0.0, 2, 1.0, 1000)] == [4, 2]  # the id limit
+    assert select_rows(ranked, 5.0, 20, 1.0, 1000) == []
+    # the first row is named even when it alone is over the share
+    assert [r[0] for r in select_rows(ranked, 0.0, 20, 0.01, 1000)] == [4]
+
+
+def test_the_f1_threshold_separates_the_classes():
+    from agent.tune.ranker_fit import f1_threshold
+
+    threshold, f1 = f1_threshold(np.array([0, 0, 1, 1, 0]), np.array([-2.0, -1.0, 1.5, 2.0, 0.5]))
+    assert threshold == 1.5 and f1 == 1.0
+
+
+def test_a_row_branch_sees_the_prompt_and_itself_only():
+    import torch
+
+    from agent.tune.row_training import tree_inputs
+
+    mask, positions, ends = tree_inputs(torch, 3, [[7, 8], [9, 10, 11]], torch.float32)
+    seen = mask[0, 0] == 0
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5]] and ends == [4, 7]
+    assert seen[2, :3].all() and not seen[1, 2]  # the prompt is causal
+    assert seen[4, :5].all() and not seen[4, 5:].any()  # branch 1: prompt + itself
+    assert seen[7, :3].all() and not seen[7, 3:5].any() and seen[7, 5:8].all()  # branch 2 never sees 1
+
+
+@pytest.mark.slow
+@pytest.mark.llm
+def test_rows_training_scores_what_inference_scores_and_reports_over_its_threshold(
+    tmp_path, episodes, base_backend
+):
+    import torch
+
+    from agent.backends.hf_backend import HFBackend
+    from agent.backends.hf_rows import row_scores
+    from agent.backends.overview import overview_text
+    from agent.tune import row_training
+
+    short = next(_short(e) for e in episodes if e["truth_patches"])
+    rows, total = parse_overview_table(overview_text(short["messages"]))
+    ids = [int(r["id"]) for r in rows]
+    (example,), skipped = row_training.row_examples(base_backend, [short], 3072)
+    assert skipped == 0 and len(example.branches) == len(ids) > 1
+    assert example.labels == [int(i in short["truth_patches"]) for i in ids]
+    # the training's tree pass gives the numbers the decoder scores the rows with at inference
+    with torch.no_grad():
+        trained = row_training.row_gaps(
+            base_backend.model, torch, example, row_training.answer_tokens(base_backend.tokenizer)
+        )
+    base_backend._decoder.set_text(base_backend.prompt(short["messages"], short["tools"]))
+    assert np.allclose(trained.numpy(), row_scores(base_backend._decoder, ids), atol=1e-3)
+    with pytest.raises(ValueError, match="LoRA"):
+        _train(tmp_path, episodes, base_backend, "prompt", steps=1, target="rows")
+    out, recipe, shorts = _train(tmp_path, episodes, base_backend, "lora", steps=2, target="rows")
+    assert recipe["config"]["target"] == "rows" and np.isfinite(recipe["row_threshold"])
+    assert recipe["rows_scored"] == sum(
+        len(parse_overview_table(overview_text(e["messages"]))[0]) for e in shorts
+    )
+    tuned = HFBackend(threads=1, adapter=str(out))
+    assert tuned.row_threshold == recipe["row_threshold"] and tuned.report_after == 0
+    tuned._decoder.set_text(tuned.prompt(short["messages"], short["tools"]))
+    scores = dict(zip(ids, row_scores(tuned._decoder, ids)))
+    best = max(ids, key=lambda i: (scores[i], -i))
+
+    def named(threshold: float) -> list[list[int]]:
+        tuned.row_threshold = threshold
+        reply = tuned.chat(short["messages"], short["tools"])
+        assert reply.tool_calls[0].name == "report_suspects"
+        return [r["patch_ids"] for r in json.loads(reply.tool_calls[0].arguments)["regions"]]
+
+    assert named(max(scores.values()) + 1.0) == []  # no row reaches it: an empty report
+    (region,) = named(min(scores.values()) - 1.0)  # every row does: the best first, within 15% of the points
+    assert region[0] == best and set(region) <= set(ids)
+    size = {int(r["id"]): r.get("n_points", 0.0) for r in rows}  # the compact table shows no point counts
+    assert sum(size[i] for i in region[1:]) <= 0.15 * (total or 0)

@@ -46,11 +46,13 @@ import threading
 import time
 import types
 
-from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count
+from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
-from agent.backends.overview import overview_text, parse_overview_table, row_reason
+from agent.backends.hf_rows import ROW_LIMIT, row_scores, rows_report_arguments
+from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
+from agent.backends.policy import report_limits
 
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
 
@@ -80,6 +82,7 @@ class HFBackend:
         empty_arrays: bool | None = None,
         verbalization: str | None = None,
         reasons: str = "auto",
+        row_share: float = 0.15,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -136,7 +139,18 @@ class HFBackend:
         # "auto": an adapter trained on the report decision alone (recipe target "decisions": one-turn
         # episodes, the tool name never in its loss) reports at once; otherwise after 3 tool results. The
         # first such adapter, left to choose, called list_patches three times (35-60 s a turn) first.
-        trained_on_decisions = self.recipe.get("config", {}).get("target") == "decisions"
+        target = self.recipe.get("config", {}).get("target")
+        # an adapter trained on a yes/no per shown row (agent.backends.hf_rows) scores the rows and reports
+        # those at or above the threshold its training found, in the same single turn
+        self.row_threshold: float | None = None
+        if target == "rows":
+            try:
+                self.row_threshold = float(self.recipe["row_threshold"])
+            except (KeyError, TypeError, ValueError):
+                raise BackendUnavailable(
+                    f"hf backend: the recipe of {self.adapter} has target rows but no row_threshold"
+                ) from None
+        trained_on_decisions = target in ("decisions", "rows")
         if report_after == "auto":
             report_after = 0 if trained_on_decisions else 3
         if report_after is not None and not isinstance(report_after, int):
@@ -155,6 +169,7 @@ class HFBackend:
         self._rows: dict[int, dict[str, float]] = {}  # the overview's rows by patch id (this call's)
         self._region_ids: list[int] = []  # the patch ids of the region being written
         self.terminal_tool = terminal_tool
+        self.row_share = row_share  # with a rows adapter: the share of the scan's points a report may name
         self.template_has_tools = "tools" in (self.tokenizer.chat_template or "")
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         decoded = {
@@ -271,9 +286,7 @@ class HFBackend:
         props = [
             (k, v)
             for k, v in schema.get("properties", {}).items()
-            if k in required
-            or "enum" in v
-            or v.get("type") == "boolean"
+            if k in required or "enum" in v or v.get("type") == "boolean"
         ]
         dec.extend("{")
         for n, (key, sub) in enumerate(props):
@@ -310,7 +323,9 @@ class HFBackend:
                 prompt_tokens = len(dec.ids)
                 self._calls += 1
                 call_id = f"hf_{self._calls}"
-                if self.constrained and tools:
+                if self.row_threshold is not None and self.terminal_tool in tool_names(tools):
+                    reply = self._rows_call(dec, messages, tools, call_id)
+                elif self.constrained and tools:
                     reply = self._constrained_call(dec, messages, tools, call_id)
                 else:
                     reply = self._free_reply(dec, tools, call_id)
@@ -350,6 +365,30 @@ class HFBackend:
         self._validate(arguments, schema)
         return LLMReply(
             text=None, tool_calls=[ToolCall(id=call_id, name=name, arguments=arguments)], raw=dec.text[start:]
+        )
+
+    def _rows_call(self, dec: Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
+        """The terminal call from the model's yes/no score of every shown row (agent.backends.hf_rows)."""
+        rows, total = parse_overview_table(overview_text(messages))
+        ids = [int(r["id"]) for r in rows]
+        scores = row_scores(dec, ids)
+        ranked = sorted(zip(ids, scores, rows), key=lambda t: (-t[1], t[0]))
+        max_regions, max_ids = report_limits(tools)
+        limit = min(ROW_LIMIT, max_ids or ROW_LIMIT)
+        chosen = select_rows(ranked, float(self.row_threshold or 0.0), limit, self.row_share, total)
+        arguments = rows_report_arguments(chosen, max_regions, "tuned model")
+        schema = next(
+            t["function"].get("parameters") or {}
+            for t in tools
+            if t["function"]["name"] == self.terminal_tool
+        )
+        self._validate(arguments, schema)
+        raw = CALL_OPEN + f'{{"name": "{self.terminal_tool}", "arguments": {arguments}}}' + CALL_CLOSE
+        dec.extend(raw)
+        return LLMReply(
+            text=None,
+            tool_calls=[ToolCall(id=call_id, name=self.terminal_tool, arguments=arguments)],
+            raw=raw,
         )
 
     @staticmethod

@@ -46,3 +46,25 @@ def row_reason(row: dict[str, float], terms: int = 2) -> str:
     zs = sorted(((k, v) for k, v in row.items() if k.startswith("z_")), key=lambda kv: (-kv[1], kv[0]))
     zs = zs[:terms]
     return ", ".join(f"{k}={v:.1f}" for k, v in zs if v > 0) or f"cue={row.get('cue', 0.0):.2f}"
+
+
+def select_rows(
+    ranked: list[tuple[int, float, dict[str, float]]],
+    threshold: float,
+    limit: int,
+    target_share: float,
+    total_points: int | None,
+) -> list[tuple[int, float, dict[str, float]]]:
+    """The leading rows of `ranked` (id, score, row; best first) scoring at least `threshold`: at most `limit`
+    of them, and after the first only while their points stay within `target_share` of the scan."""
+    chosen: list[tuple[int, float, dict[str, float]]] = []
+    used = 0.0
+    for pid, score, row in ranked:
+        if score < threshold or len(chosen) >= limit:
+            break
+        size = row.get("n_points", 0.0)
+        if chosen and total_points and used + size > target_share * total_points:
+            break
+        used += size
+        chosen.append((pid, score, row))
+    return chosen

@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
-from agent.backends.overview import overview_text, parse_overview_table, row_reason
+from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
 from agent.backends.policy import report_limits
 from agent.guidance import guidance_in_messages, read_guidance, reading_summary
 
@@ -119,16 +119,7 @@ class RankerBackend:
         _, total = parse_overview_table(overview_text(messages))
         max_regions, max_ids = report_limits(tools)
         limit = min(self.max_ids, max_ids or self.max_ids)
-        chosen: list[tuple[int, float, dict[str, float]]] = []
-        used = 0.0
-        for pid, p, row in self.ranked(messages):
-            if p < self.model.threshold or len(chosen) >= limit:
-                break
-            size = row.get("n_points", 0.0)
-            if chosen and total and used + size > self.target_share * total:
-                break
-            used += size
-            chosen.append((pid, p, row))
+        chosen = select_rows(self.ranked(messages), self.model.threshold, limit, self.target_share, total)
         regions = []
         if chosen and max_regions != 0:
             reason = row_reason(chosen[0][2])

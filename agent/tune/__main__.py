@@ -91,9 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-layers", type=int, default=8, help="LoRA on the last N decoder layers (0 = all)")
     t.add_argument(
         "--target",
-        choices=("decisions", "full"),
+        choices=("decisions", "full", "rows"),
         default="decisions",
-        help="loss on the call up to the first region's patch ids (default) or on the whole call",
+        help="loss on the call up to the first region's patch ids (default), on the whole call, or on a "
+        "yes/no per shown patch row (rows: the report names the rows over a threshold fitted on training)",
     )
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)

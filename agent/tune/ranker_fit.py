@@ -42,6 +42,16 @@ def ranker_dataset(episodes: list[dict]) -> tuple[list[str], np.ndarray, np.ndar
     return names, x, np.array(labels, dtype=np.int64)
 
 
+def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.0) -> tuple[float, float]:
+    """(the score threshold with the best F1 on `labels`, that F1); `default` when no threshold exists."""
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    if not len(thresholds):
+        return default, 0.0
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])
+
+
 def fit_ranker(
     episodes: list[dict],
     *,
@@ -59,9 +69,7 @@ def fit_ranker(
     model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
     model.fit(scaler.transform(x), y)
     prob = model.predict_proba(scaler.transform(x))[:, 1]
-    precision, recall, thresholds = precision_recall_curve(y, prob)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    threshold = float(thresholds[int(np.argmax(f1))]) if len(thresholds) else 0.5
+    threshold, _ = f1_threshold(y, prob, default=0.5)
     return {
         "format": FORMAT,
         "features": names,

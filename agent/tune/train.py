@@ -54,7 +54,7 @@ class TrainConfig:
     # The forced prefix (tool name, keys) is prompt; the reason and confidence are left to the base model.
     # With "full" (the whole call) ~40 free-text tokens dominate the mean loss: a LoRA trained 247 steps that
     # way wrote empty reports on every scan, training ones included (log-likelihood of the empty report -0.5,
-    # of the target -10.7).
+    # of the target -10.7). "rows": a yes/no per shown row (agent.tune.row_training), LoRA only.
     target: str = "decisions"
     threads: int = 2
     seed: int = 0
@@ -173,7 +173,18 @@ def train_adapter(
     torch = backend.torch
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
-    examples, skipped = build_examples(backend, episodes, config.max_tokens, config.target)
+    rows = config.target == "rows"  # a yes/no per shown row (agent.tune.row_training)
+    if rows and config.method != "lora":
+        raise ValueError("target rows trains a LoRA adapter only (--method lora)")
+    if rows:
+        from agent.tune import row_training
+
+        yes_no = row_training.answer_tokens(backend.tokenizer)
+        row_examples, skipped = row_training.row_examples(backend, episodes, config.max_tokens)
+        pos_weight = row_training.positive_weight(row_examples) if row_examples else 1.0
+        examples: list[Any] = row_examples
+    else:
+        examples, skipped = build_examples(backend, episodes, config.max_tokens, config.target)
     if not examples:
         raise ValueError(f"{episodes_dir}: no training episode fits in {config.max_tokens} tokens")
     model = peft_model(backend.model, backend.tokenizer, config, torch)
@@ -192,8 +203,11 @@ def train_adapter(
             break
         if not sequence:
             sequence = torch.randperm(len(examples), generator=order).tolist()
-        prompt, target = examples[sequence.pop()]
-        loss = target_loss(model, torch, prompt, target)
+        example = examples[sequence.pop()]
+        if rows:
+            loss = row_training.row_loss(model, torch, example, yes_no, pos_weight)
+        else:
+            loss = target_loss(model, torch, *example)
         optimiser.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -206,6 +220,12 @@ def train_adapter(
                 f"step {step + 1}/{config.steps} loss {float(loss.detach()):.3f} "
                 f"({time.perf_counter() - started:.0f} s, {cpu_seconds:.0f} s CPU)"
             )
+    train_seconds = time.perf_counter() - started
+    threshold = {}
+    if rows:  # the report's cut-off, on the trained model (eval mode: no dropout; there is none anyway)
+        model.eval()
+        threshold = row_training.fitted_threshold(model, torch, examples, yes_no)
+        threshold["positive_weight"] = round(pos_weight, 4)
     manifest_path = episodes_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     recipe = {
@@ -222,13 +242,14 @@ def train_adapter(
         "verbalization": manifest.get("config", {}).get("verbalization", "full"),
         "compact_rows": manifest.get("config", {}).get("compact_rows"),  # None: episodes made before the flag
         "base_model": os.path.basename(str(backend.source)),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(train_seconds, 1),  # the training steps (a rows threshold's pass is not counted)
         # CPU time of the training loop (all threads): with 2 free cores, wall time is about half of it
         "cpu_seconds": round(cpu_seconds, 1),
-        "steps_per_second": round(steps_done / max(time.perf_counter() - started, 1e-9), 4),
+        "steps_per_second": round(steps_done / max(train_seconds, 1e-9), 4),
         "load_average": [round(v, 2) for v in os.getloadavg()],
         "loss_first10": losses[:10],
         "loss_last10": losses[-10:],
+        **threshold,
     }
     write_adapter(model, out, recipe)
     if not model.peft_config["default"].is_prompt_learning:

@@ -1,0 +1,129 @@
+"""Training on a yes/no per shown row (`agent.tune train --target rows`), as `agent.backends.hf_rows` asks it.
+
+Each episode becomes one example: the prompt the hf backend decodes after, then every shown row's question
+("Patch 17: defect?") as a branch that sees the prompt and itself only (a 4-D attention mask and per-branch
+position ids, the prefix tree the decoder scores at inference), so training and use see the same thing. The
+loss is a class-balanced logistic loss on each row's gap log P(yes) - log P(no) at its question's last
+token; a row is a "yes" when it is one of the episode's ground-truth patches (after guidance). After
+training, the threshold on that gap that maximises F1 over the training rows goes into the recipe, as the
+learned ranker's does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agent.backends.hf_rows import ANSWERS, row_question
+from agent.backends.overview import overview_text, parse_overview_table
+from agent.tune.ranker_fit import f1_threshold
+
+
+@dataclass(frozen=True)
+class RowExample:
+    """One episode as a prompt and a branch of question tokens per shown row, with the rows' labels."""
+
+    prompt: list[int]
+    branches: list[list[int]]  # each row's question tokens (its answer is the next token)
+    labels: list[int]  # 1 = a ground-truth defect patch
+
+
+def answer_tokens(tokenizer: Any) -> tuple[int, int]:
+    """The single token ids of " yes" and " no" (a tokenizer that splits them cannot be trained this way)."""
+    ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in ANSWERS]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"row answers {ANSWERS} are not one token each for this tokenizer: {ids}")
+    return ids[0][0], ids[1][0]
+
+
+def row_examples(backend: Any, episodes: list[dict], max_tokens: int) -> tuple[list[RowExample], int]:
+    """One RowExample per episode within `max_tokens` (prompt plus every branch), and how many were
+    skipped."""
+    tok = backend.tokenizer
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    examples, skipped = [], 0
+    for episode in episodes:
+        text = backend.prompt(episode["messages"], episode["tools"])
+        prompt = encode(text)
+        rows, _ = parse_overview_table(overview_text(episode["messages"]))
+        truth = set(episode["truth_patches"])
+        branches, labels = [], []
+        for row in rows:
+            pid = int(row["id"])
+            full = encode(text + row_question(pid))
+            if full[: len(prompt)] != prompt:
+                raise ValueError(f"episode {episode.get('id')}: the question changes the prompt's tokens")
+            branches.append(full[len(prompt) :])
+            labels.append(int(pid in truth))
+        if not branches or len(prompt) + sum(len(b) for b in branches) > max_tokens:
+            skipped += 1
+            continue
+        examples.append(RowExample(prompt, branches, labels))
+    return examples, skipped
+
+
+def tree_inputs(
+    torch: Any, prompt_len: int, branches: list[list[int]], dtype: Any
+) -> tuple[Any, Any, list[int]]:
+    """(4-D additive attention mask, position ids, each branch's last position) for prompt + branches: the
+    prompt is causal, each branch sees the prompt and its own earlier tokens."""
+    total = prompt_len + sum(len(b) for b in branches)
+    allowed = torch.zeros(total, total, dtype=torch.bool)
+    allowed[:prompt_len, :prompt_len] = torch.tril(torch.ones(prompt_len, prompt_len, dtype=torch.bool))
+    positions = list(range(prompt_len))
+    ends, start = [], prompt_len
+    for branch in branches:
+        stop = start + len(branch)
+        allowed[start:stop, :prompt_len] = True
+        allowed[start:stop, start:stop] = torch.tril(torch.ones(len(branch), len(branch), dtype=torch.bool))
+        positions.extend(range(prompt_len, prompt_len + len(branch)))
+        ends.append(stop - 1)
+        start = stop
+    mask = torch.zeros(total, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None], torch.tensor([positions]), ends
+
+
+def row_gaps(model: Any, torch: Any, example: RowExample, yes_no: tuple[int, int]) -> Any:
+    """log P(yes) - log P(no) after each branch (a tensor, one per row) in one forward pass."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dtype = next(base.parameters()).dtype
+    mask, positions, ends = tree_inputs(torch, len(example.prompt), example.branches, dtype)
+    tokens = example.prompt + [t for b in example.branches for t in b]
+    hidden = base.model(
+        input_ids=torch.tensor([tokens]), attention_mask=mask, position_ids=positions
+    ).last_hidden_state
+    logits = base.lm_head(hidden[0, ends]).float()
+    return logits[:, yes_no[0]] - logits[:, yes_no[1]]
+
+
+def positive_weight(examples: list[RowExample]) -> float:
+    """The weight of a "yes" row that balances the classes over all training rows (as the ranker's
+    class_weight="balanced")."""
+    positives = sum(sum(e.labels) for e in examples)
+    negatives = sum(len(e.labels) for e in examples) - positives
+    if positives == 0 or negatives == 0:
+        raise ValueError("row training needs both defect and normal rows among the training episodes")
+    return negatives / positives
+
+
+def row_loss(model: Any, torch: Any, example: RowExample, yes_no: tuple[int, int], pos_weight: float) -> Any:
+    """Class-balanced logistic loss of one example's rows."""
+    gaps = row_gaps(model, torch, example, yes_no)
+    labels = torch.tensor(example.labels, dtype=gaps.dtype)
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        gaps, labels, pos_weight=torch.tensor(pos_weight, dtype=gaps.dtype)
+    )
+
+
+def fitted_threshold(model: Any, torch: Any, examples: list[RowExample], yes_no: tuple[int, int]) -> dict:
+    """The gap threshold with the best F1 over the training rows, with the F1 it reaches there."""
+    import numpy as np
+
+    gaps: list[float] = []
+    labels: list[int] = []
+    with torch.no_grad():
+        for example in examples:
+            gaps.extend(float(g) for g in row_gaps(model, torch, example, yes_no))
+            labels.extend(example.labels)
+    threshold, f1 = f1_threshold(np.array(labels), np.array(gaps))
+    return {"row_threshold": threshold, "row_threshold_train_f1": round(f1, 4), "rows_scored": len(gaps)}
