@@ -253,7 +253,7 @@ def _train(tmp_path, episodes, base_backend, method: str, steps: int, target: st
     recipe = train_adapter(
         folder,
         out,
-        TrainConfig(method=method, steps=steps, threads=1, lr=1e-2, target=target),
+        TrainConfig(method=method, steps=steps, threads=1, lr=1e-2, target=target, row_question="line"),
         episodes=short,
         backend_factory=lambda: base_backend,
     )
@@ -435,6 +435,23 @@ def test_the_f1_threshold_separates_the_classes():
     assert threshold == 1.5 and f1 == 1.0
 
 
+def test_a_row_question_names_the_patch_or_quotes_its_line(episodes):
+    from agent.backends.hf_rows import row_questions
+    from agent.backends.overview import overview_text, table_lines
+
+    overview = overview_text(episodes[0]["messages"])
+    rows, _ = parse_overview_table(overview)
+    ids, by_id = row_questions("id", overview)
+    assert ids == [int(r["id"]) for r in rows] and by_id[0] == f"Patch {ids[0]}: defect?"
+    lines = table_lines(overview)
+    assert list(lines) == ids and all(f"\n{line}\n" in overview for line in lines.values())
+    ids_line, quoted = row_questions("line", overview)
+    assert ids_line == ids and quoted[0] == f"Row {lines[ids[0]]} -> defect?"
+    assert lines[ids[0]].split()[0] == str(ids[0])  # a quoted line starts with its patch id
+    with pytest.raises(ValueError, match="unknown row question"):
+        row_questions("sentence", overview)
+
+
 def test_a_row_branch_sees_the_prompt_and_itself_only():
     import torch
 
@@ -456,34 +473,36 @@ def test_rows_training_scores_what_inference_scores_and_reports_over_its_thresho
     import torch
 
     from agent.backends.hf_backend import HFBackend
-    from agent.backends.hf_rows import row_scores
+    from agent.backends.hf_rows import ROW_QUESTIONS, row_questions, row_scores
     from agent.backends.overview import overview_text
     from agent.tune import row_training
 
     short = next(_short(e) for e in episodes if e["truth_patches"])
     rows, total = parse_overview_table(overview_text(short["messages"]))
     ids = [int(r["id"]) for r in rows]
-    (example,), skipped = row_training.row_examples(base_backend, [short], 3072)
-    assert skipped == 0 and len(example.branches) == len(ids) > 1
-    assert example.labels == [int(i in short["truth_patches"]) for i in ids]
-    # the training's tree pass gives the numbers the decoder scores the rows with at inference
-    with torch.no_grad():
-        trained = row_training.row_gaps(
-            base_backend.model, torch, example, row_training.answer_tokens(base_backend.tokenizer)
-        )
-    base_backend._decoder.set_text(base_backend.prompt(short["messages"], short["tools"]))
-    assert np.allclose(trained.numpy(), row_scores(base_backend._decoder, ids), atol=1e-3)
+    yes_no = row_training.answer_tokens(base_backend.tokenizer)
+    for form in ROW_QUESTIONS:  # the training's tree pass gives the numbers the decoder scores at inference
+        (example,), skipped = row_training.row_examples(base_backend, [short], 3072, form)
+        assert skipped == 0 and len(example.branches) == len(ids) > 1
+        assert example.labels == [int(i in short["truth_patches"]) for i in ids]
+        with torch.no_grad():
+            trained = row_training.row_gaps(base_backend.model, torch, example, yes_no)
+        base_backend._decoder.set_text(base_backend.prompt(short["messages"], short["tools"]))
+        questions = row_questions(form, overview_text(short["messages"]))[1]
+        assert np.allclose(trained.numpy(), row_scores(base_backend._decoder, questions), atol=1e-3)
     with pytest.raises(ValueError, match="LoRA"):
         _train(tmp_path, episodes, base_backend, "prompt", steps=1, target="rows")
     out, recipe, shorts = _train(tmp_path, episodes, base_backend, "lora", steps=2, target="rows")
     assert recipe["config"]["target"] == "rows" and np.isfinite(recipe["row_threshold"])
+    assert recipe["config"]["row_question"] == "line"  # the form of the last pass above, as _train asks
     assert recipe["rows_scored"] == sum(
         len(parse_overview_table(overview_text(e["messages"]))[0]) for e in shorts
     )
     tuned = HFBackend(threads=1, adapter=str(out))
     assert tuned.row_threshold == recipe["row_threshold"] and tuned.report_after == 0
+    assert tuned.row_question == "line"
     tuned._decoder.set_text(tuned.prompt(short["messages"], short["tools"]))
-    scores = dict(zip(ids, row_scores(tuned._decoder, ids)))
+    scores = dict(zip(ids, row_scores(tuned._decoder, questions)))
     best = max(ids, key=lambda i: (scores[i], -i))
 
     def named(threshold: float) -> list[list[int]]:

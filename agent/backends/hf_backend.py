@@ -50,7 +50,7 @@ from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, r
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
-from agent.backends.hf_rows import ROW_LIMIT, row_scores, rows_report_arguments
+from agent.backends.hf_rows import ROW_LIMIT, ROW_QUESTIONS, row_questions, row_scores, rows_report_arguments
 from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
 from agent.backends.policy import report_limits
 
@@ -143,6 +143,7 @@ class HFBackend:
         # an adapter trained on a yes/no per shown row (agent.backends.hf_rows) scores the rows and reports
         # those at or above the threshold its training found, in the same single turn
         self.row_threshold: float | None = None
+        self.row_question = str(self.recipe.get("config", {}).get("row_question", "id"))
         if target == "rows":
             try:
                 self.row_threshold = float(self.recipe["row_threshold"])
@@ -150,6 +151,11 @@ class HFBackend:
                 raise BackendUnavailable(
                     f"hf backend: the recipe of {self.adapter} has target rows but no row_threshold"
                 ) from None
+            if self.row_question not in ROW_QUESTIONS:
+                raise BackendUnavailable(
+                    f"hf backend: the recipe of {self.adapter} asks rows in an unknown form "
+                    f"{self.row_question!r} (known: {', '.join(ROW_QUESTIONS)})"
+                )
         trained_on_decisions = target in ("decisions", "rows")
         if report_after == "auto":
             report_after = 0 if trained_on_decisions else 3
@@ -369,9 +375,10 @@ class HFBackend:
 
     def _rows_call(self, dec: Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
         """The terminal call from the model's yes/no score of every shown row (agent.backends.hf_rows)."""
-        rows, total = parse_overview_table(overview_text(messages))
-        ids = [int(r["id"]) for r in rows]
-        scores = row_scores(dec, ids)
+        overview = overview_text(messages)
+        rows, total = parse_overview_table(overview)
+        ids, questions = row_questions(self.row_question, overview)
+        scores = row_scores(dec, questions)
         ranked = sorted(zip(ids, scores, rows), key=lambda t: (-t[1], t[0]))
         max_regions, max_ids = report_limits(tools)
         limit = min(ROW_LIMIT, max_ids or ROW_LIMIT)

@@ -2,13 +2,13 @@
 
 Why: a report target of several ids is one sequence per episode, and the decoder's stop-or-continue choices
 compound (an adapter trained on targets of up to 6 ids reported nothing on any dev-benchmark scan). Asking
-"Patch 17: defect? yes|no" of every shown row gives each row its own label, the supervision the learned
-ranker gets, and costs one forward pass at inference: every row's question branches off the prompt in one
-prefix tree (`Decoder.loglikelihoods`), so no row's answer sees another's. An adapter trained this way
-(`python -m agent.tune train --target rows`, recipe target "rows") records the score threshold that maximised
-F1 on its training rows; the report names the rows at or above it, highest first, within the same share of
-the scan's points the ranker keeps to. The model reads the guidance in its prompt; nothing re-weights its
-scores afterwards.
+"Patch 17: defect? yes|no" (or the row's own line: `ROW_QUESTIONS`) of every shown row gives each row its own
+label, the supervision the learned ranker gets, and costs one forward pass at inference: every row's question
+branches off the prompt in one prefix tree (`Decoder.loglikelihoods`), so no row's answer sees another's. An
+adapter trained this way (`python -m agent.tune train --target rows`, recipe target "rows") records the score
+threshold that maximised F1 on its training rows; the report names the rows at or above it, highest first,
+within the same share of the scan's points the ranker keeps to. The model reads the guidance in its prompt;
+nothing re-weights its scores afterwards.
 """
 
 from __future__ import annotations
@@ -17,24 +17,31 @@ import json
 import math
 from typing import Any
 
-from agent.backends.overview import row_reason
+from agent.backends.overview import row_reason, table_lines
 
-ROW_QUESTION = "Patch {patch_id}: defect?"
+# How a row is asked about: "id" names the patch, so the model must find its row in the table; "line" quotes
+# the row as the table shows it, so the answer can be read off the question, the table still in view for
+# comparison and the guidance. An adapter's recipe records the form it was trained on ("id" when absent).
+ROW_QUESTIONS = {"id": "Patch {patch_id}: defect?", "line": "Row {line} -> defect?"}
 ROW_LIMIT = 20  # most rows one report names, as the ranker's max_ids
 ANSWERS = (" yes", " no")  # one token each in SmolLM2's vocabulary, checked where the training builds them
 
 
-def row_question(patch_id: int) -> str:
-    """The question whose next token is the model's answer about one patch (training and inference)."""
-    return ROW_QUESTION.format(patch_id=patch_id)
+def row_questions(form: str, overview: str) -> tuple[list[int], list[str]]:
+    """The shown patch ids (table order) and the question about each whose next token is the model's answer
+    (training and inference)."""
+    if form not in ROW_QUESTIONS:
+        raise ValueError(f"unknown row question form {form!r} (known: {', '.join(ROW_QUESTIONS)})")
+    lines = table_lines(overview)
+    return list(lines), [ROW_QUESTIONS[form].format(patch_id=pid, line=line) for pid, line in lines.items()]
 
 
-def row_scores(decoder: Any, patch_ids: list[int]) -> list[float]:
-    """log P(yes) - log P(no) after each patch's question, all branching off the decoder's current text."""
-    if not patch_ids:
+def row_scores(decoder: Any, questions: list[str]) -> list[float]:
+    """log P(yes) - log P(no) after each question, all branching off the decoder's current text."""
+    if not questions:
         return []
-    lls = decoder.loglikelihoods([row_question(pid) + answer for pid in patch_ids for answer in ANSWERS])
-    return [lls[2 * n] - lls[2 * n + 1] for n in range(len(patch_ids))]
+    lls = decoder.loglikelihoods([q + answer for q in questions for answer in ANSWERS])
+    return [lls[2 * n] - lls[2 * n + 1] for n in range(len(questions))]
 
 
 def rows_report_arguments(

@@ -12,10 +12,10 @@ import re
 _POINTS_RE = re.compile(r"^Points: (\d+)\.", re.MULTILINE)
 
 
-def parse_overview_table(text: str) -> tuple[list[dict[str, float]], int | None]:
-    """The rows of the overview's patch table (column -> value, `id` included) and the scan's point count."""
+def _table_rows(text: str) -> list[tuple[dict[str, float], str]]:
+    """Each row of the overview's patch table: (column -> value, the row's line as shown)."""
     lines = text.splitlines()
-    rows: list[dict[str, float]] = []
+    rows: list[tuple[dict[str, float], str]] = []
     for n, line in enumerate(lines):
         header = line.split()
         if header[:1] != ["id"] or "cue" not in header:
@@ -25,12 +25,22 @@ def parse_overview_table(text: str) -> tuple[list[dict[str, float]], int | None]
             if len(values) != len(header):
                 break
             try:
-                rows.append({name: float(v) for name, v in zip(header, values)})
+                rows.append(({name: float(v) for name, v in zip(header, values)}, " ".join(values)))
             except ValueError:
                 break
         break
+    return rows
+
+
+def parse_overview_table(text: str) -> tuple[list[dict[str, float]], int | None]:
+    """The rows of the overview's patch table (column -> value, `id` included) and the scan's point count."""
     match = _POINTS_RE.search(text)
-    return rows, int(match.group(1)) if match else None
+    return [row for row, _ in _table_rows(text)], int(match.group(1)) if match else None
+
+
+def table_lines(text: str) -> dict[int, str]:
+    """Each shown patch's row of the overview's table as text, by patch id (what a row question quotes)."""
+    return {int(row["id"]): line for row, line in _table_rows(text)}
 
 
 def overview_text(messages: list[dict]) -> str:

@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable
+from agent.backends.hf_rows import ROW_QUESTIONS
 from agent.cli_args import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, positive_int, run_cli, stderr_say
 from agent.tune.episodes import (
     EPISODES_FILE,
@@ -95,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="decisions",
         help="loss on the call up to the first region's patch ids (default), on the whole call, or on a "
         "yes/no per shown patch row (rows: the report names the rows over a threshold fitted on training)",
+    )
+    t.add_argument(
+        "--row-question",
+        choices=tuple(ROW_QUESTIONS),
+        default="id",
+        help="target rows: name each row's patch id (id) or quote the row's line from the table (line)",
     )
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
@@ -193,6 +200,7 @@ def train(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         lora_layers=args.lora_layers,
         target=args.target,
+        row_question=args.row_question,
         threads=args.threads,
         seed=args.seed,
     )

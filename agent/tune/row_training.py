@@ -1,12 +1,12 @@
 """Training on a yes/no per shown row (`agent.tune train --target rows`), as `agent.backends.hf_rows` asks it.
 
 Each episode becomes one example: the prompt the hf backend decodes after, then every shown row's question
-("Patch 17: defect?") as a branch that sees the prompt and itself only (a 4-D attention mask and per-branch
-position ids, the prefix tree the decoder scores at inference), so training and use see the same thing. The
-loss is a class-balanced logistic loss on each row's gap log P(yes) - log P(no) at its question's last
-token; a row is a "yes" when it is one of the episode's ground-truth patches (after guidance). After
-training, the threshold on that gap that maximises F1 over the training rows goes into the recipe, as the
-learned ranker's does.
+("Patch 17: defect?", or the row's line: `--row-question line`) as a branch that sees the prompt and itself
+only (a 4-D attention mask and per-branch position ids, the prefix tree the decoder scores at inference), so
+training and use see the same thing. The loss is a class-balanced logistic loss on each row's gap log P(yes) -
+log P(no) at its question's last token; a row is a "yes" when it is one of the episode's ground-truth patches
+(after guidance). After training, the threshold on that gap that maximises F1 over the training rows goes into
+the recipe, as the learned ranker's does.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.backends.hf_rows import ANSWERS, row_question
-from agent.backends.overview import overview_text, parse_overview_table
+from agent.backends.hf_rows import ANSWERS, row_questions
+from agent.backends.overview import overview_text
 from agent.tune.ranker_fit import f1_threshold
 
 
@@ -36,29 +36,29 @@ def answer_tokens(tokenizer: Any) -> tuple[int, int]:
     return ids[0][0], ids[1][0]
 
 
-def row_examples(backend: Any, episodes: list[dict], max_tokens: int) -> tuple[list[RowExample], int]:
-    """One RowExample per episode within `max_tokens` (prompt plus every branch), and how many were
-    skipped."""
+def row_examples(
+    backend: Any, episodes: list[dict], max_tokens: int, form: str = "id"
+) -> tuple[list[RowExample], int]:
+    """One RowExample per episode within `max_tokens` (prompt plus every branch), its rows asked about in
+    `form` (`ROW_QUESTIONS`), and how many were skipped."""
     tok = backend.tokenizer
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     examples, skipped = [], 0
     for episode in episodes:
         text = backend.prompt(episode["messages"], episode["tools"])
         prompt = encode(text)
-        rows, _ = parse_overview_table(overview_text(episode["messages"]))
+        ids, questions = row_questions(form, overview_text(episode["messages"]))
         truth = set(episode["truth_patches"])
-        branches, labels = [], []
-        for row in rows:
-            pid = int(row["id"])
-            full = encode(text + row_question(pid))
+        branches = []
+        for question in questions:
+            full = encode(text + question)
             if full[: len(prompt)] != prompt:
                 raise ValueError(f"episode {episode.get('id')}: the question changes the prompt's tokens")
             branches.append(full[len(prompt) :])
-            labels.append(int(pid in truth))
         if not branches or len(prompt) + sum(len(b) for b in branches) > max_tokens:
             skipped += 1
             continue
-        examples.append(RowExample(prompt, branches, labels))
+        examples.append(RowExample(prompt, branches, [int(pid in truth) for pid in ids]))
     return examples, skipped
 
 

@@ -56,6 +56,7 @@ class TrainConfig:
     # way wrote empty reports on every scan, training ones included (log-likelihood of the empty report -0.5,
     # of the target -10.7). "rows": a yes/no per shown row (agent.tune.row_training), LoRA only.
     target: str = "decisions"
+    row_question: str = "id"  # target rows: how a row is asked about (agent.backends.hf_rows.ROW_QUESTIONS)
     threads: int = 2
     seed: int = 0
     max_minutes: float | None = None
@@ -180,7 +181,9 @@ def train_adapter(
         from agent.tune import row_training
 
         yes_no = row_training.answer_tokens(backend.tokenizer)
-        row_examples, skipped = row_training.row_examples(backend, episodes, config.max_tokens)
+        row_examples, skipped = row_training.row_examples(
+            backend, episodes, config.max_tokens, config.row_question
+        )
         pos_weight = row_training.positive_weight(row_examples) if row_examples else 1.0
         examples: list[Any] = row_examples
     else:
