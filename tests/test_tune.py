@@ -516,3 +516,28 @@ def test_rows_training_scores_what_inference_scores_and_reports_over_its_thresho
     assert region[0] == best and set(region) <= set(ids)
     size = {int(r["id"]): r.get("n_points", 0.0) for r in rows}  # the compact table shows no point counts
     assert sum(size[i] for i in region[1:]) <= 0.15 * (total or 0)
+
+
+def test_the_model_card_gives_the_commands_that_make_the_adapter_again():
+    from agent.tune.train import model_card
+
+    recipe = {
+        "method": "lora",
+        "config": {"target": "rows", "row_question": "line", "steps": 330, "threads": 1, "seed": 0},
+        "learning_rate": 0.0005,
+        "steps_done": 212,
+        "scans_per_part": 20,
+        "compact_rows": 12,
+        "row_threshold": -0.39,
+        "episodes": "ep12",
+    }
+    card = model_card(recipe)
+    assert "`python -m agent.tune episodes --out EPISODES --scans-per-part 20 --compact-rows 12`" in card
+    assert (
+        "`python -m agent.tune train --episodes EPISODES --out DIR --method lora --target rows "
+        "--row-question line --lr 0.0005 --steps 212 --threads 1`" in card
+    )
+    assert "reaches -0.39" in card
+    decisions = model_card({**recipe, "config": {"steps": 330, "threads": 2}, "compact_rows": None})
+    assert "--target" not in decisions and "--compact-rows" not in decisions
+    assert "report_suspects" in decisions

@@ -239,7 +239,8 @@ def train_adapter(
         "steps_done": steps_done,
         "examples": len(examples),
         "skipped_too_long": skipped,
-        "episodes": str(episodes_dir),
+        "episodes": Path(episodes_dir).name,  # its name, no path of this machine: the hash says which
+        "scans_per_part": manifest.get("config", {}).get("scans_per_part"),  # to make the episodes again
         "episodes_sha256": episodes_hash(episodes_dir),
         "overview_tokens": manifest.get("config", {}).get("overview_tokens"),
         "verbalization": manifest.get("config", {}).get("verbalization", "full"),
@@ -260,17 +261,47 @@ def train_adapter(
     return recipe
 
 
+def retrain_commands(recipe: dict) -> str:
+    """The two commands that make this adapter again (episodes with the recipe's overview rows, then training
+    with its method, target, row question, learning rate and the steps it ran)."""
+    config = recipe.get("config", {})
+    episodes = "python -m agent.tune episodes --out EPISODES"
+    if recipe.get("scans_per_part"):
+        episodes += f" --scans-per-part {recipe['scans_per_part']}"
+    if recipe.get("compact_rows"):
+        episodes += f" --compact-rows {recipe['compact_rows']}"
+    train = f"python -m agent.tune train --episodes EPISODES --out DIR --method {recipe.get('method')}"
+    if config.get("target", "decisions") != "decisions":
+        train += f" --target {config['target']}"
+    if config.get("target") == "rows":
+        train += f" --row-question {config.get('row_question', 'id')}"
+    if recipe.get("learning_rate") is not None:
+        train += f" --lr {recipe['learning_rate']}"
+    train += f" --steps {recipe.get('steps_done', config.get('steps'))} --threads {config.get('threads')}"
+    return f"`{episodes}` then `{train}`"
+
+
 def model_card(recipe: dict) -> str:
     """The adapter's README: what it is, what it was trained on and how, from its recipe (peft's own card is
     an empty template that names this machine's cache path)."""
     config = recipe.get("config", {})
+    if config.get("target") == "rows":
+        job = (
+            "answer yes or no for every patch row of scanagent's compact scan overview (is it a "
+            "defect?); the hf backend reports the rows whose log P(yes) - log P(no) reaches "
+            f"{recipe.get('row_threshold')}, the threshold with the best F1 on the training rows, following "
+            "operator guidance."
+        )
+    else:
+        job = (
+            "read scanagent's compact scan overview and call `report_suspects` with the patches that carry a "
+            "defect (an empty report on a normal scan), following operator guidance."
+        )
     lines = [
         f"# scanagent inspection adapter ({recipe.get('method')})",
         "",
         f"A {recipe.get('method')} adapter for `{recipe.get('base_model')}` (the packaged "
-        "SmolLM2-135M-Instruct), trained by `python -m agent.tune train` to read scanagent's compact scan "
-        "overview and call `report_suspects` with the patches that carry a defect (an empty report on a "
-        "normal scan), following operator guidance.",
+        f"SmolLM2-135M-Instruct), trained by `python -m agent.tune train` to {job}",
         "",
         f"- episodes: `{recipe.get('episodes')}` (sha256 `{recipe.get('episodes_sha256')}`), "
         f"{recipe.get('examples')} training examples ({recipe.get('skipped_too_long')} skipped as too long), "
@@ -281,8 +312,7 @@ def model_card(recipe: dict) -> str:
         f"- loss, first / last 10 steps: {recipe.get('loss_first10')} / {recipe.get('loss_last10')}",
         "",
         "Every file here is listed in SHA256SUMS and checked when the hf backend loads the folder. "
-        "Retrain: `python -m agent.tune episodes --out EPISODES` then "
-        f"`python -m agent.tune train --episodes EPISODES --out DIR --method {recipe.get('method')}`.",
+        f"Retrain: {retrain_commands(recipe)}.",
     ]
     return "\n".join(lines) + "\n"
 
