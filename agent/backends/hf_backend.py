@@ -55,6 +55,7 @@ from agent.backends.overview import overview_text, parse_overview_table, row_rea
 from agent.backends.policy import report_limits
 
 PATCH_ID_FIELDS = {"patch_id", "patch_ids"}
+DECODED_IDS = 6  # patch ids a decoded region names at most, unless max_ids says otherwise
 
 
 class HFBackend:
@@ -70,7 +71,7 @@ class HFBackend:
         constrained: bool = True,
         max_new_tokens: int = 160,
         max_items: int = 3,
-        max_ids: int = 6,
+        max_ids: int | None = None,
         max_string_tokens: int = 24,
         max_prompt_tokens: int = 6000,
         patch_ids: list[int] | None = None,
@@ -132,7 +133,9 @@ class HFBackend:
         self.constrained = constrained
         self.max_new_tokens = max_new_tokens
         self.max_items = max_items  # items of an array (regions of a report)
-        self.max_ids = max_ids  # patch ids of one region: a defect across several patches needs them all
+        # patch ids of one region (a defect across several patches needs them all); None: the mode's own
+        # bound, DECODED_IDS for a decoded report, ROW_LIMIT for one made of scored rows
+        self.max_ids = max_ids
         self.max_string_tokens = max_string_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self.fixed_patch_ids = patch_ids
@@ -261,7 +264,8 @@ class HFBackend:
     def _array(self, dec: Decoder, schema: dict, field: str, ids: list[int] | None) -> None:
         items = schema.get("items", {})
         lo = schema.get("minItems", 0 if self.empty_arrays else 1)
-        cap = self.max_ids if field == "patch_ids" else self.max_items
+        ids_cap = DECODED_IDS if self.max_ids is None else self.max_ids
+        cap = ids_cap if field == "patch_ids" else self.max_items
         hi = min(schema.get("maxItems", cap), max(cap, lo))
         remaining = list(ids) if ids else None
         if field == "patch_ids":
@@ -329,7 +333,7 @@ class HFBackend:
                 prompt_tokens = len(dec.ids)
                 self._calls += 1
                 call_id = f"hf_{self._calls}"
-                if self.row_threshold is not None and self.terminal_tool in tool_names(tools):
+                if self._scores_rows(messages, tools):
                     reply = self._rows_call(dec, messages, tools, call_id)
                 elif self.constrained and tools:
                     reply = self._constrained_call(dec, messages, tools, call_id)
@@ -373,6 +377,13 @@ class HFBackend:
             text=None, tool_calls=[ToolCall(id=call_id, name=name, arguments=arguments)], raw=dec.text[start:]
         )
 
+    def _scores_rows(self, messages: list[dict], tools: list[dict]) -> bool:
+        """A rows adapter reports by scoring the overview's rows when the report tool is offered and there is
+        a patch table to score; a conversation without one is decoded like any other."""
+        if self.row_threshold is None or self.terminal_tool not in tool_names(tools):
+            return False
+        return bool(parse_overview_table(overview_text(messages))[0])
+
     def _rows_call(self, dec: Decoder, messages: list[dict], tools: list[dict], call_id: str) -> LLMReply:
         """The terminal call from the model's yes/no score of every shown row (agent.backends.hf_rows)."""
         overview = overview_text(messages)
@@ -381,7 +392,8 @@ class HFBackend:
         scores = row_scores(dec, questions)
         ranked = sorted(zip(ids, scores, rows), key=lambda t: (-t[1], t[0]))
         max_regions, max_ids = report_limits(tools)
-        limit = min(ROW_LIMIT, max_ids or ROW_LIMIT)
+        own = ROW_LIMIT if self.max_ids is None else self.max_ids
+        limit = min(own, max_ids or own)
         chosen = select_rows(ranked, float(self.row_threshold or 0.0), limit, self.row_share, total)
         arguments = rows_report_arguments(chosen, max_regions, "tuned model")
         schema = next(
