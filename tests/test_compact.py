@@ -186,3 +186,29 @@ def test_the_shipped_adapter_loads_by_default_and_reports_on_a_scan(fitted, scan
     inspection = inspect_scan(scan, fitted, backend, analysis=analysis, use_fallback=False)
     assert inspection.outcome.error is None and not inspection.outcome.fallback_used
     assert inspection.report()["reporting_backend"] == "hf"
+
+
+def test_a_rows_adapter_without_its_threshold_or_with_an_unknown_question_exits_2(one_scan, tmp_path, capsys):
+    """A rows adapter's recipe (resealed, so the checksums pass) that lacks what scoring needs is refused
+    with the folder check, before the model loads."""
+    import shutil
+
+    from agent.backends.hf_adapter import packaged_adapter
+    from agent.tune.train import finish_adapter_dir
+
+    shipped = packaged_adapter()
+    if shipped is None or json.loads((shipped / "recipe.json").read_text())["config"]["target"] != "rows":
+        pytest.skip("the package ships no rows adapter")
+    for n, change in enumerate(
+        ({"row_threshold": None}, {"config": {"target": "rows", "row_question": "sentence"}})
+    ):
+        folder = tmp_path / f"rows{n}"
+        shutil.copytree(shipped, folder)
+        recipe = json.loads((folder / "recipe.json").read_text())
+        recipe.update(change)
+        finish_adapter_dir(folder, recipe)
+        argv = [str(one_scan), "--out", str(tmp_path / "out"), "--backend", "hf", "--adapter", str(folder)]
+        assert run_cli.main(argv) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert str(folder.name) in out and ("row_threshold" in out if n == 0 else "sentence" in out)
+        assert not (tmp_path / "out").exists()

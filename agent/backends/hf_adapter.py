@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.backends.base import BackendUnavailable
+from agent.backends.hf_rows import ROW_QUESTIONS
 
 RECIPE_FILE = "recipe.json"
 CHECKSUM_FILE = "SHA256SUMS"
@@ -69,6 +70,29 @@ def check_adapter_dir(directory: Path) -> None:
         target = directory / name
         if not target.is_file() or file_sha256(target) != digest:
             raise BackendUnavailable(f"hf backend: {target} does not match its checksum in {sums}")
+    rows_settings(read_recipe(directory), str(directory))
+
+
+def rows_settings(recipe: dict, source: str) -> tuple[float | None, str]:
+    """(the report threshold, the row question form) of an adapter trained on a yes/no per overview row
+    (recipe target "rows"; agent.backends.hf_rows); (None, "id") for any other adapter. A rows recipe
+    without a threshold or with an unknown form is refused here, before the model loads."""
+    config = recipe.get("config", {})
+    form = str(config.get("row_question", "id"))
+    if config.get("target") != "rows":
+        return None, form
+    try:
+        threshold = float(recipe["row_threshold"])
+    except (KeyError, TypeError, ValueError):
+        raise BackendUnavailable(
+            f"hf backend: the recipe of {source} has target rows but no row_threshold"
+        ) from None
+    if form not in ROW_QUESTIONS:
+        raise BackendUnavailable(
+            f"hf backend: the recipe of {source} asks rows in an unknown form {form!r} "
+            f"(known: {', '.join(ROW_QUESTIONS)})"
+        )
+    return threshold, form
 
 
 class OffsetCache:

@@ -47,10 +47,11 @@ import time
 import types
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
+from agent.backends.hf_adapter import rows_settings
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
-from agent.backends.hf_rows import ROW_LIMIT, ROW_QUESTIONS, row_questions, row_scores, rows_report_arguments
+from agent.backends.hf_rows import ROW_LIMIT, row_questions, row_scores, rows_report_arguments
 from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
 from agent.backends.policy import report_limits
 
@@ -145,20 +146,7 @@ class HFBackend:
         target = self.recipe.get("config", {}).get("target")
         # an adapter trained on a yes/no per shown row (agent.backends.hf_rows) scores the rows and reports
         # those at or above the threshold its training found, in the same single turn
-        self.row_threshold: float | None = None
-        self.row_question = str(self.recipe.get("config", {}).get("row_question", "id"))
-        if target == "rows":
-            try:
-                self.row_threshold = float(self.recipe["row_threshold"])
-            except (KeyError, TypeError, ValueError):
-                raise BackendUnavailable(
-                    f"hf backend: the recipe of {self.adapter} has target rows but no row_threshold"
-                ) from None
-            if self.row_question not in ROW_QUESTIONS:
-                raise BackendUnavailable(
-                    f"hf backend: the recipe of {self.adapter} asks rows in an unknown form "
-                    f"{self.row_question!r} (known: {', '.join(ROW_QUESTIONS)})"
-                )
+        self.row_threshold, self.row_question = rows_settings(self.recipe, str(self.adapter))
         trained_on_decisions = target in ("decisions", "rows")
         if report_after == "auto":
             report_after = 0 if trained_on_decisions else 3
