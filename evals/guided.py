@@ -8,8 +8,11 @@ on real defects holds, recall on a named defect kind rises), so each guided run 
 backend on the same scan without guidance. Only the paraphrases kept apart for testing are used
 (`paraphrase_ids(kind, "test")`), so a reader tuned to the training sentences does not look better than it is.
 Per backend and kind:
-- normal_feature: false regions (no target patch) "on the feature" -- a reported patch whose statistics the
-  feature raises stands out (z >= FEATURE_Z) -- guided vs unguided, and recall on the defective scans.
+- normal_feature: each test scan gets a by-design feature its part's fit has never seen (`scans.features`:
+  a sharp rib or a row of bolt holes, seeded by the scan's name, away from the defect), which the detector
+  flags; the guidance calls that feature normal (a held-out paraphrase that names it). False regions on the
+  feature (a region with a feature patch and no defect patch), guided vs unguided, and recall on the
+  defective scans' defects.
 - only_kind, naming the scan's own defect kind: recall on those scans, guided vs unguided.
 - ignore_region, a border 0.15 short of the defect's centre so that the defect lies in the ignored half:
   reported regions centred in the ignored half, guided vs unguided.
@@ -19,16 +22,21 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from agent.guidance import FEATURES, read_guidance
+from agent.guidance import read_guidance
 from agent.pipeline import InspectionConfig, inspect_scan
+from agent.tune.episodes import feature_paraphrases, patch_truth
 from agent.tune.guidance import PARAPHRASES, Guidance, make_guidance, paraphrase_ids
-from evals.tuned import backend_from_spec, episode_parser, load_test_scans, run_episode_eval
+from evals.tuned import TestScan, backend_from_spec, episode_parser, load_test_scans, run_episode_eval
+from scans.bench import sample_seed
+from scans.defects import estimate_normals
+from scans.features import FEATURE_KINDS, add_feature
 
-FEATURE_Z = 2.0  # a patch "shows" a feature when one of the feature's z-scores reaches this
+PATCH_LABEL_SHARE = 0.2  # a patch carries the defect or the feature when this share of its points does
 BORDER_OFFSET = 0.15  # the ignore_region border lies this far (normalised units) short of the defect's centre
 
 
@@ -36,10 +44,26 @@ def _regions(inspection) -> list[list[int]]:
     return [list(r.patch_ids) for r in inspection.verification.regions]
 
 
-def _on_feature(table, patch_ids: list[int], feature: str) -> bool:
-    named = FEATURES[feature].statistics
-    columns = [c for c in table.columns if c.startswith("z_") and any(s in c for s in named)]
-    return any(float(table.columns[c][p]) >= FEATURE_Z for c in columns for p in patch_ids)
+@dataclass
+class FeaturedScan:
+    """A test scan with a by-design feature added: its points, analysis, defect labels and feature mask."""
+
+    kind: str
+    points: np.ndarray
+    analysis: object
+    labels: np.ndarray
+    feature_mask: np.ndarray
+
+
+def featured(scan: TestScan, number: int, seed: int) -> FeaturedScan:
+    """`scan` with a by-design feature (kinds alternate over the scans), seeded by the scan's name."""
+    kind = FEATURE_KINDS[number % len(FEATURE_KINDS)]
+    points = np.asarray(scan.points, dtype=np.float64)
+    moved, mask, labels, _ = add_feature(
+        points, estimate_normals(points), kind, sample_seed(seed, scan.name, "feature"), labels=scan.labels
+    )
+    moved = moved.astype(np.float32)
+    return FeaturedScan(kind, moved, scan.fit.analyse(moved), labels, mask)
 
 
 def _ignored(table, patch_ids: list[int], guidance: Guidance) -> bool:
@@ -48,8 +72,9 @@ def _ignored(table, patch_ids: list[int], guidance: Guidance) -> bool:
 
 
 def scan_variants(table, truth: list[int], defect: str | None, axis: str = "x") -> list[Guidance]:
-    """The held-out guidance paraphrases one scan is run with (only_kind and ignore_region need a defect)."""
-    variants = [make_guidance("normal_feature", p) for p in paraphrase_ids("normal_feature", "test")]
+    """The held-out guidance paraphrases one scan is run with, but for normal_feature (`feature_variants`):
+    only_kind and ignore_region, which need a defect."""
+    variants: list[Guidance] = []
     if defect is not None and truth:
         variants += [
             make_guidance("only_kind", p, defect_kind=defect) for p in paraphrase_ids("only_kind", "test")
@@ -63,16 +88,23 @@ def scan_variants(table, truth: list[int], defect: str | None, axis: str = "x") 
     return variants
 
 
+def feature_variants(kind: str) -> list[Guidance]:
+    """The held-out normal_feature paraphrases that name the feature `kind`."""
+    return [make_guidance("normal_feature", p) for p in feature_paraphrases(kind, "test")]
+
+
 def _share(values: list[bool]) -> float | None:
     return round(float(np.mean(values)), 3) if values else None
 
 
-def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=print) -> dict:
-    """Per backend: the guided-vs-unguided comparisons of the module docstring, with their counts."""
+def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) -> dict:
+    """Per backend (a spec of `backend_from_spec`, or a (label, backend) pair): the guided-vs-unguided
+    comparisons of the module docstring, with their counts."""
     tests = load_test_scans(directory, limit)
     results: dict[str, dict] = {}
+    featured_scans: dict[int, FeaturedScan] = {}  # made once, shared by the backends
     for spec in specs:
-        label, backend = backend_from_spec(spec)
+        label, backend = spec if isinstance(spec, tuple) else backend_from_spec(spec)
         counts = {
             "normal_feature": {"runs": 0, "false_on_feature": [0, 0], "hits": [0, 0], "defect_runs": 0},
             "only_kind": {"runs": 0, "hits": [0, 0]},
@@ -81,37 +113,23 @@ def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=pr
         reads: dict[str, list[bool]] = {kind: [] for kind in PARAPHRASES}
         for number, scan in enumerate(tests.scans):
 
-            def run(guidance: Guidance | None, scan=scan):
+            def run(guidance: Guidance | None, points=scan.points, analysis=scan.analysis, scan=scan):
                 config = InspectionConfig(
                     token_budget=tests.budget, guidance=guidance.text if guidance else None, seed=tests.seed
                 )
-                return inspect_scan(scan.points, scan.fit, backend, config=config, analysis=scan.analysis)
+                return inspect_scan(points, scan.fit, backend, config=config, analysis=analysis)
 
             plain = run(None)
             table, truth = plain.table, set(scan.truth)
             plain_regions = _regions(plain)
             plain_hit = bool(truth & {p for r in plain_regions for p in r})
             for guidance in scan_variants(table, scan.truth, scan.defect, axis="xyz"[number % 3]):
-                intents = read_guidance(guidance.text)
-                reads[guidance.kind].append(intents.active)
-                guided = run(guidance)
-                regions = _regions(guided)
+                reads[guidance.kind].append(read_guidance(guidance.text).active)
+                regions = _regions(run(guidance))
                 hit = bool(truth & {p for r in regions for p in r})
                 c = counts[guidance.kind]
                 c["runs"] += 1
-                if guidance.kind == "normal_feature":
-                    for i, found in enumerate((plain_regions, regions)):
-                        c["false_on_feature"][i] += sum(
-                            1
-                            for r in found
-                            if not truth & set(r)
-                            and any(_on_feature(table, r, f) for f in intents.normal_features)
-                        )
-                    if truth:
-                        c["defect_runs"] += 1
-                        c["hits"][0] += plain_hit
-                        c["hits"][1] += hit
-                elif guidance.kind == "only_kind":
+                if guidance.kind == "only_kind":
                     c["hits"][0] += plain_hit
                     c["hits"][1] += hit
                 else:
@@ -120,9 +138,34 @@ def evaluate(directory: Path, specs: list[str], limit: int | None = None, log=pr
                         c["regions_in_ignored"][i] += sum(
                             1 for r in found if r and _ignored(table, r, guidance)
                         )
+            if number not in featured_scans:
+                featured_scans[number] = featured(scan, number, tests.seed)
+            with_feature = featured_scans[number]
+            feature_plain = run(None, with_feature.points, with_feature.analysis)
+            patches = feature_plain.patches
+            feature_truth = set(patch_truth(patches, with_feature.labels, PATCH_LABEL_SHARE))
+            on_feature = set(patch_truth(patches, with_feature.feature_mask, PATCH_LABEL_SHARE))
+            on_feature -= feature_truth
+            for guidance in feature_variants(with_feature.kind):
+                reads[guidance.kind].append(with_feature.kind in read_guidance(guidance.text).normal_features)
+                guided = run(guidance, with_feature.points, with_feature.analysis)
+                c = counts["normal_feature"]
+                c["runs"] += 1
+                for i, found in enumerate((_regions(feature_plain), _regions(guided))):
+                    c["false_on_feature"][i] += sum(
+                        1 for r in found if on_feature & set(r) and not feature_truth & set(r)
+                    )
+                    if feature_truth:
+                        c["hits"][i] += bool(feature_truth & {p for r in found for p in r})
+                if feature_truth:
+                    c["defect_runs"] += 1
         results[label] = summarise(counts, reads)
         log(f"{label}: {json.dumps(results[label])}")
-    return {"scans": len(tests.scans), "feature_z": FEATURE_Z, "backends": results}
+    return {
+        "scans": len(tests.scans),
+        "features": {k: sum(1 for f in featured_scans.values() if f.kind == k) for k in FEATURE_KINDS},
+        "backends": results,
+    }
 
 
 def summarise(counts: dict, reads: dict[str, list[bool]]) -> dict:

@@ -16,13 +16,8 @@ from agent.backends.policy import PolicyBackend
 from agent.backends.ranker import RankerBackend, parse_overview_table
 from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.__main__ import main as tune_main
-from agent.tune.episodes import (
-    LOWEST_CONFIDENCE,
-    EpisodeConfig,
-    guided_truth,
-    part_episodes,
-    patch_truth,
-)
+from agent.tune.episode_scans import EpisodeConfig
+from agent.tune.episodes import LOWEST_CONFIDENCE, guided_truth, part_episodes, patch_truth
 from agent.tune.guidance import PARAPHRASES, make_guidance, paraphrase_ids
 from agent.tune.ranker_fit import fit_ranker, save_ranker
 from scans.bench import discover_sources
@@ -42,6 +37,7 @@ TINY_EPISODES = EpisodeConfig(
     normal_target="lowest",  # the empty target is what guided normal scans get
     max_target_ids=6,
     compact_rows=6,  # not the default: the overviews must show what the config asks for
+    feature_share=0.0,  # by-design features: tests/test_features.py
 )
 
 
@@ -336,7 +332,7 @@ def test_a_prompt_tuned_adapter_decodes_incrementally_like_from_scratch(tmp_path
 
 
 def test_episodes_from_your_own_normal_scans(tmp_path, capsys):
-    from agent.tune.episodes import folder_part_scans
+    from agent.tune.episode_scans import folder_part_scans
     from scans.io import write_pcd
     from tests.tiny import part_scans as tiny_scans
 
@@ -528,16 +524,23 @@ def test_the_model_card_gives_the_commands_that_make_the_adapter_again():
         "steps_done": 212,
         "scans_per_part": 20,
         "compact_rows": 12,
+        "feature_share": 0.35,
         "row_threshold": -0.39,
-        "episodes": "ep12",
+        "episodes": "ep13",
     }
     card = model_card(recipe)
-    assert "`python -m agent.tune episodes --out EPISODES --scans-per-part 20 --compact-rows 12`" in card
+    assert (
+        "`python -m agent.tune episodes --out EPISODES --scans-per-part 20 --compact-rows 12 "
+        "--feature-share 0.35`" in card
+    )
     assert (
         "`python -m agent.tune train --episodes EPISODES --out DIR --method lora --target rows "
         "--row-question line --lr 0.0005 --steps 212 --threads 1`" in card
     )
     assert "reaches -0.39" in card
-    decisions = model_card({**recipe, "config": {"steps": 330, "threads": 2}, "compact_rows": None})
+    decisions = model_card(
+        {**recipe, "config": {"steps": 330, "threads": 2}, "compact_rows": None, "feature_share": None}
+    )
     assert "--target" not in decisions and "--compact-rows" not in decisions
+    assert "--feature-share" not in decisions  # episodes made before by-design features
     assert "report_suspects" in decisions

@@ -24,14 +24,9 @@ from pathlib import Path
 from agent.backends.base import BackendUnavailable
 from agent.backends.hf_rows import ROW_QUESTIONS
 from agent.cli_args import EXIT_BACKEND, EXIT_BAD_INPUT, EXIT_OK, positive_int, run_cli, stderr_say
-from agent.tune.episodes import (
-    EPISODES_FILE,
-    MANIFEST_FILE,
-    NORMAL_TARGETS,
-    EpisodeConfig,
-    part_episodes,
-    read_episodes,
-)
+from agent.tune.episode_scans import NORMAL_TARGETS, EpisodeConfig
+from agent.tune.episodes import EPISODES_FILE, MANIFEST_FILE, part_episodes, read_episodes
+from agent.tune.train import TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=EpisodeConfig.normal_target,
         help="a normal scan's target: an empty report, or its top patch at the lowest confidence",
     )
+    e.add_argument(
+        "--feature-share",
+        type=float,
+        default=EpisodeConfig.feature_share,
+        help="training scans that also get a by-design feature (ridge or bolt holes) for normal-feature "
+        "guidance to name",
+    )
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
     pose = e.add_mutually_exclusive_group()
     pose.add_argument(
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--row-question",
         choices=tuple(ROW_QUESTIONS),
-        default="id",
+        default=TrainConfig.row_question,
         help="target rows: name each row's patch id (id) or quote the row's line from the table (line)",
     )
     t.add_argument("--threads", type=int, default=2)
@@ -125,6 +127,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         max_target_ids=args.max_target_ids,
         compact_rows=args.compact_rows,
         normal_target=args.normal_target,
+        feature_share=args.feature_share,
     )
     if args.parts:
         config = replace(config, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()))
@@ -190,7 +193,7 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps({"out": str(path)}))
         return EXIT_OK
     from agent.backends.hf_backend import HFBackend
-    from agent.tune.train import TrainConfig, adapter_digest, train_adapter
+    from agent.tune.train import adapter_digest, train_adapter
 
     config = TrainConfig(
         method=args.method,

@@ -26,69 +26,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from agent.backends.ranker import overview_text, parse_overview_table
+from agent.guidance import read_guidance
 from agent.pipeline import InspectionConfig, build_conversation
+from agent.tune.episode_scans import (
+    EpisodeConfig,
+    PartScan,
+    folder_part_scans,
+    part_scans,
+)
 from agent.tune.guidance import GUIDANCE_KINDS, Guidance, make_guidance, paraphrase_ids
-from detector.config import DetectorConfig
 from detector.fitted import FittedClass
 from detector.fitting import fit_class
-from scans.bench import MESH_NOISE, sample_seed
-from scans.defects import DEFECT_TYPES, make_defect
-from scans.parts import extent, sample_surface, scan_like
+from scans.bench import sample_seed
+from scans.defects import DEFECT_TYPES
 from scans.patches import Patches, PatchTable
-from scans.training_parts import TRAINING_PARTS, training_mesh
-from verbalize.compact import COMPACT_ROWS
 
 EPISODES_FILE = "episodes.jsonl"
 MANIFEST_FILE = "manifest.json"
 REASON_COLUMNS_PREFIX = "z_"
-NORMAL_TARGETS = ("empty", "lowest")  # EpisodeConfig.normal_target
-
-
-@dataclass(frozen=True)
-class EpisodeConfig:
-    """What the generator makes; defaults give ~100 episodes on 5 parts in a few minutes on 2 cores."""
-
-    parts: tuple[str, ...] = tuple(TRAINING_PARTS)
-    points: int = 8000  # per scan; the statistics are z-scores over the scan's patches
-    templates: int = 3  # normal scans per part the class is fitted on
-    scans_per_part: int = 14  # test scans per part (normal and defective), split train/test by index
-    normal_share: float = 0.25  # of those scans, this share is normal
-    test_share: float = 0.3  # the last this share of each part's scans are test episodes
-    guided_per_scan: int = 1  # extra guided episodes per scan (same analysis, other overview)
-    overview_tokens: int = 3000  # sets the patch count, as agent.run's default budget does
-    verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
-    compact_rows: int = COMPACT_ROWS  # patches the compact overview shows (the adapter's recipe records it)
-    patch_label_share: float = 0.2  # a patch is a defect patch when this share of its points is labelled
-    # patch ids per target region (the hf decoder writes at most its max_ids); 3 is the shipped recipe's. The
-    # ninth session's run with 6 and normal_target "lowest" says nothing either way: it was trained on top of
-    # the shipped adapter (a bug in agent.tune train, fixed in the tenth session)
-    max_target_ids: int = 3
-    # an unguided normal scan's target: "empty" an empty report; "lowest" its highest-cue shown patch at the
-    # lowest confidence, for the verifier's bank to clear (the overview's z-scores are against the scan's own
-    # patches, so its text cannot tell a normal scan from a defective one, and an adapter taught "empty" left
-    # one defective dev-bench scan unreported)
-    normal_target: str = "empty"
-    register: bool | None = None  # None: each part's fit decides (agent.fit's default)
-    seed: int = 0
-    detector: DetectorConfig = field(default_factory=lambda: DetectorConfig(train_steps=100, bank_views=2))
-
-    def __post_init__(self) -> None:
-        if self.normal_target not in NORMAL_TARGETS:
-            raise ValueError(f"normal_target must be one of {NORMAL_TARGETS}, got {self.normal_target!r}")
-        if self.compact_rows < 1 or self.max_target_ids < 1:
-            raise ValueError("compact_rows and max_target_ids must be at least 1")
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["detector"] = self.detector.to_dict()
-        data["parts"] = list(self.parts)
-        return data
 
 
 @dataclass
@@ -107,6 +68,8 @@ class Episode:
     target: dict
     truth_patches: list[int]
     n_patches: int
+    feature: str | None = None  # a by-design feature on the scan (scans.features), if any
+    feature_patches: list[int] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -122,6 +85,8 @@ class Episode:
                 "target": self.target,
                 "truth_patches": self.truth_patches,
                 "n_patches": self.n_patches,
+                "feature": self.feature,
+                "feature_patches": self.feature_patches,
             },
             ensure_ascii=False,
             sort_keys=True,
@@ -215,9 +180,47 @@ def guided_truth(
     return [i for i in truth if not guidance.ignores({a: float(cols[a][i]) for a in "xyz"})]
 
 
+def names_feature(guidance: Guidance, feature: str) -> bool:
+    """True when `guidance` calls the by-design `feature` (scans.features) normal (read as agent.run reads it,
+    by keywords)."""
+    if guidance.kind != "normal_feature":
+        return False
+    return feature in read_guidance(guidance.text, False).normal_features
+
+
+def feature_target(
+    table: PatchTable, feature_patches: list[int], feature: str | None, guidance: Guidance | None
+) -> list[int]:
+    """The by-design feature's patches the target names: all of them unguided (unusual, and not yet called
+    normal), none when the guidance calls the feature normal or asks for one defect kind only (a feature is
+    no defect), and outside an ignored region otherwise."""
+    if feature is None or guidance is None:
+        return list(feature_patches)
+    if guidance.kind == "only_kind" or names_feature(guidance, feature):
+        return []
+    cols = table.columns
+    return [i for i in feature_patches if not guidance.ignores({a: float(cols[a][i]) for a in "xyz"})]
+
+
+def feature_paraphrases(feature: str, split: str) -> list[int]:
+    """The normal_feature paraphrases of `split` that name `feature`."""
+    return [
+        i
+        for i in paraphrase_ids("normal_feature", split)
+        if names_feature(make_guidance("normal_feature", i), feature)
+    ]
+
+
 def _pick_guidance(
-    rng: np.random.Generator, split: str, defect: str | None, table: PatchTable, truth: list[int]
+    rng: np.random.Generator,
+    split: str,
+    defect: str | None,
+    table: PatchTable,
+    truth: list[int],
+    feature: str | None = None,
 ) -> Guidance:
+    if feature is not None and rng.random() < 0.6:  # most often, the guidance calls the feature normal
+        return make_guidance("normal_feature", int(rng.choice(feature_paraphrases(feature, split))))
     kind = GUIDANCE_KINDS[int(rng.integers(len(GUIDANCE_KINDS)))]
     paraphrase = int(rng.choice(paraphrase_ids(kind, split)))
     if kind == "only_kind":  # half the time the kind the scan has, else another one
@@ -235,89 +238,6 @@ def _pick_guidance(
             above, value = bool(rng.random() < 0.5), float(rng.uniform(-0.5, 0.5))
         return make_guidance(kind, paraphrase, axis=axis, above=above, value=float(np.clip(value, -0.9, 0.9)))
     return make_guidance(kind, paraphrase)
-
-
-@dataclass
-class PartScan:
-    """One scan of a training part: points, per-point labels (all False when normal) and its defect kind."""
-
-    name: str
-    points: np.ndarray
-    labels: np.ndarray
-    defect: str | None
-    split: str
-
-
-def part_scans(part: str, config: EpisodeConfig) -> tuple[list[np.ndarray], list[PartScan]]:
-    """Normal templates and the episode scans of one part, seeded by (seed, part, stem) as the benchmark
-    is."""
-    mesh = training_mesh(part)
-
-    def sample(stem: str, kind: str | None) -> tuple[np.ndarray, np.ndarray]:
-        seed = sample_seed(config.seed, part, stem)
-        points, normals = sample_surface(mesh, config.points, seed)
-        size = extent(points)
-        labels = np.zeros(len(points), dtype=bool)
-        if kind is not None:
-            points, labels, _, normals = make_defect(
-                points, normals, kind, seed + 1, scale=size, return_normals=True
-            )
-        moved, _ = scan_like(points, normals, seed + 2, noise=MESH_NOISE, scale=size)
-        return moved.astype(np.float32), np.asarray(labels, dtype=bool)
-
-    templates = [sample(f"{part}_template{i}", None)[0] for i in range(config.templates)]
-    n_test = round(config.test_share * config.scans_per_part)
-    scans = []
-    rng = np.random.default_rng(sample_seed(config.seed, part, "kinds"))
-    for i in range(config.scans_per_part):
-        normal = rng.random() < config.normal_share
-        kind = None if normal else DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))]
-        stem = f"{part}_{kind or 'positive'}{i}"
-        points, labels = sample(stem, kind)
-        split = "test" if i >= config.scans_per_part - n_test else "train"
-        scans.append(PartScan(stem, points, labels, kind, split))
-    return templates, scans
-
-
-def folder_part_scans(folder: Path, config: EpisodeConfig) -> tuple[list[np.ndarray], list[PartScan]]:
-    """Your own part: the first `templates` normal scans of `folder` (file name order) fit the class, and
-    each other scan becomes an episode scan, normal or with a defect from `scans.defects` (kinds, shares and
-    the train/test split as for a training part). Scans are subsampled to `points` (seeded)."""
-    from scans.io import is_scan_file, read_scan
-
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: not a folder of normal scans")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_scan_file(p))
-    if len(files) < config.templates + 2:
-        raise ValueError(
-            f"{folder}: {len(files)} scans; needs at least {config.templates + 2} normal scans "
-            f"({config.templates} to fit the class, the others for episodes)"
-        )
-
-    def read(path: Path) -> np.ndarray:
-        points = read_scan(path, seed=config.seed).points
-        if len(points) > config.points:
-            rng = np.random.default_rng(sample_seed(config.seed, folder.name, path.name))
-            points = points[np.sort(rng.choice(len(points), config.points, replace=False))]
-        return np.asarray(points, dtype=np.float32)
-
-    templates = [read(p) for p in files[: config.templates]]
-    rest = files[config.templates :]
-    n_test = max(1, round(config.test_share * len(rest)))
-    rng = np.random.default_rng(sample_seed(config.seed, folder.name, "kinds"))
-    scans = []
-    for i, path in enumerate(rest):
-        normal = rng.random() < config.normal_share
-        kind = None if normal else DEFECT_TYPES[int(rng.integers(len(DEFECT_TYPES)))]
-        points = read(path)
-        labels = np.zeros(len(points), dtype=bool)
-        if kind is not None:
-            seed = sample_seed(config.seed, folder.name, path.stem, kind)
-            points, labels, _ = make_defect(points, None, kind, seed, scale=extent(points))
-        split = "test" if i >= len(rest) - n_test else "train"
-        name = f"{folder.name}_{path.stem}_{kind or 'normal'}"
-        scans.append(PartScan(name, np.asarray(points, np.float32), np.asarray(labels, bool), kind, split))
-    return templates, scans
 
 
 def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: EpisodeConfig) -> Iterator[Episode]:
@@ -338,21 +258,30 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
 
     patches, table, make_toolbox, messages = conversation(None)
     truth = patch_truth(patches, scan.labels, config.patch_label_share)
+    feature_patches: list[int] = []
+    if scan.feature_mask is not None and scan.feature_mask.any():
+        feature_patches = [
+            i for i in patch_truth(patches, scan.feature_mask, config.patch_label_share) if i not in truth
+        ]
     # a target names only patches the overview shows (the reader knows no others); the truth stays whole
     shown, columns = shown_patches(messages)
     tools = make_toolbox().openai_schemas()
     rng = np.random.default_rng(sample_seed(config.seed, part, scan.name, "guidance"))
     guidances = [
-        _pick_guidance(rng, scan.split, scan.defect, table, truth) for _ in range(config.guided_per_scan)
+        _pick_guidance(rng, scan.split, scan.defect, table, truth, scan.feature)
+        for _ in range(config.guided_per_scan)
     ]
     for g, guidance in enumerate([None, *guidances]):
         if (
             guidance is not None
         ):  # the patching does not depend on the guidance: only the overview's text changes
             messages = conversation(guidance)[3]
-        wanted = guided_truth(table, truth, scan.defect, guidance)
+        wanted = [
+            *guided_truth(table, truth, scan.defect, guidance),
+            *feature_target(table, feature_patches, scan.feature, guidance),
+        ]
         named, limit, confidence = [i for i in wanted if i in shown], config.max_target_ids, None
-        if not truth and guidance is None and config.normal_target == "lowest":
+        if not wanted and guidance is None and config.normal_target == "lowest":
             # target_report ranks by cue: its first shown patch, at the lowest confidence
             named, limit, confidence = sorted(shown), 1, LOWEST_CONFIDENCE
         yield Episode(
@@ -367,6 +296,8 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
             target=target_report(table, named, limit, columns=columns, confidence=confidence),
             truth_patches=wanted,
             n_patches=int(patches.n_patches),
+            feature=scan.feature,
+            feature_patches=feature_patches,
         )
 
 

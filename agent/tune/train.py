@@ -56,7 +56,9 @@ class TrainConfig:
     # way wrote empty reports on every scan, training ones included (log-likelihood of the empty report -0.5,
     # of the target -10.7). "rows": a yes/no per shown row (agent.tune.row_training), LoRA only.
     target: str = "decisions"
-    row_question: str = "id"  # target rows: how a row is asked about (agent.backends.hf_rows.ROW_QUESTIONS)
+    # target rows: how a row is asked about (agent.backends.hf_rows.ROW_QUESTIONS); quoting the line scored
+    # rows better on held-out episodes (README, The tuned agent)
+    row_question: str = "line"
     threads: int = 2
     seed: int = 0
     max_minutes: float | None = None
@@ -241,6 +243,7 @@ def train_adapter(
         "skipped_too_long": skipped,
         "episodes": Path(episodes_dir).name,  # its name, no path of this machine: the hash says which
         "scans_per_part": manifest.get("config", {}).get("scans_per_part"),  # to make the episodes again
+        "feature_share": manifest.get("config", {}).get("feature_share"),  # None: made before features
         "episodes_sha256": episodes_hash(episodes_dir),
         "overview_tokens": manifest.get("config", {}).get("overview_tokens"),
         "verbalization": manifest.get("config", {}).get("verbalization", "full"),
@@ -270,6 +273,8 @@ def retrain_commands(recipe: dict) -> str:
         episodes += f" --scans-per-part {recipe['scans_per_part']}"
     if recipe.get("compact_rows"):
         episodes += f" --compact-rows {recipe['compact_rows']}"
+    if recipe.get("feature_share") is not None:
+        episodes += f" --feature-share {recipe['feature_share']}"
     train = f"python -m agent.tune train --episodes EPISODES --out DIR --method {recipe.get('method')}"
     if config.get("target", "decisions") != "decisions":
         train += f" --target {config['target']}"
