@@ -41,8 +41,8 @@ def backend_from_spec(spec: str):
     """ "policy", "ranker=FILE", "hf" (the packaged adapter), "hf=none" (base model), "hf=ADAPTER_DIR",
     "random-regions" -> (label, backend)."""
     name, _, arg = spec.partition("=")
-    if name == "ranker":
-        return name, get_backend("ranker", model=arg or None)
+    if name == "ranker":  # labelled by the model's folder, so two rankers can be compared
+        return f"ranker:{Path(arg).parent.name}" if arg else name, get_backend("ranker", model=arg or None)
     if name == "hf":
         backend = get_backend("hf", adapter=arg or None, threads=2)
         label = "hf:base" if backend.adapter is None else f"hf:{Path(backend.adapter).name}"

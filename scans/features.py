@@ -43,37 +43,50 @@ def _centre(points: np.ndarray, avoid: np.ndarray | None, size: float, rng: np.r
 
 
 def _rib(
-    points: np.ndarray, normals: np.ndarray, start: int, size: float, rng: np.random.Generator
+    points: np.ndarray,
+    normals: np.ndarray,
+    start: int,
+    size: float,
+    rng: np.random.Generator,
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[np.ndarray, np.ndarray]:
+    """A straight rib; `scale` multiplies its height, length and footprint."""
+    height, length, share = RIB_HEIGHT * scale[0], RIB_LENGTH * scale[1], RIB_SHARE * scale[2]
     tree = cKDTree(points)
-    curve, curve_nearest = _surface_curve(points, normals, tree, start, RIB_LENGTH * size, 0.0, rng)
+    curve, curve_nearest = _surface_curve(points, normals, tree, start, length * size, 0.0, rng)
     distance, nearest_sample = cKDTree(curve).query(points)
     facing = np.einsum("ij,ij->i", normals, normals[curve_nearest[nearest_sample]]) > 0.3
     distance = np.where(facing, distance, np.inf)
     finite = np.flatnonzero(np.isfinite(distance))
-    region = finite[np.argsort(distance[finite], kind="stable")[: round(RIB_SHARE * len(points))]]
+    region = finite[np.argsort(distance[finite], kind="stable")[: round(share * len(points))]]
     width = float(distance[region].max()) if region.size else 0.0
     profile = 1.0 - distance[region] / max(width, 1e-12)  # triangular: a sharp crest
     moved = points.copy()
-    moved[region] += (RIB_HEIGHT * size * profile)[:, None] * normals[region]
+    moved[region] += (height * size * profile)[:, None] * normals[region]
     mask = np.zeros(len(points), dtype=bool)
     mask[region[profile > 0.1]] = True
     return moved, mask
 
 
 def _holes(
-    points: np.ndarray, normals: np.ndarray, start: int, size: float, rng: np.random.Generator
+    points: np.ndarray,
+    normals: np.ndarray,
+    start: int,
+    size: float,
+    rng: np.random.Generator,
+    radius_scale: float = 1.0,
+    count: int = 3,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Keep-mask and feature mask (over the kept points) of three round holes along a tangent line."""
+    """Keep-mask and feature mask (over the kept points) of `count` round holes along a tangent line."""
     tree = cKDTree(points)
     _, near = tree.query(points[start], k=min(30, len(points)))
     axis = normals[near].sum(axis=0)
     axis = normals[start] if np.linalg.norm(axis) < 1e-9 else axis / np.linalg.norm(axis)
     along = _tangent_basis(axis, rng)
-    radius = HOLE_RADIUS * size
+    radius = HOLE_RADIUS * radius_scale * size
     removed = np.zeros(len(points), dtype=bool)
     ring = np.zeros(len(points), dtype=bool)
-    for step in (-1, 0, 1):
+    for step in np.arange(count) - (count - 1) / 2:
         _, at = tree.query(points[start] + step * HOLE_PITCH * radius * along)
         offset = points - points[at]
         depth = offset @ axis
@@ -93,10 +106,12 @@ def add_feature(
     *,
     labels: np.ndarray | None = None,
     scale: float | None = None,
+    vary: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One by-design feature of `kind` on a scan: (points, feature mask, labels, normals), where `labels` (a
     defect's per-point labels, kept away from) follow the points that remain. `normals` are outward unit
-    normals, one per point."""
+    normals, one per point. `vary` > 0 draws each size from (1 - vary, 1 + vary) x its default and 2-4 holes
+    instead of 3: shapes that a model tuned on the defaults has not seen."""
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}; known: {', '.join(FEATURE_KINDS)}")
     points = np.asarray(points, dtype=np.float64)
@@ -109,8 +124,10 @@ def add_feature(
     rng = np.random.default_rng(seed)
     size = extent(points) if scale is None else float(scale)
     start = _centre(points, labels, size, rng)
+    factors = tuple(rng.uniform(1 - vary, 1 + vary, size=3)) if vary > 0 else (1.0, 1.0, 1.0)
     if kind == "edges":
-        moved, mask = _rib(points, normals, start, size, rng)
+        moved, mask = _rib(points, normals, start, size, rng, factors)
         return moved, mask & ~labels, labels, normals
-    keep, mask = _holes(points, normals, start, size, rng)
+    count = int(rng.integers(2, 5)) if vary > 0 else 3
+    keep, mask = _holes(points, normals, start, size, rng, factors[0], count)
     return points[keep], mask & ~labels[keep], labels[keep], normals[keep]

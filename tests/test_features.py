@@ -36,6 +36,9 @@ def test_a_rib_rises_out_of_the_surface_and_holes_remove_points(plate):
     assert len(kept) < len(points) and ring.any() and len(kept_normals) == len(kept)
     again = add_feature(points, normals, "holes", 1)
     assert np.array_equal(again[0], kept) and np.array_equal(again[1], ring)  # deterministic by seed
+    varied = [len(add_feature(points, normals, "holes", seed, vary=0.3)[0]) for seed in range(4)]
+    fixed = [len(add_feature(points, normals, "holes", seed)[0]) for seed in range(4)]
+    assert varied != fixed  # other radii and hole counts than the defaults
 
 
 def test_a_feature_keeps_away_from_the_defect_and_carries_its_labels(plate):
@@ -127,4 +130,6 @@ def test_the_guided_eval_counts_false_regions_on_an_added_feature(tmp_path):
         read["false_regions_on_feature"]["unguided"] >= 1 and read["false_regions_on_feature"]["guided"] == 0
     )
     assert read["fall"] == 1.0
+    named = read["feature_patches_named"]
+    assert named["unguided"] >= read["false_regions_on_feature"]["unguided"] and named["guided"] == 0
     assert read["recall_on_defects"] == {"unguided": 1.0, "guided": 0.0}
