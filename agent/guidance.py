@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from agent.tune.guidance import KIND_WORDS, PARAPHRASES, paraphrase_ids
 
 # The markers verbalize.render puts around the guidance (tests/test_guidance.py checks they match).
-_SECTION_RE = re.compile(r"<<<GUIDANCE\n(.*?)\nGUIDANCE>>>", re.DOTALL)
+GUIDANCE_SECTION = re.compile(r"<<<GUIDANCE\n(.*?)\nGUIDANCE>>>", re.DOTALL)
 SIMILARITY_FLOOR = 0.5  # a clause nearer than this to no prototype is not read by the sentence model
 # ... nor one whose best reading beats the best different reading by less than this (the episodes' filler
 # sentences, "Other irregularities do not matter", are as near to every kind's prototype and name none)
@@ -245,7 +245,7 @@ def guidance_in_messages(messages: list[dict]) -> str | None:
     """The guidance section of the scan overview (the first user message that has one), or None."""
     for m in messages:
         if m.get("role") == "user":
-            match = _SECTION_RE.search(m.get("content") or "")
+            match = GUIDANCE_SECTION.search(m.get("content") or "")
             if match:
                 return match.group(1).strip()
     return None

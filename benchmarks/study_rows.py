@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from agent.backends.hf_rows import row_questions, row_scores
+from agent.backends.hf_rows import row_preamble, row_questions, row_scores
 from agent.backends.overview import overview_text, parse_overview_table
 from agent.tune.episodes import read_episodes
 
@@ -55,8 +55,10 @@ def adapter_scorer(folder: str, threads: int):
 
     def score(episode: dict) -> dict[int, float]:
         backend._decoder.set_text(backend.prompt(episode["messages"], episode["tools"]))
-        ids, questions = row_questions(backend.row_question, overview_text(episode["messages"]))
-        return dict(zip(ids, row_scores(backend._decoder, questions)))
+        overview = overview_text(episode["messages"])
+        ids, questions = row_questions(backend.row_question, overview)
+        preamble = row_preamble(backend.row_question, overview)
+        return dict(zip(ids, row_scores(backend._decoder, questions, preamble)))
 
     return score
 

@@ -227,11 +227,15 @@ def _short(episode: dict) -> dict:
     stays
     a few seconds, and the mechanics (target tokens, adapter files, loading) are the same."""
     system, overview = (m["content"] for m in episode["messages"][:2])
+    lines = overview.split("\n")
+    kept = lines[:12]
+    if "<<<GUIDANCE" in lines:  # the guidance section stays
+        kept += lines[lines.index("<<<GUIDANCE") : lines.index("GUIDANCE>>>") + 1]
     return {
         **episode,
         "messages": [
             {"role": "system", "content": system.split("\n")[0]},
-            {"role": "user", "content": "\n".join(overview.split("\n")[:12])},
+            {"role": "user", "content": "\n".join(kept)},
         ],
     }
 
@@ -448,6 +452,19 @@ def test_a_row_question_names_the_patch_or_quotes_its_line(episodes):
         row_questions("sentence", overview)
 
 
+def test_the_guided_form_repeats_the_guidance_right_before_the_questions(episodes):
+    from agent.backends.hf_rows import row_preamble, row_questions
+    from agent.backends.overview import overview_text
+
+    guided = next(e for e in episodes if e["guidance"] is not None)
+    overview = overview_text(guided["messages"])
+    assert row_preamble("guided", overview) == f"Operator guidance: {guided['guidance']['text']}\n"
+    assert row_preamble("line", overview) == "" and row_preamble("id", overview) == ""
+    plain = next(e for e in episodes if e["guidance"] is None)
+    assert row_preamble("guided", overview_text(plain["messages"])) == ""
+    assert row_questions("guided", overview) == row_questions("line", overview)
+
+
 def test_a_row_branch_sees_the_prompt_and_itself_only():
     import torch
 
@@ -469,23 +486,31 @@ def test_rows_training_scores_what_inference_scores_and_reports_over_its_thresho
     import torch
 
     from agent.backends.hf_backend import HFBackend
-    from agent.backends.hf_rows import ROW_QUESTIONS, row_questions, row_scores
+    from agent.backends.hf_rows import ROW_QUESTIONS, row_preamble, row_questions, row_scores
     from agent.backends.overview import overview_text
     from agent.tune import row_training
 
-    short = next(_short(e) for e in episodes if e["truth_patches"])
+    short = next(_short(e) for e in episodes if e["truth_patches"] and e["guidance"] is None)
+    guided = next(_short(e) for e in episodes if e["guidance"] is not None)
+    assert row_preamble("guided", overview_text(guided["messages"])).startswith("Operator guidance: ")
     rows, total = parse_overview_table(overview_text(short["messages"]))
     ids = [int(r["id"]) for r in rows]
     yes_no = row_training.answer_tokens(base_backend.tokenizer)
-    for form in ROW_QUESTIONS:  # the training's tree pass gives the numbers the decoder scores at inference
-        (example,), skipped = row_training.row_examples(base_backend, [short], 3072, form)
-        assert skipped == 0 and len(example.branches) == len(ids) > 1
-        assert example.labels == [int(i in short["truth_patches"]) for i in ids]
+    # the training's tree pass gives the numbers the decoder scores at inference, guidance preamble included
+    for form, episode in [*((f, short) for f in ROW_QUESTIONS), ("guided", guided)]:
+        overview = overview_text(episode["messages"])
+        (example,), skipped = row_training.row_examples(base_backend, [episode], 3072, form)
+        shown = [int(r["id"]) for r in parse_overview_table(overview)[0]]
+        assert skipped == 0 and len(example.branches) == len(shown) > 1
+        assert example.labels == [int(i in episode["truth_patches"]) for i in shown]
         with torch.no_grad():
             trained = row_training.row_gaps(base_backend.model, torch, example, yes_no)
-        base_backend._decoder.set_text(base_backend.prompt(short["messages"], short["tools"]))
-        questions = row_questions(form, overview_text(short["messages"]))[1]
-        assert np.allclose(trained.numpy(), row_scores(base_backend._decoder, questions), atol=1e-3)
+        base_backend._decoder.set_text(before := base_backend.prompt(episode["messages"], episode["tools"]))
+        questions = row_questions(form, overview)[1]
+        inferred = row_scores(base_backend._decoder, questions, row_preamble(form, overview))
+        assert np.allclose(trained.numpy(), inferred, atol=1e-3)
+        assert base_backend._decoder.text == before  # the preamble is taken off again
+    questions = row_questions("line", overview_text(short["messages"]))[1]
     with pytest.raises(ValueError, match="LoRA"):
         _train(tmp_path, episodes, base_backend, "prompt", steps=1, target="rows")
     out, recipe, shorts = _train(tmp_path, episodes, base_backend, "lora", steps=2, target="rows")

@@ -51,7 +51,13 @@ from agent.backends.hf_adapter import rows_settings
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
-from agent.backends.hf_rows import ROW_LIMIT, row_questions, row_scores, rows_report_arguments
+from agent.backends.hf_rows import (
+    ROW_LIMIT,
+    row_preamble,
+    row_questions,
+    row_scores,
+    rows_report_arguments,
+)
 from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
 from agent.backends.policy import report_limits
 
@@ -377,7 +383,7 @@ class HFBackend:
         overview = overview_text(messages)
         rows, total = parse_overview_table(overview)
         ids, questions = row_questions(self.row_question, overview)
-        scores = row_scores(dec, questions)
+        scores = row_scores(dec, questions, row_preamble(self.row_question, overview))
         ranked = sorted(zip(ids, scores, rows), key=lambda t: (-t[1], t[0]))
         max_regions, max_ids = report_limits(tools)
         own = ROW_LIMIT if self.max_ids is None else self.max_ids

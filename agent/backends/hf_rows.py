@@ -18,11 +18,19 @@ import math
 from typing import Any
 
 from agent.backends.overview import row_reason, table_lines
+from agent.guidance import GUIDANCE_SECTION
 
 # How a row is asked about: "id" names the patch, so the model must find its row in the table; "line" quotes
 # the row as the table shows it, so the answer can be read off the question, the table still in view for
-# comparison and the guidance. An adapter's recipe records the form it was trained on ("id" when absent).
-ROW_QUESTIONS = {"id": "Patch {patch_id}: defect?", "line": "Row {line} -> defect?"}
+# comparison and the guidance. "guided" asks as "line" does, after the operator's guidance is repeated once in
+# the answer's turn (`row_preamble`), so every question follows it directly instead of after the chat
+# template's turn markers. An adapter's recipe records the form it was trained on ("id" when absent).
+ROW_QUESTIONS = {
+    "id": "Patch {patch_id}: defect?",
+    "line": "Row {line} -> defect?",
+    "guided": "Row {line} -> defect?",
+}
+ROW_PREAMBLES = {"guided": "Operator guidance: {guidance}\n"}
 ROW_LIMIT = 20  # most rows one report names, as the ranker's max_ids
 ANSWERS = (" yes", " no")  # one token each in SmolLM2's vocabulary, checked where the training builds them
 
@@ -36,11 +44,28 @@ def row_questions(form: str, overview: str) -> tuple[list[int], list[str]]:
     return list(lines), [ROW_QUESTIONS[form].format(patch_id=pid, line=line) for pid, line in lines.items()]
 
 
-def row_scores(decoder: Any, questions: list[str]) -> list[float]:
-    """log P(yes) - log P(no) after each question, all branching off the decoder's current text."""
+def row_preamble(form: str, overview: str) -> str:
+    """What goes once between the prompt and the row questions: for the "guided" form, the guidance section
+    of the overview (as the verbalizer cleaned it), else nothing."""
+    template = ROW_PREAMBLES.get(form)
+    if template is None:
+        return ""
+    match = GUIDANCE_SECTION.search(overview)
+    return template.format(guidance=" ".join(match.group(1).split())) if match else ""
+
+
+def row_scores(decoder: Any, questions: list[str], preamble: str = "") -> list[float]:
+    """log P(yes) - log P(no) after each question, all branching off the decoder's current text (plus the
+    `preamble`, taken off again afterwards)."""
     if not questions:
         return []
-    lls = decoder.loglikelihoods([q + answer for q in questions for answer in ANSWERS])
+    before = decoder.text
+    if preamble:
+        decoder.extend(preamble)
+    try:
+        lls = decoder.loglikelihoods([q + answer for q in questions for answer in ANSWERS])
+    finally:
+        decoder.set_text(before)
     return [lls[2 * n] - lls[2 * n + 1] for n in range(len(questions))]
 
 

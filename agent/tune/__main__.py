@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a normal scan's target: an empty report, or its top patch at the lowest confidence",
     )
     e.add_argument(
+        "--guided-per-scan",
+        type=int,
+        default=EpisodeConfig.guided_per_scan,
+        help="guided episodes per scan beside its unguided one",
+    )
+    e.add_argument(
         "--feature-share",
         type=float,
         default=EpisodeConfig.feature_share,
@@ -128,6 +134,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         compact_rows=args.compact_rows,
         normal_target=args.normal_target,
         feature_share=args.feature_share,
+        guided_per_scan=args.guided_per_scan,
     )
     if args.parts:
         config = replace(config, parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.backends.hf_rows import ANSWERS, row_questions
+from agent.backends.hf_rows import ANSWERS, row_preamble, row_questions
 from agent.backends.overview import overview_text
 from agent.tune.ranker_fit import f1_threshold
 
@@ -45,9 +45,10 @@ def row_examples(
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     examples, skipped = [], 0
     for episode in episodes:
-        text = backend.prompt(episode["messages"], episode["tools"])
+        overview = overview_text(episode["messages"])
+        text = backend.prompt(episode["messages"], episode["tools"]) + row_preamble(form, overview)
         prompt = encode(text)
-        ids, questions = row_questions(form, overview_text(episode["messages"]))
+        ids, questions = row_questions(form, overview)
         truth = set(episode["truth_patches"])
         branches = []
         for question in questions:

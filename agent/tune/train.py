@@ -244,6 +244,7 @@ def train_adapter(
         "episodes": Path(episodes_dir).name,  # its name, no path of this machine: the hash says which
         "scans_per_part": manifest.get("config", {}).get("scans_per_part"),  # to make the episodes again
         "feature_share": manifest.get("config", {}).get("feature_share"),  # None: made before features
+        "guided_per_scan": manifest.get("config", {}).get("guided_per_scan"),
         "episodes_sha256": episodes_hash(episodes_dir),
         "overview_tokens": manifest.get("config", {}).get("overview_tokens"),
         "verbalization": manifest.get("config", {}).get("verbalization", "full"),
@@ -275,6 +276,8 @@ def retrain_commands(recipe: dict) -> str:
         episodes += f" --compact-rows {recipe['compact_rows']}"
     if recipe.get("feature_share") is not None:
         episodes += f" --feature-share {recipe['feature_share']}"
+    if recipe.get("guided_per_scan") not in (None, 1):
+        episodes += f" --guided-per-scan {recipe['guided_per_scan']}"
     train = f"python -m agent.tune train --episodes EPISODES --out DIR --method {recipe.get('method')}"
     if config.get("target", "decisions") != "decisions":
         train += f" --target {config['target']}"
