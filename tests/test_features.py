@@ -133,3 +133,49 @@ def test_the_guided_eval_counts_false_regions_on_an_added_feature(tmp_path):
     named = read["feature_patches_named"]
     assert named["unguided"] >= read["false_regions_on_feature"]["unguided"] and named["guided"] == 0
     assert read["recall_on_defects"] == {"unguided": 1.0, "guided": 0.0}
+
+
+def _feature_episode(
+    rng: np.random.Generator, defect: int, feature: int | None, guidance: str | None
+) -> dict:
+    """A table of 12 rows: a defect row (high recon error) and maybe a "holes" row (high spacing, recon error
+    raised less), as the planted episodes of test_tune do."""
+    from tests.test_tune import _table_text
+
+    rows = []
+    for pid in range(12):
+        z = rng.normal(scale=0.5, size=5)
+        if pid == defect:
+            z[3:] += (6.0, 5.0)
+        if pid == feature:
+            z[2] += 6.0
+            z[3:] += (3.0, 3.0)
+        rows.append([pid, *rng.uniform(-1, 1, 3), 100, *z, float(np.maximum(z, 0).mean())])
+    text = _table_text(rows, 1200)
+    if guidance is not None:
+        text += f"\n## Operator guidance\n<<<GUIDANCE\n{guidance}\nGUIDANCE>>>\n"
+    return {
+        "guidance": None if guidance is None else {"kind": "normal_feature", "text": guidance},
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": text}],
+        "truth_patches": [defect] + ([] if feature is None else [feature]),
+        "feature": None if feature is None else "holes",
+        "feature_patches": [] if feature is None else [feature],
+    }
+
+
+def test_the_ranker_learns_what_a_named_feature_looks_like(tmp_path, rng):
+    from agent.backends.ranker import RankerBackend
+    from agent.tune.ranker_fit import fit_ranker, save_ranker
+
+    train = [_feature_episode(rng, i % 12, (i + 5) % 12 if i % 2 else None, None) for i in range(60)]
+    model = fit_ranker(train)
+    assert set(model["normal_features"]) == {"holes"} and model["normal_features"]["holes"]["rows"] == 30
+    backend = RankerBackend(model=save_ranker(model, tmp_path))
+    plain = _feature_episode(rng, 3, 8, None)
+    assert {pid for pid, *_ in backend.ranked(plain["messages"])[:2]} == {3, 8}  # unguided: both unusual
+    guided = _feature_episode(rng, 3, 8, "The bolt holes are by design.")
+    ranked = [pid for pid, *_ in backend.ranked(guided["messages"])]
+    assert ranked[0] == 3 and 8 not in ranked  # the feature's row is recognised and dropped
+    reading = backend.guidance_reading(guided["messages"])
+    assert reading["learned_recognisers"] == ["holes"] and "learned recogniser" in reading["applied"]
+    assert "spacing" not in reading["applied"]  # not agent.guidance's hand-written statistics

@@ -12,7 +12,10 @@ probability is multiplied by the guidance's weight for that patch (ignored regio
 for a named normal feature drop out, a named defect kind's cues count more), capped at 1, before the
 threshold.
 The model's own coefficients already weigh the feature statistics it learned, so they are not scaled
-again.
+again. A normal feature the model file has a learned recogniser for (`normal_features`: a logistic regression
+trained on the episodes' by-design features, `agent.tune.ranker_fit`) is not read through the hand-written
+statistics of `agent.guidance`: the rows its recogniser calls that feature are dropped instead (what a
+feature raises in the table is learned, not assumed).
 
 Model file: JSON with the feature names, standardisation (mean, scale), coefficients, intercept and threshold;
 no
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
@@ -42,23 +46,43 @@ def row_features(row: dict[str, float], total_points: int | None) -> dict[str, f
     return features
 
 
-class RankerModel:
-    """Saved coefficients of the logistic regression and how to apply them."""
+class LogisticRows:
+    """A saved logistic regression over row features: standardisation, coefficients, intercept, threshold."""
 
-    def __init__(self, data: dict, source: str = "ranker model"):
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{source}: not a {FORMAT} file (format={data.get('format')!r})")
-        self.features: list[str] = list(data["features"])
+    def __init__(self, features: list[str], data: dict, source: str):
+        self.features = features
         self.mean = [float(v) for v in data["mean"]]
         self.scale = [float(v) if float(v) > 0 else 1.0 for v in data["scale"]]
         self.coef = [float(v) for v in data["coef"]]
         self.intercept = float(data["intercept"])
         self.threshold = float(data["threshold"])
+        if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
+            raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
+
+    def probability(self, features: dict[str, float]) -> float:
+        """P(positive) of one row; a feature the row lacks counts as the training mean (no evidence)."""
+        logit = self.intercept
+        for name, mean, scale, coef in zip(self.features, self.mean, self.scale, self.coef):
+            logit += coef * (features.get(name, mean) - mean) / scale
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
+
+
+class RankerModel(LogisticRows):
+    """Saved coefficients of the logistic regression, its learned normal-feature recognisers, and how to apply
+    them."""
+
+    def __init__(self, data: dict, source: str = "ranker model"):
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a {FORMAT} file (format={data.get('format')!r})")
+        super().__init__(list(data["features"]), data, source)
         self.verbalization = str(data.get("verbalization", "full"))  # the overview it was trained on
         # and its row count (None: the default)
         self.compact_rows = recorded_count(data.get("compact_rows"), source, "compact_rows")
-        if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
-            raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
+        # a normal feature's recogniser: P(this row is that by-design feature), over the same features
+        self.recognisers = {
+            name: LogisticRows(self.features, entry, f"{source}: normal_features.{name}")
+            for name, entry in (data.get("normal_features") or {}).items()
+        }
 
     @classmethod
     def load(cls, path: str | Path) -> RankerModel:
@@ -66,13 +90,6 @@ class RankerModel:
             return cls(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: cannot read the ranker model ({err})") from None
-
-    def probability(self, features: dict[str, float]) -> float:
-        """P(defect patch) of one row; a feature the row lacks counts as the training mean (no evidence)."""
-        logit = self.intercept
-        for name, mean, scale, coef in zip(self.features, self.mean, self.scale, self.coef):
-            logit += coef * (features.get(name, mean) - mean) / scale
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit))))
 
 
 class RankerBackend:
@@ -99,19 +116,41 @@ class RankerBackend:
     def ranked(self, messages: list[dict]) -> list[tuple[int, float, dict[str, float]]]:
         """(patch id, probability, row) of every shown patch, most likely first."""
         rows, total = parse_overview_table(overview_text(messages))
-        text = guidance_in_messages(messages)
-        intents = read_guidance(text) if text else None
+        intents, learned = self._intents(messages)
         scored = []
         for r in rows:
-            p = self.model.probability(row_features(r, total))
+            features = row_features(r, total)
+            if any(
+                self.model.recognisers[f].probability(features) >= self.model.recognisers[f].threshold
+                for f in learned
+            ):
+                continue  # a by-design feature the guidance calls normal
+            p = self.model.probability(features)
             weight = 1.0 if intents is None else intents.weight(r, scale_normal=False)
             if weight is not None:
                 scored.append((int(r["id"]), min(1.0, p * weight), r))
         return sorted(scored, key=lambda t: (-t[1], t[0]))
 
+    def _intents(self, messages: list[dict]):
+        """The guidance's intents left to `agent.guidance`'s rules, and the named normal features this model
+        has a learned recogniser for."""
+        text = guidance_in_messages(messages)
+        if not text:
+            return None, []
+        intents = read_guidance(text)
+        learned = [f for f in intents.normal_features if f in self.model.recognisers]
+        rest = tuple(f for f in intents.normal_features if f not in learned)
+        return replace(intents, normal_features=rest), learned
+
     def guidance_reading(self, messages: list[dict]) -> dict:
         """How the guidance in the conversation was read and applied (report.json's `guidance` entry)."""
-        return reading_summary(messages, "ranker")
+        summary = reading_summary(messages, "ranker")
+        intents, learned = self._intents(messages)
+        if learned:  # say what was done: the recogniser, not agent.guidance's statistics, for these features
+            parts = [f"drops the patches its learned recogniser calls {f}" for f in learned]
+            summary["applied"] = "; ".join(parts + ([intents.describe()] if intents.active else []))
+            summary["learned_recognisers"] = learned
+        return summary
 
     def chat(self, messages: list[dict], tools: list[dict]) -> LLMReply:
         if "report_suspects" not in tool_names(tools):

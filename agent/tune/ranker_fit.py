@@ -5,6 +5,8 @@ so
 training and use cannot drift apart. Only unguided training episodes are used: the ranker cannot read
 guidance, and
 a guided target would teach it noise. The threshold is the one that maximises F1 over the training patches.
+Rows of the episodes' by-design features (`agent.tune.episode_scans`) also train one recogniser per feature
+kind ("is this row that feature?"), which the ranker uses when guidance calls that feature normal.
 """
 
 from __future__ import annotations
@@ -22,24 +24,29 @@ from agent.backends.ranker import FORMAT, overview_text, parse_overview_table, r
 RANKER_FILE = "ranker.json"
 
 
-def ranker_dataset(episodes: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(feature names, X, y) over every shown patch of the unguided episodes; y = 1 for a ground-truth
-    patch."""
+def ranker_dataset(
+    episodes: list[dict],
+) -> tuple[list[str], np.ndarray, np.ndarray, list[str | None]]:
+    """(feature names, X, y, feature kinds) over every shown patch of the unguided episodes; y = 1 for a
+    target patch, and the kind of by-design feature a row is (None for most)."""
     rows: list[dict[str, float]] = []
     labels: list[int] = []
+    kinds: list[str | None] = []
     for episode in episodes:
         if episode.get("guidance") is not None:
             continue
         table, total = parse_overview_table(overview_text(episode["messages"]))
         truth = set(episode["truth_patches"])
+        features = set(episode.get("feature_patches") or [])
         for row in table:
             rows.append(row_features(row, total))
             labels.append(int(int(row["id"]) in truth))
+            kinds.append(episode.get("feature") if int(row["id"]) in features else None)
     if not rows:
         raise ValueError("no unguided episodes with a patch table to train the ranker on")
     names = sorted({k for r in rows for k in r})
     x = np.array([[r.get(k, 0.0) for k in names] for r in rows], dtype=np.float64)
-    return names, x, np.array(labels, dtype=np.int64)
+    return names, x, np.array(labels, dtype=np.int64), kinds
 
 
 def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.0) -> tuple[float, float]:
@@ -62,22 +69,49 @@ def fit_ranker(
 ) -> dict:
     """The ranker model (a JSON-ready dict) fitted on `episodes`, whose overviews are `verbalization` ones
     with `compact_rows` rows when compact (the backend asks for the same at inference)."""
-    names, x, y = ranker_dataset(episodes)
+    names, x, y, kinds = ranker_dataset(episodes)
     if y.min() == y.max():
         raise ValueError("the ranker needs both defect and normal patches among the training episodes")
     scaler = StandardScaler().fit(x)
-    model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
-    model.fit(scaler.transform(x), y)
-    prob = model.predict_proba(scaler.transform(x))[:, 1]
-    threshold, _ = f1_threshold(y, prob, default=0.5)
+    standard = scaler.transform(x)
+
+    def logistic(labels: np.ndarray, rows: np.ndarray | None = None) -> dict:
+        inputs = standard if rows is None else standard[rows]
+        labels = labels if rows is None else labels[rows]
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
+        model.fit(inputs, labels)
+        threshold, f1 = f1_threshold(labels, model.predict_proba(inputs)[:, 1], default=0.5)
+        return {
+            "coef": model.coef_[0].tolist(),
+            "intercept": float(model.intercept_[0]),
+            "threshold": threshold,
+            "train_f1": round(f1, 4),
+        }
+
+    defects = logistic(y)
+    recognisers = {}
+    # a recogniser tells a feature from the other rows worth reporting (defects, other features): the rows the
+    # ranker would name are the ones it has to sort out
+    reported = y == 1
+    for kind in sorted({k for k in kinds if k is not None}):
+        is_kind = np.array([k == kind for k in kinds], dtype=np.int64)
+        if is_kind.sum() == reported.sum():
+            continue  # no other reportable rows to tell it from
+        recognisers[kind] = {
+            "mean": scaler.mean_.tolist(),
+            "scale": scaler.scale_.tolist(),
+            **logistic(is_kind, reported),
+            "rows": int(is_kind.sum()),
+        }
     return {
         "format": FORMAT,
         "features": names,
         "mean": scaler.mean_.tolist(),
         "scale": scaler.scale_.tolist(),
-        "coef": model.coef_[0].tolist(),
-        "intercept": float(model.intercept_[0]),
-        "threshold": threshold,
+        "coef": defects["coef"],
+        "intercept": defects["intercept"],
+        "threshold": defects["threshold"],
+        "normal_features": recognisers,
         "verbalization": verbalization,
         "compact_rows": compact_rows,
         "trained_on": {"patches": len(y), "defect_patches": int(y.sum()), "seed": seed, "C": c},
