@@ -232,12 +232,12 @@ def summarise(counts: dict, reads: dict[str, list[bool]]) -> dict:
 
 
 def plot_guided(result: dict, path: Path) -> Path:
-    """Unguided vs guided bars per backend: false regions on the named feature, recall on defects, recall on
+    """Unguided vs guided bars per backend: the named feature's patches reported, recall on defects, recall on
     the named kind, regions in the ignored half."""
     from evals.report import _figure
 
     panels = (
-        ("normal feature: false regions on it", lambda b: b["normal_feature"]["false_regions_on_feature"]),
+        ("normal feature: its patches named", lambda b: b["normal_feature"]["feature_patches_named"]),
         ("normal feature: recall on defects", lambda b: b["normal_feature"]["recall_on_defects"]),
         ("named kind: recall on it", lambda b: b["only_kind"]["recall_on_named_kind"]),
         ("ignored half: regions in it", lambda b: b["ignore_region"]["regions_in_ignored_half"]),
@@ -249,7 +249,7 @@ def plot_guided(result: dict, path: Path) -> Path:
         for offset, key, colour in ((-0.2, "unguided", "0.6"), (0.2, "guided", "tab:blue")):
             values = [pick(result["backends"][n])[key] or 0 for n in names]
             axes.bar([i + offset for i in range(len(names))], values, width=0.4, color=colour, label=key)
-        axes.set_xticks(range(len(names)), names)
+        axes.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         axes.set_title(title, fontsize=9)
         axes.grid(axis="y", alpha=0.3)
     figure.axes[0].legend(fontsize=8)
