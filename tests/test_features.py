@@ -72,6 +72,16 @@ def test_guidance_that_calls_the_feature_normal_takes_it_out_of_the_target():
     assert feature_target(table, [0, 1], "edges", right) == [0]
 
 
+@pytest.mark.parametrize("flag", [("--feature-share", "1.5"), ("--guided-per-scan", "-1")])
+def test_episode_flags_out_of_range_exit_2_and_write_nothing(tmp_path, capsys, flag):
+    from agent.tune.__main__ import main as tune_main
+
+    out = tmp_path / "eps"
+    assert tune_main(["episodes", "--out", str(out), *flag]) == 2
+    assert flag[0][2:].replace("-", "_") in capsys.readouterr().err and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_training_scans_get_features_and_the_guided_target_drops_them():
     config = replace(TINY_EPISODES, feature_share=1.0, scans_per_part=5, test_share=0.2)
     episodes = [json.loads(e.to_json()) for e in part_episodes("tee_plate", config)]

@@ -61,6 +61,8 @@ class EpisodeConfig:
             raise ValueError(f"normal_target must be one of {NORMAL_TARGETS}, got {self.normal_target!r}")
         if not 0.0 <= self.feature_share <= 1.0:
             raise ValueError(f"feature_share must be within 0..1, got {self.feature_share}")
+        if self.guided_per_scan < 0:
+            raise ValueError(f"guided_per_scan must be 0 or more, got {self.guided_per_scan}")
         if self.compact_rows < 1 or self.max_target_ids < 1:
             raise ValueError("compact_rows and max_target_ids must be at least 1")
 
