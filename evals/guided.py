@@ -32,7 +32,7 @@ import numpy as np
 
 from agent.guidance import read_guidance
 from agent.pipeline import InspectionConfig, inspect_scan
-from agent.tune.episodes import feature_paraphrases, patch_truth
+from agent.tune.episodes import feature_paraphrases, feature_patch_truth, patch_truth
 from agent.tune.guidance import PARAPHRASES, Guidance, make_guidance, paraphrase_ids
 from evals.tuned import TestScan, backend_from_spec, episode_parser, load_test_scans, run_episode_eval
 from scans.bench import sample_seed
@@ -160,9 +160,11 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
             with_feature = featured_scans[number]
             feature_plain = run(None, with_feature.points, with_feature.analysis)
             patches = feature_plain.patches
-            feature_truth = set(patch_truth(patches, with_feature.labels, PATCH_LABEL_SHARE))
-            on_feature = set(patch_truth(patches, with_feature.feature_mask, PATCH_LABEL_SHARE))
-            on_feature -= feature_truth
+            defect_patches = patch_truth(patches, with_feature.labels, PATCH_LABEL_SHARE)
+            feature_truth = set(defect_patches)
+            on_feature = set(
+                feature_patch_truth(patches, with_feature.feature_mask, defect_patches, PATCH_LABEL_SHARE)
+            )
             for guidance in feature_variants(with_feature.kind):
                 reads[guidance.kind].append(with_feature.kind in read_guidance(guidance.text).normal_features)
                 guided = run(guidance, with_feature.points, with_feature.analysis)

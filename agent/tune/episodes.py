@@ -176,8 +176,21 @@ def guided_truth(
         return truth
     if not guidance.keeps_kind(defect):
         return []
+    return outside_ignored(table, truth, guidance)
+
+
+def outside_ignored(table: PatchTable, patch_ids: list[int], guidance: Guidance) -> list[int]:
+    """The patches whose centre lies outside the region `guidance` says to ignore (all, for other kinds)."""
     cols = table.columns
-    return [i for i in truth if not guidance.ignores({a: float(cols[a][i]) for a in "xyz"})]
+    return [i for i in patch_ids if not guidance.ignores({a: float(cols[a][i]) for a in "xyz"})]
+
+
+def feature_patch_truth(
+    patches: Patches, feature_mask: np.ndarray, truth: list[int], share: float
+) -> list[int]:
+    """The patches that carry the by-design feature (as `patch_truth` finds a defect's) and no defect."""
+    defects = set(truth)
+    return [i for i in patch_truth(patches, feature_mask, share) if i not in defects]
 
 
 def names_feature(guidance: Guidance, feature: str) -> bool:
@@ -198,8 +211,7 @@ def feature_target(
         return list(feature_patches)
     if guidance.kind == "only_kind" or names_feature(guidance, feature):
         return []
-    cols = table.columns
-    return [i for i in feature_patches if not guidance.ignores({a: float(cols[a][i]) for a in "xyz"})]
+    return outside_ignored(table, feature_patches, guidance)
 
 
 def feature_paraphrases(feature: str, split: str) -> list[int]:
@@ -260,9 +272,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
     truth = patch_truth(patches, scan.labels, config.patch_label_share)
     feature_patches: list[int] = []
     if scan.feature_mask is not None and scan.feature_mask.any():
-        feature_patches = [
-            i for i in patch_truth(patches, scan.feature_mask, config.patch_label_share) if i not in truth
-        ]
+        feature_patches = feature_patch_truth(patches, scan.feature_mask, truth, config.patch_label_share)
     # a target names only patches the overview shows (the reader knows no others); the truth stays whole
     shown, columns = shown_patches(messages)
     tools = make_toolbox().openai_schemas()
