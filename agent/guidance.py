@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 
 from agent.tune.guidance import KIND_WORDS, PARAPHRASES, paraphrase_ids
 
@@ -241,6 +243,29 @@ class GuidanceIntents:
         return factor
 
 
+# the normal-feature kinds the running inspection's learned recogniser applies (agent.normal_features, set by
+# agent.pipeline while the backend runs): backends that read guidance into intents leave these to it
+_HANDLED: ContextVar[tuple[str, ...]] = ContextVar("handled_normal_features", default=())
+
+
+@contextmanager
+def handling(kinds: tuple[str, ...]):
+    """Within this block, backends leave the normal features `kinds` to the pipeline's recogniser."""
+    token = _HANDLED.set(tuple(kinds))
+    try:
+        yield
+    finally:
+        _HANDLED.reset(token)
+
+
+def left_to_backend(intents: GuidanceIntents) -> GuidanceIntents:
+    """`intents` without the normal features the pipeline's recogniser applies in this inspection."""
+    handled = _HANDLED.get()
+    if not handled or not set(intents.normal_features) & set(handled):
+        return intents
+    return replace(intents, normal_features=tuple(f for f in intents.normal_features if f not in handled))
+
+
 def guidance_in_messages(messages: list[dict]) -> str | None:
     """The guidance section of the scan overview (the first user message that has one), or None."""
     for m in messages:
@@ -355,7 +380,13 @@ def reading_summary(messages: list[dict], backend_name: str) -> dict:
     text = guidance_in_messages(messages)
     if text is None:
         return {"used": False, "note": f"the {backend_name} found no guidance section in the overview"}
-    intents = read_guidance(text)
+    read = read_guidance(text)
+    intents = left_to_backend(read)
+    handled = [f for f in read.normal_features if f not in intents.normal_features]
+    if handled:
+        where = f"normal features {', '.join(handled)}: left to the learned recogniser (normal_features)"
+        applied = f"{intents.describe()}; {where}" if intents.active else where
+        return {"used": True, "read": read.to_dict(), "applied": applied}
     if not intents.active:
         return {
             "used": False,
@@ -365,3 +396,31 @@ def reading_summary(messages: list[dict], backend_name: str) -> dict:
             "(e.g. 'x above 0.2')",
         }
     return {"used": True, "read": intents.to_dict(), "applied": intents.describe()}
+
+
+def guidance_summary(
+    guidance: str | None, reporting: object | None, fallback_used: bool, messages: list[dict] | None = None
+) -> dict | None:
+    """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it
+    does not say), with a note when it did not, so that guidance is never silently ignored. A backend that
+    reads guidance into intents (`guidance_reading`, the policy and the ranker) also says what it read and how
+    it applied it, from the conversation it answered. None when no guidance was given."""
+    if not guidance:
+        return None
+    name = getattr(reporting, "name", "?")
+    used = getattr(reporting, "uses_guidance", None)
+    who = f"the fallback {name}" if fallback_used else f"the {name} backend"
+    note = None
+    reading = getattr(reporting, "guidance_reading", None)
+    extra: dict = {}
+    if callable(reading) and messages is not None:
+        extra = reading(messages)
+        used = extra.pop("used")
+        note = extra.pop("note", None)
+        if note is not None:
+            note = f"{who} made the report: {note}"
+    elif used is None:
+        note = f"{who} made the report and does not declare whether it reads guidance"
+    elif not used:
+        note = f"{who} made the report and does not read guidance: the report was made without it"
+    return {"text": guidance, "used": used, "reporting_backend": name, "note": note, **extra}

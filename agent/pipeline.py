@@ -21,7 +21,9 @@ import numpy as np
 
 from agent.backends import Backend, get_backend
 from agent.explain import region_explanation, scan_summary
+from agent.guidance import guidance_summary, handling
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
+from agent.normal_features import drop_normal_features, named_kinds, recognisers_for
 from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
@@ -32,6 +34,7 @@ from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
 from verbalize.compact import COMPACT_ROWS, render_compact_overview, render_compact_system
+from verbalize.shape import deviation_shape
 
 VerifyMode = Literal["suspects", "all"]
 Verbalization = Literal["full", "compact"]
@@ -56,6 +59,9 @@ class InspectionConfig:
     compact_rows: int = COMPACT_ROWS
     budget: AgentBudget = field(default_factory=AgentBudget)
     seed: int = 0
+    # the learned recognisers that apply guidance naming a normal feature (agent.normal_features): "shipped",
+    # "none" (each backend reads it on its own), or a path to your own (agent.tune train --method recogniser)
+    normal_features: str = "shipped"
 
 
 @dataclass
@@ -224,6 +230,8 @@ def build_conversation(
     scan."""
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
+    if analysis is not None:
+        table.shape = deviation_shape(points, stats, analysis.surface_side, patches, seed=config.seed)
     lookup = (
         _bank_lookup(fitted, analysis, patches, scored)
         if fitted is not None and analysis is not None
@@ -324,19 +332,35 @@ def inspect_scan(
                 verify=config.verify,
                 mode="bank" if fitted is not None else "zero-shot",
             )
-        toolbox = make_toolbox()
-        outcome = run_agent(
-            backend,
-            toolbox,
-            messages,
-            budget=config.budget,
-            transcript=transcript,
-            fallback=fallback,
-            toolbox_factory=make_toolbox,
-        )
-        if template_errors:
-            raise template_errors[0]
-        outcome = _scrubbed(outcome, redact)
+        recognisers = recognisers_for(config.normal_features) if config.guidance else None
+        handled = named_kinds(config.guidance, recognisers)
+        with handling(handled):  # the backend leaves those features to the recognisers, judged once below
+            toolbox = make_toolbox()
+            outcome = run_agent(
+                backend,
+                toolbox,
+                messages,
+                budget=config.budget,
+                transcript=transcript,
+                fallback=fallback,
+                toolbox_factory=make_toolbox,
+            )
+            if template_errors:
+                raise template_errors[0]
+            outcome = _scrubbed(outcome, redact)
+            guidance = guidance_summary(
+                redact(config.guidance),
+                fallback if outcome.fallback_used else backend,
+                outcome.fallback_used,
+                outcome.messages,
+            )
+        if handled and recognisers is not None and guidance is not None:
+            regions, guidance["normal_features"] = drop_normal_features(
+                outcome.regions, table, handled, recognisers
+            )
+            outcome = outcome.model_copy(update={"regions": regions})
+            if transcript is not None:
+                transcript.log("normal_features", **guidance["normal_features"])
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if fitted is not None and analysis is not None:
@@ -377,12 +401,7 @@ def inspect_scan(
         seconds=timings,
         verify_mode=config.verify if verification.mode == "bank" else "suspects",
         registration=_registration_summary(analysis),
-        guidance=guidance_summary(
-            redact(config.guidance),
-            fallback if outcome.fallback_used else backend,
-            outcome.fallback_used,
-            outcome.messages,
-        ),
+        guidance=guidance,
     )
 
 
@@ -398,34 +417,6 @@ def _scrubbed(outcome: AgentOutcome, redact: Redactor) -> AgentOutcome:
             "messages": redact(outcome.messages),
         }
     )
-
-
-def guidance_summary(
-    guidance: str | None, reporting: Backend | None, fallback_used: bool, messages: list[dict] | None = None
-) -> dict | None:
-    """Whether the backend that made the report read the user's guidance (its `uses_guidance`; None when it
-    does not say), with a note when it did not, so that guidance is never silently ignored. A backend that
-    reads guidance into intents (`guidance_reading`, the policy and the ranker) also says what it read and how
-    it applied it, from the conversation it answered. None when no guidance was given."""
-    if not guidance:
-        return None
-    name = getattr(reporting, "name", "?")
-    used = getattr(reporting, "uses_guidance", None)
-    who = f"the fallback {name}" if fallback_used else f"the {name} backend"
-    note = None
-    reading = getattr(reporting, "guidance_reading", None)
-    extra: dict = {}
-    if callable(reading) and messages is not None:
-        extra = reading(messages)
-        used = extra.pop("used")
-        note = extra.pop("note", None)
-        if note is not None:
-            note = f"{who} made the report: {note}"
-    elif used is None:
-        note = f"{who} made the report and does not declare whether it reads guidance"
-    elif not used:
-        note = f"{who} made the report and does not read guidance: the report was made without it"
-    return {"text": guidance, "used": used, "reporting_backend": name, "note": note, **extra}
 
 
 def _registration_summary(analysis: ScanAnalysis | None) -> dict | None:

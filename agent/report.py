@@ -155,6 +155,12 @@ def print_summary(
     elif guidance and guidance.get("applied"):
         reader = guidance.get("read", {}).get("reader", "keywords")
         console.print(f"  guidance read ({reader}): {guidance['applied']}", markup=False)
+    recognised = (guidance or {}).get("normal_features")
+    if recognised:
+        dropped = recognised["dropped_patches"]
+        done = f"took patches {dropped} out of the report" if dropped else "found none of them in the report"
+        kinds = ", ".join(recognised["kinds"])
+        console.print(f"  normal features ({kinds}): the learned recogniser {done}", markup=False)
     registration = report.get("registration")
     if registration and registration["doubtful"]:
         console.print(

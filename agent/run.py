@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend-kwargs", default="{}", help="JSON object of extra backend arguments")
     p.add_argument("--guidance", help="your text guidance for the agent, e.g. 'sharp ridges are normal'")
     p.add_argument(
+        "--normal-features",
+        default="shipped",
+        help="what applies guidance that calls a feature normal: the shipped learned recognisers (default), "
+        "none (the backend alone), or your own file (python -m agent.tune train --method recogniser)",
+    )
+    p.add_argument(
         "--verify",
         choices=["suspects", "all"],
         default="suspects",
@@ -263,10 +269,16 @@ def _run_checked(args: argparse.Namespace, console: Console, out_root: Path, sta
         ((ValueError, TypeError), "bad backend options", EXIT_BAD_INPUT),
     ):
         backend = make_backend(args)
+    with exits_on((ValueError, "bad --normal-features", EXIT_BAD_INPUT)):
+        if args.guidance and args.normal_features != "none":  # a bad file is named before any scan runs
+            from agent.normal_features import recognisers_for
+
+            recognisers_for(args.normal_features)
     config = InspectionConfig(
         verify=args.verify,
         max_verify_fraction=args.max_verify_fraction,
         guidance=args.guidance,
+        normal_features=args.normal_features,
         templates=args.templates,
         seed=args.seed,
         budget=AgentBudget(

@@ -51,6 +51,9 @@ class ScanAnalysis:
     support: tuple[np.ndarray, np.ndarray] | None = None
     # float32 (N,) per point: the summed surface cues in normal units (detector.surface_cues); None without
     cue_total: np.ndarray | None = None
+    # float32 (N,) per point: +1 outside the templates' surface, -1 inside (SurfaceCues.side); None without
+    # surface cues
+    surface_side: np.ndarray | None = None
 
     @property
     def n_patches(self) -> int:
@@ -213,11 +216,13 @@ class FittedClass:
             alignment.template_distance is not None
         ):  # distance to the one reference template, found while aligning
             point_stats["template_distance"] = alignment.template_distance
-        cue_total = None
+        cue_total = side = None
         if self.cues is not None:  # in the templates' frame: registered, or the input pose (pre-aligned)
-            cues = self.cues.per_point(pts if registered is None else registered)
+            framed = pts if registered is None else registered
+            cues = self.cues.per_point(framed)
             point_stats |= cues
             cue_total = sum(cues[name] for name in CUE_NAMES).astype(np.float32)
+            side = self.cues.side(framed)
         return ScanAnalysis(
             points=pts,
             patches=patches,
@@ -228,6 +233,7 @@ class FittedClass:
             registered=registered,
             support=support,
             cue_total=cue_total,
+            surface_side=side,
         )
 
     def patch_distances(self, analysis: ScanAnalysis, patch_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -58,6 +58,18 @@ def plane_distance(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np
     return np.median(plane, axis=1).astype(np.float32)
 
 
+def plane_side(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
+    """float32 (N,) +1 where a point lies outside the template surface behind ``tree`` (along its outward
+    normals: added material), -1 inside (removed material), 0 exactly on it; the sign of the median signed
+    point-to-plane distance, as :func:`plane_distance` takes the median of its size."""
+    k = min(PLANE_NEIGHBOURS, tree.n)
+    _, idx = tree.query(points, k=k, workers=KNN_WORKERS)
+    idx = idx.reshape(len(points), k)
+    offsets = points[:, None, :].astype(np.float64) - tree.data[idx]
+    signed = np.einsum("nkd,nkd->nk", offsets, normals[idx])
+    return np.sign(np.median(signed, axis=1)).astype(np.float32)
+
+
 def uncovered_rim(
     points: np.ndarray,
     scan_tree: cKDTree,
@@ -247,6 +259,15 @@ class SurfaceCues:
             rim_spacings=self.rim_spacings,
         )
         return self.normalised(raw)
+
+    def side(self, aligned: np.ndarray) -> np.ndarray:
+        """Per point of a scan in the reference frame: +1 outside the templates' surface, -1 inside
+        (:func:`plane_side`). Why: a raised rib and a pressed-in scratch move the surface by the same
+        distance; only the side tells added material (a bulge, a rib) from removed (a dent, a groove)."""
+        pts = np.ascontiguousarray(aligned, dtype=np.float32)
+        if len(pts) == 0:
+            return np.zeros(0, np.float32)
+        return plane_side(pts, self.tree(), self.normals)
 
     # ---------------------------------------------------------------------------------------------- files
     def save(self, folder: str | os.PathLike) -> None:

@@ -123,6 +123,8 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
                 "feature_patches": [0, 0],
                 "hits": [0, 0],
                 "defect_runs": 0,
+                "by_feature": {},  # per feature kind: the same counts
+                "by_defect": {},  # per defect kind of the scan: [defect runs, hits unguided, hits guided]
             },
             "only_kind": {"runs": 0, "hits": [0, 0]},
             "ignore_region": {"runs": 0, "regions_in_ignored": [0, 0], "regions": [0, 0]},
@@ -169,16 +171,25 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
                 reads[guidance.kind].append(with_feature.kind in read_guidance(guidance.text).normal_features)
                 guided = run(guidance, with_feature.points, with_feature.analysis)
                 c = counts["normal_feature"]
-                c["runs"] += 1
-                for i, found in enumerate((_regions(feature_plain), _regions(guided))):
-                    c["false_on_feature"][i] += sum(
-                        1 for r in found if on_feature & set(r) and not feature_truth & set(r)
+                kind_counts = c["by_feature"].setdefault(
+                    with_feature.kind,
+                    {
+                        "runs": 0,
+                        "false_on_feature": [0, 0],
+                        "feature_patches": [0, 0],
+                        "hits": [0, 0],
+                        "defect_runs": 0,
+                    },
+                )
+                for tally in (c, kind_counts):
+                    _count_feature_run(
+                        tally, (_regions(feature_plain), _regions(guided)), on_feature, feature_truth
                     )
-                    c["feature_patches"][i] += len(on_feature & {p for r in found for p in r})
-                    if feature_truth:
-                        c["hits"][i] += bool(feature_truth & {p for r in found for p in r})
                 if feature_truth:
-                    c["defect_runs"] += 1
+                    per_defect = c["by_defect"].setdefault(scan.defect or "none", [0, 0, 0])
+                    per_defect[0] += 1
+                    for i, found in enumerate((_regions(feature_plain), _regions(guided))):
+                        per_defect[1 + i] += bool(feature_truth & {p for r in found for p in r})
         results[label] = summarise(counts, reads)
         log(f"{label}: {json.dumps(results[label])}")
     return {
@@ -188,31 +199,53 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
     }
 
 
-def summarise(counts: dict, reads: dict[str, list[bool]]) -> dict:
-    """Unguided -> guided figures per guidance kind, and the share of paraphrases read into an intent."""
-    nf, ok, ir = counts["normal_feature"], counts["only_kind"], counts["ignore_region"]
+def _count_feature_run(
+    tally: dict, runs: tuple[list[list[int]], list[list[int]]], on_feature: set[int], defect: set[int]
+) -> None:
+    """Add one normal-feature run (unguided regions, guided regions) to `tally`."""
+    tally["runs"] += 1
+    for i, found in enumerate(runs):
+        tally["false_on_feature"][i] += sum(1 for r in found if on_feature & set(r) and not defect & set(r))
+        tally["feature_patches"][i] += len(on_feature & {p for r in found for p in r})
+        if defect:
+            tally["hits"][i] += bool(defect & {p for r in found for p in r})
+    tally["defect_runs"] += bool(defect)
+
+
+def _feature_figures(nf: dict) -> dict:
+    """Unguided -> guided figures of normal-feature runs (all of them, or one feature kind's)."""
 
     def fall(before: int, after: int) -> float | None:
         return round(1 - after / before, 3) if before else None
 
+    def recall(i: int) -> float | None:
+        return round(nf["hits"][i] / nf["defect_runs"], 3) if nf["defect_runs"] else None
+
+    return {
+        "runs": nf["runs"],
+        "false_regions_on_feature": {
+            "unguided": nf["false_on_feature"][0],
+            "guided": nf["false_on_feature"][1],
+        },
+        "fall": fall(*nf["false_on_feature"]),
+        # a backend that names its rows as one region has a false region only when the defect is missed
+        "feature_patches_named": {"unguided": nf["feature_patches"][0], "guided": nf["feature_patches"][1]},
+        "feature_patches_fall": fall(*nf["feature_patches"]),
+        "recall_on_defects": {"unguided": recall(0), "guided": recall(1)},
+    }
+
+
+def summarise(counts: dict, reads: dict[str, list[bool]]) -> dict:
+    """Unguided -> guided figures per guidance kind, and the share of paraphrases read into an intent."""
+    nf, ok, ir = counts["normal_feature"], counts["only_kind"], counts["ignore_region"]
     return {
         "paraphrases_read": {kind: _share(values) for kind, values in reads.items()},
         "normal_feature": {
-            "runs": nf["runs"],
-            "false_regions_on_feature": {
-                "unguided": nf["false_on_feature"][0],
-                "guided": nf["false_on_feature"][1],
-            },
-            "fall": fall(*nf["false_on_feature"]),
-            # a backend that names its rows as one region has a false region only when the defect is missed
-            "feature_patches_named": {
-                "unguided": nf["feature_patches"][0],
-                "guided": nf["feature_patches"][1],
-            },
-            "feature_patches_fall": fall(*nf["feature_patches"]),
-            "recall_on_defects": {
-                "unguided": round(nf["hits"][0] / nf["defect_runs"], 3) if nf["defect_runs"] else None,
-                "guided": round(nf["hits"][1] / nf["defect_runs"], 3) if nf["defect_runs"] else None,
+            **_feature_figures(nf),
+            "by_feature": {kind: _feature_figures(c) for kind, c in sorted(nf["by_feature"].items())},
+            "recall_on_defects_by_defect": {
+                defect: {"runs": n, "unguided": round(u / n, 3), "guided": round(g / n, 3)}
+                for defect, (n, u, g) in sorted(nf["by_defect"].items())
             },
         },
         "only_kind": {

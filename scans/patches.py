@@ -77,6 +77,8 @@ class PatchTable:
 
     `column_info` says in one short phrase what each column holds (rendered into the prompt's legend).
     `stat_names` are the learned per-point statistics that were aggregated (may be empty: zero-shot).
+    `shape` holds descriptors of the off-normal surface around each patch (`verbalize.shape`), not rendered:
+    what the learned normal-feature recogniser reads beside the columns (empty without surface cues).
     """
 
     columns: dict[str, np.ndarray]
@@ -84,6 +86,7 @@ class PatchTable:
     normalisation: Normalisation
     stat_names: tuple[str, ...] = ()
     column_info: dict[str, str] = field(default_factory=dict)
+    shape: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_patches(self) -> int:

@@ -374,8 +374,28 @@ def test_policy_says_how_it_read_and_applied_the_guidance(scan_file, tmp_path, c
     report, _ = outputs(tmp_path)
     guidance = report["guidance"]
     assert guidance["used"] is True and guidance["note"] is None and guidance["reporting_backend"] == "policy"
-    assert guidance["read"]["normal_features"] == ["edges"] and "curvature" in guidance["applied"]
-    assert "guidance read" in capsys.readouterr().out
+    assert guidance["read"]["normal_features"] == ["edges"] and "learned recogniser" in guidance["applied"]
+    assert guidance["normal_features"]["kinds"] == ["edges"]  # applied by agent.normal_features, and said so
+    assert guidance["normal_features"]["recogniser"] == "normal-features.json"
+    out = capsys.readouterr().out
+    assert "guidance read" in out and "normal features (edges): the learned recogniser" in out
+
+
+def test_normal_features_none_leaves_the_guidance_to_the_backend_and_a_bad_file_is_named(
+    scan_file, tmp_path, capsys
+):
+    guidance = ("--guidance", "sharp ridges are normal")
+    assert run(scan_file, "--out", tmp_path, "--no-render", *guidance, "--normal-features", "none") == 0
+    report, _ = outputs(tmp_path)
+    assert "normal_features" not in report["guidance"] and "curvature" in report["guidance"]["applied"]
+    bad = tmp_path / "recognisers.json"
+    bad.write_text('{"format": "scanagent-normal-features", "kinds": {"edges": {"features": ["a"]}}}')
+    out = tmp_path / "bad"
+    assert run(scan_file, "--out", out, "--no-render", *guidance, "--normal-features", bad) == 2
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert str(bad) in said and "malformed" in said and "Traceback" not in said
+    assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
 def test_guidance_the_policy_reads_no_intent_in_is_reported_as_not_used(scan_file, tmp_path, capsys):

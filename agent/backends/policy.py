@@ -32,7 +32,13 @@ from typing import Any
 
 from agent.backends.base import LLMReply, ToolCall, Usage, parse_json_object, tool_names
 from agent.backends.overview import overview_text, parse_overview_table
-from agent.guidance import GuidanceIntents, guidance_in_messages, read_guidance, reading_summary
+from agent.guidance import (
+    GuidanceIntents,
+    guidance_in_messages,
+    left_to_backend,
+    read_guidance,
+    reading_summary,
+)
 
 ID_KEYS = ("patch_id", "id")
 TOTAL_KEYS = ("total_points",)
@@ -161,7 +167,7 @@ def _ints_under(value: Any, keys: tuple[str, ...]) -> list[int]:
 def _intents(messages: list[dict]) -> GuidanceIntents | None:
     """The guidance's intents when it has any the policy can act on, else None (unguided behaviour)."""
     text = guidance_in_messages(messages)
-    intents = read_guidance(text) if text else None
+    intents = left_to_backend(read_guidance(text)) if text else None
     return intents if intents is not None and intents.active else None
 
 

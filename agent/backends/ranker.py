@@ -32,7 +32,7 @@ from pathlib import Path
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
 from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
 from agent.backends.policy import report_limits
-from agent.guidance import guidance_in_messages, read_guidance, reading_summary
+from agent.guidance import guidance_in_messages, left_to_backend, read_guidance, reading_summary
 
 FORMAT = "scanagent-patch-ranker"
 POSITION_COLUMNS = ("id", "x", "y", "z")
@@ -137,7 +137,7 @@ class RankerBackend:
         text = guidance_in_messages(messages)
         if not text:
             return None, []
-        intents = read_guidance(text)
+        intents = left_to_backend(read_guidance(text))
         learned = [f for f in intents.normal_features if f in self.model.recognisers]
         rest = tuple(f for f in intents.normal_features if f not in learned)
         return replace(intents, normal_features=rest), learned

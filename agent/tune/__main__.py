@@ -2,7 +2,7 @@
 
     python -m agent.tune episodes --out episodes/               # training parts only, never a benchmark class
     python -m agent.tune episodes --normals my_scans/ --out episodes/   # your own normal scans, defects made
-    python -m agent.tune train --episodes episodes/ --out adapter/ --method lora|prompt|ranker
+    python -m agent.tune train --episodes episodes/ --out adapter/ --method lora|prompt|ranker|recogniser
 
 Exit codes: 0 done, 2 bad input (the message names the folder and the problem), 3 the model or peft is
 missing.
@@ -92,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a LoRA / prompt-tuning adapter or the ranker baseline")
     t.add_argument("--episodes", required=True, type=Path)
     t.add_argument("--out", required=True, type=Path, help="new adapter folder")
-    t.add_argument("--method", choices=("lora", "prompt", "ranker"), default="lora")
+    t.add_argument(
+        "--method",
+        choices=("lora", "prompt", "ranker", "recogniser"),
+        default="lora",
+        help="recogniser: the normal-feature recognisers that apply guidance calling a feature normal",
+    )
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--max-minutes", type=float, default=None, help="stop early after this long (recorded)")
@@ -184,6 +189,21 @@ def train(args: argparse.Namespace) -> int:
     episodes = read_episodes(args.episodes, split="train")
     if not episodes:
         raise ValueError(f"{args.episodes}: no training episodes in {EPISODES_FILE}")
+    if args.method == "recogniser":
+        from agent.tune.recogniser_fit import fit_recognisers, save_recognisers
+
+        model = fit_recognisers(episodes, seed=args.seed)
+        manifest_path = args.episodes / MANIFEST_FILE
+        if manifest_path.is_file():  # the recipe: which episodes, made how
+            manifest = json.loads(manifest_path.read_text())
+            config = manifest.get("config", {})
+            model["episodes"] = {
+                "sha256": manifest.get("episodes_sha256"),
+                **{k: config.get(k) for k in ("parts", "scans_per_part", "feature_share", "points", "seed")},
+            }
+        path = save_recognisers(model, args.out)
+        print(json.dumps({"out": str(path)}))
+        return EXIT_OK
     if args.method == "ranker":
         from agent.tune.ranker_fit import fit_ranker, save_ranker
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from agent.backends.ranker import overview_text, parse_overview_table
 from agent.guidance import read_guidance
+from agent.normal_features import recogniser_features
 from agent.pipeline import InspectionConfig, build_conversation
 from agent.tune.episode_scans import (
     EpisodeConfig,
@@ -70,6 +71,9 @@ class Episode:
     n_patches: int
     feature: str | None = None  # a by-design feature on the scan (scans.features), if any
     feature_patches: list[int] = field(default_factory=list)
+    # the unguided episode's rows for the normal-feature recognisers (agent.tune.recogniser_fit): each feature
+    # and defect patch's `recogniser_features`, labelled with the feature kind or "defect"
+    recogniser_rows: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -87,6 +91,7 @@ class Episode:
                 "n_patches": self.n_patches,
                 "feature": self.feature,
                 "feature_patches": self.feature_patches,
+                "recogniser_rows": self.recogniser_rows,
             },
             ensure_ascii=False,
             sort_keys=True,
@@ -191,6 +196,18 @@ def feature_patch_truth(
     """The patches that carry the by-design feature (as `patch_truth` finds a defect's) and no defect."""
     defects = set(truth)
     return [i for i in patch_truth(patches, feature_mask, share) if i not in defects]
+
+
+def recogniser_rows(
+    table: PatchTable, truth: list[int], feature_patches: list[int], feature: str | None
+) -> list[dict]:
+    """The rows a normal-feature recogniser learns from on one scan: its defect's patches ("defect") and its
+    by-design feature's (the kind), each with what the recogniser reads (`recogniser_features`)."""
+    labelled = [(p, "defect") for p in truth] + [(p, feature) for p in feature_patches if feature]
+    return [
+        {"patch": int(p), "label": label, "values": recogniser_features(table, p)}
+        for p, label in labelled
+    ]
 
 
 def names_feature(guidance: Guidance, feature: str) -> bool:
@@ -308,6 +325,7 @@ def scan_episodes(scan: PartScan, part: str, fitted: FittedClass, config: Episod
             n_patches=int(patches.n_patches),
             feature=scan.feature,
             feature_patches=feature_patches,
+            recogniser_rows=recogniser_rows(table, truth, feature_patches, scan.feature) if g == 0 else [],
         )
 
 
