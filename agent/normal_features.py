@@ -8,7 +8,8 @@ to say less everywhere rather than to skip the feature. What tells a raised rib 
 holes from a drilled-through defect, is the shape of the off-normal surface (`verbalize.shape`), which the
 overview does not show. So the pipeline applies such guidance once, for every backend: the patches a logistic
 regression (trained on the episodes' by-design features against their defects, `agent.tune.recogniser_fit`)
-calls the named feature are removed from the reported regions before verification, and report.json says which.
+calls the named feature are removed from the reported regions before verification (`agent.guided_report`),
+and report.json says which.
 The backend still reads the guidance in its prompt; the policy and the ranker leave the kinds handled here to
 this stage (`agent.guidance.handling`), so a patch is not judged twice.
 
@@ -88,29 +89,3 @@ def named_kinds(guidance: str | None, recognisers: NormalFeatureRecognisers | No
     if not guidance or recognisers is None:
         return ()
     return tuple(k for k in read_guidance(guidance).normal_features if k in recognisers.kinds)
-
-
-def drop_normal_features(
-    regions: list[dict], table: PatchTable, kinds: tuple[str, ...], recognisers: NormalFeatureRecognisers
-) -> tuple[list[dict], dict]:
-    """`regions` without the patches recognised as one of `kinds` (a region left empty is gone), and what was
-    done, for report.json."""
-    reported = sorted({int(p) for r in regions for p in r.get("patch_ids", [])})
-    dropped: set[int] = set()
-    for kind in kinds:
-        dropped |= set(recognisers.recognised(table, kind, reported))
-    kept = []
-    for region in regions:
-        ids = [p for p in region.get("patch_ids", []) if int(p) not in dropped]
-        if ids:
-            kept.append({**region, "patch_ids": ids})
-    summary = {
-        "kinds": list(kinds),
-        "dropped_patches": sorted(dropped),
-        "regions_removed": len(regions) - len(kept),
-        "recogniser": Path(recognisers.source).name,
-        "sha256": getattr(recognisers, "sha256", None),
-    }
-    if not table.shape:
-        summary["note"] = "the scan has no surface cues (fit without templates): nothing could be recognised"
-    return kept, summary

@@ -22,8 +22,9 @@ import numpy as np
 from agent.backends import Backend, get_backend
 from agent.explain import region_explanation, scan_summary
 from agent.guidance import guidance_summary, handling
+from agent.guided_report import apply_to_report
 from agent.loop import AgentBudget, AgentOutcome, context_window, run_agent
-from agent.normal_features import drop_normal_features, named_kinds, recognisers_for
+from agent.normal_features import named_kinds, recognisers_for
 from agent.secrets import Redactor, backend_secrets
 from agent.transcript import Transcript
 from agent.verifier import Verification, verify, verify_zero_shot
@@ -354,13 +355,15 @@ def inspect_scan(
                 outcome.fallback_used,
                 outcome.messages,
             )
-        if handled and recognisers is not None and guidance is not None:
-            regions, guidance["normal_features"] = drop_normal_features(
-                outcome.regions, table, handled, recognisers
-            )
+        if guidance is not None and config.guidance:  # for every backend, whether it read the guidance
+            regions, entries = apply_to_report(outcome.regions, table, config.guidance, handled, recognisers)
+            guidance |= entries
+            if entries and guidance.get("note"):
+                applied = " and ".join(k.replace("_", " ") for k in entries)
+                guidance["note"] += f"; {applied} were still applied to its report"
             outcome = outcome.model_copy(update={"regions": regions})
-            if transcript is not None:
-                transcript.log("normal_features", **guidance["normal_features"])
+            if transcript is not None and entries:
+                transcript.log("guidance_applied", **entries)
         timings["agent"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if fitted is not None and analysis is not None:

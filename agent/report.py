@@ -155,6 +155,11 @@ def print_summary(
     elif guidance and guidance.get("applied"):
         reader = guidance.get("read", {}).get("reader", "keywords")
         console.print(f"  guidance read ({reader}): {guidance['applied']}", markup=False)
+    ignored = (guidance or {}).get("ignored_regions")
+    if ignored and ignored["dropped_patches"]:
+        where = ", ".join(ignored["regions"])
+        dropped = ignored["dropped_patches"]
+        console.print(f"  ignored ({where}): took patches {dropped} out of the report", markup=False)
     recognised = (guidance or {}).get("normal_features")
     if recognised:
         dropped = recognised["dropped_patches"]

@@ -12,13 +12,8 @@ from scipy.spatial import cKDTree
 
 from agent.backends.policy import PolicyBackend
 from agent.guidance import handling, left_to_backend, read_guidance
-from agent.normal_features import (
-    SHIPPED,
-    NormalFeatureRecognisers,
-    drop_normal_features,
-    named_kinds,
-    recogniser_features,
-)
+from agent.guided_report import drop_normal_features
+from agent.normal_features import SHIPPED, NormalFeatureRecognisers, named_kinds, recogniser_features
 from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.recogniser_fit import fit_recognisers, save_recognisers
 from detector.surface_cues import plane_side
@@ -206,3 +201,31 @@ def test_the_pipeline_drops_recognised_patches_for_any_backend_and_says_so(fitte
     assert [v.patch_ids for v in guided.verification.regions] == [r["patch_ids"] for r in expected]
     row = recogniser_features(guided.table, 0)
     assert "shape_raised" in row and "cue" in row and not any(k in row for k in ("x", "y", "z"))
+
+
+def test_an_ignored_region_is_kept_out_of_a_backend_that_does_not_read_guidance(fitted):
+    """A scripted backend (uses_guidance False) reports every patch: "ignore x above 0.2" still keeps the
+    patches centred there out of the report and the verification, and report.json says which."""
+    from agent.backends.base import LLMReply, ToolCall
+    from tests.scripted import ScriptedBackend
+    from tests.tiny import part_scans
+
+    points = part_scans(1, 3000, seed=78)[0]
+
+    def report_all(messages, tools):
+        ids = list(range(20))
+        args = json.dumps({"regions": [{"patch_ids": ids, "reason": "all", "confidence": 0.5}]})
+        return LLMReply(text=None, tool_calls=[ToolCall(id="r", name="report_suspects", arguments=args)])
+
+    config = InspectionConfig(guidance="Ignore x above 0.2.")
+    backend = ScriptedBackend([report_all])
+    inspection = inspect_scan(points, fitted, backend, config=config, use_fallback=False)
+    entry = inspection.guidance["ignored_regions"]
+    x = inspection.table.columns["x"]
+    expected = [p for p in range(20) if x[p] > 0.2]
+    assert entry["regions"] == ["x > 0.2"] and entry["dropped_patches"] == expected and expected
+    kept = [p for r in inspection.outcome.regions for p in r["patch_ids"]]
+    assert kept == [p for p in range(20) if x[p] <= 0.2]
+    assert inspection.guidance["used"] is False  # the backend did not read it; the report still obeys it
+    assert "ignored regions were still applied" in inspection.guidance["note"]
+    assert "normal_features" not in inspection.guidance  # no normal feature was named

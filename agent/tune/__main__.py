@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="training scans that also get a by-design feature (ridge or bolt holes) for normal-feature "
         "guidance to name",
     )
+    e.add_argument(
+        "--feature-vary",
+        type=float,
+        default=EpisodeConfig.feature_vary,
+        help="draw the features' sizes from (1 - v, 1 + v) x the defaults and 2-4 holes (0: always the "
+        "defaults)",
+    )
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
     pose = e.add_mutually_exclusive_group()
     pose.add_argument(
@@ -121,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# what a recogniser file records of the episodes it was trained on
+RECIPE_KEYS = ("parts", "scans_per_part", "feature_share", "feature_vary", "points", "seed")
+
+
 def _fresh_out(out: Path) -> None:
     if out.exists():
         raise ValueError(f"{out}: already exists; give a new folder (nothing is overwritten)")
@@ -139,6 +150,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         compact_rows=args.compact_rows,
         normal_target=args.normal_target,
         feature_share=args.feature_share,
+        feature_vary=args.feature_vary,
         guided_per_scan=args.guided_per_scan,
     )
     if args.parts:
@@ -199,7 +211,7 @@ def train(args: argparse.Namespace) -> int:
             config = manifest.get("config", {})
             model["episodes"] = {
                 "sha256": manifest.get("episodes_sha256"),
-                **{k: config.get(k) for k in ("parts", "scans_per_part", "feature_share", "points", "seed")},
+                **{k: config.get(k) for k in RECIPE_KEYS},
             }
         path = save_recognisers(model, args.out)
         print(json.dumps({"out": str(path)}))

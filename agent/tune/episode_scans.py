@@ -39,6 +39,9 @@ class EpisodeConfig:
     # patches are in the target (it is unusual, and nobody said it is normal); with guidance that calls it
     # normal they are not. Test scans get none: evals.guided adds them itself
     feature_share: float = 0.35
+    # the features' sizes are drawn from (1 - v, 1 + v) x the defaults, 2-4 holes (scans.features' vary): a
+    # recogniser trained on one size learns "this size is the feature", which a defect of another size breaks
+    feature_vary: float = 0.0
     overview_tokens: int = 3000  # sets the patch count, as agent.run's default budget does
     verbalization: str = "compact"  # the overview small models read (verbalize.compact), or "full"
     compact_rows: int = COMPACT_ROWS  # patches the compact overview shows (the adapter's recipe records it)
@@ -61,6 +64,8 @@ class EpisodeConfig:
             raise ValueError(f"normal_target must be one of {NORMAL_TARGETS}, got {self.normal_target!r}")
         if not 0.0 <= self.feature_share <= 1.0:
             raise ValueError(f"feature_share must be within 0..1, got {self.feature_share}")
+        if not 0.0 <= self.feature_vary < 1.0:
+            raise ValueError(f"feature_vary must be within 0..1 (excluded), got {self.feature_vary}")
         if self.guided_per_scan < 0:
             raise ValueError(f"guided_per_scan must be 0 or more, got {self.guided_per_scan}")
         if self.compact_rows < 1 or self.max_target_ids < 1:
@@ -88,13 +93,15 @@ class PartScan:
 
 
 def _with_feature(
-    points: np.ndarray, labels: np.ndarray, feature: str | None, seed: int, size: float
+    points: np.ndarray, labels: np.ndarray, feature: str | None, seed: int, size: float, vary: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(points, labels, feature mask) after adding `feature` to a scan without normals (None: unchanged)."""
     if feature is None:
         return points, labels, None
     normals = estimate_normals(points)
-    points, mask, labels, _ = add_feature(points, normals, feature, seed, labels=labels, scale=size)
+    points, mask, labels, _ = add_feature(
+        points, normals, feature, seed, labels=labels, scale=size, vary=vary
+    )
     return points, labels, mask
 
 
@@ -128,7 +135,7 @@ def part_scans(part: str, config: EpisodeConfig) -> tuple[list[np.ndarray], list
         mask = None
         if feature is not None:
             points, mask, labels, normals = add_feature(
-                points, normals, feature, seed + 3, labels=labels, scale=size
+                points, normals, feature, seed + 3, labels=labels, scale=size, vary=config.feature_vary
             )
         moved, _ = scan_like(points, normals, seed + 2, noise=MESH_NOISE, scale=size)
         return moved.astype(np.float32), np.asarray(labels, dtype=bool), mask
@@ -186,7 +193,7 @@ def folder_part_scans(folder: Path, config: EpisodeConfig) -> tuple[list[np.ndar
             seed = sample_seed(config.seed, folder.name, path.stem, kind)
             points, labels, _ = make_defect(points, None, kind, seed, scale=size)
         seed = sample_seed(config.seed, folder.name, path.stem, "feature")
-        points, labels, mask = _with_feature(points, labels, features[i], seed, size)
+        points, labels, mask = _with_feature(points, labels, features[i], seed, size, config.feature_vary)
         split = "test" if i >= len(rest) - n_test else "train"
         name = f"{folder.name}_{path.stem}_{kind or 'normal'}"
         scans.append(
