@@ -7,7 +7,9 @@ off-normal surface to be told from a defect (`agent.normal_features`). Two thing
 backend, before verification:
 - an ignored region ("ignore x above 0.2", in the normalised box): reported patches centred there are taken
   out, as the policy and the ranker already leave them out themselves;
-- a named normal feature: the reported patches its learned recogniser calls that feature are taken out.
+- a named normal feature: the reported patches its learned recogniser calls that feature are taken out;
+- a named defect kind ("only dents"): the patches its learned recogniser calls that kind, if the report lacks
+  them, are put first in a region of their own (LOOK_FOR_PATCHES at most), for the verifier to judge.
 A region left without patches is gone. report.json's `guidance` entry says what was taken out and why.
 """
 
@@ -16,8 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.guidance import read_guidance
-from agent.normal_features import NormalFeatureRecognisers
+from agent.normal_features import NormalFeatureRecognisers, likely_kind
 from scans.patches import PatchTable
+
+LOOK_FOR_PATCHES = 3  # patches a named defect kind's recogniser may add to a report
 
 
 def _without(regions: list[dict], dropped: set[int]) -> list[dict]:
@@ -75,6 +79,35 @@ def drop_normal_features(
     return kept, summary
 
 
+def add_named_kinds(
+    regions: list[dict], table: PatchTable, guidance: str, recognisers: NormalFeatureRecognisers
+) -> tuple[list[dict], dict | None]:
+    """`regions` with the unreported patches the named defect kinds' recognisers call that kind put first, and
+    what was done (None when the guidance names no kind a recogniser exists for)."""
+    kinds = [k for k in read_guidance(guidance).look_for if k in recognisers.defect_kinds]
+    if not kinds:
+        return regions, None
+    reported = set(_reported(regions))
+    found = sorted(
+        {(p, q) for kind in kinds for p, q in likely_kind(table, kind, recognisers) if p not in reported},
+        key=lambda t: (-t[1], t[0]),
+    )
+    added, seen = [], set()
+    for p, q in found:
+        if p not in seen and len(added) < LOOK_FOR_PATCHES:
+            added.append((p, q))
+            seen.add(p)
+    entry = {"kinds": kinds, "added_patches": [p for p, _ in added]}
+    if not added:
+        return regions, entry
+    region = {
+        "patch_ids": [p for p, _ in added],
+        "reason": f"learned recogniser: looks like {' or '.join(kinds)} (p={added[0][1]:.2f})",
+        "confidence": round(added[0][1], 2),
+    }
+    return [region, *regions], entry
+
+
 def apply_to_report(
     regions: list[dict],
     table: PatchTable,
@@ -89,4 +122,8 @@ def apply_to_report(
         entries["ignored_regions"] = ignored
     if kinds and recognisers is not None:
         regions, entries["normal_features"] = drop_normal_features(regions, table, kinds, recognisers)
+    if recognisers is not None:
+        regions, named = add_named_kinds(regions, table, guidance, recognisers)
+        if named is not None:
+            entries["named_kinds"] = named
     return regions, entries

@@ -54,6 +54,14 @@ class NormalFeatureRecognisers:
             }
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{source}: a recogniser is malformed ({err})") from None
+        # defect kinds a look-for guidance may add patches of (agent.guided_report); older files have none
+        try:
+            self.defect_kinds = {
+                kind: LogisticRows(list(entry["features"]), entry, f"{source}: defect_kinds.{kind}")
+                for kind, entry in (data.get("defect_kinds") or {}).items()
+            }
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{source}: a defect-kind recogniser is malformed ({err})") from None
         self.source = source
         self.trained_on = data.get("trained_on", {})
 
@@ -82,6 +90,18 @@ def recognisers_for(choice: str) -> NormalFeatureRecognisers | None:
     if choice == "none":
         return None
     return NormalFeatureRecognisers.load(SHIPPED if choice == "shipped" else Path(choice))
+
+
+def likely_kind(
+    table: PatchTable, kind: str, recognisers: NormalFeatureRecognisers
+) -> list[tuple[int, float]]:
+    """(patch, probability) of the patches the defect-kind recogniser of `kind` calls that kind, most likely
+    first (none without shape descriptors or a recogniser for it)."""
+    model = recognisers.defect_kinds.get(kind)
+    if model is None or not table.shape:
+        return []
+    scored = [(p, model.probability(recogniser_features(table, p))) for p in range(table.n_patches)]
+    return sorted(((p, q) for p, q in scored if q >= model.threshold), key=lambda t: (-t[1], t[0]))
 
 
 def named_kinds(guidance: str | None, recognisers: NormalFeatureRecognisers | None) -> tuple[str, ...]:

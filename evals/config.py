@@ -30,6 +30,9 @@ class HarnessError(ValueError):
     """Unusable harness input (unknown method or backend, bad spec); the message names the problem."""
 
 
+DEFECT_PLACEHOLDER = "{defect}"
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """One backend as named on the command line: `label` is the result name, `name` the registry entry,
@@ -39,6 +42,16 @@ class BackendSpec:
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     guidance: str | None = None
+
+    def guidance_for(self, defect_type: str) -> str | None:
+        """The guidance a scan of `defect_type` is inspected with. `{defect}` in the text names the scan's own
+        defect kind (how "guidance that names a defect type" is measured: recall on that kind, guided vs not);
+        a scan with no defect kind to name (normal, unknown) is inspected without it."""
+        if self.guidance is None or DEFECT_PLACEHOLDER not in self.guidance:
+            return self.guidance
+        if defect_type in ("good", "unknown", "") or not defect_type:
+            return None
+        return self.guidance.replace(DEFECT_PLACEHOLDER, defect_type)
 
 
 def _options(arg: str) -> dict[str, Any] | None:
@@ -76,8 +89,9 @@ def parse_backend(
     """`policy`, `random-regions`, `hf[:<model>]`, `openai:<model>`, `langchain:<module:Class>` or any
     registry name, optionally with `:key=value;key=value` options instead of the model: the backend's own
     keyword arguments (`hf:adapter=none`, `hf:adapter=DIR`, `ranker:model=FILE`), `guidance=TEXT`, which
-    inspects that row's scans with the guidance (`policy:guidance=sharp ridges are normal`), and `label=NAME`,
-    the row's name in the results (default: the spec as written).
+    inspects that row's scans with the guidance (`policy:guidance=sharp ridges are normal`; `{defect}` in it
+    is each scan's own defect kind, `BackendSpec.guidance_for`), and `label=NAME`, the row's name in the
+    results (default: the spec as written).
 
     `llm_kwargs` (from `--backend-kwargs`) go to the server backends (openai, langchain), e.g.
     `{"llama_cpp_compat": true}` for a llama.cpp server whose chat format drops `role: tool` messages."""

@@ -203,7 +203,8 @@ def _run_backend(
         if ctx.transcript_root is not None:
             transcript = Path(ctx.transcript_root) / safe_name(spec.label) / job.cls / f"{job.scan}.jsonl"
             transcript.parent.mkdir(parents=True, exist_ok=True)
-        config = ctx.inspection if spec.guidance is None else replace(ctx.inspection, guidance=spec.guidance)
+        guidance = spec.guidance_for(job.sample.defect_type)
+        config = ctx.inspection if guidance is None else replace(ctx.inspection, guidance=guidance)
         inspection = inspect_scan(
             points,
             fitted,

@@ -334,6 +334,14 @@ def test_a_guided_row_inspects_its_scans_with_the_guidance(quick_run: Path, tmp_
     assert all(r["regions"] for r in plain) and not any(r["regions"] for r in followed)
 
 
+def test_a_defect_placeholder_names_each_scans_own_kind_and_normal_scans_run_unguided() -> None:
+    spec = parse_backend("policy:guidance=Look for {defect} only.;label=policy+own-kind")
+    assert spec.guidance_for("bulge") == "Look for bulge only."
+    assert spec.guidance_for("good") is None and spec.guidance_for("unknown") is None
+    plain = parse_backend("policy:guidance=sharp ridges are normal")
+    assert plain.guidance_for("good") == plain.guidance_for("hole") == "sharp ridges are normal"
+
+
 def test_random_regions_is_seeded_and_stays_within_the_policy_budget() -> None:
     from agent.backends import get_backend
 

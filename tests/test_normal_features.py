@@ -229,3 +229,41 @@ def test_an_ignored_region_is_kept_out_of_a_backend_that_does_not_read_guidance(
     assert inspection.guidance["used"] is False  # the backend did not read it; the report still obeys it
     assert "ignored regions were still applied" in inspection.guidance["note"]
     assert "normal_features" not in inspection.guidance  # no normal feature was named
+
+
+def test_a_named_defect_kind_adds_the_patches_its_recogniser_calls_that_kind_first(fitted, tmp_path):
+    """A planted bulge recogniser (off-normal patches are "bulge") and a backend that reports nothing: "Look
+    for bulges only." puts up to 3 of the off-normal patches, most likely first, in a region of their own."""
+    from agent.backends.base import LLMReply, ToolCall
+    from agent.guided_report import LOOK_FOR_PATCHES
+    from tests.scripted import ScriptedBackend
+    from tests.tiny import part_scans
+
+    points = part_scans(1, 3000, seed=79)[0]
+    planted = {"features": ["shape_off_share"], "mean": [0.0], "scale": [0.01], "coef": [10.0]}
+    model = {
+        "format": "scanagent-normal-features",
+        "kinds": {"edges": {**planted, "intercept": -5.0, "threshold": 0.99}},
+        "defect_kinds": {"bulge": {**planted, "intercept": -5.0, "threshold": 0.5}},
+    }
+    path = tmp_path / "planted.json"
+    path.write_text(json.dumps(model))
+    empty = json.dumps({"regions": []})
+    reply = LLMReply(text=None, tool_calls=[ToolCall(id="r", name="report_suspects", arguments=empty)])
+    config = InspectionConfig(normal_features=str(path), guidance="Look for bulges only.")
+    inspection = inspect_scan(points, fitted, ScriptedBackend([reply]), config=config, use_fallback=False)
+    entry = inspection.guidance["named_kinds"]
+    recognisers = NormalFeatureRecognisers.load(path)
+    bulge = recognisers.defect_kinds["bulge"]
+    scores = {
+        p: bulge.probability(recogniser_features(inspection.table, p))
+        for p in range(inspection.table.n_patches)
+    }
+    likely = sorted((p for p in scores if scores[p] >= 0.5), key=lambda p: (-scores[p], p))
+    assert entry == {"kinds": ["bulge"], "added_patches": likely[:LOOK_FOR_PATCHES]} and likely
+    assert [r["patch_ids"] for r in inspection.outcome.regions] == [likely[:LOOK_FOR_PATCHES]]
+    assert "looks like bulge" in inspection.outcome.regions[0]["reason"]
+    del model["defect_kinds"]  # a file without defect-kind recognisers adds nothing
+    path.write_text(json.dumps(model))
+    older = NormalFeatureRecognisers.load(path)
+    assert older.defect_kinds == {}

@@ -201,9 +201,16 @@ def feature_patch_truth(
 def recogniser_rows(
     table: PatchTable, truth: list[int], feature_patches: list[int], feature: str | None
 ) -> list[dict]:
-    """The rows a normal-feature recogniser learns from on one scan: its defect's patches ("defect") and its
-    by-design feature's (the kind), each with what the recogniser reads (`recogniser_features`)."""
-    labelled = [(p, "defect") for p in truth] + [(p, feature) for p in feature_patches if feature]
+    """The rows the recognisers learn from on one scan, each with what they read (`recogniser_features`): its
+    defect's patches ("defect"; the episode names the kind), its by-design feature's (the feature kind) and
+    every other patch ("normal": what a defect-kind recogniser must not add to a report)."""
+    taken = set(truth) | set(feature_patches)
+    normal = [p for p in range(table.n_patches) if p not in taken]
+    labelled = (
+        [(p, "defect") for p in truth]
+        + [(p, feature) for p in feature_patches if feature]
+        + [(p, "normal") for p in normal]
+    )
     return [
         {"patch": int(p), "label": label, "values": recogniser_features(table, p)}
         for p, label in labelled
