@@ -308,7 +308,13 @@ def inspect_scan(
     template_errors: list[jinja2.TemplateError] = []
     rows = getattr(backend, "compact_rows", None) or config.compact_rows
     spoken = replace(
-        config, token_budget=overview_budget, verbalization=verbalization, compact_rows=rows
+        config,
+        token_budget=overview_budget,
+        verbalization=verbalization,
+        compact_rows=rows,
+        # a backend may keep guidance out of its prompt (hf's guidance_in_prompt); the report filter still
+        # applies it
+        guidance=config.guidance if getattr(backend, "guidance_in_prompt", True) else None,
     )
     patches, table, make_toolbox, messages = build_conversation(
         pts, fitted, analysis, spoken, scored, template_errors

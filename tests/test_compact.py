@@ -186,6 +186,13 @@ def test_the_shipped_adapter_loads_by_default_and_reports_on_a_scan(fitted, scan
     inspection = inspect_scan(scan, fitted, backend, analysis=analysis, use_fallback=False)
     assert inspection.outcome.error is None and not inspection.outcome.fallback_used
     assert inspection.report()["reporting_backend"] == "hf"
+    # guidance kept out of its prompt: the model does not read it, the report filter still applies it
+    backend.guidance_in_prompt, backend.uses_guidance = False, False  # what guidance_in_prompt=False sets
+    config = InspectionConfig(guidance="Ignore x above -0.5.")
+    shielded = inspect_scan(scan, fitted, backend, config=config, analysis=analysis, use_fallback=False)
+    assert shielded.guidance["used"] is False and "still applied" in shielded.guidance["note"]
+    x = shielded.table.columns["x"]
+    assert all(x[p] <= -0.5 for r in shielded.outcome.regions for p in r["patch_ids"])
 
 
 def test_a_rows_adapter_without_its_threshold_or_with_an_unknown_question_exits_2(one_scan, tmp_path, capsys):

@@ -267,3 +267,24 @@ def test_a_named_defect_kind_adds_the_patches_its_recogniser_calls_that_kind_fir
     path.write_text(json.dumps(model))
     older = NormalFeatureRecognisers.load(path)
     assert older.defect_kinds == {}
+
+
+def test_a_backend_that_keeps_guidance_out_of_its_prompt_gets_none_and_the_report_still_obeys_it(fitted):
+    from agent.backends.base import LLMReply, ToolCall
+    from tests.scripted import ScriptedBackend
+    from tests.tiny import part_scans
+
+    class Shielded(ScriptedBackend):
+        guidance_in_prompt = False
+
+    args = json.dumps({"regions": [{"patch_ids": list(range(20)), "reason": "all", "confidence": 0.5}]})
+    reply = LLMReply(text=None, tool_calls=[ToolCall(id="r", name="report_suspects", arguments=args)])
+    backend = Shielded([reply])
+    config = InspectionConfig(guidance="Ignore x above 0.2.")
+    points = part_scans(1, 3000, seed=80)[0]
+    inspection = inspect_scan(points, fitted, backend, config=config, use_fallback=False)
+    prompt = json.dumps(backend.calls[0])
+    assert "Ignore x above" not in prompt and "GUIDANCE" not in prompt
+    assert inspection.guidance["ignored_regions"]["dropped_patches"]
+    x = inspection.table.columns["x"]
+    assert all(x[p] <= 0.2 for r in inspection.outcome.regions for p in r["patch_ids"])

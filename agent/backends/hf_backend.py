@@ -91,6 +91,7 @@ class HFBackend:
         verbalization: str | None = None,
         reasons: str = "auto",
         row_share: float = 0.15,
+        guidance_in_prompt: bool = True,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -101,6 +102,11 @@ class HFBackend:
                 f"hf backend needs the hf extra (pip install 'scanagent[hf]'): {err}"
             ) from err
         self.torch = torch
+        # False: the user's guidance is not put in the prompt (agent.pipeline); what the pipeline applies to
+        # the report (agent.guided_report) still applies. The tuned 135M model reports fewer rows whenever a
+        # prompt has guidance (README), so a deployment may prefer the report filter alone
+        self.guidance_in_prompt = bool(guidance_in_prompt)
+        self.uses_guidance = self.guidance_in_prompt
         torch.manual_seed(seed)
         if (
             threads is not None
