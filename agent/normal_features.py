@@ -13,8 +13,12 @@ and report.json says which.
 The backend still reads the guidance in its prompt; the policy and the ranker leave the kinds handled here to
 this stage (`agent.guidance.handling`), so a patch is not judged twice.
 
-The model file is JSON (no pickles): per feature kind, the feature names, standardisation, coefficients,
-intercept and threshold. The package ships one (`SHIPPED`), trained on the training parts' episodes.
+The same file holds one recogniser per defect kind (`defect_kinds`: that kind's patches against every other
+patch), which guidance naming a defect kind ("only dents") uses to put the patches that look like it first in
+the report (`agent.guided_report.add_named_kinds`).
+
+The model file is JSON (no pickles): per kind, the feature names, standardisation, coefficients, intercept and
+threshold. The package ships one (`SHIPPED`), trained on the training parts' episodes.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def recogniser_features(table: PatchTable, patch_id: int) -> dict[str, float]:
 
 
 class NormalFeatureRecognisers:
-    """One logistic regression per normal-feature kind: P(this patch is that by-design feature)."""
+    """One logistic regression per normal-feature kind (P(this patch is that by-design feature)) and, when the
+    file has them, one per defect kind (P(this patch is a defect of that kind))."""
 
     def __init__(self, data: dict, source: str):
         if not isinstance(data, dict) or data.get("format") != FORMAT:
