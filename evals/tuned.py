@@ -39,13 +39,19 @@ from scans.files import atomic_write_text
 
 def backend_from_spec(spec: str):
     """ "policy", "ranker=FILE", "hf" (the packaged adapter), "hf=none" (base model), "hf=ADAPTER_DIR",
-    "random-regions" -> (label, backend)."""
+    "hf=;guidance_in_prompt=false" (options after ";"), "random-regions" -> (label, backend)."""
     name, _, arg = spec.partition("=")
     if name == "ranker":  # labelled by the model's folder, so two rankers can be compared
         return f"ranker:{Path(arg).parent.name}" if arg else name, get_backend("ranker", model=arg or None)
-    if name == "hf":
-        backend = get_backend("hf", adapter=arg or None, threads=2)
+    if name == "hf":  # "hf=ADAPTER;key=value..." passes the options on (e.g. guidance_in_prompt=false)
+        adapter, *options = arg.split(";")
+        kwargs = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            kwargs[key.strip()] = json.loads(value) if value.strip() in ("true", "false") else value
+        backend = get_backend("hf", adapter=adapter or None, threads=2, **kwargs)
         label = "hf:base" if backend.adapter is None else f"hf:{Path(backend.adapter).name}"
+        label += "".join(f";{o}" for o in options)
         return label, backend
     return name, get_backend(name)
 
