@@ -288,3 +288,21 @@ def test_a_backend_that_keeps_guidance_out_of_its_prompt_gets_none_and_the_repor
     assert inspection.guidance["ignored_regions"]["dropped_patches"]
     x = inspection.table.columns["x"]
     assert all(x[p] <= 0.2 for r in inspection.outcome.regions for p in r["patch_ids"])
+
+
+def test_the_guided_evals_hf_spec_passes_its_options_on(monkeypatch):
+    import evals.tuned as tuned
+
+    made = {}
+
+    class Fake:
+        adapter = "/x/adapters/smollm2"
+
+    def fake_get_backend(name, **kwargs):
+        made.update(name=name, **kwargs)
+        return Fake()
+
+    monkeypatch.setattr(tuned, "get_backend", fake_get_backend)
+    label, _ = tuned.backend_from_spec("hf=;guidance_in_prompt=false")
+    assert made == {"name": "hf", "adapter": None, "threads": 2, "guidance_in_prompt": False}
+    assert label == "hf:smollm2;guidance_in_prompt=false"
