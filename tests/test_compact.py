@@ -186,8 +186,8 @@ def test_the_shipped_adapter_loads_by_default_and_reports_on_a_scan(fitted, scan
     inspection = inspect_scan(scan, fitted, backend, analysis=analysis, use_fallback=False)
     assert inspection.outcome.error is None and not inspection.outcome.fallback_used
     assert inspection.report()["reporting_backend"] == "hf"
-    # guidance kept out of its prompt: the model does not read it, the report filter still applies it
-    backend.guidance_in_prompt, backend.uses_guidance = False, False  # what guidance_in_prompt=False sets
+    # by default guidance is kept out of its prompt: the model does not read it, the report filter applies it
+    assert backend.guidance_in_prompt is False and backend.uses_guidance is False
     config = InspectionConfig(guidance="Ignore x above -0.5.")
     shielded = inspect_scan(scan, fitted, backend, config=config, analysis=analysis, use_fallback=False)
     assert shielded.guidance["used"] is False and "still applied" in shielded.guidance["note"]
