@@ -72,7 +72,7 @@ def drop_normal_features(
         "dropped_patches": sorted(dropped),
         "regions_removed": len(regions) - len(kept),
         "recogniser": Path(recognisers.source).name,
-        "sha256": getattr(recognisers, "sha256", None),
+        "sha256": recognisers.sha256,
     }
     if not table.shape:
         summary["note"] = "the scan has no surface cues (fit without templates): nothing could be recognised"
@@ -88,15 +88,12 @@ def add_named_kinds(
     if not kinds:
         return regions, None
     reported = set(_reported(regions))
-    found = sorted(
-        {(p, q) for kind in kinds for p, q in likely_kind(table, kind, recognisers) if p not in reported},
-        key=lambda t: (-t[1], t[0]),
-    )
-    added, seen = [], set()
-    for p, q in found:
-        if p not in seen and len(added) < LOOK_FOR_PATCHES:
-            added.append((p, q))
-            seen.add(p)
+    best: dict[int, float] = {}  # each unreported patch at its likeliest named kind
+    for kind in kinds:
+        for p, q in likely_kind(table, kind, recognisers):
+            if p not in reported:
+                best[p] = max(q, best.get(p, 0.0))
+    added = sorted(best.items(), key=lambda t: (-t[1], t[0]))[:LOOK_FOR_PATCHES]
     entry = {"kinds": kinds, "added_patches": [p for p, _ in added]}
     if not added:
         return regions, entry
@@ -115,7 +112,8 @@ def apply_to_report(
     kinds: tuple[str, ...],
     recognisers: NormalFeatureRecognisers | None,
 ) -> tuple[list[dict], dict]:
-    """Both steps of the module docstring: (the regions left, report.json entries to add to `guidance`)."""
+    """The three steps of the module docstring: (the regions left, report.json entries to add to
+    `guidance`)."""
     entries: dict = {}
     regions, ignored = drop_ignored(regions, table, guidance)
     if ignored is not None:

@@ -69,6 +69,7 @@ class NormalFeatureRecognisers:
             raise ValueError(f"{source}: a defect-kind recogniser is malformed ({err})") from None
         self.source = source
         self.trained_on = data.get("trained_on", {})
+        self.sha256: str | None = None  # of the file it was loaded from (`load`)
 
     @classmethod
     def load(cls, path: str | Path) -> NormalFeatureRecognisers:

@@ -361,7 +361,7 @@ def inspect_scan(
                 outcome.fallback_used,
                 outcome.messages,
             )
-        if guidance is not None and config.guidance:  # for every backend, whether it read the guidance
+        if guidance is not None:  # there is guidance: for every backend, whether it read it or not
             regions, entries = apply_to_report(outcome.regions, table, config.guidance, handled, recognisers)
             guidance |= entries
             if entries and guidance.get("note"):

@@ -48,26 +48,26 @@ def _local_spacing(points: np.ndarray) -> np.ndarray:
     return dist[:, 1:].mean(axis=1).astype(np.float32) if k > 1 else np.zeros(len(points), np.float32)
 
 
-def plane_distance(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
-    """float32 (N,) point-to-plane distance of each point to the template surface behind ``tree``."""
+def _plane_offsets(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
+    """float64 (N, k) signed distance of each point to the planes (point, normal) of its PLANE_NEIGHBOURS
+    nearest template points behind ``tree``: positive along the normals."""
     k = min(PLANE_NEIGHBOURS, tree.n)
     _, idx = tree.query(points, k=k, workers=KNN_WORKERS)
     idx = idx.reshape(len(points), k)
     offsets = points[:, None, :].astype(np.float64) - tree.data[idx]
-    plane = np.abs(np.einsum("nkd,nkd->nk", offsets, normals[idx]))
-    return np.median(plane, axis=1).astype(np.float32)
+    return np.einsum("nkd,nkd->nk", offsets, normals[idx])
+
+
+def plane_distance(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
+    """float32 (N,) point-to-plane distance of each point to the template surface behind ``tree``."""
+    return np.median(np.abs(_plane_offsets(points, tree, normals)), axis=1).astype(np.float32)
 
 
 def plane_side(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
     """float32 (N,) +1 where a point lies outside the template surface behind ``tree`` (along its outward
     normals: added material), -1 inside (removed material), 0 exactly on it; the sign of the median signed
     point-to-plane distance, as :func:`plane_distance` takes the median of its size."""
-    k = min(PLANE_NEIGHBOURS, tree.n)
-    _, idx = tree.query(points, k=k, workers=KNN_WORKERS)
-    idx = idx.reshape(len(points), k)
-    offsets = points[:, None, :].astype(np.float64) - tree.data[idx]
-    signed = np.einsum("nkd,nkd->nk", offsets, normals[idx])
-    return np.sign(np.median(signed, axis=1)).astype(np.float32)
+    return np.sign(np.median(_plane_offsets(points, tree, normals), axis=1)).astype(np.float32)
 
 
 def uncovered_rim(

@@ -49,7 +49,7 @@ class BackendSpec:
         a scan with no defect kind to name (normal, unknown) is inspected without it."""
         if self.guidance is None or DEFECT_PLACEHOLDER not in self.guidance:
             return self.guidance
-        if defect_type in ("good", "unknown", "") or not defect_type:
+        if not defect_type or defect_type in ("good", "unknown"):
             return None
         return self.guidance.replace(DEFECT_PLACEHOLDER, defect_type)
 

@@ -118,11 +118,7 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
         label, backend = spec if isinstance(spec, tuple) else backend_from_spec(spec)
         counts = {
             "normal_feature": {
-                "runs": 0,
-                "false_on_feature": [0, 0],
-                "feature_patches": [0, 0],
-                "hits": [0, 0],
-                "defect_runs": 0,
+                **_feature_tally(),
                 "by_feature": {},  # per feature kind: the same counts
                 "by_defect": {},  # per defect kind of the scan: [defect runs, hits unguided, hits guided]
             },
@@ -161,6 +157,7 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
                 featured_scans[number] = featured(scan, number, tests.seed)
             with_feature = featured_scans[number]
             feature_plain = run(None, with_feature.points, with_feature.analysis)
+            plain_found = _regions(feature_plain)
             patches = feature_plain.patches
             defect_patches = patch_truth(patches, with_feature.labels, PATCH_LABEL_SHARE)
             feature_truth = set(defect_patches)
@@ -171,24 +168,14 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
                 reads[guidance.kind].append(with_feature.kind in read_guidance(guidance.text).normal_features)
                 guided = run(guidance, with_feature.points, with_feature.analysis)
                 c = counts["normal_feature"]
-                kind_counts = c["by_feature"].setdefault(
-                    with_feature.kind,
-                    {
-                        "runs": 0,
-                        "false_on_feature": [0, 0],
-                        "feature_patches": [0, 0],
-                        "hits": [0, 0],
-                        "defect_runs": 0,
-                    },
-                )
+                kind_counts = c["by_feature"].setdefault(with_feature.kind, _feature_tally())
+                found_both = (plain_found, _regions(guided))
                 for tally in (c, kind_counts):
-                    _count_feature_run(
-                        tally, (_regions(feature_plain), _regions(guided)), on_feature, feature_truth
-                    )
+                    _count_feature_run(tally, found_both, on_feature, feature_truth)
                 if feature_truth:
                     per_defect = c["by_defect"].setdefault(scan.defect or "none", [0, 0, 0])
                     per_defect[0] += 1
-                    for i, found in enumerate((_regions(feature_plain), _regions(guided))):
+                    for i, found in enumerate(found_both):
                         per_defect[1 + i] += bool(feature_truth & {p for r in found for p in r})
         results[label] = summarise(counts, reads)
         log(f"{label}: {json.dumps(results[label])}")
@@ -196,6 +183,17 @@ def evaluate(directory: Path, specs: list, limit: int | None = None, log=print) 
         "scans": len(tests.scans),
         "features": {k: sum(1 for f in featured_scans.values() if f.kind == k) for k in FEATURE_KINDS},
         "backends": results,
+    }
+
+
+def _feature_tally() -> dict:
+    """Empty counts of normal-feature runs: [unguided, guided] pairs, runs and runs with a defect."""
+    return {
+        "runs": 0,
+        "false_on_feature": [0, 0],
+        "feature_patches": [0, 0],
+        "hits": [0, 0],
+        "defect_runs": 0,
     }
 
 

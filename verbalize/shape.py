@@ -28,9 +28,7 @@ OFF_LINK = 3.0  # off-normal points closer than this many median spacings belong
 MIN_SIDED = 3  # a patch needs this many off-surface points for its `raised` to be more than 0
 MIN_BLOB = 8  # smaller blobs are not counted as alike (`similar_blobs`): sensor noise
 ALIKE = 2.0  # blobs within this factor of each other's size are alike
-SAMPLE_CAP = (
-    20_000  # spacing and blobs are found on this many (seeded) points at most; the rest join the nearest
-)
+SAMPLE_CAP = 20_000  # spacing and blobs use at most this many seeded points; the rest join the nearest
 
 SHAPE_COLUMNS: dict[str, str] = {
     "off_share": "share of the patch's points beyond normal (either surface cue above 1)",

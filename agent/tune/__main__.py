@@ -196,6 +196,12 @@ def make_episodes(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _manifest(episodes: Path) -> dict:
+    """The episodes folder's manifest (how they were made), {} when it has none."""
+    path = episodes / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def train(args: argparse.Namespace) -> int:
     _fresh_out(args.out)
     episodes = read_episodes(args.episodes, split="train")
@@ -205,13 +211,12 @@ def train(args: argparse.Namespace) -> int:
         from agent.tune.recogniser_fit import fit_recognisers, save_recognisers
 
         model = fit_recognisers(episodes, seed=args.seed)
-        manifest_path = args.episodes / MANIFEST_FILE
-        if manifest_path.is_file():  # the recipe: which episodes, made how
-            manifest = json.loads(manifest_path.read_text())
-            config = manifest.get("config", {})
+        manifest = _manifest(args.episodes)
+        if manifest:  # the recipe: which episodes, made how
+            made = manifest.get("config", {})
             model["episodes"] = {
                 "sha256": manifest.get("episodes_sha256"),
-                **{k: config.get(k) for k in RECIPE_KEYS},
+                **{k: made.get(k) for k in RECIPE_KEYS},
             }
         path = save_recognisers(model, args.out)
         print(json.dumps({"out": str(path)}))
@@ -219,14 +224,12 @@ def train(args: argparse.Namespace) -> int:
     if args.method == "ranker":
         from agent.tune.ranker_fit import fit_ranker, save_ranker
 
-        manifest_path = args.episodes / MANIFEST_FILE
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        config = manifest.get("config", {})
+        made = _manifest(args.episodes).get("config", {})
         model = fit_ranker(
             episodes,
             seed=args.seed,
-            verbalization=config.get("verbalization", "full"),
-            compact_rows=config.get("compact_rows"),
+            verbalization=made.get("verbalization", "full"),
+            compact_rows=made.get("compact_rows"),
         )
         path = save_ranker(model, args.out)
         print(json.dumps({"out": str(path)}))

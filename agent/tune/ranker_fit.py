@@ -20,6 +20,7 @@ from sklearn.metrics import precision_recall_curve
 from sklearn.preprocessing import StandardScaler
 
 from agent.backends.ranker import FORMAT, overview_text, parse_overview_table, row_features
+from scans.files import atomic_write_text
 
 RANKER_FILE = "ranker.json"
 
@@ -119,10 +120,5 @@ def fit_ranker(
 
 
 def save_ranker(model: dict, out: Path) -> Path:
-    """Write `model` as out/ranker.json (through a temporary file: never half-written)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RANKER_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(model, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write `model` as out/ranker.json (`scans.files.atomic_write_text`: never half-written)."""
+    return atomic_write_text(out / RANKER_FILE, json.dumps(model, indent=1, sort_keys=True))

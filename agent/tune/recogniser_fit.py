@@ -27,6 +27,7 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.preprocessing import StandardScaler
 
 from agent.normal_features import FORMAT
+from scans.files import atomic_write_text
 
 RECOGNISER_FILE = "normal-features.json"
 DEFECT_MISS_SHARE = 0.02  # of the training defect patches, at most this share may be called the feature
@@ -136,10 +137,5 @@ def fit_recognisers(episodes: list[dict], *, seed: int = 0, c: float = 1.0) -> d
 
 
 def save_recognisers(model: dict, out: Path) -> Path:
-    """Write `model` as out/normal-features.json (through a temporary file: never half-written)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RECOGNISER_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(model, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write `model` as out/normal-features.json (`scans.files.atomic_write_text`: never half-written)."""
+    return atomic_write_text(out / RECOGNISER_FILE, json.dumps(model, indent=1, sort_keys=True))
