@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from scans.geometry import KNN_WORKERS, estimate_normals
+from scans.geometry import KNN_WORKERS
+from scans.orientation import oriented_normals
 
 CUE_NAMES = ("surface_distance", "uncovered_rim")
 PLANE_NEIGHBOURS = 4  # template points whose planes vote (median) on a scan point's surface distance
@@ -38,6 +39,7 @@ RIM_SPACINGS = 2.0  # a gap marks scan points within this many local spacings be
 REACH_PERCENTILE = 99.5  # how far the scan may normally be from a template point (leave-one-out)
 NORM_PERCENTILE = 99.0  # the cue value that counts as 1 (leave-one-out normal data)
 MIN_NORM = 1e-3  # a cue that is exactly 0 on all normal data (identical templates) keeps a tiny unit
+ORIENTATION = "propagated"  # cues.json "normals": how the stored normals were oriented (scans.orientation)
 FILES = ("cue_points.npy", "cue_normals.npy", "cue_source.npy", "cue_spacing.npy", "cues.json")
 
 
@@ -56,6 +58,15 @@ def _plane_offsets(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np
     idx = idx.reshape(len(points), k)
     offsets = points[:, None, :].astype(np.float64) - tree.data[idx]
     return np.einsum("nkd,nkd->nk", offsets, normals[idx])
+
+
+def _outward_normals(templates: list[np.ndarray]) -> list[np.ndarray]:
+    """Each template's normals with one outward sign along its surface and across the templates
+    (`scans.orientation`): the side a scan point lies on is read along them."""
+    first = oriented_normals(templates[0], k=NORMAL_NEIGHBOURS)
+    return [first] + [
+        oriented_normals(t, k=NORMAL_NEIGHBOURS, reference=(templates[0], first)) for t in templates[1:]
+    ]
 
 
 def plane_distance(points: np.ndarray, tree: cKDTree, normals: np.ndarray) -> np.ndarray:
@@ -196,7 +207,7 @@ class SurfaceCues:
                 "surface cues need at least two aligned templates (they calibrate on each other)"
             )
         templates = [np.ascontiguousarray(t, dtype=np.float32) for t in registered]
-        normals = [estimate_normals(t, k=NORMAL_NEIGHBOURS) for t in templates]
+        normals = _outward_normals(templates)
         spacings = [_local_spacing(t) for t in templates]
         source = np.concatenate([np.full(len(t), i) for i, t in enumerate(templates)])
         points, all_normals, all_spacing = (np.concatenate(a) for a in (templates, normals, spacings))
@@ -282,6 +293,7 @@ class SurfaceCues:
                     "norms": self.norms,
                     "smooth_k": self.smooth_k,
                     "rim_spacings": self.rim_spacings,
+                    "normals": ORIENTATION,
                 },
                 sort_keys=True,
             )
@@ -301,4 +313,13 @@ class SurfaceCues:
             smooth_k, rim_spacings = int(meta["smooth_k"]), float(meta["rim_spacings"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{FILES[4]} is incomplete ({type(exc).__name__}: {exc})") from None
-        return cls(*arrays, reach=reach, norms=norms, smooth_k=smooth_k, rim_spacings=rim_spacings)
+        cues = cls(*arrays, reach=reach, norms=norms, smooth_k=smooth_k, rim_spacings=rim_spacings)
+        if meta.get("normals") != ORIENTATION:
+            # a fit made before the normals were oriented along the surface: its distances are right, its
+            # sides are not where a surface faces the centroid; re-oriented here (the files stay as hashed)
+            templates = [cues.points[cues.source == i] for i in np.unique(cues.source)]
+            oriented = np.concatenate(_outward_normals(templates))
+            order = np.argsort(cues.source, kind="stable")  # templates are stored one after the other
+            cues.normals = np.empty_like(cues.normals)
+            cues.normals[order] = oriented
+        return cues
