@@ -28,18 +28,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-
 from agent.backends.ranker import LogisticRows
 from agent.guidance import read_guidance
 from scans.patches import PatchTable
 
 FORMAT = "scanagent-normal-features"
 SHIPPED = Path(__file__).parent / "recognisers" / "normal-features.json"
-# the patches of one off-normal blob show one shape: when patches holding at least this share of its
-# off-normal points are called the feature, all of them are (a rib spans several patches, and a per-patch call
-# leaves some of it in); None: per patch
-BLOB_VOTE: float | None = 0.5
 
 
 def recogniser_features(table: PatchTable, patch_id: int) -> dict[str, float]:
@@ -88,29 +82,12 @@ class NormalFeatureRecognisers:
         return model
 
     def recognised(self, table: PatchTable, kind: str, patch_ids: list[int]) -> list[int]:
-        """The patches among `patch_ids` this kind's recogniser calls the feature, or whose off-normal blob it
-        calls the feature (BLOB_VOTE) (none without shape descriptors: a scan without surface cues gives it
-        nothing to tell the feature by)."""
+        """The patches among `patch_ids` this kind's recogniser calls the feature (none without shape
+        descriptors: a scan without surface cues gives it nothing to tell the feature by)."""
         if kind not in self.kinds or not table.shape:
             return []
         model = self.kinds[kind]
-        called = np.array(
-            [
-                model.probability(recogniser_features(table, p)) >= model.threshold
-                for p in range(table.n_patches)
-            ]
-        )
-        blob = table.blob_of_patch
-        if BLOB_VOTE is not None and blob is not None and (blob >= 0).any():
-            # a patch votes with its share of off-normal points: one that barely touches the blob (a rim's
-            # few points) has little say about its shape
-            weight = np.where(blob >= 0, table.shape["off_share"], 0.0).astype(np.float64)
-            member = np.maximum(blob, 0)
-            total = np.bincount(member, weights=weight)
-            votes = np.bincount(member, weights=weight * called)
-            share = votes / np.maximum(total, 1e-12)
-            called |= (blob >= 0) & (total[member] > 0) & (share[member] >= BLOB_VOTE)
-        return [p for p in patch_ids if called[p]]
+        return [p for p in patch_ids if model.probability(recogniser_features(table, p)) >= model.threshold]
 
 
 @functools.lru_cache(maxsize=8)

@@ -35,7 +35,7 @@ from scans.patches import Patches, PatchTable
 from tools.agent_tools import ScanContext, ToolBox
 from verbalize import describe_scan, render_overview, render_system, render_tool_result
 from verbalize.compact import COMPACT_ROWS, render_compact_overview, render_compact_system
-from verbalize.shape import shape_and_blobs
+from verbalize.shape import deviation_shape
 
 VerifyMode = Literal["suspects", "all"]
 Verbalization = Literal["full", "compact"]
@@ -232,9 +232,7 @@ def build_conversation(
     stats = analysis.point_stats if analysis is not None else None
     patches, table = describe_scan(points, stats, token_budget=config.token_budget, seed=config.seed)
     if analysis is not None:
-        table.shape, table.blob_of_patch = shape_and_blobs(
-            points, stats, analysis.surface_side, patches, seed=config.seed
-        )
+        table.shape = deviation_shape(points, stats, analysis.surface_side, patches, seed=config.seed)
     lookup = (
         _bank_lookup(fitted, analysis, patches, scored)
         if fitted is not None and analysis is not None

@@ -78,8 +78,7 @@ class PatchTable:
     `column_info` says in one short phrase what each column holds (rendered into the prompt's legend).
     `stat_names` are the learned per-point statistics that were aggregated (may be empty: zero-shot).
     `shape` holds descriptors of the off-normal surface around each patch (`verbalize.shape`), not rendered:
-    what the learned normal-feature recogniser reads beside the columns (empty without surface cues);
-    `blob_of_patch` the off-normal blob each patch's shape describes (-1: none; None without surface cues).
+    what the learned normal-feature recogniser reads beside the columns (empty without surface cues).
     """
 
     columns: dict[str, np.ndarray]
@@ -88,7 +87,6 @@ class PatchTable:
     stat_names: tuple[str, ...] = ()
     column_info: dict[str, str] = field(default_factory=dict)
     shape: dict[str, np.ndarray] = field(default_factory=dict)
-    blob_of_patch: np.ndarray | None = None
 
     @property
     def n_patches(self) -> int:

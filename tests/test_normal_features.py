@@ -121,41 +121,6 @@ def test_fitted_recognisers_learn_the_shape_and_protect_defects(rng, tmp_path):
         fit_recognisers([{"scan": "a", "guidance": None}])
 
 
-def test_a_blob_mostly_called_the_feature_is_dropped_whole_and_a_lone_call_stays_a_patch():
-    """The model calls a patch the feature when its cue is 1. Blob 0 (patches 0-3): three of four equal
-    patches called, so the fourth goes too. Blob 1 (4-6): one called, the rest stays. Blob 2 (7-9): the two
-    called patches barely touch it (2% of their points off-normal) and have little say, so 9 stays."""
-    from scans.patches import Normalisation, PatchTable
-
-    called = np.array([1, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0], dtype=np.float32)
-    off_share = np.array([0.5, 0.5, 0.5, 0.5, 0.2, 0.6, 0.6, 0.02, 0.02, 0.7, 0.0], dtype=np.float32)
-    table = PatchTable(
-        columns={"cue": called},
-        ids=np.arange(11),
-        normalisation=Normalisation(np.zeros(3), 1.0, np.ones(3), 11),
-        shape={"off_share": off_share},
-        blob_of_patch=np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, -1]),
-    )
-    model = {
-        "format": "scanagent-normal-features",
-        "kinds": {
-            "edges": {
-                "features": ["cue"],
-                "mean": [0.0],
-                "scale": [1.0],
-                "coef": [20.0],
-                "intercept": -10.0,
-                "threshold": 0.5,
-            }
-        },
-    }
-    recognisers = NormalFeatureRecognisers(model, "planted")
-    assert recognisers.recognised(table, "edges", list(range(11))) == [0, 1, 2, 3, 4, 7, 8]
-    assert recognisers.recognised(table, "edges", [3, 5, 9]) == [3]  # only the reported ones are returned
-    table.blob_of_patch = None  # a table without blobs: per patch only
-    assert recognisers.recognised(table, "edges", list(range(11))) == [0, 1, 2, 4, 7, 8]
-
-
 @pytest.mark.parametrize(
     "text, match",
     [

@@ -94,20 +94,8 @@ def deviation_shape(
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """The SHAPE_COLUMNS of every patch (float32 (P,) each); empty when the scan has no surface cues."""
-    return shape_and_blobs(points, point_stats, surface_side, patches, seed)[0]
-
-
-def shape_and_blobs(
-    points: np.ndarray,
-    point_stats: dict[str, np.ndarray],
-    surface_side: np.ndarray | None,
-    patches: Patches,
-    seed: int = 0,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(`deviation_shape`, int64 (P,) the blob each patch is described by, -1 for none): patches of one blob
-    show one off-normal shape, so a recogniser may decide for them together (`agent.guided_report`)."""
     if "surface_distance" not in point_stats or "uncovered_rim" not in point_stats:
-        return {}, np.full(patches.n_patches, -1, dtype=np.int64)
+        return {}
     pts = np.asarray(points, dtype=np.float64)
     surface = np.asarray(point_stats["surface_distance"]) > OFF_NORMAL
     rim = np.asarray(point_stats["uncovered_rim"]) > OFF_NORMAL
@@ -146,5 +134,4 @@ def shape_and_blobs(
         ("similar_blobs", similar),
     ):
         out[name] = np.where(has, values[pick] if values.size else 0.0, 0.0)
-    columns = {name: np.asarray(out[name], dtype=np.float32) for name in SHAPE_COLUMNS}
-    return columns, np.asarray(main, dtype=np.int64)
+    return {name: np.asarray(out[name], dtype=np.float32) for name in SHAPE_COLUMNS}
