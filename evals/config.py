@@ -54,7 +54,7 @@ class BackendSpec:
         return self.guidance.replace(DEFECT_PLACEHOLDER, defect_type)
 
 
-def _options(arg: str) -> dict[str, Any] | None:
+def key_value_options(arg: str) -> dict[str, Any] | None:
     """`key=value;key=value` as a dict (values read as JSON when they parse, else kept as text), or None when
     `arg` is not in that form (the older `hf:<model>` / `openai:<model>` spelling)."""
     pieces = [piece.strip() for piece in arg.split(";") if piece.strip()]
@@ -102,7 +102,7 @@ def parse_backend(
     kwargs: dict[str, Any] = {}
     if name not in REGISTRY:
         raise HarnessError(f"unknown backend {name!r} in {text!r}; known: {', '.join(sorted(REGISTRY))}")
-    options = _options(arg)
+    options = key_value_options(arg)
     guidance, label = None, text
     if options is not None:
         guidance = options.pop("guidance", None)

@@ -33,6 +33,7 @@ from agent.backends import BackendUnavailable, get_backend
 from agent.pipeline import InspectionConfig, inspect_scan
 from agent.tune.episodes import MANIFEST_FILE, read_episodes
 from detector.fitted import FittedClass
+from evals.config import key_value_options
 from evals.metrics import o_auroc, p_auroc
 from scans.files import atomic_write_text
 
@@ -45,10 +46,9 @@ def backend_from_spec(spec: str):
         return f"ranker:{Path(arg).parent.name}" if arg else name, get_backend("ranker", model=arg or None)
     if name == "hf":  # "hf=ADAPTER;key=value..." passes the options on (e.g. guidance_in_prompt=false)
         adapter, *options = arg.split(";")
-        kwargs = {}
-        for option in options:
-            key, _, value = option.partition("=")
-            kwargs[key.strip()] = json.loads(value) if value.strip() in ("true", "false") else value
+        kwargs = key_value_options(";".join(options)) or {}  # the harness's own reading of key=value options
+        if options and not kwargs:
+            raise ValueError(f"backend {spec!r}: options after ';' must be key=value")
         backend = get_backend("hf", adapter=adapter or None, threads=2, **kwargs)
         label = "hf:base" if backend.adapter is None else f"hf:{Path(backend.adapter).name}"
         label += "".join(f";{o}" for o in options)

@@ -306,3 +306,5 @@ def test_the_guided_evals_hf_spec_passes_its_options_on(monkeypatch):
     label, _ = tuned.backend_from_spec("hf=;guidance_in_prompt=false")
     assert made == {"name": "hf", "adapter": None, "threads": 2, "guidance_in_prompt": False}
     assert label == "hf:smollm2;guidance_in_prompt=false"
+    with pytest.raises(ValueError, match="key=value"):
+        tuned.backend_from_spec("hf=;guidance_in_prompt")
