@@ -172,6 +172,22 @@ def test_ranker_trains_and_ranks_a_planted_anomaly_first(tmp_path, rng):
     assert regions[0]["patch_ids"][0] == 7
     assert json.loads(path.read_text())["format"] == "scanagent-patch-ranker"
 
+    def named(**options) -> list[int]:  # another operating point names more or fewer of the same order
+        reply = RankerBackend(model=path, target_share=1.0, **options).chat(test["messages"], tools)
+        return [i for r in json.loads(reply.tool_calls[0].arguments)["regions"] for i in r["patch_ids"]]
+
+    everything, default, f1 = named(threshold=0.0), named(), named(threshold="f1")
+    assert len(everything) == 12 and everything[: len(default)] == default and len(default) < 12
+    assert default[: len(f1)] == f1 and named(threshold=1.0) == []  # the default (best F2) names more
+    model = json.loads(path.read_text())
+    assert RankerBackend(model=path).threshold == model["threshold_recall"] <= model["threshold"]
+    del model["threshold_recall"]  # a ranker trained before the F2 threshold was kept: best F1, as it was
+    path.write_text(json.dumps(model))
+    assert RankerBackend(model=path).operating_point == "f1" and named() == f1
+    for bad in (-0.1, 1.5, "nan", "high"):
+        with pytest.raises(BackendUnavailable, match="threshold"):
+            RankerBackend(model=path, threshold=bad)
+
 
 def test_ranker_reads_the_real_overview(episodes):
     for e in episodes:
@@ -485,6 +501,7 @@ def test_rows_training_scores_what_inference_scores_and_reports_over_its_thresho
 ):
     import torch
 
+    from agent.backends.hf_adapter import rows_settings
     from agent.backends.hf_backend import HFBackend
     from agent.backends.hf_rows import ROW_QUESTIONS, row_preamble, row_questions, row_scores
     from agent.backends.overview import overview_text
@@ -519,8 +536,23 @@ def test_rows_training_scores_what_inference_scores_and_reports_over_its_thresho
     assert recipe["rows_scored"] == sum(
         len(parse_overview_table(overview_text(e["messages"]))[0]) for e in shorts
     )
+    # the operating points: best F2 by default, best F1, a number; a recipe from before F2 was kept gets F1
+    assert recipe["row_threshold_recall"] <= recipe["row_threshold"]  # recall weighs more: a lower cut
+    assert rows_settings(recipe, "r")[::2] == (recipe["row_threshold_recall"], "recall")
+    assert rows_settings(recipe, "r", "f1")[::2] == (recipe["row_threshold"], "f1")
+    assert rows_settings(recipe, "r", -2)[::2] == (-2.0, "given")
+    older = {k: v for k, v in recipe.items() if not k.startswith("row_threshold_recall")}
+    assert rows_settings(older, "r")[::2] == (recipe["row_threshold"], "f1")
+    with pytest.raises(BackendUnavailable, match="no recall threshold"):
+        rows_settings(older, "r", "recall")
+    for bad in ("nan", "low", float("inf")):  # refused before the model loads
+        with pytest.raises(BackendUnavailable, match="row_threshold"):
+            HFBackend(threads=1, adapter=str(out), row_threshold=bad)
+    with pytest.raises(BackendUnavailable, match="trained on rows"):  # the base model has no rows to score
+        HFBackend(threads=1, adapter="none", row_threshold=-1.0)
     tuned = HFBackend(threads=1, adapter=str(out))
-    assert tuned.row_threshold == recipe["row_threshold"] and tuned.report_after == 0
+    assert tuned.row_threshold == recipe["row_threshold_recall"] and tuned.operating_point == "recall"
+    assert tuned.report_after == 0
     assert tuned.row_question == "line"
     tuned._decoder.set_text(tuned.prompt(short["messages"], short["tools"]))
     scores = dict(zip(ids, row_scores(tuned._decoder, questions)))

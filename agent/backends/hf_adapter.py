@@ -24,6 +24,7 @@ from typing import Any
 
 from agent.backends.base import BackendUnavailable
 from agent.backends.hf_rows import ROW_QUESTIONS
+from agent.backends.overview import operating_threshold
 
 RECIPE_FILE = "recipe.json"
 CHECKSUM_FILE = "SHA256SUMS"
@@ -73,16 +74,26 @@ def check_adapter_dir(directory: Path) -> None:
     rows_settings(read_recipe(directory), str(directory))
 
 
-def rows_settings(recipe: dict, source: str) -> tuple[float | None, str]:
-    """(the report threshold, the row question form) of an adapter trained on a yes/no per overview row
-    (recipe target "rows"; agent.backends.hf_rows); (None, "id") for any other adapter. A rows recipe
-    without a threshold or with an unknown form is refused here, before the model loads."""
+def rows_settings(
+    recipe: dict, source: str, threshold: object = None
+) -> tuple[float | None, str, str | None]:
+    """(the report threshold, the row question form, the operating point) of an adapter trained on a yes/no
+    per overview row (recipe target "rows"; agent.backends.hf_rows); (None, "id", None) for any other adapter.
+    `threshold` picks the operating point (`agent.backends.overview.operating_threshold`): by default the
+    recipe's best-F2 threshold, or its best-F1 one where it records none. A rows recipe without a threshold,
+    with an unknown form, or an option it cannot meet is refused here, before the model loads."""
     config = recipe.get("config", {})
     form = str(config.get("row_question", "id"))
     if config.get("target") != "rows":
-        return None, form
+        if threshold is not None:
+            raise BackendUnavailable(
+                "hf backend: row_threshold needs an adapter trained on rows (recipe target rows)"
+            )
+        return None, form, None
     try:
-        threshold = float(recipe["row_threshold"])
+        best_f1 = float(recipe["row_threshold"])
+        recall = recipe.get("row_threshold_recall")
+        best_f2 = None if recall is None else float(recall)
     except (KeyError, TypeError, ValueError):
         raise BackendUnavailable(
             f"hf backend: the recipe of {source} has target rows but no row_threshold"
@@ -92,7 +103,20 @@ def rows_settings(recipe: dict, source: str) -> tuple[float | None, str]:
             f"hf backend: the recipe of {source} asks rows in an unknown form {form!r} "
             f"(known: {', '.join(ROW_QUESTIONS)})"
         )
-    return threshold, form
+    try:
+        value, point = operating_threshold(threshold, best_f1, best_f2, f"the recipe of {source}")
+    except ValueError as err:
+        raise BackendUnavailable(f"hf backend: {err}") from None
+    return value, form, point
+
+
+def check_row_threshold(option: object) -> None:
+    """Refuse a row_threshold option that is neither an operating point nor a finite number (it may come
+    from a command line as any text), before the model loads."""
+    try:
+        operating_threshold(option, 0.0, 0.0, "row_threshold")
+    except ValueError as err:
+        raise BackendUnavailable(f"hf backend: {err}") from None
 
 
 class OffsetCache:

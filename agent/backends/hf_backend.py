@@ -47,7 +47,7 @@ import time
 import types
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
-from agent.backends.hf_adapter import rows_settings
+from agent.backends.hf_adapter import check_row_threshold, rows_settings
 from agent.backends.hf_decoder import Decoder
 from agent.backends.hf_loading import PACKAGED_GGUF, cache_root, load_model, packaged_gguf  # noqa: F401 -- API
 from agent.backends.hf_prompt import CALL_CLOSE, CALL_OPEN, build_prompt, parse_free_tool_call, seen_patch_ids
@@ -91,9 +91,11 @@ class HFBackend:
         verbalization: str | None = None,
         reasons: str = "auto",
         row_share: float = 0.15,
+        row_threshold: float | str | None = None,
         guidance_in_prompt: bool = False,
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        check_row_threshold(row_threshold)  # before the model loads
         try:
             import torch
             import transformers
@@ -158,8 +160,11 @@ class HFBackend:
         # first such adapter, left to choose, called list_patches three times (35-60 s a turn) first.
         target = self.recipe.get("config", {}).get("target")
         # an adapter trained on a yes/no per shown row (agent.backends.hf_rows) scores the rows and reports
-        # those at or above the threshold its training found, in the same single turn
-        self.row_threshold, self.row_question = rows_settings(self.recipe, str(self.adapter))
+        # those at or above the threshold its training found, in the same single turn, at the operating point
+        # asked (agent.backends.overview.OPERATING_POINTS; default: the recipe's best F2)
+        self.row_threshold, self.row_question, self.operating_point = rows_settings(
+            self.recipe, str(self.adapter), row_threshold
+        )
         trained_on_decisions = target in ("decisions", "rows")
         if report_after == "auto":
             report_after = 0 if trained_on_decisions else 3

@@ -78,3 +78,30 @@ def select_rows(
         used += size
         chosen.append((pid, score, row))
     return chosen
+
+
+# A learned reader's training records two thresholds on its training rows: the best F1 ("f1") and the best F2
+# ("recall", recall weighted twice). "recall" is the default where it is recorded: what a reader names is
+# verified by the memory bank, so a defect it leaves out is lost for good while a false region costs only
+# verified points (README, "Recall at the same verified share"). Files trained before it was recorded keep f1.
+OPERATING_POINTS = ("recall", "f1")
+
+
+def operating_threshold(option: object, f1: float, recall: float | None, source: str) -> tuple[float, str]:
+    """(threshold, what it is) for a reader's `option`: None (recall where recorded, else f1), "f1", "recall"
+    or a number. ValueError naming `source` for anything else."""
+    if option is None:
+        return (recall, "recall") if recall is not None else (f1, "f1")
+    if option == "f1":
+        return f1, "f1"
+    if option == "recall":
+        if recall is None:
+            raise ValueError(f"{source} records no recall threshold (trained before it was recorded): use f1")
+        return recall, "recall"
+    try:
+        value = float(option)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{source}: a threshold is recall, f1 or a finite number, got {option!r}")
+    return value, "given"

@@ -30,7 +30,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from agent.backends.base import BackendUnavailable, LLMReply, ToolCall, Usage, recorded_count, tool_names
-from agent.backends.overview import overview_text, parse_overview_table, row_reason, select_rows
+from agent.backends.overview import (
+    operating_threshold,
+    overview_text,
+    parse_overview_table,
+    row_reason,
+    select_rows,
+)
 from agent.backends.policy import report_limits
 from agent.guidance import guidance_in_messages, left_to_backend, read_guidance, reading_summary
 
@@ -56,6 +62,9 @@ class LogisticRows:
         self.coef = [float(v) for v in data["coef"]]
         self.intercept = float(data["intercept"])
         self.threshold = float(data["threshold"])
+        # best F2 on the training rows (agent.backends.overview.OPERATING_POINTS); None in older files
+        recall = data.get("threshold_recall")
+        self.threshold_recall = None if recall is None else float(recall)
         if not len(self.features) == len(self.mean) == len(self.scale) == len(self.coef):
             raise ValueError(f"{source}: features, mean, scale and coef must have the same length")
 
@@ -97,7 +106,13 @@ class RankerBackend:
     tokenizes = False  # it reads the table as data: no context window applies
     uses_guidance = True  # read into intents by agent.guidance; `guidance_reading` says how it was applied
 
-    def __init__(self, model: str | Path | None = None, target_share: float = 0.15, max_ids: int = 20):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        target_share: float = 0.15,
+        max_ids: int = 20,
+        threshold: float | str | None = None,
+    ):
         if model is None:
             raise BackendUnavailable(
                 'ranker backend needs a model file: --backend-kwargs \'{"model": '
@@ -110,6 +125,19 @@ class RankerBackend:
             raise BackendUnavailable(str(err)) from err
         self.target_share = target_share
         self.max_ids = max_ids
+        # the probability a row must reach to be named: "recall" (the default where the file records it), "f1"
+        # or a number; a lower one trades verified points for recall (README, "Recall at the same verified
+        # share")
+        try:
+            self.threshold, self.operating_point = operating_threshold(
+                threshold, self.model.threshold, self.model.threshold_recall, f"ranker model {model}"
+            )
+        except ValueError as err:
+            raise BackendUnavailable(f"ranker backend: {err}") from None
+        if not 0.0 <= self.threshold <= 1.0:
+            raise BackendUnavailable(
+                f"ranker backend: threshold must be a probability in [0, 1], got {threshold!r}"
+            )
         self.verbalization = self.model.verbalization  # agent.pipeline gives it the overview it learned on
         self.compact_rows = self.model.compact_rows
 
@@ -158,7 +186,7 @@ class RankerBackend:
         _, total = parse_overview_table(overview_text(messages))
         max_regions, max_ids = report_limits(tools)
         limit = min(self.max_ids, max_ids or self.max_ids)
-        chosen = select_rows(self.ranked(messages), self.model.threshold, limit, self.target_share, total)
+        chosen = select_rows(self.ranked(messages), self.threshold, limit, self.target_share, total)
         regions = []
         if chosen and max_regions != 0:
             reason = row_reason(chosen[0][2])

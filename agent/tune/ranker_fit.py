@@ -3,8 +3,9 @@
 Features come from the same parsing the backend does at inference (`parse_overview_table` + `row_features`),
 so
 training and use cannot drift apart. Only unguided training episodes are used: the ranker cannot read
-guidance, and
-a guided target would teach it noise. The threshold is the one that maximises F1 over the training patches.
+guidance, and a guided target would teach it noise. Two thresholds are kept: the best F1 over the training
+patches and the best F2 (recall weighted twice), which the backend uses by default
+(`agent.backends.overview.OPERATING_POINTS`).
 Rows of the episodes' by-design features (`agent.tune.episode_scans`) also train one recogniser per feature
 kind ("is this row that feature?"), which the ranker uses when guidance calls that feature normal.
 """
@@ -52,12 +53,23 @@ def ranker_dataset(
 
 def f1_threshold(labels: np.ndarray, scores: np.ndarray, default: float = 0.0) -> tuple[float, float]:
     """(the score threshold with the best F1 on `labels`, that F1); `default` when no threshold exists."""
+    return fbeta_threshold(labels, scores, 1.0, default)
+
+
+def fbeta_threshold(
+    labels: np.ndarray, scores: np.ndarray, beta: float, default: float = 0.0
+) -> tuple[float, float]:
+    """(the score threshold with the best F-beta on `labels`, that F-beta): beta 2 weighs recall twice
+    (`agent.backends.overview.OPERATING_POINTS`); `default` when no threshold exists."""
     precision, recall, thresholds = precision_recall_curve(labels, scores)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    weight = beta * beta
+    fbeta = (
+        (1 + weight) * precision[:-1] * recall[:-1] / np.maximum(weight * precision[:-1] + recall[:-1], 1e-12)
+    )
     if not len(thresholds):
         return default, 0.0
-    best = int(np.argmax(f1))
-    return float(thresholds[best]), float(f1[best])
+    best = int(np.argmax(fbeta))
+    return float(thresholds[best]), float(fbeta[best])
 
 
 def fit_ranker(
@@ -81,12 +93,16 @@ def fit_ranker(
         labels = labels if rows is None else labels[rows]
         model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
         model.fit(inputs, labels)
-        threshold, f1 = f1_threshold(labels, model.predict_proba(inputs)[:, 1], default=0.5)
+        probabilities = model.predict_proba(inputs)[:, 1]
+        threshold, f1 = f1_threshold(labels, probabilities, default=0.5)
+        recall_threshold, f2 = fbeta_threshold(labels, probabilities, 2.0, default=0.5)
         return {
             "coef": model.coef_[0].tolist(),
             "intercept": float(model.intercept_[0]),
             "threshold": threshold,
             "train_f1": round(f1, 4),
+            "threshold_recall": recall_threshold,
+            "train_f2": round(f2, 4),
         }
 
     defects = logistic(y)
@@ -112,6 +128,7 @@ def fit_ranker(
         "coef": defects["coef"],
         "intercept": defects["intercept"],
         "threshold": defects["threshold"],
+        "threshold_recall": defects["threshold_recall"],
         "normal_features": recognisers,
         "verbalization": verbalization,
         "compact_rows": compact_rows,

@@ -5,8 +5,8 @@ Each episode becomes one example: the prompt the hf backend decodes after, then 
 only (a 4-D attention mask and per-branch position ids, the prefix tree the decoder scores at inference), so
 training and use see the same thing. The loss is a class-balanced logistic loss on each row's gap log P(yes) -
 log P(no) at its question's last token; a row is a "yes" when it is one of the episode's ground-truth patches
-(after guidance). After training, the threshold on that gap that maximises F1 over the training rows goes into
-the recipe, as the learned ranker's does.
+(after guidance). After training, the thresholds on that gap that maximise F1 and F2 over the training rows go
+into the recipe, as the learned ranker's do (`agent.backends.overview.OPERATING_POINTS`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.backends.hf_rows import ANSWERS, row_preamble, row_questions
 from agent.backends.overview import overview_text
-from agent.tune.ranker_fit import f1_threshold
+from agent.tune.ranker_fit import f1_threshold, fbeta_threshold
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def row_loss(model: Any, torch: Any, example: RowExample, yes_no: tuple[int, int
 
 
 def fitted_threshold(model: Any, torch: Any, examples: list[RowExample], yes_no: tuple[int, int]) -> dict:
-    """The gap threshold with the best F1 over the training rows, with the F1 it reaches there."""
+    """The gap thresholds with the best F1 and the best F2 over the training rows, with what they reach."""
     import numpy as np
 
     gaps: list[float] = []
@@ -127,4 +127,11 @@ def fitted_threshold(model: Any, torch: Any, examples: list[RowExample], yes_no:
             gaps.extend(float(g) for g in row_gaps(model, torch, example, yes_no))
             labels.extend(example.labels)
     threshold, f1 = f1_threshold(np.array(labels), np.array(gaps))
-    return {"row_threshold": threshold, "row_threshold_train_f1": round(f1, 4), "rows_scored": len(gaps)}
+    recall_threshold, f2 = fbeta_threshold(np.array(labels), np.array(gaps), 2.0)
+    return {
+        "row_threshold": threshold,
+        "row_threshold_train_f1": round(f1, 4),
+        "row_threshold_recall": recall_threshold,  # best F2: the backend's default operating point
+        "row_threshold_recall_train_f2": round(f2, 4),
+        "rows_scored": len(gaps),
+    }

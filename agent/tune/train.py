@@ -294,11 +294,16 @@ def model_card(recipe: dict) -> str:
     an empty template that names this machine's cache path)."""
     config = recipe.get("config", {})
     if config.get("target") == "rows":
+        if recipe.get("row_threshold_recall") is not None:
+            reaches = (
+                f"{recipe['row_threshold_recall']}, the threshold with the best F2 (recall weighted twice) "
+                f"on the training rows (`row_threshold=f1`: {recipe.get('row_threshold')}, the best F1)"
+            )
+        else:
+            reaches = f"{recipe.get('row_threshold')}, the threshold with the best F1 on the training rows"
         job = (
             "answer yes or no for every patch row of scanagent's compact scan overview (is it a "
-            "defect?); the hf backend reports the rows whose log P(yes) - log P(no) reaches "
-            f"{recipe.get('row_threshold')}, the threshold with the best F1 on the training rows, following "
-            "operator guidance."
+            f"defect?); the hf backend reports the rows whose log P(yes) - log P(no) reaches {reaches}."
         )
     else:
         job = (
