@@ -84,9 +84,9 @@ def plot(series: dict[str, list[tuple[str, dict]]], out: Path) -> None:
         ys = [p["region_recall"] for _, p in points]
         axes.plot(xs, ys, marker="o", color=colours[name], label=name)
     axes.set_xlabel("share of points verified by the bank")
-    axes.set_ylabel("region recall (pooled over scans)")
+    axes.set_ylabel("region recall (mean over classes)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="center right")
     figure.tight_layout()
     figure.savefig(out)
 

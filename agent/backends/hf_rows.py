@@ -6,9 +6,10 @@ compound (an adapter trained on targets of up to 6 ids reported nothing on any d
 label, the supervision the learned ranker gets, and costs one forward pass at inference: every row's question
 branches off the prompt in one prefix tree (`Decoder.loglikelihoods`), so no row's answer sees another's. An
 adapter trained this way (`python -m agent.tune train --target rows`, recipe target "rows") records the score
-threshold that maximised F1 on its training rows; the report names the rows at or above it, highest first,
-within the same share of the scan's points the ranker keeps to. The model reads the guidance in its prompt;
-nothing re-weights its scores afterwards.
+thresholds that maximised F1 and F2 on its training rows; the report names the rows at or above the F2 one
+(`agent.backends.overview.OPERATING_POINTS`; the hf backend's `row_threshold` chooses another), highest first,
+within the same share of the scan's points the ranker keeps to. Guidance is not in its prompt by default; the
+pipeline applies it to the report (`agent.guided_report`).
 """
 
 from __future__ import annotations
