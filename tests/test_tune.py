@@ -451,6 +451,24 @@ def test_the_f1_threshold_separates_the_classes():
     assert threshold == 1.5 and f1 == 1.0
 
 
+def test_recall_weighted_twice_cuts_lower_where_a_target_scores_low():
+    from agent.backends.overview import operating_threshold
+    from agent.tune.ranker_fit import f1_threshold, fbeta_threshold
+
+    labels = np.array([0, 0, 1, 1, 0, 1, 0])  # one target (0.2) scores below two normal rows (0.5, 0.4)
+    scores = np.array([-2.0, 0.4, 1.5, 2.0, 0.5, 0.2, -0.5])
+    assert f1_threshold(labels, scores)[0] == 1.5  # F1: leave the low target out (2 of 3, no false row)
+    threshold, f2 = fbeta_threshold(labels, scores, 2.0)
+    assert threshold == 0.2 and f2 == pytest.approx(5 * 0.6 / (4 * 0.6 + 1))  # F2: take it, two false rows
+    assert operating_threshold(None, 1.5, 0.2, "m") == (0.2, "recall")
+    assert operating_threshold(None, 1.5, None, "m") == (1.5, "f1")  # a file from before: as it was
+    assert operating_threshold("f1", 1.5, 0.2, "m") == (1.5, "f1")
+    assert operating_threshold("-0.5", 1.5, 0.2, "m") == (-0.5, "given")
+    for option, recall in [("recall", None), ("half", 0.2), (float("nan"), 0.2), (None, float("inf"))]:
+        with pytest.raises(ValueError, match="m"):
+            operating_threshold(option, 1.5, recall, "m")
+
+
 def test_a_row_question_names_the_patch_or_quotes_its_line(episodes):
     from agent.backends.hf_rows import row_questions
     from agent.backends.overview import overview_text, table_lines

@@ -7,6 +7,7 @@ each patch.
 
 from __future__ import annotations
 
+import math
 import re
 
 _POINTS_RE = re.compile(r"^Points: (\d+)\.", re.MULTILINE)
@@ -88,8 +89,11 @@ OPERATING_POINTS = ("recall", "f1")
 
 
 def operating_threshold(option: object, f1: float, recall: float | None, source: str) -> tuple[float, str]:
-    """(threshold, what it is) for a reader's `option`: None (recall where recorded, else f1), "f1", "recall"
-    or a number. ValueError naming `source` for anything else."""
+    """(threshold, what it is) for a reader's `option`: None (recall where recorded, else f1), "f1",
+    "recall" or a number. ValueError naming `source` for anything else, or when a recorded threshold is not
+    finite."""
+    if not all(math.isfinite(v) for v in (f1, *([] if recall is None else [recall]))):
+        raise ValueError(f"{source}: a recorded threshold is not a finite number")
     if option is None:
         return (recall, "recall") if recall is not None else (f1, "f1")
     if option == "f1":
@@ -101,7 +105,7 @@ def operating_threshold(option: object, f1: float, recall: float | None, source:
     try:
         value = float(option)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        value = float("nan")
-    if value != value or value in (float("inf"), float("-inf")):
+        value = math.nan
+    if not math.isfinite(value):
         raise ValueError(f"{source}: a threshold is recall, f1 or a finite number, got {option!r}")
     return value, "given"
