@@ -98,7 +98,7 @@ def operating_threshold(option: object, f1: float, recall: float | None, source:
         return (recall, "recall") if recall is not None else (f1, "f1")
     if option == "f1":
         return f1, "f1"
-    if option == "recall":
+    if option == "recall":  # OPERATING_POINTS names these two
         if recall is None:
             raise ValueError(f"{source} records no recall threshold (trained before it was recorded): use f1")
         return recall, "recall"
@@ -107,5 +107,6 @@ def operating_threshold(option: object, f1: float, recall: float | None, source:
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value):
-        raise ValueError(f"{source}: a threshold is recall, f1 or a finite number, got {option!r}")
+        named = " or ".join(OPERATING_POINTS)
+        raise ValueError(f"{source}: a threshold is {named} or a finite number, got {option!r}")
     return value, "given"

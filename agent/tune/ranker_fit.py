@@ -88,24 +88,25 @@ def fit_ranker(
     scaler = StandardScaler().fit(x)
     standard = scaler.transform(x)
 
-    def logistic(labels: np.ndarray, rows: np.ndarray | None = None) -> dict:
+    def logistic(labels: np.ndarray, rows: np.ndarray | None = None, *, recall: bool = False) -> dict:
         inputs = standard if rows is None else standard[rows]
         labels = labels if rows is None else labels[rows]
         model = LogisticRegression(C=c, class_weight="balanced", max_iter=1000, random_state=seed)
         model.fit(inputs, labels)
         probabilities = model.predict_proba(inputs)[:, 1]
         threshold, f1 = f1_threshold(labels, probabilities, default=0.5)
-        recall_threshold, f2 = fbeta_threshold(labels, probabilities, 2.0, default=0.5)
-        return {
+        fitted = {
             "coef": model.coef_[0].tolist(),
             "intercept": float(model.intercept_[0]),
             "threshold": threshold,
             "train_f1": round(f1, 4),
-            "threshold_recall": recall_threshold,
-            "train_f2": round(f2, 4),
         }
+        if recall:  # the defect model's operating point; a recogniser is only ever read at its best F1
+            recall_threshold, f2 = fbeta_threshold(labels, probabilities, 2.0, default=0.5)
+            fitted.update(threshold_recall=recall_threshold, train_f2=round(f2, 4))
+        return fitted
 
-    defects = logistic(y)
+    defects = logistic(y, recall=True)
     recognisers = {}
     # a recogniser tells a feature from the other rows worth reporting (defects, other features): the rows the
     # ranker would name are the ones it has to sort out
