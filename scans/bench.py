@@ -86,10 +86,15 @@ class BenchConfig:
     # up to twice this. The default is a fixture's play; a large value makes a benchmark of scans that are not
     # pre-aligned, as Real3D-AD's test scans are (see tools.registration).
     pose_deg: float = 4.0
+    # Multiplies every defect's depth and anomalous share (scans.defects.make_defect): below 1 makes a
+    # benchmark of subtler defects at the same places, to measure what a reader misses.
+    severity: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pose_deg <= 180.0:
             raise ValueError(f"pose_deg must be in [0, 180] degrees, got {self.pose_deg}")
+        if not (np.isfinite(self.severity) and 0.0 < self.severity <= 4.0):
+            raise ValueError(f"severity must be in (0, 4], got {self.severity}")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -254,6 +259,7 @@ def build_class(source: Source, class_dir: Path, config: BenchConfig) -> list[di
         if kind is not None:
             points, mask, info, normals = defect_lib.make_defect(points, normals, kind, seed + 1,
                                                                  solid=source.solid, scale=size,
+                                                                 severity=config.severity,
                                                                  return_normals=True)
         points, _ = part_lib.scan_like(points, normals, seed + 2, noise=noise, scale=size,
                                         max_rotation_deg=config.pose_deg)
@@ -334,7 +340,7 @@ def build_benchmark(out: Path, *, classes: list[str] | None = None, config: Benc
             "recipe_version": RECIPE_VERSION, "seed": config.seed, "points": config.points,
             "templates": config.templates, "normal_per_class": config.normal_per_class,
             "defects_per_type": config.defects_per_type, "defect_types": list(config.defect_types),
-            "pose_deg": config.pose_deg,
+            "pose_deg": config.pose_deg, "severity": config.severity,
             "noise": {"mesh": MESH_NOISE, "pcd": SCAN_NOISE}, "sources": used, "skipped": skipped,
             "samples": samples,
         }
@@ -402,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pose-deg", type=float, default=4.0,
                         help="largest rotation of a sample away from the part's pose, in degrees (default 4: "
                              "pre-aligned scans; e.g. 30 for scans that need registration)")
+    parser.add_argument("--severity", type=float, default=1.0,
+                        help="multiplies every defect's depth and anomalous share (default 1; e.g. 0.5 for "
+                             "subtler defects at the same places)")
     parser.add_argument("--pictures", action="store_true", help="also write <out>/examples.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--workers", type=int, default=2, help="processes building classes in parallel "
@@ -411,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         config = BenchConfig(points=args.points, templates=args.templates, normal_per_class=args.normal,
                              defects_per_type=args.per_defect, seed=args.seed,
                              defect_types=tuple(class_list(args.defects) or ()),
-                             pose_deg=args.pose_deg)
+                             pose_deg=args.pose_deg, severity=args.severity)
         summary = build_benchmark(args.out, classes=class_list(args.classes), config=config,
                                   scans_dir=args.scans, overwrite=args.overwrite, workers=args.workers,
                                   progress=lambda name, n: print(f"  {name}: {n} samples", flush=True))

@@ -344,6 +344,7 @@ def make_defect(
     solid: bool = True,
     share: float | None = None,
     scale: float | None = None,
+    severity: float = 1.0,
     return_normals: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | tuple:
     """Apply one defect of `kind` to a clean cloud; returns (points, mask, info) [+ normals if asked].
@@ -352,6 +353,9 @@ def make_defect(
     share
     (default: random in 2-5 %, 1.2-2.5 % for cracks and scratches). `scale` overrides the object size used for
     amplitudes.
+    `severity` multiplies both the amplitudes and the default share (0.5: half as deep and half as wide, for a
+    benchmark of subtler defects; the random draws are the same, so a defect sits where severity 1 puts it; a
+    groove is also shorter).
     `solid` says the cloud samples a closed surface with outward normals (enables the cut face of `broken`).
     info holds JSON-ready values: type, centre, size (defect extent in the cloud's units), share (labelled
     fraction
@@ -363,10 +367,13 @@ def make_defect(
     if points.ndim != 2 or points.shape[1] != 3 or len(points) < 200:
         raise ValueError(f"defect synthesis needs an (N>=200, 3) point array, got {points.shape}")
     normals = estimate_normals(points) if normals is None else np.asarray(normals, dtype=np.float64)
+    if not (np.isfinite(severity) and 0.0 < severity <= 4.0):
+        raise ValueError(f"severity must be in (0, 4], got {severity}")
     rng = np.random.default_rng(seed)
-    size = extent(points) if scale is None else float(scale)
+    size = (extent(points) if scale is None else float(scale)) * severity
     if share is None:
         share = rng.uniform(0.012, 0.025) if kind in ("scratch", "crack") else rng.uniform(0.02, 0.05)
+        share *= severity
     if kind in ("bulge", "concavity"):
         new_points, mask, info = _deform(points, normals, rng, kind, share, size)
         new_normals = normals

@@ -186,6 +186,26 @@ def test_cli_builds_and_refuses_unknown_classes(tmp_path: Path, capsys) -> None:
     assert "teapot" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "y"), "--pose-deg", "-5"]) == 2 and not (tmp_path / "y").exists()
     assert "pose_deg" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "z"), "--severity", "0"]) == 2 and not (tmp_path / "z").exists()
+    assert "severity" in capsys.readouterr().err
+
+
+def test_severity_is_recorded_and_reaches_every_defect(tmp_path: Path, monkeypatch) -> None:
+    """--severity is passed to every defect of the build and written in recipe.json."""
+    seen: list[float] = []
+    real = bench.defect_lib.make_defect
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["severity"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.defect_lib, "make_defect", recording)
+    args = ["--classes", "hex_nut", "--points", "800", "--normal", "0", "--defects", "hole", "bulge",
+            "--workers", "1", "--scans", str(tmp_path / "none"), "--severity", "0.5"]
+    assert main(["--out", str(tmp_path / "subtle"), *args]) == 0
+    assert seen == [0.5, 0.5]
+    recipe = json.loads((tmp_path / "subtle" / "recipe.json").read_text())
+    assert recipe["severity"] == 0.5
 
 
 def test_pose_deg_reaches_every_sample(tmp_path: Path, monkeypatch) -> None:

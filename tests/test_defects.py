@@ -109,6 +109,25 @@ def test_normals_are_estimated_when_missing(sphere_cloud) -> None:
     assert np.linalg.norm(bulged[mask], axis=1).min() > 1.0  # estimated normals were oriented outward
 
 
+@pytest.mark.parametrize("kind", ["bulge", "concavity", "crack", "scratch", "hole"])
+def test_severity_makes_the_same_defect_subtler(kind: str, sphere_cloud) -> None:
+    """severity 0.5: the same place (same random draws), about half the labelled share, and for the dents and
+    grooves about half the depth."""
+    points, normals = sphere_cloud
+    full_points, full_mask, full = make_defect(points, normals, kind, seed=4)
+    half_points, half_mask, half = make_defect(points, normals, kind, seed=4, severity=0.5)
+    where = "start" if kind in ("crack", "scratch") else "centre"  # a groove is also shorter: same start
+    assert half[where] == full[where]
+    assert 0.35 <= half_mask.mean() / full_mask.mean() <= 0.65, (kind, half_mask.mean(), full_mask.mean())
+    if kind != "hole":  # a hole removes points: depth is not defined
+        full_depth = np.abs(np.linalg.norm(full_points, axis=1) - 1.0).max()
+        half_depth = np.abs(np.linalg.norm(half_points, axis=1) - 1.0).max()
+        assert 0.3 <= half_depth / full_depth <= 0.7, (kind, half_depth, full_depth)
+    for bad in (0.0, -1.0, float("nan"), 5.0):
+        with pytest.raises(ValueError, match="severity"):
+            make_defect(points, normals, kind, seed=4, severity=bad)
+
+
 def test_bad_input_is_refused(sphere_cloud) -> None:
     points, normals = sphere_cloud
     with pytest.raises(ValueError, match="unknown defect kind"):
