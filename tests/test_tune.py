@@ -370,6 +370,25 @@ def test_episodes_from_your_own_normal_scans(tmp_path, capsys):
     assert any(s.defect is not None for s in scans)
 
 
+def test_a_severity_range_makes_subtler_defects_and_changes_nothing_else():
+    """--severity LOW HIGH: the same scans, kinds and split; a defect drawn below 1 labels fewer points than
+    the benchmark's (severity 1), normal scans are the same; a range outside (0, 4] is refused."""
+    from agent.tune.episode_scans import part_scans
+
+    config = replace(TINY_EPISODES, scans_per_part=6, normal_share=0.2)
+    _, fixed = part_scans("tee_plate", config)
+    _, subtle = part_scans("tee_plate", replace(config, severity=(0.3, 0.5)))
+    assert [(s.name, s.defect, s.split) for s in fixed] == [(s.name, s.defect, s.split) for s in subtle]
+    defective = [(a, b) for a, b in zip(fixed, subtle, strict=True) if a.defect is not None]
+    assert defective and all(b.labels.sum() < a.labels.sum() for a, b in defective)
+    for a, b in zip(fixed, subtle, strict=True):
+        if a.defect is None:
+            assert np.array_equal(a.points, b.points)
+    for bad in ((0.0, 1.0), (1.0, 0.5), (1.0, 5.0)):
+        with pytest.raises(ValueError, match="severity"):
+            replace(config, severity=bad)
+
+
 @pytest.mark.llm
 def test_choices_scored_over_a_prefix_tree_match_full_recomputation(base_backend):
     """The decoder scores a choice's candidates in one pass over their prefix tree (a 4-D mask, own

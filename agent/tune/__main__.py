@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw the features' sizes from (1 - v, 1 + v) x the defaults and 2-4 holes (0: always the "
         "defaults)",
     )
+    e.add_argument(
+        "--severity",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=EpisodeConfig.severity,
+        help="draw each defect's severity (depth and share, as the benchmark's --severity) uniformly from "
+        "LOW..HIGH (default 1 1: the benchmark's defects)",
+    )
     e.add_argument("--detector-steps", type=int, default=None, help="Point-MAE steps of each part's fit")
     pose = e.add_mutually_exclusive_group()
     pose.add_argument(
@@ -129,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # what a recogniser file records of the episodes it was trained on
-RECIPE_KEYS = ("parts", "scans_per_part", "feature_share", "feature_vary", "points", "seed")
+RECIPE_KEYS = (
+    "parts", "scans_per_part", "feature_share", "feature_vary", "severity", "points", "seed"
+)
 
 
 def _fresh_out(out: Path) -> None:
@@ -151,6 +162,7 @@ def make_episodes(args: argparse.Namespace) -> int:
         normal_target=args.normal_target,
         feature_share=args.feature_share,
         feature_vary=args.feature_vary,
+        severity=tuple(args.severity),
         guided_per_scan=args.guided_per_scan,
     )
     if args.parts:
