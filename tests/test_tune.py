@@ -638,3 +638,7 @@ def test_the_model_card_gives_the_commands_that_make_the_adapter_again():
     assert "--target" not in decisions and "--compact-rows" not in decisions
     assert "--feature-share" not in decisions  # episodes made before by-design features
     assert "report_suspects" in decisions
+    assert "--severity" not in card  # the recipe says nothing: episodes made before the flag (1 1)
+    varied = model_card({**recipe, "severity": [0.3, 1.3]})
+    assert "--feature-share 0.35 --severity 0.3 1.3`" in varied
+    assert "--severity" not in model_card({**recipe, "severity": [1.0, 1.0]})

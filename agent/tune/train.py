@@ -245,6 +245,7 @@ def train_adapter(
         "scans_per_part": manifest.get("config", {}).get("scans_per_part"),  # to make the episodes again
         "feature_share": manifest.get("config", {}).get("feature_share"),  # None: made before features
         "guided_per_scan": manifest.get("config", {}).get("guided_per_scan"),
+        "severity": manifest.get("config", {}).get("severity"),  # None: made before the flag (1 1)
         "episodes_sha256": episodes_hash(episodes_dir),
         "overview_tokens": manifest.get("config", {}).get("overview_tokens"),
         "verbalization": manifest.get("config", {}).get("verbalization", "full"),
@@ -278,6 +279,9 @@ def retrain_commands(recipe: dict) -> str:
         episodes += f" --feature-share {recipe['feature_share']}"
     if recipe.get("guided_per_scan") not in (None, 1):
         episodes += f" --guided-per-scan {recipe['guided_per_scan']}"
+    if recipe.get("severity") not in (None, [1.0, 1.0]):
+        low, high = recipe["severity"]
+        episodes += f" --severity {low} {high}"
     train = f"python -m agent.tune train --episodes EPISODES --out DIR --method {recipe.get('method')}"
     if config.get("target", "decisions") != "decisions":
         train += f" --target {config['target']}"
