@@ -93,8 +93,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.pose_deg <= 180.0:
             raise ValueError(f"pose_deg must be in [0, 180] degrees, got {self.pose_deg}")
-        if not (np.isfinite(self.severity) and 0.0 < self.severity <= 4.0):
-            raise ValueError(f"severity must be in (0, 4], got {self.severity}")
+        defect_lib.check_severity(self.severity)  # refused before any class is built
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -335,6 +335,15 @@ def _broken(
     return new_points, mask, new_normals, info
 
 
+MAX_SEVERITY = 4.0  # beyond it a bulge's amplitude is capped by its radius anyway and holes eat the part
+
+
+def check_severity(severity: float) -> None:
+    """The one bound on a severity (the benchmark's --severity, each end of the episodes' range)."""
+    if not (np.isfinite(severity) and 0.0 < severity <= MAX_SEVERITY):
+        raise ValueError(f"severity must be in (0, {MAX_SEVERITY:g}], got {severity}")
+
+
 def make_defect(
     points: np.ndarray,
     normals: np.ndarray | None,
@@ -367,8 +376,7 @@ def make_defect(
     if points.ndim != 2 or points.shape[1] != 3 or len(points) < 200:
         raise ValueError(f"defect synthesis needs an (N>=200, 3) point array, got {points.shape}")
     normals = estimate_normals(points) if normals is None else np.asarray(normals, dtype=np.float64)
-    if not (np.isfinite(severity) and 0.0 < severity <= 4.0):
-        raise ValueError(f"severity must be in (0, 4], got {severity}")
+    check_severity(severity)
     rng = np.random.default_rng(seed)
     size = (extent(points) if scale is None else float(scale)) * severity
     if share is None:

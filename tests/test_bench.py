@@ -190,16 +190,22 @@ def test_cli_builds_and_refuses_unknown_classes(tmp_path: Path, capsys) -> None:
     assert "severity" in capsys.readouterr().err
 
 
-def test_severity_is_recorded_and_reaches_every_defect(tmp_path: Path, monkeypatch) -> None:
-    """--severity is passed to every defect of the build and written in recipe.json."""
-    seen: list[float] = []
-    real = bench.defect_lib.make_defect
+def _record_keyword(monkeypatch, module, function: str, keyword: str) -> list:
+    """Wrap `module.function` so each call's `keyword` argument is appended to the returned list."""
+    seen: list = []
+    real = getattr(module, function)
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["severity"])
+        seen.append(kwargs[keyword])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench.defect_lib, "make_defect", recording)
+    monkeypatch.setattr(module, function, recording)
+    return seen
+
+
+def test_severity_is_recorded_and_reaches_every_defect(tmp_path: Path, monkeypatch) -> None:
+    """--severity is passed to every defect of the build and written in recipe.json."""
+    seen = _record_keyword(monkeypatch, bench.defect_lib, "make_defect", "severity")
     args = ["--classes", "hex_nut", "--points", "800", "--normal", "0", "--defects", "hole", "bulge",
             "--workers", "1", "--scans", str(tmp_path / "none"), "--severity", "0.5"]
     assert main(["--out", str(tmp_path / "subtle"), *args]) == 0
@@ -210,14 +216,7 @@ def test_severity_is_recorded_and_reaches_every_defect(tmp_path: Path, monkeypat
 
 def test_pose_deg_reaches_every_sample(tmp_path: Path, monkeypatch) -> None:
     """--pose-deg is the rotation every sample of the build gets (templates and tests alike)."""
-    seen: list[float] = []
-    real = bench.part_lib.scan_like
-
-    def recording(*args, **kwargs):
-        seen.append(kwargs["max_rotation_deg"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(bench.part_lib, "scan_like", recording)
+    seen = _record_keyword(monkeypatch, bench.part_lib, "scan_like", "max_rotation_deg")
     assert (
         main(
             [

@@ -15,7 +15,7 @@ import numpy as np
 
 from detector.config import DetectorConfig
 from scans.bench import MESH_NOISE, sample_seed
-from scans.defects import DEFECT_TYPES, estimate_normals, make_defect
+from scans.defects import DEFECT_TYPES, check_severity, estimate_normals, make_defect
 from scans.features import FEATURE_KINDS, add_feature
 from scans.parts import extent, sample_surface, scan_like
 from scans.training_parts import TRAINING_PARTS, training_mesh
@@ -74,8 +74,10 @@ class EpisodeConfig:
         if self.guided_per_scan < 0:
             raise ValueError(f"guided_per_scan must be 0 or more, got {self.guided_per_scan}")
         low, high = self.severity
-        if not (0.0 < low <= high <= 4.0):
-            raise ValueError(f"severity must be a range within (0, 4], low first, got {self.severity}")
+        for end in (low, high):
+            check_severity(end)
+        if low > high:
+            raise ValueError(f"severity must be a range, low first, got {self.severity}")
         if self.compact_rows < 1 or self.max_target_ids < 1:
             raise ValueError("compact_rows and max_target_ids must be at least 1")
 
